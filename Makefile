@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/crosslayer inspect
+	$(BIN)/crosslayer reproduce --preset $(PRESET)
 
 test: setup
 	$(BIN)/python -m pytest -q

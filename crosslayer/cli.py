@@ -48,7 +48,7 @@ def _add_inspect(p):
     p.add_argument("--corpus", default="builtin", help="'builtin', a text file/folder, a .jsonl, or hf:NAME")
     p.add_argument("--tokens", type=parse_count, default=parse_count("8k"), help="held-out tokens to score")
     p.add_argument("--seq-len", type=int, default=128, help="window length in tokens")
-    p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16")
+    p.add_argument("--dtype", default="auto", help="model dtype: auto (bfloat16 where fast) | float32 | bfloat16")
     p.add_argument("--out", default=None, help="optional folder for the CSV tables")
 
 
@@ -85,6 +85,80 @@ def cmd_inspect(args):
         print(f"\nwrote {out}/heldout_loss.csv and residual_norms.csv")
 
 
+def _add_harvest(p):
+    p.add_argument("--model", default="smollm2-135m", help="model name (see `crosslayer models`)")
+    p.add_argument("--layers", default="all", help="all | 5 | 0-5 | 0,4,8 | 10-")
+    p.add_argument("--hook", default="resid_post",
+                   help="resid_post | resid_pre | resid_mid | attn_out | mlp_out | mlp_post")
+    p.add_argument("--tokens", type=parse_count, default=parse_count("200k"),
+                   help="token positions to run (rounded up to whole windows; excluded rows are not stored)")
+    p.add_argument("--split", default="train", help="train | heldout")
+    p.add_argument("--corpus", default="builtin", help="'builtin', a text file/folder, a .jsonl, or hf:NAME")
+    p.add_argument("--seq-len", type=int, default=128, help="window length in tokens")
+    p.add_argument("--seed", type=int, default=0, help="document-order seed")
+    p.add_argument("--out", required=True, help="store folder (created; a rerun resumes it)")
+    p.add_argument("--dtype", default="bfloat16", help="store dtype: bfloat16 | float16")
+    p.add_argument("--model-dtype", default="auto", help="auto (bfloat16 where fast) | float32 | bfloat16")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--outlier-factor", type=float, default=10.0,
+                   help="drop rows whose norm exceeds this x the layer median (0 keeps them)")
+
+
+@verb("harvest", "run a model over the corpus once and store every chosen layer's activations")
+def cmd_harvest(args):
+    from crosslayer.corpus import load_corpus, make_windows
+    from crosslayer.harvest import harvest, hook_names, parse_layers
+    from crosslayer.models import load_model
+
+    corpus = load_corpus(args.corpus)
+    model = load_model(args.model, dtype=args.model_dtype)
+    hook_names(model, args.hook, parse_layers(args.layers, model.cfg.n_layers))  # fail fast
+    windows = make_windows(corpus, model.tokenizer, split=args.split, seq_len=args.seq_len,
+                           n_tokens=args.tokens, seed=args.seed)
+    store = harvest(model, windows, out_dir=args.out, hook=args.hook, layers=args.layers,
+                    dtype=args.dtype, batch_size=args.batch_size,
+                    outlier_factor=args.outlier_factor or None)
+    m = store.manifest
+    print(f"{store}\nexcluded: {m['excluded']}; disk {store.disk_bytes() / 2**20:.0f} MB "
+          f"({store.disk_bytes() / max(1, store.n_rows) / 1024:.1f} KB per stored token)")
+
+
+def _add_bench(p):
+    p.add_argument("what", choices=["harvest"], help="which benchmark")
+    p.add_argument("--model", default="smollm2-135m", help="model name")
+    p.add_argument("--tokens", default="50k,200k", help="comma-separated token counts")
+    p.add_argument("--layers", default="all", help="layers to harvest")
+    p.add_argument("--model-dtype", default="auto", help="auto | float32 | bfloat16")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+
+
+@verb("bench", "print speed and memory benchmarks (ratios against a baseline from the same run)")
+def cmd_bench(args):
+    from crosslayer.bench import bench_harvest
+
+    counts = tuple(parse_count(c) for c in args.tokens.split(","))
+    bench_harvest(model_name=args.model, counts=counts, layers=args.layers, model_dtype=args.model_dtype,
+                  batch_size=args.batch_size)
+
+
+def _add_reproduce(p):
+    from crosslayer.pipeline import PRESETS
+
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="sizes of the run")
+    p.add_argument("--out", default=None, help="output folder (default runs/<preset>); a rerun resumes it")
+    p.add_argument("--corpus", default="builtin", help="'builtin', a text file/folder, a .jsonl, or hf:NAME")
+    p.add_argument("--only", default=None, help="comma-separated steps to run (default: all)")
+
+
+@verb("reproduce", "run the end-to-end job of a preset, resumably (finished steps are skipped)")
+def cmd_reproduce(args):
+    from crosslayer.pipeline import reproduce
+
+    out = reproduce(args.preset, out=args.out, corpus=args.corpus,
+                    only=args.only.split(",") if args.only else None)
+    print(f"done: {out}")
+
+
 # ----------------------------------------------------------------------------- entry point
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="crosslayer",
         description="Per-layer SAEs vs sparse crosscoders on the residual stream of every layer.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    adders = {"inspect": _add_inspect}
+    adders = {"inspect": _add_inspect, "harvest": _add_harvest, "bench": _add_bench,
+              "reproduce": _add_reproduce}
     for name, (fn, help_text) in VERBS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         adders.get(name, lambda _: None)(p)

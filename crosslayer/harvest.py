@@ -1,0 +1,300 @@
+"""The shared activation harvester: one forward pass over token windows -> an ActivationStore.
+
+Method:
+1. Validate everything first (hook kind, layers, widths, the ``out`` folder, token counts), so bad
+   input fails before anything is written.
+2. Split the windows into shards of ``windows_per_shard`` windows (sized to ~``shard_mb`` MB).
+   Each shard is computed in batches: the model runs with hooks on the chosen layers and stops
+   after the last needed block (``stop_at_layer``), so the unembedding is never computed.
+3. Exclusion policy (offline-model.md, "attention sinks"): position 0 of every window and special
+   tokens (``<|endoftext|>`` etc.) are never stored. Rows whose norm at any layer exceeds
+   ``outlier_factor`` x that layer's median norm (median over the batch's ordinary tokens) are
+   dropped too (``outlier_factor=None`` keeps them). Counts of each exclusion go in the manifest.
+4. Each shard is written under temporary names and renamed when complete, then a sidecar JSON with
+   its row count, checksums and per-layer norm sums is renamed into place; a shard counts as done
+   only once its sidecar exists. Writes happen on a background thread while the next shard runs.
+5. A rerun of the same harvest skips finished shards, so a run killed at any moment (kill -9)
+   resumes and ends with a store identical to an uninterrupted one. The manifest is finalised with
+   the per-layer normalisation factors (sqrt(width) / mean norm).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import crosslayer
+from crosslayer.corpus import TokenWindows
+from crosslayer.errors import CrosslayerError
+from crosslayer.io import atomic_path, write_json
+from crosslayer.store import FORMAT_VERSION, ActivationStore, from_torch16, mean_norm_factor, sha256_file
+
+HOOK_KINDS = {
+    "resid_pre": "blocks.{}.hook_resid_pre",
+    "resid_mid": "blocks.{}.hook_resid_mid",
+    "resid_post": "blocks.{}.hook_resid_post",
+    "attn_out": "blocks.{}.hook_attn_out",
+    "mlp_out": "blocks.{}.hook_mlp_out",
+    "mlp_post": "blocks.{}.mlp.hook_post",
+}
+
+
+def parse_layers(spec: str | list[int], n_layers: int) -> list[int]:
+    """``"all"``, ``"3"``, ``"0-5"``, ``"0,4,8"``, ``"10-"`` or ``"0-5,12"`` -> sorted layer list."""
+    if isinstance(spec, (list, tuple)):
+        layers = [int(x) for x in spec]
+    elif str(spec).strip() == "all":
+        layers = list(range(n_layers))
+    else:
+        layers = []
+        try:
+            for part in str(spec).split(","):
+                lo, dash, hi = part.strip().partition("-")
+                if dash:
+                    layers.extend(range(int(lo), (int(hi) if hi else n_layers - 1) + 1))
+                else:
+                    layers.append(int(lo))
+        except ValueError:
+            raise CrosslayerError(f"cannot parse layers {spec!r}; use all, 5, 0-5, 0,4,8 or 10-") from None
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad or not layers:
+        raise CrosslayerError(f"layer(s) {bad or spec} out of range: the model has layers 0..{n_layers - 1}")
+    return sorted(set(layers))
+
+
+def hook_names(model, kind: str, layers: list[int]) -> tuple[list[str], int]:
+    """TransformerLens hook names for ``kind`` at ``layers`` and their common width."""
+    if kind not in HOOK_KINDS:
+        raise CrosslayerError(f"unknown hook kind {kind!r}; use one of {', '.join(HOOK_KINDS)}")
+    names = [HOOK_KINDS[kind].format(l) for l in layers]
+    missing = [n for n in names if n not in model.hook_dict]
+    if missing:
+        raise CrosslayerError(f"model {model.cfg.model_name} has no hook {missing[0]}")
+    width = model.cfg.d_mlp if kind == "mlp_post" else model.cfg.d_model
+    return names, int(width)
+
+
+def _plan(model, windows: TokenWindows, *, hook, layers, names, width, dtype, batch_size,
+          shard_mb, exclude_position0, outlier_factor, special_ids) -> dict:
+    bytes_per_window = windows.seq_len * len(layers) * width * 2
+    per_shard = max(1, int(shard_mb * 2**20) // bytes_per_window)
+    if per_shard >= batch_size:
+        per_shard -= per_shard % batch_size
+    return {
+        "format": FORMAT_VERSION,
+        "model": getattr(model, "crosslayer_name", model.cfg.model_name),
+        "weights_id": getattr(model, "crosslayer_weights_id", "unknown"),
+        "model_dtype": str(model.cfg.dtype).removeprefix("torch."),
+        "d_model": int(model.cfg.d_model),
+        "n_model_layers": int(model.cfg.n_layers),
+        "hook_kind": hook, "layers": layers, "hooks": names, "width": width, "dtype": dtype,
+        "corpus_id": windows.corpus_id, "split": windows.split, "seed": windows.seed,
+        "seq_len": windows.seq_len, "n_windows": len(windows),
+        "windows_sha256": _tensor_sha(windows.tokens),
+        "batch_size": batch_size, "windows_per_shard": per_shard,
+        "exclusion_policy": {"position0": exclude_position0, "special_token_ids": special_ids,
+                             "outlier_factor": outlier_factor,
+                             "outlier_rule": "drop a row if its norm at any layer > outlier_factor x "
+                                             "the layer's median norm over the batch's ordinary tokens"},
+    }
+
+
+def _tensor_sha(tensor: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(tensor.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def harvest(model, windows: TokenWindows, *, out_dir: str | Path, hook: str = "resid_post",
+            layers: str | list[int] = "all", dtype: str = "bfloat16", batch_size: int = 8,
+            shard_mb: float = 128.0, exclude_position0: bool = True, outlier_factor: float | None = 10.0,
+            progress: bool = True) -> ActivationStore:
+    """Run ``model`` over ``windows`` once and store the chosen hooks' activations in ``out_dir``."""
+    if dtype not in ("bfloat16", "float16"):
+        raise CrosslayerError(f"store dtype must be bfloat16 or float16, got {dtype!r}")
+    if batch_size < 1:
+        raise CrosslayerError(f"batch_size must be >= 1, got {batch_size}")
+    layer_list = parse_layers(layers, model.cfg.n_layers)
+    names, width = hook_names(model, hook, layer_list)
+    special_ids = sorted(int(i) for i in (model.tokenizer.all_special_ids if model.tokenizer else []))
+    plan = _plan(model, windows, hook=hook, layers=layer_list, names=names, width=width, dtype=dtype,
+                 batch_size=batch_size, shard_mb=shard_mb, exclude_position0=exclude_position0,
+                 outlier_factor=outlier_factor, special_ids=special_ids)
+    out = Path(out_dir)
+    _prepare_out(out, plan)
+    if (out / "manifest.json").is_file() and json.loads((out / "manifest.json").read_text())["status"] == "complete":
+        return ActivationStore(out)
+    try:
+        _write_windows(out, windows)
+        _run_shards(model, windows, out, plan, progress)
+    except NonFiniteActivations:
+        shutil.rmtree(out, ignore_errors=True)  # this harvest can never succeed: leave nothing behind
+        raise
+    return _finalise(out, plan)
+
+
+class NonFiniteActivations(CrosslayerError):
+    """The model produced NaN/inf activations."""
+
+
+def _prepare_out(out: Path, plan: dict) -> None:
+    """Create ``out`` or check that it holds this same harvest (then the run resumes)."""
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        existing = json.loads(manifest.read_text())
+        keys = [k for k in plan if k != "exclusion_policy"] + ["exclusion_policy"]
+        diff = [k for k in keys if existing.get(k) != plan[k]]
+        if diff:
+            k = diff[0]
+            raise CrosslayerError(f"--out {out} holds a different harvest ({k}: {existing.get(k)!r} there, "
+                                  f"{plan[k]!r} now); choose another --out or delete that folder")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise CrosslayerError(f"--out {out} exists and is not an activation store; choose an empty or new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json({**plan, "status": "harvesting", "package_version": crosslayer.__version__}, manifest)
+
+
+def _write_windows(out: Path, windows: TokenWindows) -> None:
+    arrays = {"windows": windows.tokens.to(torch.int32), "windows_doc": windows.doc_ids.to(torch.int32),
+              "windows_label": windows.labels.to(torch.int16)}
+    for name, tensor in arrays.items():
+        if not (out / f"{name}.npy").is_file():
+            with atomic_path(out / f"{name}.npy") as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, tensor.numpy())
+    if not (out / "docs.json").is_file():
+        write_json({"label_names": windows.label_names, "doc_keys": windows.doc_keys}, out / "docs.json")
+
+
+def _shard_done(out: Path, index: int) -> dict | None:
+    sidecar = out / "shards" / f"shard-{index:05d}.json"
+    if not sidecar.is_file():
+        return None
+    info = json.loads(sidecar.read_text())
+    if all((out / "shards" / info[k]).is_file() for k in ("acts_file", "rows_file")):
+        return info
+    return None
+
+
+def _run_shards(model, windows: TokenWindows, out: Path, plan: dict, progress: bool) -> None:
+    (out / "shards").mkdir(exist_ok=True)
+    for stale in (out / "shards").glob(".*.tmp"):  # partial files of a killed run
+        stale.unlink()
+    per_shard, n_windows = plan["windows_per_shard"], plan["n_windows"]
+    n_shards = -(-n_windows // per_shard)
+    todo = [i for i in range(n_shards) if _shard_done(out, i) is None]
+    done_tokens = (n_shards - len(todo)) * per_shard * plan["seq_len"]
+    bar = tqdm(total=n_windows * plan["seq_len"], initial=min(done_tokens, n_windows * plan["seq_len"]),
+               unit="tok", unit_scale=True, desc="harvest", disable=not progress, smoothing=0.1)
+    writer = ThreadPoolExecutor(max_workers=1)
+    pending = []
+    try:
+        for index in todo:
+            lo, hi = index * per_shard, min(n_windows, (index + 1) * per_shard)
+            acts, rows, stats = _compute_shard(model, windows, lo, hi, plan, bar)
+            while len(pending) >= 1:  # bound memory: at most one shard waiting for the disk
+                pending.pop(0).result()
+            pending.append(writer.submit(_write_shard, out, index, acts, rows, stats, plan["dtype"]))
+        for job in pending:
+            job.result()
+    finally:
+        writer.shutdown(wait=True)
+        bar.close()
+
+
+@torch.no_grad()
+def _compute_shard(model, windows: TokenWindows, lo: int, hi: int, plan: dict, bar):
+    names, layers, width = plan["hooks"], plan["layers"], plan["width"]
+    seq_len, batch_size = plan["seq_len"], plan["batch_size"]
+    policy = plan["exclusion_policy"]
+    special = torch.tensor(policy["special_token_ids"], dtype=torch.int64)
+    stop_at = max(layers) + 1
+    slot = {name: i for i, name in enumerate(names)}
+    acts_parts, rows_parts = [], []
+    stats = {"rows": 0, "tokens": 0, "excluded_position0": 0, "excluded_special": 0,
+             "excluded_outliers": 0, "norm_sums": np.zeros(len(layers))}
+    for start in range(lo, hi, batch_size):
+        tokens = windows.tokens[start:min(hi, start + batch_size)]
+        n_b = tokens.shape[0]
+        buf = torch.empty(n_b, seq_len, len(layers), width, dtype=model.cfg.dtype)
+
+        def grab(act, hook):
+            buf[:, :, slot[hook.name]] = act
+
+        model.run_with_hooks(tokens, fwd_hooks=[(n, grab) for n in names], stop_at_layer=stop_at,
+                             return_type=None)
+        rows_BT = buf.reshape(n_b * seq_len, len(layers), width)
+        norms = rows_BT.float().norm(dim=-1)  # [BT, L]
+        if not torch.isfinite(norms).all():
+            raise NonFiniteActivations(f"NaN/inf activations in windows {start}..{start + n_b - 1}; the model "
+                                  "or its dtype is broken (try --model-dtype float32); nothing was stored")
+        flat_tok = tokens.reshape(-1)
+        pos = torch.arange(seq_len).repeat(n_b)
+        is_pos0 = (pos == 0) if policy["position0"] else torch.zeros_like(pos, dtype=torch.bool)
+        is_special = torch.isin(flat_tok, special) & ~is_pos0
+        keep = ~is_pos0 & ~is_special
+        stats["excluded_position0"] += int(is_pos0.sum())
+        stats["excluded_special"] += int(is_special.sum())
+        if policy["outlier_factor"] is not None and keep.any():
+            median = norms[keep].median(dim=0).values  # [L]
+            outlier = (norms > policy["outlier_factor"] * median).any(dim=1) & keep
+            stats["excluded_outliers"] += int(outlier.sum())
+            keep &= ~outlier
+        idx = keep.nonzero()[:, 0]
+        acts_parts.append(from_torch16(rows_BT[idx], plan["dtype"]))
+        rows_parts.append((start * seq_len + idx).numpy())
+        stats["norm_sums"] += norms[idx].double().sum(dim=0).numpy()
+        stats["rows"] += int(idx.numel())
+        stats["tokens"] += n_b * seq_len
+        bar.update(n_b * seq_len)
+    return np.concatenate(acts_parts), np.concatenate(rows_parts).astype(np.int64), stats
+
+
+def _write_shard(out: Path, index: int, acts: np.ndarray, rows: np.ndarray, stats: dict, dtype: str) -> None:
+    shard_dir = out / "shards"
+    info = {"index": index, "acts_file": f"shard-{index:05d}.acts.npy",
+            "rows_file": f"shard-{index:05d}.rows.npy"}
+    for key, array in (("acts", acts), ("rows", rows)):
+        with atomic_path(shard_dir / info[f"{key}_file"]) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, array)
+                fh.flush()
+                os.fsync(fh.fileno())
+        info[f"{key}_sha256"] = sha256_file(shard_dir / info[f"{key}_file"])
+    info.update({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in stats.items()})
+    write_json(info, shard_dir / f"shard-{index:05d}.json")
+
+
+def _finalise(out: Path, plan: dict) -> ActivationStore:
+    per_shard = plan["windows_per_shard"]
+    n_shards = -(-plan["n_windows"] // per_shard)
+    infos = [_shard_done(out, i) for i in range(n_shards)]
+    if any(info is None for info in infos):
+        raise CrosslayerError(f"harvest in {out} is missing shards; run the same command again")
+    totals = {k: sum(info[k] for info in infos) for k in
+              ("rows", "tokens", "excluded_position0", "excluded_special", "excluded_outliers")}
+    if totals["rows"] == 0:
+        raise CrosslayerError("every token was excluded; use longer windows or more tokens")
+    norm_sums = np.sum([info["norm_sums"] for info in infos], axis=0)
+    manifest = {
+        **plan, "status": "complete", "package_version": crosslayer.__version__,
+        "torch_version": torch.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "n_rows": totals["rows"], "n_tokens_seen": totals["tokens"],
+        "excluded": {k.removeprefix("excluded_"): v for k, v in totals.items() if k.startswith("excluded_")},
+        "mean_norms": (norm_sums / totals["rows"]).tolist(),
+        "norm_factors": mean_norm_factor(norm_sums, totals["rows"], plan["width"]),
+        "shards": [{k: info[k] for k in ("acts_file", "rows_file", "acts_sha256", "rows_sha256", "rows")}
+                   for info in infos],
+    }
+    write_json(manifest, out / "manifest.json")
+    return ActivationStore(out)

@@ -1,0 +1,311 @@
+"""The on-disk activation store: token-aligned ``[token, layer, width]`` rows in 16-bit shards.
+
+Layout of a store folder (format 1)::
+
+    manifest.json              provenance, hooks, dtype, rows, shard checksums, norm factors, exclusions
+    windows.npy                int32 [n_windows, seq_len]  token ids of every harvested window
+    windows_doc.npy            int32 [n_windows, seq_len]  document index (-1 = separator)
+    windows_label.npy          int16 [n_windows, seq_len]  source-label index (-1 = separator)
+    docs.json                  document keys and label names (the indices above point here)
+    shards/shard-00000.acts.npy   [rows, n_layers, width]  uint16 (bfloat16 bits) or float16
+    shards/shard-00000.rows.npy   int64 [rows]  flat index window * seq_len + position of each row
+    shards/shard-00000.json       sidecar: rows, checksums, per-layer norm sums, exclusion counts
+
+Only kept rows are stored (attention-sink positions, separators and norm outliers are excluded
+at harvest time); ``windows*.npy`` keep every token so any row's context can be rebuilt.
+
+Readers memory-map the shards. :meth:`ActivationStore.iter_batches` gives a seeded, exact
+token-level shuffle with bounded RAM: each epoch draws a permutation of all rows and serves it in
+blocks of ``buffer_rows`` rows; a block's rows are gathered from the memory maps in sorted order
+(near-sequential reads) and then emitted in permuted order, so every row appears once per epoch
+and memory is ``buffer_rows`` rows whatever the store's size.
+
+Normalisation (research-notes §2): factor_l = sqrt(width) / mean_t ||x_t^l||, so normalised rows
+have mean norm sqrt(width) at every layer; ``normalized=True`` applies it, raw units otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from crosslayer.errors import CrosslayerError
+
+FORMAT_VERSION = 1
+STORE_DTYPES = {"bfloat16": np.uint16, "float16": np.float16}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def to_torch16(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """A uint16 (bfloat16 bits) or float16 numpy array -> torch tensor of that 16-bit dtype."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+
+
+def from_torch16(tensor: torch.Tensor, dtype: str) -> np.ndarray:
+    """Cast to the store dtype and return the numpy array to write."""
+    if dtype == "bfloat16":
+        return tensor.to(torch.bfloat16).contiguous().view(torch.uint16).numpy()
+    return tensor.to(torch.float16).contiguous().numpy()
+
+
+class ActivationStore:
+    """Read access to a finished store folder (see the module docstring for the format)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest_path = self.path / "manifest.json"
+        if not manifest_path.is_file():
+            raise CrosslayerError(f"{self.path} is not an activation store (no manifest.json); "
+                                  "create one with `crosslayer harvest --out DIR`")
+        self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("format") != FORMAT_VERSION:
+            raise CrosslayerError(f"{self.path} has store format {self.manifest.get('format')}, this "
+                                  f"crosslayer reads format {FORMAT_VERSION}; harvest it again")
+        if self.manifest.get("status") != "complete":
+            raise CrosslayerError(f"{self.path} is an unfinished harvest; run the same `crosslayer "
+                                  "harvest` command again to finish it")
+        self.shards = self.manifest["shards"]
+        self.offsets = np.cumsum([0] + [s["rows"] for s in self.shards])
+        self._acts: dict[int, np.ndarray] = {}
+        self._rows: dict[int, np.ndarray] = {}
+        self._windows = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_rows(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifest["layers"])
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.manifest["layers"])
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.manifest["hooks"])
+
+    @property
+    def width(self) -> int:
+        return int(self.manifest["width"])
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest["dtype"]
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.manifest["seq_len"])
+
+    @property
+    def norm_factors(self) -> torch.Tensor:
+        """Per-layer factors [n_layers] that scale raw rows to mean norm sqrt(width)."""
+        return torch.tensor(self.manifest["norm_factors"], dtype=torch.float32)
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"ActivationStore({str(self.path)!r}, model={m['model']!r}, split={m['split']!r}, "
+                f"rows={self.n_rows:,}, layers={self.n_layers}, width={self.width}, dtype={self.dtype})")
+
+    def disk_bytes(self) -> int:
+        """Bytes the store takes on disk."""
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+    # ------------------------------------------------------------------ checks
+    def check_compatible(self, *, model: str | None = None, hooks: list[str] | None = None,
+                         width: int | None = None, weights_id: str | None = None) -> None:
+        """Raise a clear error if the store was not made by/for what the caller expects."""
+        m = self.manifest
+        if model is not None and m["model"] != model:
+            raise CrosslayerError(f"store {self.path} holds activations of model {m['model']!r}, not {model!r}; "
+                                  "harvest a store for this model")
+        if weights_id is not None and m["weights_id"] != weights_id:
+            raise CrosslayerError(f"store {self.path} was harvested from other weights ({m['weights_id']}) "
+                                  f"than the loaded model ({weights_id}); harvest again")
+        if hooks is not None and list(hooks) != self.hooks:
+            raise CrosslayerError(f"store {self.path} has hooks {self.hooks[0]}..{self.hooks[-1]} "
+                                  f"({self.n_layers}), expected {hooks[0]}..{hooks[-1]} ({len(hooks)})")
+        if width is not None and width != self.width:
+            raise CrosslayerError(f"store {self.path} rows have width {self.width}, expected {width}")
+
+    def verify(self) -> None:
+        """Recompute every shard's checksums; raise naming the first shard that does not match."""
+        for i, shard in enumerate(self.shards):
+            for key in ("acts", "rows"):
+                path = self.path / "shards" / shard[f"{key}_file"]
+                if not path.is_file():
+                    raise CrosslayerError(f"shard file {path} is missing; harvest the store again")
+                if sha256_file(path) != shard[f"{key}_sha256"]:
+                    raise CrosslayerError(f"shard {path.name} is corrupted (checksum mismatch); "
+                                          "delete the store and harvest it again")
+
+    # ------------------------------------------------------------------ raw access
+    def _shard_arrays(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if i not in self._acts:
+            shard = self.shards[i]
+            acts_path = self.path / "shards" / shard["acts_file"]
+            rows_path = self.path / "shards" / shard["rows_file"]
+            try:
+                acts = np.load(acts_path, mmap_mode="r")
+                rows = np.load(rows_path, mmap_mode="r")
+            except (OSError, ValueError) as err:
+                raise CrosslayerError(f"shard {acts_path.name} cannot be read ({err}); delete the store "
+                                      "and harvest it again") from None
+            if acts.shape != (shard["rows"], self.n_layers, self.width) or rows.shape != (shard["rows"],):
+                raise CrosslayerError(f"shard {acts_path.name} is corrupted (shape {acts.shape}, expected "
+                                      f"{(shard['rows'], self.n_layers, self.width)}); harvest the store again")
+            self._acts[i], self._rows[i] = acts, rows
+        return self._acts[i], self._rows[i]
+
+    def _layer_index(self, layers: list[int] | None) -> np.ndarray | None:
+        if layers is None:
+            return None
+        missing = [l for l in layers if l not in self.layers]
+        if missing:
+            raise CrosslayerError(f"layers {missing} are not in store {self.path} (it has {self.layers})")
+        return np.array([self.layers.index(l) for l in layers])
+
+    def get(self, index, *, layers: list[int] | None = None, normalized: bool = False,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``index`` (any order; ints or a 1-D array) as ``[n, n_layers, width]``."""
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        if index.size and (index.min() < 0 or index.max() >= self.n_rows):
+            raise CrosslayerError(f"row index out of range 0..{self.n_rows - 1}")
+        layer_idx = self._layer_index(layers)
+        order = np.argsort(index, kind="stable")
+        sorted_idx = index[order]
+        shard_of = np.searchsorted(self.offsets, sorted_idx, side="right") - 1
+        parts = []
+        for shard in np.unique(shard_of):
+            acts, _ = self._shard_arrays(int(shard))
+            local = sorted_idx[shard_of == shard] - self.offsets[shard]
+            block = acts[local] if layer_idx is None else acts[local][:, layer_idx]
+            parts.append(to_torch16(block, self.dtype))
+        n_l = self.n_layers if layer_idx is None else len(layer_idx)
+        out_sorted = torch.cat(parts) if parts else torch.empty(0, n_l, self.width, dtype=torch.bfloat16)
+        out = torch.empty_like(out_sorted)
+        out[torch.from_numpy(order)] = out_sorted
+        out = out.to(dtype)
+        if normalized:
+            factors = self.norm_factors if layer_idx is None else self.norm_factors[layer_idx]
+            out = out * factors.to(dtype)[None, :, None]
+        return out
+
+    def iter_batches(self, batch_size: int, *, layers: list[int] | None = None, normalized: bool = True,
+                     shuffle: bool = True, seed: int = 0, epochs: int | None = 1,
+                     buffer_rows: int = 32768, drop_last: bool = True,
+                     dtype: torch.dtype = torch.float32) -> Iterator[torch.Tensor]:
+        """Yield ``[batch_size, n_layers, width]`` batches; see the module docstring for the shuffle.
+
+        ``epochs=None`` repeats forever (each epoch a fresh permutation from ``seed + epoch``).
+        RAM use is about ``buffer_rows`` rows, independent of the store's size.
+        """
+        if batch_size < 1:
+            raise CrosslayerError(f"batch_size must be >= 1, got {batch_size}")
+        if drop_last and self.n_rows < batch_size:
+            raise CrosslayerError(f"store {self.path} has {self.n_rows} rows, fewer than one batch of {batch_size}")
+        block = max(batch_size, (buffer_rows // batch_size) * batch_size)
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            if shuffle:
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+                perm = torch.randperm(self.n_rows, generator=gen).numpy()
+            else:
+                perm = np.arange(self.n_rows)
+            carry = None
+            for start in range(0, self.n_rows, block):
+                rows = self.get(perm[start:start + block], layers=layers, normalized=normalized, dtype=dtype)
+                if carry is not None:
+                    rows = torch.cat([carry, rows])
+                    carry = None
+                n_full = rows.shape[0] // batch_size
+                for b in range(n_full):
+                    yield rows[b * batch_size:(b + 1) * batch_size]
+                if rows.shape[0] > n_full * batch_size:
+                    carry = rows[n_full * batch_size:]
+            if carry is not None and not drop_last:
+                yield carry
+            epoch += 1
+
+    # ------------------------------------------------------------------ metadata and context
+    def _window_arrays(self):
+        if self._windows is None:
+            self._windows = {name: np.load(self.path / f"{name}.npy", mmap_mode="r")
+                             for name in ("windows", "windows_doc", "windows_label")}
+            self._docs = json.loads((self.path / "docs.json").read_text())
+        return self._windows
+
+    @property
+    def label_names(self) -> list[str]:
+        self._window_arrays()
+        return list(self._docs["label_names"])
+
+    @property
+    def doc_keys(self) -> list[str]:
+        self._window_arrays()
+        return list(self._docs["doc_keys"])
+
+    def flat_index(self, index) -> np.ndarray:
+        """``window * seq_len + position`` of rows ``index``."""
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        shard_of = np.searchsorted(self.offsets, index, side="right") - 1
+        out = np.empty_like(index)
+        for shard in np.unique(shard_of):
+            _, rows = self._shard_arrays(int(shard))
+            mask = shard_of == shard
+            out[mask] = rows[index[mask] - self.offsets[shard]]
+        return out
+
+    def meta(self, index=None) -> dict[str, np.ndarray]:
+        """Per-row metadata: token_id, doc_id, label (index), window, position. All rows if ``index`` is None."""
+        if index is None:
+            flat = np.concatenate([self._shard_arrays(i)[1] for i in range(len(self.shards))]) \
+                if self.shards else np.zeros(0, np.int64)
+        else:
+            flat = self.flat_index(index)
+        win = self._window_arrays()
+        window, position = flat // self.seq_len, flat % self.seq_len
+        return {"token_id": win["windows"].reshape(-1)[flat].astype(np.int64),
+                "doc_id": win["windows_doc"].reshape(-1)[flat].astype(np.int64),
+                "label": win["windows_label"].reshape(-1)[flat].astype(np.int64),
+                "window": window, "position": position}
+
+    def context(self, row: int, *, before: int = 24, after: int = 8) -> dict:
+        """The tokens around row ``row`` within its window: ids, the row's offset in them, metadata."""
+        flat = int(self.flat_index([row])[0])
+        window, position = divmod(flat, self.seq_len)
+        tokens = self._window_arrays()["windows"][window]
+        lo, hi = max(0, position - before), min(self.seq_len, position + after + 1)
+        return {"token_ids": tokens[lo:hi].astype(np.int64).tolist(), "focus": position - lo,
+                "window": window, "position": position,
+                "doc_key": self.doc_keys[int(self._windows["windows_doc"][window, position])],
+                "label": self.label_names[int(self._windows["windows_label"][window, position])]}
+
+    def window_tokens(self) -> torch.Tensor:
+        """All harvested windows' token ids ``[n_windows, seq_len]`` (for re-running the model)."""
+        return torch.from_numpy(np.asarray(self._window_arrays()["windows"], dtype=np.int64))
+
+
+def mean_norm_factor(norm_sums: np.ndarray, counts: int, width: int) -> list[float]:
+    """Normalisation factors sqrt(width) / mean norm, per layer."""
+    means = norm_sums / max(counts, 1)
+    return [math.sqrt(width) / m if m > 0 else 1.0 for m in means.tolist()]
