@@ -141,6 +141,67 @@ def cmd_bench(args):
                   batch_size=args.batch_size)
 
 
+def _add_train_saes(p):
+    from crosslayer.saes import ARCHS
+
+    p.add_argument("--store", required=True, help="activation store folder (crosslayer harvest)")
+    p.add_argument("--out", required=True, help="output folder (one sae-lens folder per hook); a rerun resumes")
+    p.add_argument("--width", type=int, required=True, help="features per layer")
+    p.add_argument("--k", type=int, default=32, help="active features per token (topk/batchtopk; jumprelu target L0)")
+    p.add_argument("--arch", default="topk", choices=ARCHS, help="SAE architecture")
+    p.add_argument("--tokens", type=parse_count, default=None, help="training tokens per layer (default: the store's rows)")
+    p.add_argument("--batch-size", type=int, default=1024, help="tokens per step")
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
+    p.add_argument("--layers", default=None, help="subset of the store's layers (default: all)")
+    p.add_argument("--sparsity-coefficient", type=float, default=None, help="L1 (standard) / L0 (jumprelu) coefficient")
+    p.add_argument("--seed", type=int, default=0, help="init and data-order seed")
+
+
+@verb("train-saes", "train one sae-lens SAE per layer of an activation store (the baseline)")
+def cmd_train_saes(args):
+    from crosslayer.harvest import parse_layers
+    from crosslayer.saes import train_per_layer_saes
+    from crosslayer.store import ActivationStore
+
+    store = ActivationStore(args.store)
+    layers = None if args.layers is None else [
+        l for l in parse_layers(args.layers, store.manifest["n_model_layers"])]
+    saes = train_per_layer_saes(store, out_dir=args.out, width=args.width, k=args.k, arch=args.arch,
+                                tokens=args.tokens or store.n_rows, batch_size=args.batch_size, lr=args.lr,
+                                layers=layers, sparsity_coefficient=args.sparsity_coefficient, seed=args.seed)
+    for row in saes.meta["layer_stats"]:
+        print(f"layer {row['layer']:>2}: {row['tokens_per_s']:,.0f} tok/s, sample FVU {row['train_sample_fvu']:.3f}, "
+              f"dead {row['dead_features']}")
+    print(f"saved {saes.n_features:,} features over {saes.n_layers} layers to {args.out}")
+
+
+def _add_eval(p):
+    p.add_argument("--dictionary", required=True, help="dictionary folder (per-layer SAEs or crosscoder)")
+    p.add_argument("--store", required=True, help="held-out activation store of the same model and hooks")
+    p.add_argument("--tokens", type=parse_count, default=parse_count("50k"), help="rows for reconstruction metrics")
+    p.add_argument("--windows", type=int, default=32, help="windows for the downstream CE/KL evaluation (0: skip)")
+    p.add_argument("--model-dtype", default="auto", help="auto | float32 | bfloat16")
+    p.add_argument("--out", default=None, help="CSV path for the table")
+
+
+@verb("eval", "evaluate a dictionary: FVU, MSE, L0, dead/dense, CE loss recovered and KL when spliced")
+def cmd_eval(args):
+    import pandas as pd
+
+    from crosslayer.dictionary import load_dictionary
+    from crosslayer.evals import evaluate
+    from crosslayer.models import load_model
+    from crosslayer.store import ActivationStore
+
+    store = ActivationStore(args.store)
+    dictionary = load_dictionary(args.dictionary)
+    model = load_model(store.manifest["model"], dtype=args.model_dtype) if args.windows else None
+    table = evaluate(dictionary, store, model=model, n_tokens=args.tokens, n_windows=args.windows or 1,
+                     out=args.out, progress=True)
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(table.to_string(index=False, float_format="%.4g"))
+
+
 def _add_reproduce(p):
     from crosslayer.pipeline import PRESETS
 
@@ -167,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-layer SAEs vs sparse crosscoders on the residual stream of every layer.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     adders = {"inspect": _add_inspect, "harvest": _add_harvest, "bench": _add_bench,
-              "reproduce": _add_reproduce}
+              "reproduce": _add_reproduce,
+              "train-saes": _add_train_saes, "eval": _add_eval}
     for name, (fn, help_text) in VERBS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         adders.get(name, lambda _: None)(p)

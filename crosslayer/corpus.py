@@ -95,6 +95,19 @@ class TokenWindows:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    @staticmethod
+    def concat(parts: list["TokenWindows"]) -> "TokenWindows":
+        """Stack windows of the same corpus, split and label set (document ids are re-based)."""
+        first = parts[0]
+        if any(p.label_names != first.label_names or p.seq_len != first.seq_len for p in parts):
+            raise CrosslayerError("cannot concatenate windows with different labels or lengths")
+        offsets = np.cumsum([0] + [len(p.doc_keys) for p in parts])
+        doc_ids = [torch.where(p.doc_ids >= 0, p.doc_ids + int(o), p.doc_ids) for p, o in zip(parts, offsets)]
+        return TokenWindows(torch.cat([p.tokens for p in parts]), torch.cat(doc_ids),
+                            torch.cat([p.positions for p in parts]), torch.cat([p.labels for p in parts]),
+                            first.label_names, [k for p in parts for k in p.doc_keys], first.corpus_id,
+                            first.split, first.seed)
+
     def subset(self, index: slice) -> "TokenWindows":
         return TokenWindows(self.tokens[index], self.doc_ids[index], self.positions[index],
                             self.labels[index], self.label_names, self.doc_keys, self.corpus_id,

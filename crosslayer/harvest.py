@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 import crosslayer
 from crosslayer.corpus import TokenWindows
 from crosslayer.errors import CrosslayerError
-from crosslayer.io import atomic_path, write_json
-from crosslayer.store import FORMAT_VERSION, ActivationStore, from_torch16, mean_norm_factor, sha256_file
+from crosslayer.io import atomic_path, sha256_file, write_json
+from crosslayer.store import FORMAT_VERSION, ActivationStore, from_torch16, mean_norm_factor
 
 HOOK_KINDS = {
     "resid_pre": "blocks.{}.hook_resid_pre",

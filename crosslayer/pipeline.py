@@ -7,7 +7,9 @@ Method:
    long (the harvests) are themselves resumable, so a kill at any moment loses little work.
 3. Current steps: ``score`` (held-out loss per source label and per-layer residual norms of the
    model, as CSV), ``harvest-train`` and ``harvest-heldout`` (activation stores of every chosen
-   layer, see :mod:`crosslayer.harvest`).
+   layer, see :mod:`crosslayer.harvest`), ``train-saes`` (one sae-lens TopK SAE per layer, see
+   :mod:`crosslayer.saes`) and ``eval-saes`` (FVU, L0, dead fraction, CE recovered and KL on the
+   held-out store, ``results/eval_saes.csv``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ class Preset:
     train_tokens: int
     heldout_tokens: int
     score_tokens: int
+    sae_width: int
+    sae_k: int
+    sae_tokens: int
+    sae_batch: int
+    sae_lr: float
+    eval_tokens: int
+    eval_windows: int
     seq_len: int = 128
     batch_size: int = 8
     model_dtype: str = "auto"
@@ -37,11 +46,14 @@ class Preset:
 
 PRESETS = {
     "micro": Preset(model="tiny-4l-64d", layers="all", train_tokens=4_096, heldout_tokens=1_024,
-                    score_tokens=1_024, seq_len=64),
+                    score_tokens=1_024, sae_width=128, sae_k=8, sae_tokens=16_384, sae_batch=128, sae_lr=3e-3,
+                    eval_tokens=1_024, eval_windows=4, seq_len=64),
     "demo": Preset(model="smollm2-135m", layers="all", train_tokens=64_000, heldout_tokens=8_192,
-                   score_tokens=8_192),
+                   score_tokens=8_192, sae_width=2304, sae_k=32, sae_tokens=61_440, sae_batch=1024, sae_lr=1e-3,
+                   eval_tokens=8_192, eval_windows=8),
     "paper": Preset(model="smollm2-135m", layers="all", train_tokens=1_000_000, heldout_tokens=65_536,
-                    score_tokens=65_536),
+                    score_tokens=65_536, sae_width=4608, sae_k=32, sae_tokens=983_040, sae_batch=4096, sae_lr=4e-4,
+                    eval_tokens=65_536, eval_windows=64),
 }
 
 
@@ -76,10 +88,16 @@ class Context:
 
 
 def step_score(ctx: Context) -> dict:
+    """Held-out loss with an equal token budget per source label, and residual norms."""
+    from crosslayer.corpus import TokenWindows, make_windows
     from crosslayer.scoring import score
 
-    losses, norms = score(ctx.model, ctx.windows("heldout", ctx.preset.score_tokens),
-                          batch_size=ctx.preset.batch_size)
+    labels = ctx.corpus.label_names
+    per_label = max(ctx.preset.seq_len, ctx.preset.score_tokens // len(labels))
+    windows = TokenWindows.concat([
+        make_windows(ctx.corpus, ctx.model.tokenizer, split="heldout", labels=[label],
+                     seq_len=ctx.preset.seq_len, n_tokens=per_label, seed=0) for label in labels])
+    losses, norms = score(ctx.model, windows, batch_size=ctx.preset.batch_size)
     write_csv(losses, ctx.out / "results" / "heldout_loss.csv")
     write_csv(norms, ctx.out / "results" / "residual_norms.csv")
     print(losses.to_string(index=False, float_format="%.3f"))
@@ -99,8 +117,35 @@ def _harvest_step(split: str):
     return step
 
 
+def step_train_saes(ctx: Context) -> dict:
+    from crosslayer.saes import train_per_layer_saes
+    from crosslayer.store import ActivationStore
+
+    p = ctx.preset
+    saes = train_per_layer_saes(ActivationStore(ctx.out / "stores" / "train"), out_dir=ctx.out / "dicts" / "saes",
+                                width=p.sae_width, k=p.sae_k, tokens=p.sae_tokens, batch_size=p.sae_batch,
+                                lr=p.sae_lr)
+    stats = saes.meta["layer_stats"]
+    return {"tokens_per_s_mean": sum(s["tokens_per_s"] for s in stats) / len(stats)}
+
+
+def step_eval_saes(ctx: Context) -> dict:
+    from crosslayer.dictionary import load_dictionary
+    from crosslayer.evals import evaluate
+    from crosslayer.store import ActivationStore
+
+    table = evaluate(load_dictionary(ctx.out / "dicts" / "saes"), ActivationStore(ctx.out / "stores" / "heldout"),
+                     model=ctx.model, n_tokens=ctx.preset.eval_tokens, n_windows=ctx.preset.eval_windows,
+                     out=ctx.out / "results" / "eval_saes.csv", progress=True)
+    cols = [c for c in ("layer", "fvu", "l0", "dead_frac", "ce_recovered", "kl") if c in table.columns]
+    print(table[cols].to_string(index=False, float_format="%.3f"))
+    overall = table[table.layer.astype(str) == "all"].iloc[0]
+    return {"fvu_all": float(overall["fvu"]), "l0_all": float(overall["l0"])}
+
+
 STEPS = [("score", step_score), ("harvest-train", _harvest_step("train")),
-         ("harvest-heldout", _harvest_step("heldout"))]
+         ("harvest-heldout", _harvest_step("heldout")), ("train-saes", step_train_saes),
+         ("eval-saes", step_eval_saes)]
 
 
 def reproduce(preset: str = "demo", *, out: str | Path | None = None, corpus: str = "builtin",

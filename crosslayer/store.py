@@ -26,7 +26,6 @@ have mean norm sqrt(width) at every layer; ``normalized=True`` applies it, raw u
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -36,17 +35,10 @@ import numpy as np
 import torch
 
 from crosslayer.errors import CrosslayerError
+from crosslayer.io import sha256_file
 
 FORMAT_VERSION = 1
 STORE_DTYPES = {"bfloat16": np.uint16, "float16": np.float16}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def to_torch16(array: np.ndarray, dtype: str) -> torch.Tensor:
@@ -198,7 +190,7 @@ class ActivationStore:
         for shard in np.unique(shard_of):
             acts, _ = self._shard_arrays(int(shard))
             local = sorted_idx[shard_of == shard] - self.offsets[shard]
-            block = acts[local] if layer_idx is None else acts[local][:, layer_idx]
+            block = acts[local] if layer_idx is None else acts[local[:, None], layer_idx[None, :]]
             parts.append(to_torch16(block, self.dtype))
         n_l = self.n_layers if layer_idx is None else len(layer_idx)
         out_sorted = torch.cat(parts) if parts else torch.empty(0, n_l, self.width, dtype=torch.bfloat16)
@@ -212,7 +204,7 @@ class ActivationStore:
 
     def iter_batches(self, batch_size: int, *, layers: list[int] | None = None, normalized: bool = True,
                      shuffle: bool = True, seed: int = 0, epochs: int | None = 1,
-                     buffer_rows: int = 32768, drop_last: bool = True,
+                     buffer_rows: int = 8192, drop_last: bool = True,
                      dtype: torch.dtype = torch.float32) -> Iterator[torch.Tensor]:
         """Yield ``[batch_size, n_layers, width]`` batches; see the module docstring for the shuffle.
 

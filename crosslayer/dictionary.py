@@ -1,0 +1,211 @@
+"""The Dictionary interface: one set of calls for per-layer SAEs and crosscoders.
+
+Every eval, analysis, intervention and study is written once against :class:`Dictionary`
+(design.md, "The Dictionary interface is the hinge"). A dictionary reads ``L`` layers of width
+``d`` and has ``F`` features:
+
+- ``encode(acts_BLD) -> feats_BF`` and ``decode(feats_BF) -> acts_BLD``; ``forward`` returns both
+  as a :class:`DictionaryOutput`; ``reconstruct`` returns only the reconstruction.
+- ``decoder_norms() -> [F, L]``: the norm of feature i's decoder vector at layer l (a per-layer
+  SAE feature has a non-zero norm only at its own layer). Used for L0 accounting
+  (research-notes §4: ``l0_tuple`` counts (feature, layer) pairs with norm > eps).
+- ``layers`` (model layer indices), ``hooks`` (TransformerLens hook names, one per layer),
+  ``n_features``, ``d_model`` (width), ``norm_factors``.
+- ``save(dir)`` writes ``dir/cfg.json`` (with a ``"kind"``) plus weights; ``Class.load(dir)``
+  reads it back; :func:`load_dictionary` dispatches on ``"kind"``.
+
+Units convention (research-notes §2):
+1. Dictionaries are trained on, and compute in, NORMALISED units: ``normalised = raw * factor_l``
+   with the per-layer factors of the activation store they were trained on (each layer scaled to
+   mean norm sqrt(d)). The factors are saved with the dictionary (``norm_factors``, ``[L]``).
+2. ``encode(acts, normalized=True)`` (the default) takes normalised activations, as served by
+   ``ActivationStore.iter_batches(normalized=True)``. With ``normalized=False`` it takes the
+   model's RAW activations and multiplies them by the factors first.
+3. ``decode(feats, normalized=True)`` returns normalised activations; with ``normalized=False``
+   it divides by the factors, giving activations in the model's own units that can be spliced
+   back into the model. ``forward`` / ``reconstruct`` take the flag for both ends.
+
+Implementing a new kind: subclass :class:`Dictionary`, call ``super().__init__(layers=..., hooks=...,
+norm_factors=..., d_model=...)``, implement ``encode_normalized``, ``decode_normalized``,
+``n_features``, ``decoder_norms``, ``save`` and ``load``, and decorate the class with
+``@register_dictionary("<kind>")`` (the module is imported on demand if listed in
+``KIND_MODULES``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+import crosslayer
+from crosslayer.errors import CrosslayerError
+
+CFG_FILENAME = "cfg.json"
+FORMAT_VERSION = 1
+
+_REGISTRY: dict[str, type["Dictionary"]] = {}
+KIND_MODULES: dict[str, str] = {"per_layer_saes": "crosslayer.saes", "crosscoder": "crosslayer.crosscoder"}
+"""kind -> module that defines (and registers) it; imported by :func:`load_dictionary` on demand."""
+
+
+class DictionaryOutput(NamedTuple):
+    """What :meth:`Dictionary.forward` returns."""
+
+    feats_BF: Tensor
+    """Feature activations ``[batch, n_features]`` (0 = not firing)."""
+    recon_BLD: Tensor
+    """Reconstruction ``[batch, n_layers, d_model]``, in the units asked for."""
+
+
+def register_dictionary(kind: str):
+    """Class decorator: make ``kind`` (the ``"kind"`` in ``cfg.json``) load as this class."""
+
+    def wrap(cls: type[Dictionary]) -> type[Dictionary]:
+        cls.kind = kind
+        _REGISTRY[kind] = cls
+        return cls
+
+    return wrap
+
+
+class Dictionary(nn.Module, ABC):
+    """A sparse dictionary over ``L`` layers of the residual stream (see the module docstring)."""
+
+    kind: str = "abstract"
+
+    def __init__(self, *, layers: list[int], hooks: list[str], norm_factors: Tensor | list[float],
+                 d_model: int):
+        super().__init__()
+        factors = torch.as_tensor(norm_factors, dtype=torch.float32).reshape(-1)
+        if not (len(layers) == len(hooks) == factors.numel()):
+            raise CrosslayerError(f"dictionary has {len(layers)} layers, {len(hooks)} hooks and "
+                                  f"{factors.numel()} norm factors; give one of each per layer")
+        if not torch.isfinite(factors).all() or (factors <= 0).any():
+            raise CrosslayerError(f"norm factors must be positive and finite, got {factors.tolist()}")
+        self.layers = [int(l) for l in layers]
+        self.hooks = list(hooks)
+        self.d_model = int(d_model)
+        self.register_buffer("norm_factors", factors, persistent=False)
+
+    # ---------------------------------------------------------------- what a kind implements
+    @property
+    @abstractmethod
+    def n_features(self) -> int:
+        """F, the number of features."""
+
+    @abstractmethod
+    def encode_normalized(self, acts_BLD: Float[Tensor, "batch layer d_model"]) -> Float[Tensor, "batch feat"]:
+        """Normalised activations -> feature activations."""
+
+    @abstractmethod
+    def decode_normalized(self, feats_BF: Float[Tensor, "batch feat"]) -> Float[Tensor, "batch layer d_model"]:
+        """Feature activations -> normalised reconstruction."""
+
+    @abstractmethod
+    def decoder_norms(self) -> Float[Tensor, "feat layer"]:
+        """Norm of each feature's decoder vector at each layer ``[F, L]`` (normalised units)."""
+
+    @abstractmethod
+    def save(self, path: str | Path) -> None:
+        """Write ``path/cfg.json`` (with ``"kind"``) and the weights."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, path: str | Path, *, device: str = "cpu") -> "Dictionary":
+        """Read what :meth:`save` wrote."""
+
+    # ---------------------------------------------------------------- shared behaviour
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def normalize(self, acts_BLD: Tensor) -> Tensor:
+        """Raw model activations -> normalised units (``raw * factor_l``)."""
+        return acts_BLD * self.norm_factors.to(acts_BLD)[:, None]
+
+    def denormalize(self, acts_BLD: Tensor) -> Tensor:
+        """Normalised units -> raw model activations (``normalised / factor_l``)."""
+        return acts_BLD / self.norm_factors.to(acts_BLD)[:, None]
+
+    def check_acts(self, acts_BLD: Tensor) -> None:
+        if acts_BLD.ndim != 3 or tuple(acts_BLD.shape[1:]) != (self.n_layers, self.d_model):
+            raise CrosslayerError(f"{type(self).__name__} reads [batch, {self.n_layers}, {self.d_model}] "
+                                  f"(layers {self.layers}), got {list(acts_BLD.shape)}; select the "
+                                  "dictionary's layers from the store (layers=dictionary.layers)")
+
+    def encode(self, acts_BLD: Float[Tensor, "batch layer d_model"], *,
+               normalized: bool = True) -> Float[Tensor, "batch feat"]:
+        """Feature activations of ``acts_BLD`` (normalised units, or raw with ``normalized=False``)."""
+        self.check_acts(acts_BLD)
+        return self.encode_normalized(acts_BLD if normalized else self.normalize(acts_BLD))
+
+    def decode(self, feats_BF: Float[Tensor, "batch feat"], *,
+               normalized: bool = True) -> Float[Tensor, "batch layer d_model"]:
+        """Reconstruction from features, normalised (default) or raw with ``normalized=False``."""
+        if feats_BF.ndim != 2 or feats_BF.shape[1] != self.n_features:
+            raise CrosslayerError(f"{type(self).__name__} decodes [batch, {self.n_features}], "
+                                  f"got {list(feats_BF.shape)}")
+        recon_BLD = self.decode_normalized(feats_BF)
+        return recon_BLD if normalized else self.denormalize(recon_BLD)
+
+    def forward(self, acts_BLD: Float[Tensor, "batch layer d_model"], *,
+                normalized: bool = True) -> DictionaryOutput:
+        """Encode then decode; input and reconstruction in the same units."""
+        feats_BF = self.encode(acts_BLD, normalized=normalized)
+        return DictionaryOutput(feats_BF, self.decode(feats_BF, normalized=normalized))
+
+    def reconstruct(self, acts_BLD: Tensor, *, normalized: bool = True) -> Tensor:
+        """``decode(encode(acts))`` in the units of ``acts``."""
+        return self.forward(acts_BLD, normalized=normalized).recon_BLD
+
+    def base_cfg(self) -> dict:
+        """The ``cfg.json`` fields every kind writes."""
+        return {"format": FORMAT_VERSION, "kind": self.kind, "package_version": crosslayer.__version__,
+                "layers": self.layers, "hooks": self.hooks, "d_model": self.d_model,
+                "n_features": self.n_features, "norm_factors": self.norm_factors.tolist()}
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(layers={self.layers[0]}..{self.layers[-1]} ({self.n_layers}), "
+                f"d_model={self.d_model}, n_features={self.n_features})")
+
+
+def store_provenance(store) -> dict:
+    """What a dictionary records about the activation store it was trained on."""
+    m = store.manifest
+    return {"path": str(store.path), "model": m["model"], "weights_id": m["weights_id"],
+            "split": m["split"], "corpus_id": m["corpus_id"], "hook_kind": m["hook_kind"],
+            "seq_len": m["seq_len"], "n_rows": store.n_rows, "exclusion_policy": m["exclusion_policy"]}
+
+
+def read_cfg(path: str | Path) -> dict:
+    """``path/cfg.json`` of a saved dictionary, with a clear error if it is not one."""
+    cfg_path = Path(path) / CFG_FILENAME
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise CrosslayerError(f"{path} is not a saved dictionary (no {CFG_FILENAME}); train one or "
+                              "check the path") from None
+    except (OSError, ValueError) as err:
+        raise CrosslayerError(f"{cfg_path} cannot be read ({err}); train the dictionary again") from None
+    if "kind" not in cfg:
+        raise CrosslayerError(f"{cfg_path} has no \"kind\"; it is not a crosslayer dictionary (a bare "
+                              "sae-lens SAE folder? pass its parent folder)")
+    return cfg
+
+
+def load_dictionary(path: str | Path, *, device: str = "cpu") -> Dictionary:
+    """Load any saved dictionary: reads ``cfg.json``'s ``"kind"`` and calls that class's ``load``."""
+    kind = read_cfg(path)["kind"]
+    if kind not in _REGISTRY and kind in KIND_MODULES:
+        importlib.import_module(KIND_MODULES[kind])
+    if kind not in _REGISTRY:
+        raise CrosslayerError(f"{path} holds a dictionary of unknown kind {kind!r} (known: "
+                              f"{', '.join(sorted(set(_REGISTRY) | set(KIND_MODULES)))}); upgrade crosslayer")
+    return _REGISTRY[kind].load(path, device=device)

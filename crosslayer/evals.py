@@ -1,0 +1,263 @@
+"""Evaluation of any Dictionary: reconstruction, sparsity, dead/dense features, downstream loss.
+
+Method (research-notes §4):
+1. Reconstruction, in the model's RAW units: ``n_tokens`` store rows (seeded shuffle) of the
+   dictionary's layers are read raw, reconstructed with ``dictionary.forward(x, normalized=False)``
+   (normalise with the dictionary's factors, encode, decode, undo the factors), and streaming sums
+   are kept per layer in float64: n, sum_t x_t, sum_t x_t^2 (per dimension), the squared error
+   sum_t ||x_t - x_hat_t||^2, sum of cos(x_t, x_hat_t) and of ||x_hat_t|| / ||x_t||. The x sums are
+   of x - c with c the first batch's mean (a constant shift leaves the variance unchanged and avoids
+   the cancellation in E[x^2] - E[x]^2 for dimensions whose mean dwarfs their spread).
+   FVU_l = (SSE_l / n) / sum_d Var(x_d) with Var(x_d) = sum x_d^2 / n - (sum x_d / n)^2 — the
+   plain definition, NOT the SAELens <= 6.18 / SAEBench 0.6.0 formula that subtracts the squared
+   mean of squares. MSE_l = SSE_l / (n d). The "all" row gives ``fvu`` as the mean of the layers'
+   FVUs (every layer weighs the same, as in training on normalised layers) and ``fvu_pooled`` as the
+   FVU of the concatenated [L * d] vector in raw units (dominated by high-norm layers).
+2. Sparsity: a feature is active where f_i != 0. ``l0_feat`` = E sum_i 1[f_i != 0] (counted once
+   per feature); per layer ``l0`` = E sum_i 1[f_i != 0] 1[||W_dec,i^l|| > eps]; ``l0_tuple`` = their
+   sum over layers. For per-layer SAEs all three agree with the per-SAE L0s and their sum.
+3. Dead / dense: a feature is dead if it never fires on the tokens measured (``n_tokens`` column)
+   and dense if it fires on more than ``dense_threshold`` (10 %) of them. Per-layer rows count the
+   features whose decoder norm peaks at that layer (for per-layer SAEs: that layer's SAE).
+4. Downstream (when a model is given): the store's first ``n_windows`` windows run through the
+   model clean (cache of the dictionary's hooks), zero-ablated and with the reconstruction spliced
+   in, at each layer separately and at all layers at once (reconstructions are computed from the
+   clean activations). Only positions the store kept are replaced; positions excluded at harvest
+   (``exclusion_policy``: position 0, special tokens; and dropped norm outliers) are left as the
+   model computes them. CE is averaged over next-token predictions made at replaced positions;
+   CE recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean); KL(clean || spliced) per token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from crosslayer.dictionary import Dictionary
+from crosslayer.errors import CrosslayerError
+from crosslayer.io import write_csv
+
+
+class ReconstructionStats:
+    """Streaming float64 sums for reconstruction and sparsity metrics (see the module docstring)."""
+
+    def __init__(self, n_layers: int, d_model: int, writes_FL: Tensor | None = None):
+        self.n = 0
+        self.shift_LD: Tensor | None = None
+        f64 = dict(dtype=torch.float64)
+        self.sum_x_LD = torch.zeros(n_layers, d_model, **f64)
+        self.sum_x2_LD = torch.zeros(n_layers, d_model, **f64)
+        self.sse_L = torch.zeros(n_layers, **f64)
+        self.cos_L = torch.zeros(n_layers, **f64)
+        self.rel_norm_L = torch.zeros(n_layers, **f64)
+        self.writes_FL = writes_FL
+        if writes_FL is not None:
+            self.fires_F = torch.zeros(writes_FL.shape[0], **f64)
+            self.l0_feat = 0.0
+            self.l0_L = torch.zeros(n_layers, **f64)
+
+    @torch.no_grad()
+    def update(self, x_BLD: Tensor, xhat_BLD: Tensor, feats_BF: Tensor | None = None) -> None:
+        x, xh = x_BLD.double().cpu(), xhat_BLD.double().cpu()
+        if self.shift_LD is None:
+            self.shift_LD = x.mean(0)
+        self.n += x.shape[0]
+        centred = x - self.shift_LD
+        self.sum_x_LD += centred.sum(0)
+        self.sum_x2_LD += centred.pow(2).sum(0)
+        self.sse_L += (x - xh).pow(2).sum(dim=(0, 2))
+        self.cos_L += torch.nn.functional.cosine_similarity(x, xh, dim=-1, eps=1e-12).sum(0)
+        self.rel_norm_L += (xh.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).sum(0)
+        if feats_BF is not None and self.writes_FL is not None:
+            fires_F = (feats_BF != 0).sum(0).cpu().double()  # sum_t 1[f_ti != 0]
+            self.fires_F += fires_F
+            self.l0_feat += float(fires_F.sum())
+            self.l0_L += fires_F @ self.writes_FL.cpu().double()  # = sum_t sum_i 1[f_ti != 0] 1[writes_il]
+
+    def var_L(self) -> Tensor:
+        """sum_d Var(x_d) per layer (population variance)."""
+        return (self.sum_x2_LD / self.n - (self.sum_x_LD / self.n).pow(2)).clamp_min(0).sum(-1)
+
+    def fvu_L(self) -> Tensor:
+        return self.sse_L / self.n / self.var_L()
+
+    def compute(self) -> dict[str, Tensor | float]:
+        """Per-layer ``[L]`` tensors and whole-dictionary floats."""
+        if self.n == 0:
+            raise CrosslayerError("no tokens were evaluated; use a non-empty store and n_tokens >= 1")
+        var_L = self.var_L()
+        out = {"fvu": self.fvu_L(), "mse": self.sse_L / (self.n * self.sum_x_LD.shape[1]),
+               "cos": self.cos_L / self.n, "rel_norm": self.rel_norm_L / self.n,
+               "fvu_pooled_all": float(self.sse_L.sum() / self.n / var_L.sum())}
+        if self.writes_FL is not None:
+            out.update(freq_F=self.fires_F / self.n, l0=self.l0_L / self.n, l0_feat=self.l0_feat / self.n)
+        return out
+
+
+def check_compatible(dictionary: Dictionary, store) -> None:
+    """Raise a CrosslayerError if ``dictionary`` cannot read ``store``'s rows."""
+    missing = [l for l in dictionary.layers if l not in store.layers]
+    if missing:
+        raise CrosslayerError(f"dictionary reads layers {dictionary.layers} but store {store.path} lacks {missing} "
+                              f"(it has {store.layers}); evaluate on a store harvested at those layers")
+    hooks = [store.hooks[store.layers.index(l)] for l in dictionary.layers]
+    if hooks != dictionary.hooks:
+        raise CrosslayerError(f"dictionary hooks {dictionary.hooks[0]}.. differ from store hooks {hooks[0]}..; "
+                              "use a store harvested at the same hook kind")
+    if store.width != dictionary.d_model:
+        raise CrosslayerError(f"dictionary width {dictionary.d_model} != store width {store.width}; "
+                              "use a store of the same model")
+    made_on = getattr(dictionary, "meta", {}).get("store", {})
+    for key in ("model", "weights_id"):
+        if key in made_on and made_on[key] != store.manifest[key]:
+            raise CrosslayerError(f"dictionary was trained on {key} {made_on[key]!r}, store {store.path} holds "
+                                  f"{store.manifest[key]!r}; evaluate on a store of the same model")
+
+
+def kept_mask(store, n_windows: int) -> Tensor:
+    """``[n_windows, seq_len]`` bool: positions the store kept (True) vs excluded at harvest."""
+    T = store.seq_len
+    limit = n_windows * T
+    flat = store.flat_index(np.arange(min(store.n_rows, limit)))  # rows are in flat order, flat >= row
+    stored = torch.zeros(limit, dtype=torch.bool)
+    stored[torch.from_numpy(flat[flat < limit])] = True
+    tokens = store.window_tokens()[:n_windows]
+    policy = store.manifest["exclusion_policy"]
+    allowed = ~torch.isin(tokens, torch.tensor(policy["special_token_ids"], dtype=torch.int64))
+    if policy["position0"]:
+        allowed[:, 0] = False
+    return stored.reshape(n_windows, T) & allowed
+
+
+@torch.no_grad()
+def downstream(dictionary: Dictionary, store, model, *, n_windows: int = 32, batch_size: int = 4,
+               per_layer: bool = True, progress: bool = False) -> dict:
+    """CE clean / zero / spliced, CE recovered and KL per splice (``layer`` int or ``"all"``)."""
+    names = set(model.hook_dict)
+    if any(h not in names for h in dictionary.hooks):
+        raise CrosslayerError(f"model {model.cfg.model_name} has no hook {dictionary.hooks[0]}; use the model "
+                              "the dictionary was trained on")
+    wid = getattr(model, "crosslayer_weights_id", None)
+    if wid is not None and wid != store.manifest["weights_id"]:
+        raise CrosslayerError(f"model weights {wid} differ from the store's ({store.manifest['weights_id']}); "
+                              "pass the model the store was harvested from")
+    n_windows = min(n_windows, store.manifest["n_windows"])
+    tokens_NT = store.window_tokens()[:n_windows]
+    mask_NT = kept_mask(store, n_windows)
+    splices = ([(l, [i]) for i, l in enumerate(dictionary.layers)] if per_layer else []) + [("all", None)]
+    sums = {key: dict(ce_spliced=0.0, ce_zero=0.0, kl=0.0, kl_zero=0.0) for key, _ in splices}
+    ce_clean, n_pred = 0.0, 0
+    device = next(iter(model.parameters())).device
+    dict_device = dictionary.norm_factors.device
+    for start in tqdm(range(0, n_windows, batch_size), desc="downstream", unit="batch", disable=not progress):
+        tokens = tokens_NT[start:start + batch_size].to(device)
+        mask_BT = mask_NT[start:start + batch_size].to(device)
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in dictionary.hooks)
+        acts_BTLD = torch.stack([cache[h] for h in dictionary.hooks], dim=2)
+        recon_ND = dictionary.reconstruct(acts_BTLD[mask_BT].float().to(dict_device), normalized=False)
+        recon_BTLD = acts_BTLD.clone()
+        recon_BTLD[mask_BT] = recon_ND.to(acts_BTLD)
+        pred_BT = mask_BT[:, :-1]
+        target = tokens[:, 1:][pred_BT]
+        logp_clean = torch.log_softmax(logits[:, :-1][pred_BT].float(), dim=-1)
+        ce_clean += float(-logp_clean.gather(1, target[:, None]).sum())
+        n_pred += int(pred_BT.sum())
+
+        def run(values_BTLD, which):
+            def splice(act, hook, i):
+                return torch.where(mask_BT[..., None], values_BTLD[:, :, i], act)
+
+            idx = range(len(dictionary.hooks)) if which is None else which
+            hooks = [(dictionary.hooks[i], lambda act, hook, i=i: splice(act, hook, i)) for i in idx]
+            out = model.run_with_hooks(tokens, fwd_hooks=hooks)
+            logp = torch.log_softmax(out[:, :-1][pred_BT].float(), dim=-1)
+            ce = float(-logp.gather(1, target[:, None]).sum())
+            kl = float((logp_clean.exp() * (logp_clean - logp)).sum())
+            return ce, kl
+
+        zeros_BTLD = torch.zeros_like(acts_BTLD)
+        for key, which in splices:
+            ce, kl = run(recon_BTLD, which)
+            ce_z, kl_z = run(zeros_BTLD, which)
+            s = sums[key]
+            s["ce_spliced"] += ce
+            s["kl"] += kl
+            s["ce_zero"] += ce_z
+            s["kl_zero"] += kl_z
+    if n_pred == 0:
+        raise CrosslayerError("no next-token predictions at kept positions; use more or longer windows")
+    out = {}
+    for key, s in sums.items():
+        row = {k: v / n_pred for k, v in s.items()}
+        row["ce_clean"] = ce_clean / n_pred
+        denom = row["ce_zero"] - row["ce_clean"]
+        row["ce_recovered"] = (row["ce_zero"] - row["ce_spliced"]) / denom if abs(denom) > 1e-12 else float("nan")
+        row["n_predictions"] = n_pred
+        out[key] = row
+    return out
+
+
+@torch.no_grad()
+def evaluate(dictionary: Dictionary, store, *, model=None, n_tokens: int = 100_000, batch_size: int = 512,
+             n_windows: int = 32, window_batch_size: int = 4, per_layer_downstream: bool = True,
+             dense_threshold: float = 0.1, eps: float = 1e-6, seed: int = 0,
+             out: str | Path | None = None, progress: bool = False) -> pd.DataFrame:
+    """Metrics of ``dictionary`` on ``store`` (and ``model``): one row per layer plus an ``"all"`` row.
+
+    Columns: kind, layer, hook, fvu, fvu_pooled, mse, cos, rel_norm, l0, n_features, dead_frac,
+    dense_frac, l0_feat and l0_tuple ("all" row), n_tokens; with a model also ce_clean, ce_zero,
+    ce_spliced, ce_recovered, kl, kl_zero, n_predictions. Written to ``out`` as CSV if given.
+    """
+    check_compatible(dictionary, store)
+    if n_tokens < 1 or batch_size < 1:
+        raise CrosslayerError(f"n_tokens and batch_size must be >= 1, got {n_tokens}, {batch_size}")
+    device = dictionary.norm_factors.device
+    dec_FL = dictionary.decoder_norms().float()
+    writes_FL = dec_FL > eps
+    stats = ReconstructionStats(dictionary.n_layers, dictionary.d_model, writes_FL)
+    remaining = n_tokens
+    bar = tqdm(total=min(n_tokens, store.n_rows), desc="evaluate", unit="tok", unit_scale=True, disable=not progress)
+    for x_BLD in store.iter_batches(batch_size, layers=dictionary.layers, normalized=False, shuffle=True,
+                                    seed=seed, epochs=1, drop_last=False, buffer_rows=max(batch_size, 4096)):
+        x_BLD = x_BLD[:remaining].to(device)
+        feats_BF, recon_BLD = dictionary(x_BLD, normalized=False)
+        stats.update(x_BLD, recon_BLD, feats_BF)
+        remaining -= x_BLD.shape[0]
+        bar.update(x_BLD.shape[0])
+        if remaining <= 0:
+            break
+    bar.close()
+    m = stats.compute()
+    freq_F = m["freq_F"]
+    dead_F, dense_F = freq_F == 0, freq_F > dense_threshold
+    peak_F = dec_FL.argmax(dim=1).cpu()
+    rows = []
+    for i, (layer, hook) in enumerate(zip(dictionary.layers, dictionary.hooks)):
+        own = peak_F == i
+        n_own = int(own.sum())
+        rows.append({"layer": layer, "hook": hook, "fvu": float(m["fvu"][i]), "fvu_pooled": float(m["fvu"][i]),
+                     "mse": float(m["mse"][i]), "cos": float(m["cos"][i]), "rel_norm": float(m["rel_norm"][i]),
+                     "l0": float(m["l0"][i]), "n_features": n_own,
+                     "dead_frac": float(dead_F[own].double().mean()) if n_own else float("nan"),
+                     "dense_frac": float(dense_F[own].double().mean()) if n_own else float("nan")})
+    rows.append({"layer": "all", "hook": "", "fvu": float(m["fvu"].mean()), "fvu_pooled": m["fvu_pooled_all"],
+                 "mse": float(m["mse"].mean()), "cos": float(m["cos"].mean()),
+                 "rel_norm": float(m["rel_norm"].mean()), "l0": m["l0_feat"], "l0_feat": m["l0_feat"],
+                 "l0_tuple": float(m["l0"].sum()), "n_features": dictionary.n_features,
+                 "dead_frac": float(dead_F.double().mean()), "dense_frac": float(dense_F.double().mean())})
+    if model is not None:
+        down = downstream(dictionary, store, model, n_windows=n_windows, batch_size=window_batch_size,
+                          per_layer=per_layer_downstream, progress=progress)
+        for row in rows:
+            row.update(down.get(row["layer"], {}))
+    table = pd.DataFrame(rows)
+    table.insert(0, "kind", dictionary.kind)
+    table["n_tokens"] = stats.n
+    if out is not None:
+        write_csv(table, out)
+    return table
