@@ -122,6 +122,14 @@ class Dictionary(nn.Module, ABC):
         """Read what :meth:`save` wrote."""
 
     # ---------------------------------------------------------------- shared behaviour
+    layerwise: bool = False
+    """True when each layer's reconstruction depends on that layer's input alone (per-layer SAEs);
+    such dictionaries also implement :meth:`reconstruct_layer`."""
+
+    def reconstruct_layer(self, acts_ND: Tensor, index: int, *, normalized: bool = True) -> Tensor:
+        """Reconstruct layer ``layers[index]`` from that layer's activations alone (layerwise kinds)."""
+        raise NotImplementedError(f"{type(self).__name__} reads all layers at once; it has no per-layer reconstruction")
+
     @property
     def n_layers(self) -> int:
         return len(self.layers)

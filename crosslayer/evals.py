@@ -21,8 +21,13 @@ Method (research-notes §4):
    features whose decoder norm peaks at that layer (for per-layer SAEs: that layer's SAE).
 4. Downstream (when a model is given): the store's first ``n_windows`` windows run through the
    model clean (cache of the dictionary's hooks), zero-ablated and with the reconstruction spliced
-   in, at each layer separately and at all layers at once (reconstructions are computed from the
-   clean activations). Only positions the store kept are replaced; positions excluded at harvest
+   in, at each layer separately and at all layers at once. At all layers at once, a layerwise
+   dictionary (per-layer SAEs: ``dictionary.layerwise``) is applied in sequence during one forward
+   pass, each layer's SAE reading the stream already spliced below it (errors compound, the usual
+   "all SAEs spliced" number); a dictionary that reads every layer (a crosscoder) encodes the clean
+   activations once and its reconstruction replaces every layer. (Computing per-layer SAE
+   reconstructions from clean activations instead would make the all-layer number equal to the
+   last layer's alone, since a later resid_post overwrites everything earlier.) Only positions the store kept are replaced; positions excluded at harvest
    (``exclusion_policy``: position 0, special tokens; and dropped norm outliers) are left as the
    model computes them. CE is averaged over next-token predictions made at replaced positions;
    CE recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean); KL(clean || spliced) per token.
@@ -180,9 +185,22 @@ def downstream(dictionary: Dictionary, store, model, *, n_windows: int = 32, bat
             kl = float((logp_clean.exp() * (logp_clean - logp)).sum())
             return ce, kl
 
+        def run_sequential():
+            def splice(act, hook, i):
+                rec = dictionary.reconstruct_layer(act[mask_BT].float().to(dict_device), i, normalized=False)
+                out = act.clone()
+                out[mask_BT] = rec.to(act)
+                return out
+
+            hooks = [(h, lambda act, hook, i=i: splice(act, hook, i)) for i, h in enumerate(dictionary.hooks)]
+            out = model.run_with_hooks(tokens, fwd_hooks=hooks)
+            logp = torch.log_softmax(out[:, :-1][pred_BT].float(), dim=-1)
+            return float(-logp.gather(1, target[:, None]).sum()), float((logp_clean.exp() * (logp_clean - logp)).sum())
+
         zeros_BTLD = torch.zeros_like(acts_BTLD)
         for key, which in splices:
-            ce, kl = run(recon_BTLD, which)
+            sequential = which is None and getattr(dictionary, "layerwise", False) and len(dictionary.hooks) > 1
+            ce, kl = run_sequential() if sequential else run(recon_BTLD, which)
             ce_z, kl_z = run(zeros_BTLD, which)
             s = sums[key]
             s["ce_spliced"] += ce

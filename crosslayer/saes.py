@@ -64,9 +64,17 @@ class PerLayerSAEs(Dictionary):
         self.widths = [int(s.cfg.d_sae) for s in saes]
         self.meta = dict(meta or {})
 
+    layerwise = True
+
     @property
     def n_features(self) -> int:
         return sum(self.widths)
+
+    def reconstruct_layer(self, acts_ND: Tensor, index: int, *, normalized: bool = True) -> Tensor:
+        factor = self.norm_factors[index].to(acts_ND)
+        x_ND = acts_ND if normalized else acts_ND * factor
+        recon_ND = self.saes[index](x_ND)
+        return recon_ND if normalized else recon_ND / factor
 
     def feature_layer(self) -> Tensor:
         """``[F]`` index (into ``layers``) of the layer each feature belongs to."""

@@ -2,6 +2,7 @@
 and downstream ground truth with dictionaries whose reconstructions are known exactly.
 """
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -248,3 +249,39 @@ def test_downstream_rejects_other_weights(tiny):
             evaluate(saes, store, model=model, n_tokens=64, n_windows=2)
     finally:
         model.crosslayer_weights_id = old
+
+
+class LayerwiseScale(ScaleDictionary):
+    """The same dictionary declared layerwise: the all-layer splice must run in sequence."""
+
+    layerwise = True
+
+    def reconstruct_layer(self, acts_ND, index, *, normalized=True):
+        return acts_ND * self.scales[index]
+
+
+def test_all_layer_splice_is_sequential_for_layerwise_dictionaries(tiny):
+    model, store = tiny
+    n_windows = 6
+    tokens, mask = store.window_tokens()[:n_windows], kept_mask(store, n_windows)
+    scales = [0.5, 0.8]
+
+    def scale_kept(i):
+        return lambda act, hook: torch.where(mask[..., None], act * scales[i], act)
+
+    sequential = direct_ce(model, tokens, mask, [(h, scale_kept(i)) for i, h in enumerate(store.hooks)])
+    last_only = direct_ce(model, tokens, mask, [(store.hooks[1], scale_kept(1))])
+    assert abs(sequential - last_only) > 1e-4  # the two definitions really differ here
+    got = evaluate(LayerwiseScale(store, scales), store, model=model, n_tokens=256, n_windows=n_windows)
+    assert got.set_index("layer").loc["all", "ce_spliced"] == pytest.approx(sequential, rel=1e-5)
+    from_clean = evaluate(ScaleDictionary(store, scales), store, model=model, n_tokens=256, n_windows=n_windows)
+    assert from_clean.set_index("layer").loc["all", "ce_spliced"] == pytest.approx(last_only, rel=1e-5)
+
+
+def test_reconstruct_layer_matches_full_reconstruction(tiny):
+    _, store = tiny
+    saes = random_saes(store)
+    x = store.get(np.arange(32))
+    full = saes.reconstruct(x, normalized=False)
+    for i in range(saes.n_layers):
+        assert torch.allclose(saes.reconstruct_layer(x[:, i], i, normalized=False), full[:, i], atol=1e-5)

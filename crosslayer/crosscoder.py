@@ -1,0 +1,366 @@
+"""Sparse crosscoders: one dictionary that reads and writes the residual stream of L layers at once.
+
+Method (Lindsey et al., "Sparse Crosscoders for Cross-Layer Features and Model Diffing",
+Transformer Circuits, Oct 2024; research-notes §3):
+1. Encode: pre_i = sum_l W_enc^l[:, i] . a^l + b_enc_i (one [B, L*d] x [L*d, F] GEMM), then an
+   activation f = act(pre): ReLU; TopK or BatchTopK selecting on the score
+   f_i * ||W_dec,i|| (Gao et al. 2024; Bussmann et al. 2024); or JumpReLU f_i = pre_i * H(pre_i - theta_i)
+   (Rajamanoharan et al. 2024). ||W_dec,i|| is sum_l ||W_dec,i^l|| ("l1_norms", the paper's
+   choice) or sqrt(sum_l ||W_dec,i^l||^2) ("l2_norms").
+2. Decode: a_hat^l = sum_i f_i W_dec,i^l + b_dec^l. TopK decodes sparsely: only the k active
+   rows of W_dec are gathered (``embedding_bag``), so decoding costs O(B k L d), not O(B F L d).
+3. Loss = sum_l ||a^l - a_hat^l||^2 (mean over the batch) plus, by activation:
+   ReLU: lambda * sum_i f_i ||W_dec,i||; TopK / BatchTopK: AuxK (Gao et al. App. A.2): the
+   k_aux dead latents with the largest scores reconstruct the detached residual, coefficient
+   aux_coef * min(n_dead / k_aux, 1); JumpReLU (Anthropic, Jan 2025 update): lambda * sum_i
+   tanh(c f_i ||W_dec,i||) with c = 4, plus 3e-6 * sum_i ReLU(theta_i - pre_i) ||W_dec,i||, and
+   rectangle-kernel straight-through gradients for theta and the pre-activations.
+4. Layer masks: ``read_FL`` / ``write_FL`` say which layers feature i reads / writes. Acausal:
+   all. Weakly causal: feature i has a home layer h_i (spread evenly), reads h_i, writes l >= h_i.
+   Window: reads and writes h_i .. h_i + window - 1. The weights are multiplied by the masks in
+   every forward pass, so masked weights are exactly 0 and receive exactly 0 gradient.
+5. Init (crosscoder replications): W_dec random with per-layer norm ``init_dec_norm``,
+   W_enc = W_dec transposed; :meth:`Crosscoder.calibrate_` sets b_dec to a sample's mean and b_enc
+   so that each latent fires on ~10,000 / F of the sample's tokens.
+
+Conventions shared with sae-lens 6.x (checked by the parity test): the input is NOT shifted by
+b_dec before encoding (sae-lens's ``apply_b_dec_to_input``; fold ``-b_dec @ W_enc`` into b_enc to
+convert); the reconstruction loss is summed over dimensions and averaged over tokens; AuxK uses
+the dead latents' raw (not ReLU'd) pre-activations and k_aux = d_model // 2 by default. Our
+``feats`` are pre-activations, sae-lens's TopK training SAE reports them times ||W_dec,i||.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F_
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from crosslayer.dictionary import CFG_FILENAME, Dictionary, DictionaryOutput, read_cfg, register_dictionary
+from crosslayer.errors import CrosslayerError
+from crosslayer.io import atomic_path, write_json
+
+VARIANTS = ("acausal", "weakly_causal", "window")
+ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
+SPARSITIES = ("l1_norms", "l2_norms")
+WEIGHTS_FILE = "crosscoder.safetensors"
+
+
+@dataclass(frozen=True)
+class CrosscoderConfig:
+    """Architecture of a crosscoder (saved in ``cfg.json["crosscoder"]``)."""
+
+    layers: tuple[int, ...]
+    """Model layer indices read and written, in order."""
+    d_model: int
+    """Residual width d."""
+    n_features: int
+    """Dictionary width F."""
+    variant: str = "acausal"
+    """acausal | weakly_causal | window (layer masks, see the module docstring)."""
+    window: int = 2
+    """Layers read and written per feature (variant window)."""
+    activation: str = "topk"
+    """relu | topk | batchtopk | jumprelu."""
+    k: int = 32
+    """Active features per token (topk; batch mean for batchtopk)."""
+    sparsity: str = "l1_norms"
+    """How per-layer decoder norms combine in penalties and TopK scores: l1_norms | l2_norms."""
+    init_dec_norm: float = 0.08
+    """Initial decoder norm of each feature at each layer it writes."""
+    k_aux: int | None = None
+    """Dead latents in the AuxK loss; None = d_model // 2."""
+    aux_coef: float = 1 / 32
+    """AuxK loss coefficient (Gao et al.)."""
+    threshold_lr: float = 0.01
+    """BatchTopK: EMA rate of the inference threshold (min selected score per batch)."""
+    jump_bandwidth: float = 2.0
+    """JumpReLU rectangle-kernel width epsilon."""
+    jump_init_threshold: float = 0.1
+    """JumpReLU initial threshold theta."""
+    tanh_scale: float = 4.0
+    """JumpReLU tanh sparsity scale c."""
+    pre_act_coef: float = 3e-6
+    """JumpReLU pre-activation loss coefficient."""
+
+    def __post_init__(self):
+        L = len(self.layers)
+        if L < 1 or len(set(self.layers)) != L:
+            raise CrosslayerError(f"crosscoder layers must be distinct and non-empty, got {list(self.layers)}")
+        if self.d_model < 1 or self.n_features < 1:
+            raise CrosslayerError(f"need d_model >= 1 and n_features >= 1, got {self.d_model}, {self.n_features}")
+        for name, value, allowed in (("variant", self.variant, VARIANTS), ("activation", self.activation, ACTIVATIONS),
+                                     ("sparsity", self.sparsity, SPARSITIES)):
+            if value not in allowed:
+                raise CrosslayerError(f"unknown crosscoder {name} {value!r}; use one of {', '.join(allowed)}")
+        if self.variant == "window" and not 1 <= self.window <= L:
+            raise CrosslayerError(f"window must be in 1..{L} (number of layers), got {self.window}")
+        if self.activation in ("topk", "batchtopk") and not 0 < self.k <= self.n_features:
+            raise CrosslayerError(f"{self.activation} needs 0 < k <= n_features ({self.n_features}), got k={self.k}")
+        if self.k_aux is not None and self.k_aux < 1:
+            raise CrosslayerError(f"k_aux must be >= 1 or None, got {self.k_aux}")
+        if self.init_dec_norm <= 0 or self.jump_bandwidth <= 0 or self.jump_init_threshold <= 0:
+            raise CrosslayerError("init_dec_norm, jump_bandwidth and jump_init_threshold must be positive")
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+
+def layer_masks(cfg: CrosscoderConfig) -> tuple[Tensor, Tensor]:
+    """``(read_FL, write_FL)`` bool masks of the config's variant (home layers spread evenly)."""
+    F, L = cfg.n_features, cfg.n_layers
+    if cfg.variant == "acausal":
+        full = torch.ones(F, L, dtype=torch.bool)
+        return full, full.clone()
+    n_homes = L if cfg.variant == "weakly_causal" else L - cfg.window + 1
+    home_F = torch.arange(F) * n_homes // F
+    layer_L = torch.arange(L)
+    if cfg.variant == "weakly_causal":
+        return layer_L[None] == home_F[:, None], layer_L[None] >= home_F[:, None]
+    inside = (layer_L[None] >= home_F[:, None]) & (layer_L[None] < home_F[:, None] + cfg.window)
+    return inside, inside.clone()
+
+
+class _JumpReLU(torch.autograd.Function):
+    """pre * H(pre - theta) with rectangle-kernel straight-through gradients (Anthropic, Jan 2025)."""
+
+    @staticmethod
+    def forward(ctx, pre_BF, theta_F, bandwidth):
+        ctx.save_for_backward(pre_BF, theta_F)
+        ctx.bandwidth = bandwidth
+        return pre_BF * (pre_BF > theta_F)
+
+    @staticmethod
+    def backward(ctx, grad_BF):
+        pre_BF, theta_F = ctx.saved_tensors
+        eps = ctx.bandwidth
+        ste_BF = theta_F / eps * ((pre_BF - theta_F).abs() < eps / 2) * grad_BF
+        return (pre_BF > theta_F) * grad_BF + ste_BF, -ste_BF.sum(0), None
+
+
+class CrosscoderOutput(NamedTuple):
+    """What :meth:`Crosscoder.loss` returns."""
+
+    feats_BF: Tensor
+    """Feature activations ``[batch, F]`` (detached; 0 = not firing)."""
+    recon_BLD: Tensor
+    """Reconstruction ``[batch, L, d]`` in normalised units."""
+    loss: Tensor
+    """Scalar total loss (differentiable)."""
+    losses: dict[str, Tensor]
+    """Detached terms: ``mse`` (sum over layers and dims, mean over tokens), ``sparsity``, ``aux``, ``pre_act``."""
+
+
+@register_dictionary("crosscoder")
+class Crosscoder(Dictionary):
+    """A sparse crosscoder (see the module docstring). Computes in normalised units."""
+
+    def __init__(self, cfg: CrosscoderConfig, *, hooks: list[str] | None = None, norm_factors=None,
+                 meta: dict | None = None, seed: int = 0):
+        hooks = hooks if hooks is not None else [f"blocks.{l}.hook_resid_post" for l in cfg.layers]
+        norm_factors = norm_factors if norm_factors is not None else [1.0] * cfg.n_layers
+        super().__init__(layers=list(cfg.layers), hooks=hooks, norm_factors=norm_factors, d_model=cfg.d_model)
+        self.cfg = cfg
+        self.meta = dict(meta or {})
+        F, L, d = cfg.n_features, cfg.n_layers, cfg.d_model
+        read_FL, write_FL = layer_masks(cfg)
+        self.register_buffer("read_FL", read_FL, persistent=False)
+        self.register_buffer("write_FL", write_FL, persistent=False)
+        self.masked = not bool(read_FL.all() and write_FL.all())
+        gen = torch.Generator().manual_seed(seed)
+        W_dec_FLD = torch.randn(F, L, d, generator=gen)
+        W_dec_FLD = W_dec_FLD / W_dec_FLD.norm(dim=-1, keepdim=True) * cfg.init_dec_norm * write_FL[..., None]
+        self.W_dec = nn.Parameter(W_dec_FLD)
+        self.W_enc = nn.Parameter((W_dec_FLD * read_FL[..., None]).permute(1, 2, 0).contiguous())
+        self.b_enc = nn.Parameter(torch.zeros(F))
+        self.b_dec = nn.Parameter(torch.zeros(L, d))
+        if cfg.activation == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((F,), float(cfg.jump_init_threshold)).log())
+        self.register_buffer("threshold", torch.zeros(()))  # BatchTopK inference threshold (score units)
+
+    # ---------------------------------------------------------------- weights and norms
+    @property
+    def n_features(self) -> int:
+        return self.cfg.n_features
+
+    def W_enc_masked(self) -> Float[Tensor, "layer d_model feat"]:
+        return self.W_enc * self.read_FL.T[:, None, :] if self.masked else self.W_enc
+
+    def W_dec_masked(self) -> Float[Tensor, "feat layer d_model"]:
+        return self.W_dec * self.write_FL[..., None] if self.masked else self.W_dec
+
+    def decoder_norms(self) -> Float[Tensor, "feat layer"]:
+        return self.W_dec_masked().detach().norm(dim=-1)
+
+    def _norm_F(self, W_dec_FLD: Tensor) -> Tensor:
+        """Combined decoder norm ||W_dec,i|| per the ``sparsity`` setting (differentiable)."""
+        norms_FL = W_dec_FLD.norm(dim=-1)
+        return norms_FL.sum(-1) if self.cfg.sparsity == "l1_norms" else norms_FL.pow(2).sum(-1).sqrt()
+
+    # ---------------------------------------------------------------- encode / decode
+    def pre_acts(self, acts_BLD: Tensor) -> Float[Tensor, "batch feat"]:
+        L, d = self.n_layers, self.d_model
+        return acts_BLD.reshape(-1, L * d) @ self.W_enc_masked().reshape(L * d, -1) + self.b_enc
+
+    def _activate(self, pre_BF: Tensor, norm_F: Tensor, *, training: bool) -> Tensor:
+        """Dense feature activations from pre-activations (TopK excluded: see ``_topk``)."""
+        act = self.cfg.activation
+        if act == "relu":
+            return pre_BF.relu()
+        if act == "jumprelu":
+            return _JumpReLU.apply(pre_BF, self.log_threshold.exp(), self.cfg.jump_bandwidth)
+        f_BF = pre_BF.relu()
+        score_BF = f_BF * norm_F.detach()
+        if training:  # BatchTopK: the B * k largest scores of the whole batch
+            keep = torch.zeros_like(score_BF, dtype=torch.bool).reshape(-1)
+            keep[score_BF.reshape(-1).topk(self.cfg.k * pre_BF.shape[0], sorted=False).indices] = True
+            return f_BF * keep.reshape(score_BF.shape)
+        return f_BF * (score_BF > self.threshold)
+
+    def _topk(self, pre_BF: Tensor, norm_F: Tensor) -> tuple[Tensor, Tensor]:
+        """TopK on the score relu(pre_i) * ||W_dec,i||: ``(values_BK, indices_BK)``."""
+        f_BF = pre_BF.relu()
+        idx_BK = (f_BF * norm_F.detach()).topk(self.cfg.k, dim=-1, sorted=False).indices
+        return f_BF.gather(1, idx_BK), idx_BK
+
+    def encode_normalized(self, acts_BLD: Float[Tensor, "batch layer d_model"]) -> Float[Tensor, "batch feat"]:
+        pre_BF = self.pre_acts(acts_BLD)
+        norm_F = self._norm_F(self.W_dec_masked())
+        if self.cfg.activation == "topk":
+            vals_BK, idx_BK = self._topk(pre_BF, norm_F)
+            return torch.zeros_like(pre_BF).scatter_(1, idx_BK, vals_BK)
+        return self._activate(pre_BF, norm_F, training=False)
+
+    def decode_normalized(self, feats_BF: Float[Tensor, "batch feat"]) -> Float[Tensor, "batch layer d_model"]:
+        W_dec_FLD = self.W_dec_masked()
+        return (feats_BF @ W_dec_FLD.reshape(self.n_features, -1)).reshape(-1, self.n_layers, self.d_model) + self.b_dec
+
+    def decode_sparse(self, vals_BK: Tensor, idx_BK: Tensor, *, bias: bool = True,
+                      W_dec_FLD: Tensor | None = None) -> Float[Tensor, "batch layer d_model"]:
+        """sum_j vals[b, j] W_dec[idx[b, j]] (+ b_dec): gathers only the active rows, O(B k L d)."""
+        W_dec_FLD = self.W_dec_masked() if W_dec_FLD is None else W_dec_FLD
+        out = F_.embedding_bag(idx_BK, W_dec_FLD.reshape(self.n_features, -1), mode="sum",
+                               per_sample_weights=vals_BK.to(W_dec_FLD.dtype))
+        out_BLD = out.reshape(-1, self.n_layers, self.d_model)
+        return out_BLD + self.b_dec if bias else out_BLD
+
+    def forward(self, acts_BLD: Float[Tensor, "batch layer d_model"], *, normalized: bool = True) -> DictionaryOutput:
+        """As :meth:`Dictionary.forward`; TopK decodes sparsely (same result, O(k) decoding)."""
+        if self.cfg.activation != "topk":
+            return super().forward(acts_BLD, normalized=normalized)
+        self.check_acts(acts_BLD)
+        pre_BF = self.pre_acts(acts_BLD if normalized else self.normalize(acts_BLD))
+        vals_BK, idx_BK = self._topk(pre_BF, self._norm_F(self.W_dec_masked()))
+        recon_BLD = self.decode_sparse(vals_BK, idx_BK)
+        feats_BF = torch.zeros_like(pre_BF).scatter_(1, idx_BK, vals_BK)
+        return DictionaryOutput(feats_BF, recon_BLD if normalized else self.denormalize(recon_BLD))
+
+    # ---------------------------------------------------------------- training loss
+    def loss(self, acts_BLD: Float[Tensor, "batch layer d_model"], *, sparsity_coef: float = 0.0,
+             dead_F: Tensor | None = None) -> CrosscoderOutput:
+        """Training forward pass: reconstruction and loss terms (module docstring, step 3).
+
+        ``sparsity_coef`` is lambda (ReLU, JumpReLU); ``dead_F`` marks dead latents for AuxK.
+        """
+        cfg = self.cfg
+        W_dec_FLD = self.W_dec_masked()
+        norm_F = self._norm_F(W_dec_FLD)
+        pre_BF = self.pre_acts(acts_BLD)
+        zero = pre_BF.new_zeros(())
+        losses = {"sparsity": zero, "aux": zero, "pre_act": zero}
+        if cfg.activation == "topk":
+            vals_BK, idx_BK = self._topk(pre_BF, norm_F)
+            recon_BLD = self.decode_sparse(vals_BK, idx_BK, W_dec_FLD=W_dec_FLD)
+            feats_BF = torch.zeros_like(pre_BF, requires_grad=False).scatter_(1, idx_BK, vals_BK.detach())
+        else:
+            f_BF = self._activate(pre_BF, norm_F, training=True)
+            recon_BLD = (f_BF @ W_dec_FLD.reshape(cfg.n_features, -1)).reshape(acts_BLD.shape) + self.b_dec
+            feats_BF = f_BF.detach()
+        mse = (recon_BLD - acts_BLD).pow(2).sum(dim=(1, 2)).mean()
+        if cfg.activation == "relu":
+            losses["sparsity"] = sparsity_coef * (f_BF * norm_F).sum(-1).mean()
+        elif cfg.activation == "jumprelu":
+            losses["sparsity"] = sparsity_coef * torch.tanh(cfg.tanh_scale * f_BF * norm_F).sum(-1).mean()
+            theta_F = self.log_threshold.exp()
+            losses["pre_act"] = cfg.pre_act_coef * ((theta_F - pre_BF).relu() * norm_F).sum(-1).mean()
+        elif dead_F is not None and bool(dead_F.any()):
+            losses["aux"] = self._aux_loss(acts_BLD, recon_BLD, pre_BF, norm_F, W_dec_FLD, dead_F)
+        total = mse + losses["sparsity"] + losses["aux"] + losses["pre_act"]
+        detached = {"mse": mse.detach(), **{k: v.detach() for k, v in losses.items()}}
+        return CrosscoderOutput(feats_BF, recon_BLD, total, detached)
+
+    def _aux_loss(self, acts_BLD, recon_BLD, pre_BF, norm_F, W_dec_FLD, dead_F) -> Tensor:
+        """AuxK: top-k_aux dead latents (by pre_i * ||W_dec,i||) reconstruct the detached residual."""
+        k_aux = self.cfg.k_aux or max(1, self.d_model // 2)
+        n_dead = int(dead_F.sum())
+        scale = min(n_dead / k_aux, 1.0)
+        score_BF = torch.where(dead_F[None], pre_BF * norm_F.detach(), -torch.inf)
+        idx_BK = score_BF.topk(min(k_aux, n_dead), dim=-1, sorted=False).indices
+        resid_BLD = (acts_BLD - recon_BLD).detach()
+        aux_BLD = self.decode_sparse(pre_BF.gather(1, idx_BK), idx_BK, bias=False, W_dec_FLD=W_dec_FLD)
+        return self.cfg.aux_coef * scale * (aux_BLD - resid_BLD).pow(2).sum(dim=(1, 2)).mean()
+
+    # ---------------------------------------------------------------- init and in-place helpers
+    @torch.no_grad()
+    def calibrate_(self, sample_BLD: Tensor, *, fires_per_feature: float = 10_000.0) -> None:
+        """Set b_dec to the sample mean and b_enc so each latent fires on ~fires_per_feature / F of tokens."""
+        rate = min(1.0, fires_per_feature / self.n_features)
+        self.b_dec.copy_(sample_BLD.mean(0) * self.write_FL.any(0)[:, None])
+        self.b_enc.zero_()
+        pre_NF = self.pre_acts(sample_BLD)
+        n = pre_NF.shape[0]
+        q_F = pre_NF.kthvalue(min(n, max(1, round((1 - rate) * n))), dim=0).values
+        offset = self.log_threshold.exp() if self.cfg.activation == "jumprelu" else 0.0
+        self.b_enc.copy_(offset - q_F)
+
+    @torch.no_grad()
+    def update_threshold_(self, feats_BF: Tensor) -> None:
+        """BatchTopK: EMA of the smallest selected score of a training batch (the inference threshold)."""
+        score_BF = feats_BF * self._norm_F(self.W_dec_masked())
+        positive = score_BF[score_BF > 0]
+        if positive.numel():
+            lr = self.cfg.threshold_lr
+            self.threshold.copy_((1 - lr) * self.threshold + lr * positive.min())
+
+    # ---------------------------------------------------------------- save / load
+    def save(self, path: str | Path) -> None:
+        """``path/cfg.json`` (kind crosscoder, architecture, meta) and ``path/crosscoder.safetensors``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        with atomic_path(path / WEIGHTS_FILE) as tmp:
+            save_file(tensors, str(tmp))
+        write_json({**self.base_cfg(), "crosscoder": asdict(self.cfg), **self.meta}, path / CFG_FILENAME)
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str = "cpu") -> "Crosscoder":
+        from safetensors.torch import load_file
+
+        cfg = read_cfg(path)
+        if cfg["kind"] != "crosscoder":
+            raise CrosslayerError(f"{path} holds a {cfg['kind']!r}, not a crosscoder; use load_dictionary")
+        arch = dict(cfg["crosscoder"])
+        arch["layers"] = tuple(arch["layers"])
+        known = {"format", "kind", "package_version", "layers", "hooks", "d_model", "n_features",
+                 "norm_factors", "crosscoder"}
+        model = cls(CrosscoderConfig(**arch), hooks=cfg["hooks"], norm_factors=cfg["norm_factors"],
+                    meta={k: v for k, v in cfg.items() if k not in known})
+        try:
+            model.load_state_dict(load_file(str(Path(path) / WEIGHTS_FILE)))
+        except (OSError, RuntimeError) as err:
+            raise CrosslayerError(f"{Path(path) / WEIGHTS_FILE} cannot be loaded ({err}); train again") from None
+        return model.to(device)
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (f"Crosscoder({c.variant}, {c.activation}{f' k={c.k}' if 'topk' in c.activation else ''}, "
+                f"layers={self.layers[0]}..{self.layers[-1]} ({self.n_layers}), d_model={self.d_model}, "
+                f"n_features={self.n_features})")

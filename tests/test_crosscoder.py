@@ -1,0 +1,246 @@
+"""The crosscoder module (crosslayer.crosscoder): parity with sae-lens TopK SAEs at one layer, exact
+layer masks, sparse vs dense decoding, save / load, and the evaluation suite on a crosscoder.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from crosslayer.crosscoder import ACTIVATIONS, VARIANTS, Crosscoder, CrosscoderConfig, layer_masks
+from crosslayer.dictionary import load_dictionary
+from crosslayer.errors import CrosslayerError
+
+D, F, K = 16, 48, 6
+
+
+def one_layer(k=K, **kw):
+    return Crosscoder(CrosscoderConfig(layers=(3,), d_model=D, n_features=F, activation="topk", k=k, **kw))
+
+
+def copy_from_sae(cc, sae):
+    with torch.no_grad():
+        cc.W_enc.copy_(sae.W_enc[None])
+        cc.W_dec.copy_(sae.W_dec[:, None])
+        cc.b_enc.copy_(sae.b_enc)
+        cc.b_dec.copy_(sae.b_dec[None])
+
+
+def randomise(sae, unit_decoder: bool):
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        sae.b_enc.add_(0.2)
+        if unit_decoder:
+            sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True))
+
+
+# ----------------------------------------------------------------------------- parity with sae-lens
+@pytest.mark.parametrize("apply_b_dec_to_input", [False, True])
+def test_parity_topk_inference_sae(apply_b_dec_to_input):
+    """sae-lens TopKSAE (selection on pre-activations, unit decoder rows) == one-layer crosscoder.
+
+    sae-lens subtracts b_dec from the input when apply_b_dec_to_input; the crosscoder does not,
+    so that SAE equals a crosscoder with b_enc - b_dec @ W_enc.
+    """
+    import sae_lens as sl
+
+    sae = sl.TopKSAE(sl.TopKSAEConfig(d_in=D, d_sae=F, k=K, apply_b_dec_to_input=apply_b_dec_to_input))
+    randomise(sae, unit_decoder=True)
+    cc = one_layer()
+    copy_from_sae(cc, sae)
+    if apply_b_dec_to_input:
+        with torch.no_grad():
+            cc.b_enc.sub_(sae.b_dec @ sae.W_enc)
+    x = torch.randn(64, D) * 2
+    with torch.no_grad():
+        feats = sae.encode(x)
+        torch.testing.assert_close(cc.encode(x[:, None]), feats, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cc.decode(feats)[:, 0], sae.decode(feats), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cc(x[:, None]).recon_BLD[:, 0], sae(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_dead", [0, 3, 40])
+def test_parity_topk_training_sae_loss(n_dead):
+    """TopKTrainingSAE (rescale_acts_by_decoder_norm: selection on pre * ||W_dec||) vs crosscoder.
+
+    Scaling convention: sae-lens's feature activations are ours times ||W_dec,i||; reconstructions,
+    the MSE loss (sum over dims, mean over tokens) and the AuxK loss (same coefficient, k_aux = d/2,
+    scale min(n_dead / k_aux, 1)) are equal.
+    """
+    import sae_lens as sl
+    from sae_lens.saes.sae import TrainStepInput
+
+    sae = sl.TopKTrainingSAE(sl.TopKTrainingSAEConfig(d_in=D, d_sae=F, k=K, apply_b_dec_to_input=False,
+                                                      aux_loss_coefficient=1 / 32))
+    randomise(sae, unit_decoder=False)
+    cc = one_layer()
+    copy_from_sae(cc, sae)
+    x = torch.randn(64, D) * 2
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[torch.randperm(F)[:n_dead]] = True
+    ref = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead,
+                                                   n_training_steps=0, is_logging_step=False))
+    out = cc.loss(x[:, None], dead_F=dead)
+    norms = sae.W_dec.norm(dim=-1)
+    torch.testing.assert_close(out.feats_BF * norms, ref.feature_acts.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.recon_BLD[:, 0], ref.sae_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.losses["mse"], ref.losses["mse_loss"].detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.losses["aux"], ref.losses["auxiliary_reconstruction_loss"].detach(),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss.detach(), ref.loss.detach(), rtol=1e-5, atol=1e-6)
+    assert (out.losses["aux"] > 0) == (n_dead > 0)
+
+
+# ----------------------------------------------------------------------------- masks
+def test_layer_masks_shapes():
+    cfg = CrosscoderConfig(layers=(0, 1, 2, 3), d_model=4, n_features=10, variant="weakly_causal", k=2)
+    read, write = layer_masks(cfg)
+    assert (read.sum(1) == 1).all()
+    home = read.int().argmax(1)
+    assert (home.bincount(minlength=4) >= 2).all()  # spread evenly
+    assert torch.equal(write, torch.arange(4)[None] >= home[:, None])
+    read, write = layer_masks(CrosscoderConfig(layers=(0, 1, 2, 3), d_model=4, n_features=9, variant="window", k=2,
+                                               window=2))
+    assert torch.equal(read, write) and (read.sum(1) == 2).all()
+    assert set(read.int().argmax(1).tolist()) == {0, 1, 2}
+    read, write = layer_masks(CrosscoderConfig(layers=(5, 7), d_model=4, n_features=3, k=1))
+    assert read.all() and write.all()
+
+
+@pytest.mark.parametrize("variant", ["weakly_causal", "window"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_masks_exact_zero_weights_and_grads(variant, activation):
+    cfg = CrosscoderConfig(layers=(0, 1, 2, 3), d_model=8, n_features=24, variant=variant, window=2,
+                           activation=activation, k=4)
+    cc = Crosscoder(cfg)
+    x = torch.randn(128, 4, 8)
+    cc.calibrate_(x)
+    enc_off = ~cc.read_FL.T[:, None, :].expand_as(cc.W_enc)
+    dec_off = ~cc.write_FL[..., None].expand_as(cc.W_dec)
+    optim = torch.optim.Adam(cc.parameters(), lr=1e-2)
+    for _ in range(3):
+        optim.zero_grad()
+        cc.loss(x, sparsity_coef=1.0, dead_F=torch.ones(24, dtype=torch.bool)).loss.backward()
+        assert (cc.W_enc.grad[enc_off] == 0).all() and (cc.W_dec.grad[dec_off] == 0).all()
+        assert cc.W_enc.grad[~enc_off].abs().sum() > 0 and cc.W_dec.grad[~dec_off].abs().sum() > 0
+        optim.step()
+    assert (cc.W_enc[enc_off] == 0).all() and (cc.W_dec[dec_off] == 0).all()
+    assert (cc.decoder_norms()[~cc.write_FL] == 0).all()
+    # weakly causal: a feature's activation depends on its home layer only
+    if variant == "weakly_causal":
+        home = cc.read_FL.int().argmax(1)
+        x2 = x.clone()
+        x2[:, 3] += 5.0
+        pre1, pre2 = cc.pre_acts(x), cc.pre_acts(x2)
+        torch.testing.assert_close(pre1[:, home < 3], pre2[:, home < 3])
+
+
+# ----------------------------------------------------------------------------- invariants
+def test_sparse_and_dense_decoding_agree():
+    cc = Crosscoder(CrosscoderConfig(layers=(0, 1, 2), d_model=D, n_features=F, k=K))
+    with torch.no_grad():
+        cc.b_dec.normal_()
+    x = torch.randn(32, 3, D)
+    pre = cc.pre_acts(x)
+    vals, idx = cc._topk(pre, cc._norm_F(cc.W_dec))
+    dense = torch.zeros_like(pre).scatter(1, idx, vals)
+    sparse_out = cc.decode_sparse(vals, idx)
+    dense_out = cc.decode_normalized(dense)
+    torch.testing.assert_close(sparse_out, dense_out, atol=1e-5, rtol=1e-5)
+    g_sparse = torch.autograd.grad(sparse_out.pow(2).sum(), cc.W_dec)[0]
+    g_dense = torch.autograd.grad(cc.decode_normalized(dense).pow(2).sum(), cc.W_dec)[0]
+    torch.testing.assert_close(g_sparse, g_dense, atol=1e-5, rtol=1e-5)
+    # forward and the training loss (both sparse) reconstruct what decode(encode(x)) (dense) does
+    dense_recon = cc.decode(cc.encode(x))
+    torch.testing.assert_close(cc(x).recon_BLD, dense_recon, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cc.loss(x).recon_BLD, dense_recon, atol=1e-5, rtol=1e-5)
+    raw = x * 3
+    torch.testing.assert_close(cc.reconstruct(raw, normalized=False),
+                               cc.denormalize(cc.decode(cc.encode(raw, normalized=False))),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_forward_is_decode_encode_and_units(activation):
+    cc = Crosscoder(CrosscoderConfig(layers=(1, 4), d_model=8, n_features=20, activation=activation, k=3),
+                    norm_factors=[0.5, 2.0])
+    x = torch.randn(16, 2, 8)
+    cc.calibrate_(x)
+    feats, recon = cc(x)
+    torch.testing.assert_close(recon, cc.decode(cc.encode(x)))
+    raw = cc.denormalize(x)
+    torch.testing.assert_close(cc.reconstruct(raw, normalized=False), cc.denormalize(recon))
+    if activation == "topk":
+        assert ((feats != 0).sum(1) <= 3).all()
+    assert (feats >= 0).all()
+
+
+def test_calibrate_sets_firing_rate():
+    cc = Crosscoder(CrosscoderConfig(layers=(0, 1), d_model=16, n_features=2000, activation="relu"))
+    x = torch.randn(2000, 2, 16)
+    cc.calibrate_(x, fires_per_feature=100)  # target 100 / F = 5 % of tokens, for every latent
+    rate_F = (cc.encode(x) > 0).float().mean(0)
+    assert (rate_F - 0.05).abs().max() < 0.002
+    torch.testing.assert_close(cc.b_dec, x.mean(0))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_save_load_round_trip(tmp_path, activation, variant):
+    cfg = CrosscoderConfig(layers=(2, 5, 6), d_model=8, n_features=12, activation=activation, variant=variant, k=3)
+    cc = Crosscoder(cfg, hooks=[f"blocks.{l}.hook_resid_post" for l in (2, 5, 6)], norm_factors=[0.5, 1, 2],
+                    meta={"store": {"model": "tiny"}}, seed=3)
+    x = torch.randn(20, 3, 8)
+    cc.calibrate_(x)
+    if activation == "batchtopk":
+        cc.update_threshold_(cc.loss(x).feats_BF)
+        assert cc.threshold > 0
+    cc.save(tmp_path / "cc")
+    back = load_dictionary(tmp_path / "cc")
+    assert isinstance(back, Crosscoder) and back.cfg == cfg and back.meta == cc.meta
+    assert back.layers == cc.layers and back.hooks == cc.hooks
+    torch.testing.assert_close(back.norm_factors, cc.norm_factors)
+    for key, value in cc.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    assert torch.equal(back.encode(x), cc.encode(x))
+
+
+def test_config_validation():
+    with pytest.raises(CrosslayerError, match="variant"):
+        CrosscoderConfig(layers=(0,), d_model=4, n_features=8, k=2, variant="causal")
+    with pytest.raises(CrosslayerError, match="k <= n_features"):
+        CrosscoderConfig(layers=(0,), d_model=4, n_features=8, k=9)
+    with pytest.raises(CrosslayerError, match="window"):
+        CrosscoderConfig(layers=(0, 1), d_model=4, n_features=8, k=2, variant="window", window=3)
+    with pytest.raises(CrosslayerError, match="distinct"):
+        CrosscoderConfig(layers=(1, 1), d_model=4, n_features=8, k=2)
+    cc = Crosscoder(CrosscoderConfig(layers=(0, 1), d_model=4, n_features=8, k=2))
+    with pytest.raises(CrosslayerError, match="reads"):
+        cc.encode(torch.randn(3, 3, 4))
+
+
+# ----------------------------------------------------------------------------- evaluation suite
+def test_evaluate_reports_l0_feat_and_tuple(tmp_path, tiny_model):
+    from conftest import make_toy_corpus
+    from crosslayer.corpus import load_corpus, make_windows
+    from crosslayer.evals import evaluate
+    from crosslayer.harvest import harvest
+
+    windows = make_windows(load_corpus(make_toy_corpus(tmp_path / "toy.jsonl", n_docs=40)), tiny_model.tokenizer,
+                           seq_len=16, n_tokens=600)
+    store = harvest(tiny_model, windows, out_dir=tmp_path / "store", batch_size=8, shard_mb=1, progress=False)
+    cfg = CrosscoderConfig(layers=tuple(store.layers), d_model=store.width, n_features=64, k=5,
+                           variant="weakly_causal")
+    cc = Crosscoder(cfg, hooks=store.hooks, norm_factors=store.norm_factors,
+                    meta={"store": {"model": store.manifest["model"]}})
+    cc.calibrate_(next(store.iter_batches(256, normalized=True)))
+    table = evaluate(cc, store, n_tokens=store.n_rows, batch_size=128)
+    row = table[table.layer == "all"].iloc[0]
+    assert row["kind"] == "crosscoder" and row["n_tokens"] == store.n_rows
+    x = store.get(np.arange(store.n_rows), normalized=True)
+    fires = (cc.encode(x) != 0).float()
+    writes = (cc.decoder_norms() > 1e-6).float()
+    assert row["l0_feat"] == pytest.approx(float(fires.sum(1).mean()), rel=1e-6)
+    assert row["l0_feat"] == pytest.approx(5.0)  # TopK: k per token
+    assert row["l0_tuple"] == pytest.approx(float((fires @ writes).sum(1).mean()), rel=1e-6)
+    assert row["l0_feat"] < row["l0_tuple"] < row["l0_feat"] * store.n_layers  # weakly causal: partial writes

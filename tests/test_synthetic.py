@@ -1,0 +1,105 @@
+"""Synthetic ground truth (crosslayer.synthetic): the generator's stated properties, the recovery
+metrics on decoders whose answer is known, and recovery by a crosscoder vs per-layer dictionaries.
+"""
+
+import pytest
+import torch
+
+from crosslayer.crosscoder import CrosscoderConfig
+from crosslayer.errors import CrosslayerError
+from crosslayer.synthetic import make_synthetic, mmcs, recovery
+from crosslayer.training import TrainConfig, train_crosscoder
+
+
+def test_generator_properties():
+    L, d, G, N = 5, 16, 40, 20000
+    acts, truth = make_synthetic(L, d, G, N, seed=1, drift=0.3, frac_multi=0.5, max_span=4, noise=0.0)
+    assert acts.shape == (N, L, d) and truth.directions_GLD.shape == (G, L, d)
+    assert G > d  # superposition
+    span = truth.span_len_G
+    assert span.min() == 1 and span.max() <= 4 and (span > 1).float().mean() > 0.25
+    present = truth.profiles_GL > 0
+    assert torch.equal(present.sum(1), span)
+    assert torch.allclose(truth.profiles_GL.max(1).values, torch.ones(G))
+    norms = truth.directions_GLD.norm(dim=-1)
+    assert torch.allclose(norms[present], torch.ones(int(present.sum()))) and (norms[~present] == 0).all()
+    # drift: adjacent-layer cosine sqrt(1 - drift^2) inside a span
+    both = present[:, :-1] & present[:, 1:]
+    cos = (truth.directions_GLD[:, :-1] * truth.directions_GLD[:, 1:]).sum(-1)[both]
+    assert torch.allclose(cos, torch.full_like(cos, (1 - 0.09) ** 0.5), atol=1e-5)
+    # power-law frequencies: sorted p_r = max_freq * (1 + r)^-0.5
+    expected = 0.1 * (1 + torch.arange(G).float()) ** -0.5
+    assert torch.allclose(truth.frequencies_G.sort(descending=True).values, expected)
+    # each layer normalised to mean norm sqrt(d); determinism
+    assert torch.allclose(acts.norm(dim=-1).mean(0), torch.full((L,), d ** 0.5), rtol=1e-4)
+    again, _ = make_synthetic(L, d, G, N, seed=1, drift=0.3, frac_multi=0.5, max_span=4, noise=0.0)
+    assert torch.equal(acts, again)
+    # one always-on 3-layer feature without noise: row n at layer l is m_n * profile^l * u^l
+    raw, one = make_synthetic(3, d, 1, 500, seed=3, frac_multi=1.0, max_span=3, max_freq=1.0, noise=0.0,
+                              normalize=False, chunk=128)
+    m_N = raw[:, 0] @ one.directions_GLD[0, 0] / one.profiles_GL[0, 0]
+    assert ((m_N >= 0.5) & (m_N <= 1.5)).all()
+    expected = m_N[:, None, None] * (one.profiles_GL[0, :, None] * one.directions_GLD[0])[None]
+    assert torch.allclose(raw, expected, atol=1e-5)
+    with pytest.raises(CrosslayerError):
+        make_synthetic(3, 4, 8, 10, max_span=5)
+
+
+def test_recovery_metrics_known_answers():
+    L, d, G = 4, 12, 20
+    _, truth = make_synthetic(L, d, G, 10, seed=2)
+    table = recovery(truth.directions_GLD, truth)  # the truth as a crosscoder: one latent per feature
+    assert mmcs(table) == pytest.approx(1.0, abs=1e-5) and (table.n_latents == 1).all()
+    assert table.loc[table.span == 1, [f"max_cos_l{l}" for l in range(L)]].notna().sum(1).eq(1).all()
+    # the truth split into per-layer latents (what per-layer SAEs learn): one latent per layer
+    split = torch.zeros(G * L, L, d)
+    split[torch.arange(G * L), torch.arange(L).repeat(G)] = truth.directions_GLD.reshape(G * L, d)
+    table = recovery(split, truth)
+    assert mmcs(table) == pytest.approx(1.0, abs=1e-5) and (table.n_latents == table.span).all()
+    random_table = recovery(torch.randn(G, L, d), truth)
+    assert mmcs(random_table) < 0.8
+    with pytest.raises(CrosslayerError):
+        recovery(torch.randn(G, L, d + 1), truth)
+
+
+def _stream(acts, bs, seed):
+    def make(start):
+        gen = torch.Generator().manual_seed(seed)
+        step = 0
+        while True:
+            perm = torch.randperm(acts.shape[0], generator=gen)
+            for b in range(0, acts.shape[0] - bs + 1, bs):
+                if step >= start:
+                    yield acts[perm[b:b + bs]]
+                step += 1
+
+    return make
+
+
+def test_crosscoder_recovers_multilayer_features_as_one_latent(tmp_path):
+    """Crosscoder: multi-layer features recovered at every layer (cos >= 0.9), one latent each.
+    Per-layer dictionaries (one-layer crosscoders) on the same data recover them too, but need one
+    latent per layer."""
+    L, d, G, steps = 4, 32, 64, 600
+    acts, truth = make_synthetic(L, d, G, 30000, seed=0, drift=0.3)
+    often = (truth.frequencies_G >= 0.02).numpy()
+    multi = (truth.span_len_G > 1).numpy() & often
+    assert multi.sum() >= 8
+    train = TrainConfig(steps=steps, lr=3e-3, dead_after_tokens=20000, log_every=steps)
+    cc = train_crosscoder(train, CrosscoderConfig(layers=tuple(range(L)), d_model=d, n_features=128, k=4),
+                          _stream(acts, 256, 0), out_dir=tmp_path / "cc", progress=False)
+    cross = recovery(cc.W_dec, truth)
+    assert cross[often].mean_max_cos.mean() >= 0.95
+    assert (cross[multi].mean_max_cos >= 0.9).all() and (cross[multi].min_max_cos >= 0.9).all()
+    assert (cross[multi].n_latents == 1).all()
+
+    blocks = []
+    for l in range(L):
+        sae = train_crosscoder(train, CrosscoderConfig(layers=(l,), d_model=d, n_features=64, k=2),
+                               _stream(acts[:, l:l + 1], 256, l), out_dir=tmp_path / f"sae{l}", progress=False)
+        W_FLD = torch.zeros(64, L, d)
+        W_FLD[:, l] = sae.W_dec.detach()[:, 0]
+        blocks.append(W_FLD)
+    per_layer = recovery(torch.cat(blocks), truth)
+    assert per_layer[often].mean_max_cos.mean() >= 0.9
+    assert (per_layer[multi].n_latents == per_layer[multi].span).all()

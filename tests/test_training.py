@@ -1,0 +1,147 @@
+"""Crosscoder training (crosslayer.training): schedules, learning, exact resume after a simulated
+kill, NaN handling, finished-run reuse, and training from an activation store.
+"""
+
+import pytest
+import torch
+
+from crosslayer.crosscoder import Crosscoder, CrosscoderConfig
+from crosslayer.dictionary import load_dictionary
+from crosslayer.errors import CrosslayerError
+from crosslayer.training import CHECKPOINT, TrainConfig, train_crosscoder
+
+L, D, F = 3, 8, 32
+
+
+def data(n=2048, seed=0):
+    from crosslayer.synthetic import make_synthetic
+
+    return make_synthetic(L, D, 24, n, seed=seed)[0]
+
+
+def make_batches(acts, bs=64, nan_at=None, kill_at=None):
+    """``make_batches(start_step)``: a deterministic endless stream, optionally poisoned or killed."""
+
+    def make(start):
+        step = start
+        while True:
+            if kill_at is not None and step == kill_at:
+                raise KeyboardInterrupt  # the process is killed while fetching this batch
+            g = torch.Generator().manual_seed(step)
+            batch = acts[torch.randint(0, acts.shape[0], (bs,), generator=g)]
+            if nan_at is not None and step == nan_at:
+                batch = batch.clone()
+                batch[0, 0, 0] = float("nan")
+            yield batch
+            step += 1
+
+    return make
+
+
+def model_cfg(activation="topk", **kw):
+    return CrosscoderConfig(layers=tuple(range(L)), d_model=D, n_features=F, activation=activation, k=4, **kw)
+
+
+def test_schedules():
+    cfg = TrainConfig(steps=100, lr=1.0, lr_warm_up_steps=10, lr_decay_steps=20, sparsity_coef=2.0,
+                      sparsity_warm_up_steps=50)
+    assert cfg.lr_at(0) == pytest.approx(0.1) and cfg.lr_at(9) == 1.0 and cfg.lr_at(50) == 1.0
+    assert cfg.lr_at(90) == pytest.approx(0.5) and cfg.lr_at(99) == pytest.approx(0.05)
+    assert cfg.sparsity_at(24, "relu") == pytest.approx(1.0) and cfg.sparsity_at(80, "relu") == 2.0
+    assert TrainConfig(steps=10).sparsity_at(5, "relu") == 5.0  # default lambda, no warm-up at 10 steps
+    with pytest.raises(CrosslayerError):
+        TrainConfig(steps=0)
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk", "batchtopk", "jumprelu"])
+def test_training_reduces_loss_and_writes_artifacts(tmp_path, activation):
+    acts = data()
+    cfg = TrainConfig(steps=120, lr=3e-3, log_every=20, dead_after_tokens=640, sparsity_coef=0.1)
+    cc = train_crosscoder(cfg, model_cfg(activation), make_batches(acts), out_dir=tmp_path / "cc", progress=False)
+    import pandas as pd
+
+    log = pd.read_csv(tmp_path / "cc" / "train_log.csv")
+    assert list(log.step) == list(range(20, 121, 20))
+    assert log.fvu.iloc[-1] < 0.5 * log.fvu.iloc[0] or log.fvu.iloc[-1] < 0.2
+    assert set(log.columns) >= {"loss", "mse", "sparsity", "aux", "fvu", "l0", "dead_frac", "lr"}
+    assert not (tmp_path / "cc" / CHECKPOINT).exists()
+    back = load_dictionary(tmp_path / "cc")
+    assert back.meta["status"] == "complete" and back.meta["training"]["steps"] == 120
+    assert torch.equal(back.W_dec, cc.W_dec)
+    if activation == "batchtopk":
+        assert float(back.threshold) > 0
+    # a rerun of a finished run loads it; a different run in the same folder is refused
+    again = train_crosscoder(cfg, model_cfg(activation), make_batches(acts), out_dir=tmp_path / "cc", progress=False)
+    assert torch.equal(again.W_enc, cc.W_enc)
+    with pytest.raises(CrosslayerError, match="different crosscoder"):
+        train_crosscoder(TrainConfig(steps=7), model_cfg(activation), make_batches(acts), out_dir=tmp_path / "cc",
+                         progress=False)
+
+
+@pytest.mark.parametrize("activation,factory", [("topk", True), ("topk", False), ("batchtopk", True),
+                                                ("relu", True), ("jumprelu", True)])
+def test_resume_after_kill_gives_identical_weights(tmp_path, activation, factory):
+    acts = data()
+    cfg = TrainConfig(steps=40, lr=3e-3, lr_warm_up_steps=5, checkpoint_every=10, log_every=5,
+                      dead_after_tokens=256, sparsity_coef=0.1)
+    full = train_crosscoder(cfg, model_cfg(activation), make_batches(acts), out_dir=tmp_path / "full", progress=False)
+
+    def source(kill_at=None):
+        make = make_batches(acts, kill_at=kill_at)
+        return make if factory else make(0)  # a plain iterable is re-created and skipped to the position
+
+    with pytest.raises(KeyboardInterrupt):
+        train_crosscoder(cfg, model_cfg(activation), source(kill_at=27), out_dir=tmp_path / "run", progress=False)
+    assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)["step"] == 20
+    resumed = train_crosscoder(cfg, model_cfg(activation), source(), out_dir=tmp_path / "run", progress=False)
+    for key, value in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    assert resumed.meta["resumed_from_step"] == 20
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    acts = data()
+    cfg = TrainConfig(steps=30, lr=3e-3, checkpoint_every=5)
+    with pytest.raises(CrosslayerError, match=r"nan at step 7; the last good checkpoint \(step 5\)"):
+        train_crosscoder(cfg, model_cfg(), make_batches(acts, nan_at=7), out_dir=tmp_path / "cc", progress=False)
+    ckpt = torch.load(tmp_path / "cc" / CHECKPOINT, weights_only=False)
+    assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not (tmp_path / "cc" / "cfg.json").exists()
+    with pytest.raises(CrosslayerError, match="no checkpoint was written yet"):
+        train_crosscoder(cfg, model_cfg(), make_batches(acts, nan_at=2), out_dir=tmp_path / "cc2", progress=False)
+
+
+def test_iterator_errors(tmp_path):
+    acts = data(256)
+    with pytest.raises(CrosslayerError, match="ran out after 2 of 5"):
+        train_crosscoder(TrainConfig(steps=5), model_cfg(), iter([acts[:64], acts[64:128]]), out_dir=tmp_path / "a",
+                         progress=False)
+    with pytest.raises(CrosslayerError, match="reads"):
+        train_crosscoder(TrainConfig(steps=5), model_cfg(), iter([acts[:64, :2]]), out_dir=tmp_path / "b",
+                         progress=False)
+
+
+def test_bf16_autocast_runs(tmp_path):
+    cc = train_crosscoder(TrainConfig(steps=3, bf16=True), model_cfg(), make_batches(data(256)),
+                          out_dir=tmp_path / "cc", progress=False)
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in cc.parameters())
+
+
+def test_train_from_store(tmp_path, tiny_model):
+    from conftest import make_toy_corpus
+    from crosslayer.corpus import load_corpus, make_windows
+    from crosslayer.evals import evaluate
+    from crosslayer.harvest import harvest
+    from crosslayer.training import train_crosscoder_from_store
+
+    windows = make_windows(load_corpus(make_toy_corpus(tmp_path / "toy.jsonl", n_docs=40)), tiny_model.tokenizer,
+                           seq_len=16, n_tokens=600)
+    store = harvest(tiny_model, windows, out_dir=tmp_path / "store", batch_size=8, shard_mb=1, progress=False)
+    cc = train_crosscoder_from_store(store, out_dir=tmp_path / "cc", width=64, k=4, tokens=64 * 40, batch_size=64,
+                                     lr=3e-3, variant="weakly_causal", progress=False)
+    assert isinstance(cc, Crosscoder) and cc.layers == store.layers and cc.hooks == store.hooks
+    assert cc.meta["store"]["model"] == store.manifest["model"]
+    torch.testing.assert_close(cc.norm_factors, store.norm_factors.float())
+    table = evaluate(load_dictionary(tmp_path / "cc"), store, n_tokens=300)
+    row = table[table.layer == "all"].iloc[0]
+    assert row["fvu"] < 1.0 and row["l0_feat"] <= 4.0 + 1e-9 and row["l0_tuple"] > row["l0_feat"]
