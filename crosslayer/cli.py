@@ -175,6 +175,44 @@ def cmd_train_saes(args):
     print(f"saved {saes.n_features:,} features over {saes.n_layers} layers to {args.out}")
 
 
+def _add_train_crosscoder(p):
+    from crosslayer.crosscoder import ACTIVATIONS, SPARSITIES, VARIANTS
+
+    p.add_argument("--store", required=True, help="activation store folder (crosslayer harvest)")
+    p.add_argument("--out", required=True, help="output folder; a rerun resumes from its checkpoint")
+    p.add_argument("--width", type=int, required=True, help="number of features F")
+    p.add_argument("--k", type=int, default=32, help="active features per token (topk/batchtopk)")
+    p.add_argument("--variant", default="acausal", choices=VARIANTS, help="which layers a feature reads/writes")
+    p.add_argument("--window", type=int, default=2, help="layers per feature for --variant window")
+    p.add_argument("--activation", default="topk", choices=ACTIVATIONS, help="activation function")
+    p.add_argument("--sparsity", default="l1_norms", choices=SPARSITIES, help="decoder-norm penalty (relu/jumprelu)")
+    p.add_argument("--sparsity-coef", type=float, default=None, help="sparsity coefficient (relu/jumprelu)")
+    p.add_argument("--tokens", type=parse_count, default=None, help="training tokens (default: the store's rows)")
+    p.add_argument("--batch-size", type=int, default=1024, help="tokens per step")
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
+    p.add_argument("--layers", default=None, help="subset of the store's layers (default: all)")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast only with AVX512-BF16 or a GPU)")
+    p.add_argument("--seed", type=int, default=0, help="init and data-order seed")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+
+
+@verb("train-crosscoder", "train a sparse crosscoder that reads and writes every layer of a store")
+def cmd_train_crosscoder(args):
+    from crosslayer.harvest import parse_layers
+    from crosslayer.store import ActivationStore
+    from crosslayer.training import train_crosscoder_from_store
+
+    store = ActivationStore(args.store)
+    layers = None if args.layers is None else parse_layers(args.layers, store.manifest["n_model_layers"])
+    cc = train_crosscoder_from_store(
+        store, out_dir=args.out, width=args.width, k=args.k, variant=args.variant, activation=args.activation,
+        tokens=args.tokens or store.n_rows, batch_size=args.batch_size, lr=args.lr, sparsity=args.sparsity,
+        sparsity_coef=args.sparsity_coef, window=args.window, layers=layers,
+        checkpoint_every=args.checkpoint_every, bf16=args.bf16, seed=args.seed, device=args.device)
+    print(f"saved {cc} to {args.out}")
+
+
 def _add_eval(p):
     p.add_argument("--dictionary", required=True, help="dictionary folder (per-layer SAEs or crosscoder)")
     p.add_argument("--store", required=True, help="held-out activation store of the same model and hooks")
@@ -229,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     adders = {"inspect": _add_inspect, "harvest": _add_harvest, "bench": _add_bench,
               "reproduce": _add_reproduce,
-              "train-saes": _add_train_saes, "eval": _add_eval}
+              "train-saes": _add_train_saes, "eval": _add_eval,
+              "train-crosscoder": _add_train_crosscoder}
     for name, (fn, help_text) in VERBS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         adders.get(name, lambda _: None)(p)

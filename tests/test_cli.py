@@ -1,0 +1,36 @@
+"""The CLI verbs end to end on a tiny model: harvest -> train-saes / train-crosscoder -> eval."""
+
+import pandas as pd
+
+from crosslayer.cli import main
+from crosslayer.dictionary import load_dictionary
+
+from conftest import make_toy_corpus
+
+
+def test_cli_pipeline_on_a_tiny_model(tmp_path, capsys):
+    corpus = make_toy_corpus(tmp_path / "toy.jsonl", n_docs=200)
+    for split, tokens in (("train", "4k"), ("heldout", "1k")):
+        assert main(["harvest", "--model", "tiny-2l-64d", "--corpus", str(corpus), "--split", split,
+                     "--tokens", tokens, "--seq-len", "32", "--out", str(tmp_path / split)]) == 0
+    assert main(["train-saes", "--store", str(tmp_path / "train"), "--out", str(tmp_path / "saes"),
+                 "--width", "64", "--k", "4", "--tokens", "4k", "--batch-size", "128", "--lr", "3e-3"]) == 0
+    assert main(["train-crosscoder", "--store", str(tmp_path / "train"), "--out", str(tmp_path / "cc"),
+                 "--width", "128", "--k", "4", "--tokens", "4k", "--batch-size", "128", "--lr", "3e-3"]) == 0
+    assert load_dictionary(tmp_path / "saes").n_features == 128
+    assert load_dictionary(tmp_path / "cc").n_features == 128
+    for name in ("saes", "cc"):
+        out = tmp_path / f"eval_{name}.csv"
+        assert main(["eval", "--dictionary", str(tmp_path / name), "--store", str(tmp_path / "heldout"),
+                     "--tokens", "1k", "--windows", "2", "--out", str(out)]) == 0
+        table = pd.read_csv(out)
+        assert {"fvu", "l0", "ce_recovered", "kl"} <= set(table.columns)
+        assert table.fvu.between(0, 2).all()
+    # a dictionary evaluated on a store of another model is a one-line error, exit status 2
+    assert main(["harvest", "--model", "tiny-4l-64d", "--corpus", str(corpus), "--split", "heldout",
+                 "--tokens", "1k", "--seq-len", "32", "--out", str(tmp_path / "other")]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--dictionary", str(tmp_path / "saes"), "--store", str(tmp_path / "other"),
+                 "--windows", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
