@@ -124,21 +124,28 @@ def cmd_harvest(args):
 
 
 def _add_bench(p):
-    p.add_argument("what", choices=["harvest"], help="which benchmark")
+    p.add_argument("what", choices=["harvest", "crosscoder"], help="which benchmark")
+    p.add_argument("--store", default="runs/demo/stores/train", help="store for the crosscoder benchmark")
+    p.add_argument("--width", type=int, default=4096, help="crosscoder features for the crosscoder benchmark")
+    p.add_argument("--k", type=int, default=32, help="TopK k for the crosscoder benchmark")
     p.add_argument("--model", default="smollm2-135m", help="model name")
     p.add_argument("--tokens", default="50k,200k", help="comma-separated token counts")
     p.add_argument("--layers", default="all", help="layers to harvest")
     p.add_argument("--model-dtype", default="auto", help="auto | float32 | bfloat16")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows per forward pass (harvest, default 8) / tokens per step (crosscoder, default 1024)")
 
 
 @verb("bench", "print speed and memory benchmarks (ratios against a baseline from the same run)")
 def cmd_bench(args):
-    from crosslayer.bench import bench_harvest
+    from crosslayer.bench import bench_crosscoder, bench_harvest
 
+    if args.what == "crosscoder":
+        bench_crosscoder(args.store, width=args.width, k=args.k, batch_size=args.batch_size or 1024)
+        return
     counts = tuple(parse_count(c) for c in args.tokens.split(","))
     bench_harvest(model_name=args.model, counts=counts, layers=args.layers, model_dtype=args.model_dtype,
-                  batch_size=args.batch_size)
+                  batch_size=args.batch_size or 8)
 
 
 def _add_train_saes(p):
