@@ -148,20 +148,25 @@ def cmd_bench(args):
                   batch_size=args.batch_size or 8)
 
 
-def _add_train_saes(p):
-    from crosslayer.saes import ARCHS
-
+def _add_training_common(p, *, out_help: str, width_help: str):
     p.add_argument("--store", required=True, help="activation store folder (crosslayer harvest)")
-    p.add_argument("--out", required=True, help="output folder (one sae-lens folder per hook); a rerun resumes")
-    p.add_argument("--width", type=int, required=True, help="features per layer")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--width", type=int, required=True, help=width_help)
     p.add_argument("--k", type=int, default=32, help="active features per token (topk/batchtopk; jumprelu target L0)")
-    p.add_argument("--arch", default="topk", choices=ARCHS, help="SAE architecture")
-    p.add_argument("--tokens", type=parse_count, default=None, help="training tokens per layer (default: the store's rows)")
+    p.add_argument("--tokens", type=parse_count, default=None, help="training tokens (default: the store's rows)")
     p.add_argument("--batch-size", type=int, default=1024, help="tokens per step")
     p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
     p.add_argument("--layers", default=None, help="subset of the store's layers (default: all)")
-    p.add_argument("--sparsity-coefficient", type=float, default=None, help="L1 (standard) / L0 (jumprelu) coefficient")
     p.add_argument("--seed", type=int, default=0, help="init and data-order seed")
+
+
+def _add_train_saes(p):
+    from crosslayer.saes import ARCHS
+
+    _add_training_common(p, out_help="output folder (one sae-lens folder per hook); a rerun resumes",
+                         width_help="features per layer")
+    p.add_argument("--arch", default="topk", choices=ARCHS, help="SAE architecture")
+    p.add_argument("--sparsity-coefficient", type=float, default=None, help="L1 (standard) / L0 (jumprelu) coefficient")
 
 
 @verb("train-saes", "train one sae-lens SAE per layer of an activation store (the baseline)")
@@ -185,22 +190,15 @@ def cmd_train_saes(args):
 def _add_train_crosscoder(p):
     from crosslayer.crosscoder import ACTIVATIONS, SPARSITIES, VARIANTS
 
-    p.add_argument("--store", required=True, help="activation store folder (crosslayer harvest)")
-    p.add_argument("--out", required=True, help="output folder; a rerun resumes from its checkpoint")
-    p.add_argument("--width", type=int, required=True, help="number of features F")
-    p.add_argument("--k", type=int, default=32, help="active features per token (topk/batchtopk)")
+    _add_training_common(p, out_help="output folder; a rerun resumes from its checkpoint",
+                         width_help="number of features F")
     p.add_argument("--variant", default="acausal", choices=VARIANTS, help="which layers a feature reads/writes")
     p.add_argument("--window", type=int, default=2, help="layers per feature for --variant window")
     p.add_argument("--activation", default="topk", choices=ACTIVATIONS, help="activation function")
     p.add_argument("--sparsity", default="l1_norms", choices=SPARSITIES, help="decoder-norm penalty (relu/jumprelu)")
     p.add_argument("--sparsity-coef", type=float, default=None, help="sparsity coefficient (relu/jumprelu)")
-    p.add_argument("--tokens", type=parse_count, default=None, help="training tokens (default: the store's rows)")
-    p.add_argument("--batch-size", type=int, default=1024, help="tokens per step")
-    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
-    p.add_argument("--layers", default=None, help="subset of the store's layers (default: all)")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast only with AVX512-BF16 or a GPU)")
-    p.add_argument("--seed", type=int, default=0, help="init and data-order seed")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
 
 

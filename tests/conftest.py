@@ -53,3 +53,15 @@ def make_toy_corpus(path, n_docs=40, seed=0):
 @pytest.fixture
 def toy_corpus_path(tmp_path):
     return make_toy_corpus(tmp_path / "toy.jsonl")
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, tiny_model):
+    """A small all-layer store of the tiny model over the toy corpus (shared by several test files)."""
+    from crosslayer.corpus import load_corpus, make_windows
+    from crosslayer.harvest import harvest
+
+    root = tmp_path_factory.mktemp("tiny_store")
+    windows = make_windows(load_corpus(make_toy_corpus(root / "toy.jsonl", n_docs=120)), tiny_model.tokenizer,
+                           seq_len=32, n_tokens=4000)
+    return harvest(tiny_model, windows, out_dir=root / "store", batch_size=8, shard_mb=1, progress=False)

@@ -18,19 +18,6 @@ TRAIN = dict(width=128, k=8, tokens=16384, batch_size=256, lr=3e-3, progress=Fal
 
 
 @pytest.fixture(scope="session")
-def tiny_store(tmp_path_factory, tiny_model):
-    from conftest import make_toy_corpus
-    from crosslayer.corpus import load_corpus, make_windows
-    from crosslayer.harvest import harvest
-
-    root = tmp_path_factory.mktemp("dict_store")
-    model = tiny_model
-    windows = make_windows(load_corpus(make_toy_corpus(root / "toy.jsonl", n_docs=120)), model.tokenizer,
-                           seq_len=32, n_tokens=4000)
-    return harvest(model, windows, out_dir=root / "store", batch_size=8, shard_mb=1, progress=False)
-
-
-@pytest.fixture(scope="session")
 def trained(tiny_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("saes") / "topk"
     return train_per_layer_saes(tiny_store, out_dir=out, seed=0, **TRAIN), out

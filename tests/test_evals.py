@@ -50,16 +50,8 @@ class ScaleDictionary(Dictionary):
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory, tiny_model):
-    from conftest import make_toy_corpus
-    from crosslayer.corpus import load_corpus, make_windows
-    from crosslayer.harvest import harvest
-
-    root = tmp_path_factory.mktemp("evals_store")
-    model = tiny_model
-    windows = make_windows(load_corpus(make_toy_corpus(root / "toy.jsonl", n_docs=120)), model.tokenizer,
-                           seq_len=32, n_tokens=4000)
-    return model, harvest(model, windows, out_dir=root / "store", batch_size=8, shard_mb=1, progress=False)
+def tiny(tiny_model, tiny_store):
+    return tiny_model, tiny_store
 
 
 def random_saes(store, width=96, k=6):
