@@ -245,6 +245,30 @@ def cmd_eval(args):
         print(table.to_string(index=False, float_format="%.4g"))
 
 
+def _add_features(p):
+    p.add_argument("--dictionary", required=True, help="dictionary folder (per-layer SAEs or crosscoder)")
+    p.add_argument("--store", required=True, help="activation store of the same model and hooks")
+    p.add_argument("--feature", type=int, required=True, help="feature index (0..F-1)")
+    p.add_argument("--k", type=int, default=10, help="top-activating examples to show")
+    p.add_argument("--logits", type=int, default=8, help="tokens pushed up / down to show per layer")
+    p.add_argument("--batch-size", type=int, default=1024, help="rows encoded per batch while streaming")
+    p.add_argument("--model-dtype", default="auto", help="auto | float32 | bfloat16")
+
+
+@verb("features", "text dashboard of one feature: density, top/quantile examples, logit effects, decoder profile")
+def cmd_features(args):
+    from crosslayer.dictionary import load_dictionary
+    from crosslayer.features import dashboard
+    from crosslayer.models import load_model
+    from crosslayer.store import ActivationStore
+
+    store = ActivationStore(args.store)
+    dictionary = load_dictionary(args.dictionary)
+    model = load_model(store.manifest["model"], dtype=args.model_dtype)
+    print(dashboard(dictionary, store, model, args.feature, k=args.k, n_logits=args.logits,
+                    batch_size=args.batch_size))
+
+
 def _add_reproduce(p):
     from crosslayer.pipeline import PRESETS
 
@@ -273,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     adders = {"inspect": _add_inspect, "harvest": _add_harvest, "bench": _add_bench,
               "reproduce": _add_reproduce,
               "train-saes": _add_train_saes, "eval": _add_eval,
-              "train-crosscoder": _add_train_crosscoder}
+              "train-crosscoder": _add_train_crosscoder, "features": _add_features}
     for name, (fn, help_text) in VERBS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         adders.get(name, lambda _: None)(p)

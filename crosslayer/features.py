@@ -1,0 +1,392 @@
+"""Feature analysis: max-activating examples, logit effects, decoder profiles, a text dashboard.
+
+Written once against :class:`~crosslayer.dictionary.Dictionary`, so it serves per-layer SAEs and
+crosscoders alike (research-notes §6: sae_vis / SAEDashboard / Neuronpedia feature dashboards).
+
+1. :func:`top_activations` streams the store once, in row order, encoding each batch from RAW
+   activations (``normalized=False``, the dictionary's own factors). For the chosen features it keeps
+   a running ``[n_feat, k]`` buffer of the largest activations and their rows, merged per batch with
+   ``torch.topk`` (no full activation matrix), counts firing rows (density), fills a fixed log10
+   histogram of the non-zero activations, and keeps a uniform sample of the firing rows (reservoir
+   by random priority: each firing (feature, row) gets a U(0,1) key and the ``sample`` largest keys
+   are kept, merged like the top-k). Quantile examples are drawn from equal-count bands of that sample.
+2. :func:`logit_effects` maps a feature's decoder vector, in RAW units (``d_norm / factor_l``), through
+   the final RMSNorm's gain ``w`` (when the model has one; ``through_norm=True``) and ``W_U``. The
+   norm's 1/rms scale is positive and shared by all tokens, so it changes no ranking and is left
+   out: the effect of adding ``a * d`` to the residual is ``a * (d * w) @ W_U`` up to that scale
+   (direct logit attribution, Elhage et al. 2021; ``W_dec[f] @ W_U`` in sae_vis).
+3. :func:`decoder_profile`: relative decoder norms ``r_i^l = ||d_i^l|| / max_l ||d_i^l||`` (normalised
+   units, as :meth:`Dictionary.decoder_norms`), peak layer, span ``#{l: r > tau}``, normalised
+   entropy of ``r / sum r`` (0 = one layer, 1 = flat), and direction drift ``cos(d_i^peak, d_i^l)``
+   over the spanned layers (crosscoder replications, Lindsey et al. 2024).
+4. :func:`find_features_for_token`: one matmul per layer of all decoder directions with the token's
+   (gain-scaled) unembedding column; features ranked by their largest effect over layers.
+5. :func:`dashboard` renders 1-3 as text for ``crosslayer features``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from crosslayer.dictionary import Dictionary
+from crosslayer.errors import CrosslayerError
+
+HIST_LOG10_RANGE = (-3.0, 3.0)
+"""Histogram bins span log10(activation) in this range; values outside go to the end bins."""
+HIST_BINS = 30
+FOCUS_MARK = ("[[", "]]")
+"""How the focus token is marked in context text."""
+
+
+class FeatureActivations(NamedTuple):
+    """What :func:`top_activations` returns (all tidy DataFrames)."""
+
+    examples: "pd.DataFrame"  # noqa: F821
+    """One row per example: feature, kind ("top" | "quantile"), band (quantile band, -1 for top), rank,
+    row, activation, token_id, token, context (focus token marked ``[[...]]``), label, doc, position."""
+    stats: "pd.DataFrame"  # noqa: F821
+    """One row per feature: feature, n_rows, n_fire, density (fraction of rows with f > 0), max, mean_nonzero."""
+    histogram: "pd.DataFrame"  # noqa: F821
+    """feature, bin, log10_lo, log10_hi, count: histogram of the non-zero activations."""
+
+
+# ----------------------------------------------------------------------------- checks and weights
+
+def check_features(dictionary: Dictionary, features) -> list[int]:
+    """``features`` as a list of ints, each in ``0..F-1``, or a one-line CrosslayerError."""
+    feats = [int(f) for f in ([features] if isinstance(features, (int, np.integer)) else features)]
+    if not feats:
+        raise CrosslayerError("no features given; pass at least one feature index")
+    bad = [f for f in feats if not 0 <= f < dictionary.n_features]
+    if bad:
+        raise CrosslayerError(f"feature index {bad[0]} is out of range: the dictionary has "
+                              f"{dictionary.n_features} features (0..{dictionary.n_features - 1})")
+    return feats
+
+
+def check_store(dictionary: Dictionary, store) -> None:
+    """Raise a one-line CrosslayerError unless ``store`` holds the dictionary's layers, hooks and width."""
+    missing = [l for l in dictionary.layers if l not in store.layers]
+    if missing:
+        raise CrosslayerError(f"store {store.path} lacks layers {missing} of the dictionary (store has "
+                              f"{store.layers}, dictionary reads {dictionary.layers}); use a store of the same hooks")
+    hooks = [store.hooks[store.layers.index(l)] for l in dictionary.layers]
+    if hooks != dictionary.hooks:
+        raise CrosslayerError(f"store hooks {hooks[0]}.. differ from the dictionary's {dictionary.hooks[0]}..; "
+                              "use a store harvested at the same hook points")
+    if store.width != dictionary.d_model:
+        raise CrosslayerError(f"store rows have width {store.width}, the dictionary reads {dictionary.d_model}")
+
+
+def check_model(dictionary: Dictionary, model) -> None:
+    """Raise a one-line CrosslayerError unless ``model`` matches the dictionary's width and layers."""
+    if model.cfg.d_model != dictionary.d_model:
+        raise CrosslayerError(f"model {model.cfg.model_name} has d_model {model.cfg.d_model}, the dictionary "
+                              f"{dictionary.d_model}; load the model the dictionary was trained on")
+    if max(dictionary.layers) >= model.cfg.n_layers:
+        raise CrosslayerError(f"dictionary reads layer {max(dictionary.layers)}, the model has only "
+                              f"{model.cfg.n_layers} layers; load the model the dictionary was trained on")
+
+
+@torch.no_grad()
+def decoder_layer(dictionary: Dictionary, index: int, *, raw: bool = True) -> Float[Tensor, "feat d_model"]:
+    """All features' decoder vectors at ``dictionary.layers[index]`` ``[F, d]`` (raw units unless ``raw=False``).
+
+    Per-layer SAEs: the SAE of that layer fills its own block, other features are zero (sae-lens SAEs
+    with ``rescale_acts_by_decoder_norm`` use unit-norm rows, matching their ``decoder_norms``).
+    """
+    if hasattr(dictionary, "W_dec_masked"):
+        W_FD = dictionary.W_dec_masked()[:, index].detach().float().cpu()
+    elif hasattr(dictionary, "saes"):
+        W_FD = torch.zeros(dictionary.n_features, dictionary.d_model)
+        start = sum(dictionary.widths[:index])
+        sae = dictionary.saes[index]
+        block = sae.W_dec.detach().float().cpu()
+        if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+            block = block / block.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        W_FD[start:start + dictionary.widths[index]] = block
+    else:
+        raise CrosslayerError(f"{type(dictionary).__name__} exposes no decoder weights (W_dec_masked or saes)")
+    return W_FD / float(dictionary.norm_factors[index]) if raw else W_FD
+
+
+def _unembed(model, through_norm: bool) -> Tensor:
+    """``W_U [d, vocab]``, scaled row-wise by the final norm's gain ``w`` when asked and present."""
+    W_U = model.W_U.detach().float().cpu()
+    w = getattr(model.ln_final, "w", None) if through_norm else None
+    return W_U * w.detach().float().cpu()[:, None] if w is not None else W_U
+
+
+def _layer_index(dictionary: Dictionary, layer: int) -> int:
+    if layer not in dictionary.layers:
+        raise CrosslayerError(f"layer {layer} is not one of the dictionary's layers {dictionary.layers}")
+    return dictionary.layers.index(layer)
+
+
+# ----------------------------------------------------------------------------- streaming top-k
+
+def _merge_topk(vals_NK: Tensor, rows_NK: Tensor, new_vals_NB: Tensor, new_rows_NB: Tensor, k: int):
+    vals = torch.cat([vals_NK, new_vals_NB], dim=1)
+    rows = torch.cat([rows_NK, new_rows_NB], dim=1)
+    top_vals, pos = vals.topk(k, dim=1)
+    return top_vals, rows.gather(1, pos)
+
+
+@torch.no_grad()
+def stream_feature_stats(dictionary: Dictionary, store, features: list[int], *, k: int = 20,
+                         sample: int = 256, batch_size: int = 1024, seed: int = 0) -> dict[str, Tensor]:
+    """One pass over ``store``: top-k values/rows, firing counts, log10 histogram, a uniform firing sample.
+
+    Returns tensors: ``top_vals``/``top_rows`` ``[n, k]`` (value -inf, row -1 where fewer than k rows
+    fire), ``n_fire`` ``[n]``, ``hist`` ``[n, HIST_BINS]``, ``sample_vals``/``sample_rows`` ``[n, sample]``,
+    ``n_rows``.
+    """
+    feats = check_features(dictionary, features)
+    check_store(dictionary, store)
+    n = len(feats)
+    idx_N = torch.tensor(feats)
+    gen = torch.Generator().manual_seed(seed)
+    top_vals = torch.full((n, k), -math.inf)
+    top_rows = torch.full((n, k), -1, dtype=torch.long)
+    key_vals = torch.full((n, sample), -math.inf)  # random priorities of the kept sample
+    smp_vals = torch.zeros(n, sample)
+    smp_rows = torch.full((n, sample), -1, dtype=torch.long)
+    n_fire = torch.zeros(n, dtype=torch.long)
+    hist = torch.zeros(n * HIST_BINS, dtype=torch.long)
+    lo, hi = HIST_LOG10_RANGE
+    start = 0
+    for acts_BLD in store.iter_batches(batch_size, layers=dictionary.layers, normalized=False, shuffle=False,
+                                       drop_last=False):
+        B = acts_BLD.shape[0]
+        f_NB = dictionary.encode(acts_BLD.to(dictionary.norm_factors.device), normalized=False)[:, idx_N].T.float().cpu()
+        rows_NB = torch.arange(start, start + B).expand(n, B)
+        start += B
+        fire_NB = f_NB > 0
+        n_fire += fire_NB.sum(1)
+        top_vals, top_rows = _merge_topk(top_vals, top_rows, f_NB.masked_fill(~fire_NB, -math.inf), rows_NB, k)
+        # histogram of log10 of the firing activations
+        feat_pos, col = fire_NB.nonzero(as_tuple=True)
+        if feat_pos.numel():
+            bins = ((f_NB[feat_pos, col].log10() - lo) / (hi - lo) * HIST_BINS).floor().long().clamp(0, HIST_BINS - 1)
+            hist.index_add_(0, feat_pos * HIST_BINS + bins, torch.ones_like(bins))
+        # reservoir by random priority, merged like the top-k (values carried via a row lookup)
+        keys_NB = torch.rand(n, B, generator=gen).masked_fill(~fire_NB, -math.inf)
+        all_keys = torch.cat([key_vals, keys_NB], dim=1)
+        key_vals, pos = all_keys.topk(sample, dim=1)
+        smp_vals = torch.cat([smp_vals, f_NB], dim=1).gather(1, pos)
+        smp_rows = torch.cat([smp_rows, rows_NB], dim=1).gather(1, pos)
+    if start == 0:
+        raise CrosslayerError(f"store {store.path} has no rows")
+    smp_rows = smp_rows.masked_fill(key_vals == -math.inf, -1)
+    top_rows = top_rows.masked_fill(top_vals == -math.inf, -1)
+    return {"top_vals": top_vals, "top_rows": top_rows, "n_fire": n_fire, "hist": hist.view(n, HIST_BINS),
+            "sample_vals": smp_vals, "sample_rows": smp_rows, "n_rows": start}
+
+
+def _context_text(tokenizer, store, row: int, before: int, after: int) -> tuple[str, str, dict]:
+    ctx = store.context(row, before=before, after=after)
+    ids, f = ctx["token_ids"], ctx["focus"]
+    token = tokenizer.decode(ids[f:f + 1])
+    text = (tokenizer.decode(ids[:f]) + FOCUS_MARK[0] + token + FOCUS_MARK[1] + tokenizer.decode(ids[f + 1:]))
+    return token, text.replace("\n", "\\n"), ctx
+
+
+def top_activations(dictionary: Dictionary, store, features: list[int], *, k: int = 20, n_bands: int = 4,
+                    per_band: int = 3, sample: int = 256, batch_size: int = 1024, tokenizer=None,
+                    before: int = 16, after: int = 4, seed: int = 0) -> FeatureActivations:
+    """Top-``k`` activating rows, quantile examples, density and histogram of ``features`` over ``store``.
+
+    Streaming (see the module docstring); quantile examples: the firing sample is sorted and cut into
+    ``n_bands`` equal-count bands (band 0 lowest), ``per_band`` random rows from each.
+    """
+    import pandas as pd
+
+    if k < 1 or sample < 1 or n_bands < 1 or per_band < 0:
+        raise CrosslayerError(f"need k, sample, n_bands >= 1 and per_band >= 0; got {k}, {sample}, {n_bands}, {per_band}")
+    feats = check_features(dictionary, features)
+    s = stream_feature_stats(dictionary, store, feats, k=k, sample=sample, batch_size=batch_size, seed=seed)
+    if tokenizer is None:
+        from crosslayer.models import load_tokenizer
+
+        tokenizer = load_tokenizer()
+    picks = []  # (feature, kind, band, rank, row, activation)
+    for i, f in enumerate(feats):
+        for rank, (v, r) in enumerate(zip(s["top_vals"][i].tolist(), s["top_rows"][i].tolist())):
+            if r >= 0:
+                picks.append((f, "top", -1, rank, r, v))
+        keep = s["sample_rows"][i] >= 0  # sample order is random (by priority), so a prefix is a random draw
+        vals, rows = s["sample_vals"][i][keep], s["sample_rows"][i][keep]
+        if rows.numel():
+            order = vals.argsort()
+            for band, part in enumerate(order.tensor_split(min(n_bands, rows.numel()))):
+                chosen = part[torch.randperm(part.numel(), generator=torch.Generator().manual_seed(seed + band))][:per_band]
+                chosen = chosen[vals[chosen].argsort(descending=True)]
+                for rank, j in enumerate(chosen.tolist()):
+                    picks.append((f, "quantile", band, rank, int(rows[j]), float(vals[j])))
+    records = []
+    for f, kind, band, rank, row, act in picks:
+        token, text, ctx = _context_text(tokenizer, store, row, before, after)
+        records.append({"feature": f, "kind": kind, "band": band, "rank": rank, "row": row, "activation": act,
+                        "token_id": int(ctx["token_ids"][ctx["focus"]]), "token": token, "context": text,
+                        "label": ctx["label"], "doc": ctx["doc_key"], "position": ctx["position"]})
+    examples = pd.DataFrame.from_records(records, columns=["feature", "kind", "band", "rank", "row", "activation",
+                                                           "token_id", "token", "context", "label", "doc", "position"])
+    n_rows = s["n_rows"]
+    stats = pd.DataFrame({"feature": feats, "n_rows": n_rows, "n_fire": s["n_fire"].numpy(),
+                          "density": s["n_fire"].numpy() / n_rows,
+                          "max": [float(v[0]) if r[0] >= 0 else 0.0 for v, r in zip(s["top_vals"], s["top_rows"])],
+                          "mean_nonzero": [float(v[r >= 0].mean()) if (r >= 0).any() else 0.0
+                                           for v, r in zip(s["sample_vals"], s["sample_rows"])]})
+    lo, hi = HIST_LOG10_RANGE
+    edges = np.linspace(lo, hi, HIST_BINS + 1)
+    histogram = pd.DataFrame([{"feature": f, "bin": b, "log10_lo": edges[b], "log10_hi": edges[b + 1],
+                               "count": int(s["hist"][i, b])} for i, f in enumerate(feats) for b in range(HIST_BINS)])
+    return FeatureActivations(examples, stats, histogram)
+
+
+# ----------------------------------------------------------------------------- logit effects
+
+@torch.no_grad()
+def logit_effects(dictionary: Dictionary, model, feature: int, *, k: int = 10, layer: int | None = None,
+                  through_norm: bool = True, tokenizer=None) -> "pd.DataFrame":  # noqa: F821
+    """Tokens pushed up / down most by ``feature``'s raw decoder direction at each layer it writes.
+
+    ``layer=None``: every dictionary layer where the feature's decoder is non-zero (a per-layer SAE
+    feature: its own layer; a crosscoder feature: each layer, the last flagged ``is_last``). Columns:
+    feature, layer, is_last, direction ("up" | "down"), rank, token_id, token, effect (logit change per
+    unit activation, before the final norm's 1/rms scale).
+    """
+    import pandas as pd
+
+    (feature,) = check_features(dictionary, [feature])
+    check_model(dictionary, model)
+    tokenizer = tokenizer or model.tokenizer
+    W_U = _unembed(model, through_norm)
+    norms_L = dictionary.decoder_norms()[feature]
+    indices = [_layer_index(dictionary, layer)] if layer is not None else \
+        [i for i in range(dictionary.n_layers) if norms_L[i] > 0]
+    last = max(i for i in range(dictionary.n_layers) if norms_L[i] > 0) if (norms_L > 0).any() else -1
+    records = []
+    for i in indices:
+        effect_V = decoder_layer(dictionary, i)[feature]@ W_U
+        for direction, (vals, ids) in (("up", effect_V.topk(k)), ("down", (-effect_V).topk(k))):
+            sign = 1.0 if direction == "up" else -1.0
+            for rank, (v, t) in enumerate(zip(vals.tolist(), ids.tolist())):
+                records.append({"feature": feature, "layer": dictionary.layers[i], "is_last": i == last,
+                                "direction": direction, "rank": rank, "token_id": t,
+                                "token": tokenizer.decode([t]), "effect": sign * v})
+    return pd.DataFrame.from_records(records, columns=["feature", "layer", "is_last", "direction", "rank",
+                                                       "token_id", "token", "effect"])
+
+
+@torch.no_grad()
+def find_features_for_token(dictionary: Dictionary, model, token: str, *, top: int = 10,
+                            through_norm: bool = True) -> "pd.DataFrame":  # noqa: F821
+    """Features whose raw decoder direction most raises ``token``'s logit (best layer per feature).
+
+    ``token`` must encode to one token (e.g. " scam"). Columns: rank, feature, layer, effect,
+    cosine (decoder direction vs the token's gain-scaled unembedding column).
+    """
+    import pandas as pd
+
+    check_model(dictionary, model)
+    ids = model.tokenizer.encode(token, add_special_tokens=False)
+    if len(ids) != 1:
+        raise CrosslayerError(f"{token!r} is {len(ids)} tokens ({ids}); give a string that is exactly one token")
+    u_D = _unembed(model, through_norm)[:, ids[0]]
+    effect_LF = torch.stack([decoder_layer(dictionary, i) @ u_D for i in range(dictionary.n_layers)])
+    best_F, layer_F = effect_LF.max(dim=0)
+    vals, feats = best_F.topk(min(top, dictionary.n_features))
+    records = []
+    for rank, (v, f) in enumerate(zip(vals.tolist(), feats.tolist())):
+        i = int(layer_F[f])
+        d_D = decoder_layer(dictionary, i)[f]
+        cos = float(d_D @ u_D / (d_D.norm() * u_D.norm()).clamp_min(1e-12))
+        records.append({"rank": rank, "feature": f, "layer": dictionary.layers[i], "effect": v, "cosine": cos})
+    return pd.DataFrame.from_records(records, columns=["rank", "feature", "layer", "effect", "cosine"])
+
+
+# ----------------------------------------------------------------------------- decoder profile
+
+@torch.no_grad()
+def decoder_profile(dictionary: Dictionary, *, tau: float = 0.1, features: list[int] | None = None) -> "pd.DataFrame":  # noqa: F821
+    """Per-feature decoder-norm profile across layers (see the module docstring, step 3).
+
+    Columns: feature, peak_layer, peak_norm, span, entropy, drift_mean, drift_min, and ``r_<layer>``
+    for each layer. drift_* are over the spanned layers other than the peak (1.0 when there are none).
+    """
+    import pandas as pd
+
+    feats = check_features(dictionary, features) if features is not None else list(range(dictionary.n_features))
+    idx = torch.tensor(feats)
+    norms_FL = dictionary.decoder_norms().float().cpu()[idx]
+    L = dictionary.n_layers
+    peak_norm_F, peak_F = norms_FL.max(dim=1)
+    r_FL = norms_FL / peak_norm_F.clamp_min(1e-12)[:, None]
+    span_F = (r_FL > tau).sum(1)
+    p_FL = r_FL / r_FL.sum(1, keepdim=True).clamp_min(1e-12)
+    ent_F = -(p_FL * p_FL.clamp_min(1e-30).log()).sum(1) / (math.log(L) if L > 1 else 1.0)
+    W_LFD = torch.stack([decoder_layer(dictionary, i, raw=False)[idx] for i in range(L)])
+    peak_FD = W_LFD[peak_F, torch.arange(len(feats))]
+    cos_FL = torch.nn.functional.cosine_similarity(W_LFD, peak_FD[None], dim=-1).T
+    other_FL = (r_FL > tau) & (torch.arange(L)[None] != peak_F[:, None])
+    n_other = other_FL.sum(1)
+    drift_mean = torch.where(n_other > 0, (cos_FL * other_FL).sum(1) / n_other.clamp_min(1), torch.ones(len(feats)))
+    drift_min = torch.where(n_other > 0, cos_FL.masked_fill(~other_FL, math.inf).min(1).values, torch.ones(len(feats)))
+    table = pd.DataFrame({"feature": feats, "peak_layer": [dictionary.layers[i] for i in peak_F.tolist()],
+                          "peak_norm": peak_norm_F.numpy(), "span": span_F.numpy(), "entropy": ent_F.numpy(),
+                          "drift_mean": drift_mean.numpy(), "drift_min": drift_min.numpy()})
+    for i, l in enumerate(dictionary.layers):
+        table[f"r_{l}"] = r_FL[:, i].numpy()
+    return table
+
+
+# ----------------------------------------------------------------------------- dashboard
+
+def _bar(x: float, width: int = 30) -> str:
+    n = int(round(max(0.0, min(1.0, x)) * width))
+    return "#" * n + "." * (width - n)
+
+
+def dashboard(dictionary: Dictionary, store, model, feature: int, *, k: int = 10, n_logits: int = 8,
+              batch_size: int = 1024, tokenizer=None) -> str:
+    """A text dashboard of one feature: density + histogram, top and quantile examples, logit effects,
+    decoder profile."""
+    (feature,) = check_features(dictionary, [feature])
+    check_store(dictionary, store)
+    check_model(dictionary, model)
+    tokenizer = tokenizer or model.tokenizer
+    acts = top_activations(dictionary, store, [feature], k=k, batch_size=batch_size, tokenizer=tokenizer)
+    st = acts.stats.iloc[0]
+    prof = decoder_profile(dictionary, features=[feature]).iloc[0]
+    out = [f"feature {feature} of {dictionary!r}",
+           f"density {st.density:.4%} ({int(st.n_fire):,} of {int(st.n_rows):,} rows), max {st['max']:.4g}, "
+           f"mean when firing {st.mean_nonzero:.4g}", "", "activation histogram (log10 bins, non-zero only):"]
+    hist = acts.histogram[acts.histogram["count"] > 0]
+    peak = max(1, int(hist["count"].max())) if len(hist) else 1
+    for h in hist.itertuples():
+        out.append(f"  [{10 ** h.log10_lo:9.3g}, {10 ** h.log10_hi:9.3g})  {_bar(h.count / peak)} {h.count}")
+    out += ["", "top activations:"]
+    for e in acts.examples[acts.examples.kind == "top"].itertuples():
+        out.append(f"  {e.activation:8.3f}  [{e.label}] {e.context}")
+    out += ["", "quantile examples (band 0 = weakest):"]
+    for e in acts.examples[acts.examples.kind == "quantile"].itertuples():
+        out.append(f"  band {e.band} {e.activation:8.3f}  [{e.label}] {e.context}")
+    effects = logit_effects(dictionary, model, feature, k=n_logits, tokenizer=tokenizer)
+    for layer, grp in effects.groupby("layer", sort=True):
+        tag = " (last)" if grp.is_last.iloc[0] else ""
+        for direction in ("up", "down"):
+            toks = ", ".join(f"{t!r} {v:+.3g}" for t, v in zip(grp[grp.direction == direction].token,
+                                                                grp[grp.direction == direction].effect))
+            out.append(f"logits {direction:>4} @ layer {layer}{tag}: {toks}")
+    out += ["", f"decoder profile: peak layer {int(prof.peak_layer)}, span {int(prof.span)}, entropy {prof.entropy:.3f}, "
+                f"drift mean {prof.drift_mean:.3f} / min {prof.drift_min:.3f}"]
+    for l in dictionary.layers:
+        out.append(f"  layer {l:>3}  {_bar(prof[f'r_{l}'])} {prof[f'r_{l}']:.3f}")
+    return "\n".join(out)
