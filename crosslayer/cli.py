@@ -269,6 +269,36 @@ def cmd_features(args):
                     batch_size=args.batch_size))
 
 
+def _add_lens(p):
+    p.add_argument("prompt", nargs="+", help="prompt text (several prompts: one table each)")
+    p.add_argument("--target", default=None, help="token whose rank and probability to follow, e.g. ' Paris'")
+    p.add_argument("--model", default="smollm2-135m", help="model name (see `crosslayer models`)")
+    p.add_argument("--top-k", type=int, default=5, help="top tokens kept per layer and position")
+    p.add_argument("--position", type=int, default=-1, help="position printed (default: the last token)")
+    p.add_argument("--dtype", default="auto", help="model dtype: auto | float32 | bfloat16")
+    p.add_argument("--plot", default=None, help="save a layer x position heatmap (PNG/PDF/SVG) of the first prompt")
+    p.add_argument("--out", default=None, help="optional CSV path for the full table")
+
+
+@verb("lens", "logit lens: decode every layer's residual through the final norm and unembedding")
+def cmd_lens(args):
+    from crosslayer.lens import format_lens, logit_lens, plot_lens
+    from crosslayer.models import load_model
+
+    model = load_model(args.model, dtype=args.dtype)
+    table = logit_lens(model, args.prompt, target=args.target, top_k=args.top_k)
+    for i, prompt in enumerate(args.prompt):
+        print(f"{'' if i == 0 else chr(10)}prompt {i}: {prompt!r}")
+        print(format_lens(table, args.position, prompt=i))
+    if args.plot:
+        print(f"heatmap: {plot_lens(table, args.plot)}")
+    if args.out:
+        from crosslayer.io import write_csv
+
+        write_csv(table, args.out)
+        print(f"table: {args.out}")
+
+
 def _add_reproduce(p):
     from crosslayer.pipeline import PRESETS
 
@@ -297,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     adders = {"inspect": _add_inspect, "harvest": _add_harvest, "bench": _add_bench,
               "reproduce": _add_reproduce,
               "train-saes": _add_train_saes, "eval": _add_eval,
-              "train-crosscoder": _add_train_crosscoder, "features": _add_features}
+              "train-crosscoder": _add_train_crosscoder, "features": _add_features,
+              "lens": _add_lens}
     for name, (fn, help_text) in VERBS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         adders.get(name, lambda _: None)(p)

@@ -34,3 +34,13 @@ def test_cli_pipeline_on_a_tiny_model(tmp_path, capsys):
                  "--windows", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_cli_lens_prints_a_table_and_writes_plot_and_csv(tmp_path, capsys):
+    assert main(["lens", "The cat sat on the", "--model", "tiny-2l-64d", "--target", " mat",
+                 "--plot", str(tmp_path / "lens.png"), "--out", str(tmp_path / "lens.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "prompt 0" in out and (tmp_path / "lens.png").stat().st_size > 0
+    table = pd.read_csv(tmp_path / "lens.csv")
+    assert {"layer", "position", "top1_token", "kl_final", "target_rank"} <= set(table.columns)
+    assert main(["lens", "   ", "--model", "tiny-2l-64d"]) == 2
