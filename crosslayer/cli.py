@@ -248,7 +248,8 @@ def cmd_eval(args):
 def _add_features(p):
     p.add_argument("--dictionary", required=True, help="dictionary folder (per-layer SAEs or crosscoder)")
     p.add_argument("--store", required=True, help="activation store of the same model and hooks")
-    p.add_argument("--feature", type=int, required=True, help="feature index (0..F-1)")
+    p.add_argument("--feature", type=int, default=None, help="feature index (0..F-1) for the dashboard")
+    p.add_argument("--search", default=None, help="instead: list features whose logit effect most raises this token")
     p.add_argument("--k", type=int, default=10, help="top-activating examples to show")
     p.add_argument("--logits", type=int, default=8, help="tokens pushed up / down to show per layer")
     p.add_argument("--batch-size", type=int, default=1024, help="rows encoded per batch while streaming")
@@ -262,9 +263,17 @@ def cmd_features(args):
     from crosslayer.models import load_model
     from crosslayer.store import ActivationStore
 
+    if (args.feature is None) == (args.search is None):
+        raise CrosslayerError("give exactly one of --feature N and --search TOKEN")
     store = ActivationStore(args.store)
     dictionary = load_dictionary(args.dictionary)
     model = load_model(store.manifest["model"], dtype=args.model_dtype)
+    if args.search is not None:
+        from crosslayer.features import find_features_for_token
+
+        table = find_features_for_token(dictionary, model, args.search, top=args.k)
+        print(table.to_string(index=False, float_format="%.3f"))
+        return
     print(dashboard(dictionary, store, model, args.feature, k=args.k, n_logits=args.logits,
                     batch_size=args.batch_size))
 
@@ -299,6 +308,47 @@ def cmd_lens(args):
         print(f"table: {args.out}")
 
 
+def _add_steer(p):
+    from crosslayer.interventions import MODES
+
+    p.add_argument("prompt", help="prompt text")
+    p.add_argument("--dictionary", required=True, help="dictionary folder (per-layer SAEs or crosscoder)")
+    p.add_argument("--feature", type=int, required=True, action="append", help="feature index (repeatable)")
+    p.add_argument("--value", type=float, default=0.0, help="clamp/add value or scale factor")
+    p.add_argument("--mode", default="clamp", choices=MODES, help="how to edit the feature(s)")
+    p.add_argument("--model", default=None, help="model (default: the one the dictionary was trained on)")
+    p.add_argument("--top", type=int, default=10, help="tokens shown rising / falling")
+    p.add_argument("--tokens", type=int, default=20, help="tokens generated (0: no generation)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, shared by the clean and steered runs")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--model-dtype", default="auto", help="auto | float32 | bfloat16")
+
+
+@verb("steer", "clamp / scale / ablate features and show how the next-token distribution and generation move")
+def cmd_steer(args):
+    from crosslayer.dictionary import load_dictionary
+    from crosslayer.interventions import Edit, generate, steer
+    from crosslayer.models import load_model
+
+    dictionary = load_dictionary(args.dictionary)
+    name = args.model or getattr(dictionary, "meta", {}).get("store", {}).get("model")
+    if name is None:
+        raise CrosslayerError("the dictionary does not record its model; pass --model")
+    model = load_model(name, dtype=args.model_dtype)
+    edits = [Edit(f, args.mode, args.value) for f in args.feature]
+    table, summary = steer(model, dictionary, args.prompt, edits, top=args.top)
+    acts = ", ".join(f"{f}: {a:.3g}" for f, a in summary["clean_activation"].items())
+    print(f"prompt {args.prompt!r}; {args.mode} {args.feature} value {args.value}; clean activation at the "
+          f"last token {acts}; KL(clean || steered) = {summary['kl']:.4f}")
+    print(table.to_string(index=False, float_format="%.4f"))
+    if args.tokens:
+        clean = generate(model, dictionary, args.prompt, [], max_new_tokens=args.tokens, seed=args.seed,
+                         temperature=args.temperature)
+        steered = generate(model, dictionary, args.prompt, edits, max_new_tokens=args.tokens, seed=args.seed,
+                           temperature=args.temperature)
+        print(f"\nclean:   {args.prompt}{clean}\nsteered: {args.prompt}{steered}")
+
+
 def _add_reproduce(p):
     from crosslayer.pipeline import PRESETS
 
@@ -328,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
               "reproduce": _add_reproduce,
               "train-saes": _add_train_saes, "eval": _add_eval,
               "train-crosscoder": _add_train_crosscoder, "features": _add_features,
-              "lens": _add_lens}
+              "lens": _add_lens, "steer": _add_steer}
     for name, (fn, help_text) in VERBS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         adders.get(name, lambda _: None)(p)

@@ -26,6 +26,14 @@ def test_cli_pipeline_on_a_tiny_model(tmp_path, capsys):
         table = pd.read_csv(out)
         assert {"fvu", "l0", "ce_recovered", "kl"} <= set(table.columns)
         assert table.fvu.between(0, 2).all()
+    assert main(["steer", "the cat sat on a mat", "--dictionary", str(tmp_path / "cc"), "--feature", "3",
+                 "--value", "5", "--tokens", "4"]) == 0
+    assert "steered:" in capsys.readouterr().out
+    assert main(["features", "--dictionary", str(tmp_path / "saes"), "--store", str(tmp_path / "heldout"),
+                 "--feature", "3", "--k", "2"]) == 0
+    assert main(["features", "--dictionary", str(tmp_path / "saes"), "--store", str(tmp_path / "heldout"),
+                 "--search", " cat", "--k", "3"]) == 0
+    assert main(["steer", "the cat", "--dictionary", str(tmp_path / "cc"), "--feature", "999"]) == 2
     # a dictionary evaluated on a store of another model is a one-line error, exit status 2
     assert main(["harvest", "--model", "tiny-4l-64d", "--corpus", str(corpus), "--split", "heldout",
                  "--tokens", "1k", "--seq-len", "32", "--out", str(tmp_path / "other")]) == 0
