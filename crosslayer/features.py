@@ -72,16 +72,9 @@ def check_features(dictionary: Dictionary, features) -> list[int]:
 
 def check_store(dictionary: Dictionary, store) -> None:
     """Raise a one-line CrosslayerError unless ``store`` holds the dictionary's layers, hooks and width."""
-    missing = [l for l in dictionary.layers if l not in store.layers]
-    if missing:
-        raise CrosslayerError(f"store {store.path} lacks layers {missing} of the dictionary (store has "
-                              f"{store.layers}, dictionary reads {dictionary.layers}); use a store of the same hooks")
-    hooks = [store.hooks[store.layers.index(l)] for l in dictionary.layers]
-    if hooks != dictionary.hooks:
-        raise CrosslayerError(f"store hooks {hooks[0]}.. differ from the dictionary's {dictionary.hooks[0]}..; "
-                              "use a store harvested at the same hook points")
-    if store.width != dictionary.d_model:
-        raise CrosslayerError(f"store rows have width {store.width}, the dictionary reads {dictionary.d_model}")
+    from crosslayer.evals import check_compatible
+
+    check_compatible(dictionary, store)
 
 
 def check_model(dictionary: Dictionary, model) -> None:

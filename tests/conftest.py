@@ -65,3 +65,19 @@ def tiny_store(tmp_path_factory, tiny_model):
     windows = make_windows(load_corpus(make_toy_corpus(root / "toy.jsonl", n_docs=120)), tiny_model.tokenizer,
                            seq_len=32, n_tokens=4000)
     return harvest(tiny_model, windows, out_dir=root / "store", batch_size=8, shard_mb=1, progress=False)
+
+
+def random_saes(store, width=96, k=6):
+    """Per-layer SAEs with random sae-lens TopK SAEs over ``store``'s layers (biased to fire often)."""
+    import sae_lens as sl
+
+    from crosslayer.saes import PerLayerSAEs
+
+    saes = []
+    for _ in store.layers:
+        sae = sl.TopKSAE(sl.TopKSAEConfig(d_in=store.width, d_sae=width, k=k))
+        with torch.no_grad():
+            sae.b_enc.copy_(torch.randn(width) * 0.5)
+        saes.append(sae)
+    return PerLayerSAEs(saes, layers=store.layers, hooks=store.hooks, norm_factors=store.norm_factors,
+                        meta={"store": {"model": store.manifest["model"]}})

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import random_saes
 from crosslayer.dictionary import Dictionary
 from crosslayer.errors import CrosslayerError
 from crosslayer.evals import ReconstructionStats, evaluate, kept_mask
@@ -52,21 +53,6 @@ class ScaleDictionary(Dictionary):
 @pytest.fixture(scope="session")
 def tiny(tiny_model, tiny_store):
     return tiny_model, tiny_store
-
-
-def random_saes(store, width=96, k=6):
-    import sae_lens as sl
-
-    from crosslayer.saes import PerLayerSAEs
-
-    saes = []
-    for _ in store.layers:
-        sae = sl.TopKSAE(sl.TopKSAEConfig(d_in=store.width, d_sae=width, k=k))
-        with torch.no_grad():
-            sae.b_enc.copy_(torch.randn(width) * 0.5)
-        saes.append(sae)
-    return PerLayerSAEs(saes, layers=store.layers, hooks=store.hooks, norm_factors=store.norm_factors,
-                        meta={"store": {"model": store.manifest["model"]}})
 
 
 # ----------------------------------------------------------------------------- streaming sums

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import random_saes as shared_random_saes
 
 from crosslayer.crosscoder import Crosscoder, CrosscoderConfig
 from crosslayer.errors import CrosslayerError
@@ -8,17 +9,7 @@ from crosslayer.features import (FOCUS_MARK, HIST_BINS, HIST_LOG10_RANGE, dashbo
 
 
 def random_saes(store, width=48, k=6):
-    import sae_lens as sl
-
-    from crosslayer.saes import PerLayerSAEs
-
-    saes = []
-    for _ in store.layers:
-        sae = sl.TopKSAE(sl.TopKSAEConfig(d_in=store.width, d_sae=width, k=k))
-        with torch.no_grad():
-            sae.b_enc.copy_(torch.randn(width) * 0.5)
-        saes.append(sae)
-    return PerLayerSAEs(saes, layers=store.layers, hooks=store.hooks, norm_factors=store.norm_factors)
+    return shared_random_saes(store, width=width, k=k)
 
 
 def random_crosscoder(store, width=64, k=8):
@@ -150,7 +141,7 @@ def test_bad_input(tiny_store, tiny_model):
         assert "\n" not in str(err.value)
     wrong = Crosscoder(CrosscoderConfig(layers=(max(tiny_store.layers) + 5,), d_model=tiny_store.width,
                                         n_features=8, k=2))
-    with pytest.raises(CrosslayerError, match="lacks layers"):
+    with pytest.raises(CrosslayerError, match="lacks"):
         top_activations(wrong, tiny_store, [0], tokenizer=tiny_model.tokenizer)
     narrow = Crosscoder(CrosscoderConfig(layers=tuple(tiny_store.layers), d_model=tiny_store.width // 2,
                                          n_features=8, k=2), hooks=tiny_store.hooks)

@@ -68,7 +68,7 @@ def test_clamp_at_the_last_layer_moves_logits_by_the_predicted_amount(tiny_model
 
 
 def test_steer_table_generation_and_per_layer_saes(tiny_model, tiny_store):
-    from test_evals import random_saes
+    from conftest import random_saes
 
     saes = random_saes(tiny_store)
     prompt = "the cat sat on a mat while rivers flow"
