@@ -191,3 +191,34 @@ def bench_crosscoder(store_path: str, *, width: int = 4096, k: int = 32, batch_s
           f"(target >= 1.5)", flush=True)
     return {"peak_gflops": peak, "tok_s": tok_s, "frac_peak": achieved / peak,
             "decode_speedup": timings["dense"] / timings["sparse"], "one_layer": results, "ratio": ratio}
+
+
+# ----------------------------------------------------------------------------- store reader benchmark
+
+_READER_CHILD = """
+import json, resource, sys, time
+from crosslayer.store import ActivationStore
+a = json.loads(sys.argv[1])
+store = ActivationStore(a["store"])
+start, n = time.perf_counter(), 0
+for batch in store.iter_batches(a["batch_size"], buffer_rows=a["buffer_rows"], seed=0):
+    n += batch.shape[0]
+print(json.dumps({"rows": n, "seconds": time.perf_counter() - start, "store_gb": store.disk_bytes() / 2**30,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def bench_reader(store_paths: list[str], *, buffer_rows: int = 2048, batch_size: int = 1024) -> list[dict]:
+    """One shuffled epoch over each store in a fresh process: rows/s and peak RSS (target: RSS set by
+    ``buffer_rows``, not by the store's size)."""
+    results = []
+    for path in store_paths:
+        args = {"store": path, "buffer_rows": buffer_rows, "batch_size": batch_size}
+        proc = subprocess.run([sys.executable, "-c", _READER_CHILD, json.dumps(args)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-2000:]}")
+        row = json.loads(proc.stdout.strip().splitlines()[-1]) | {"store": path}
+        results.append(row)
+        print(f"shuffled epoch over {path} ({row['store_gb']:.2f} GB, {row['rows']:,} rows), buffer {buffer_rows} "
+              f"rows: {row['rows'] / row['seconds']:,.0f} rows/s, peak RSS {row['peak_rss_mb']:,.0f} MB", flush=True)
+    return results

@@ -64,7 +64,8 @@ def cmd_inspect(args):
     corpus = load_corpus(args.corpus)
     start = time.time()
     model = load_model(args.model, dtype=args.dtype)
-    print(f"loaded {args.model} ({model.cfg.n_layers} layers, d_model {model.cfg.d_model}, {args.dtype}) "
+    print(f"loaded {args.model} ({model.cfg.n_layers} layers, d_model {model.cfg.d_model}, "
+          f"{str(model.cfg.dtype).removeprefix('torch.')}) "
           f"in {time.time() - start:.1f}s")
     for prompt in ("The capital of France is", "def fibonacci(n):"):
         print(f"greedy: {prompt!r} -> {greedy(model, prompt)!r}")
@@ -124,7 +125,10 @@ def cmd_harvest(args):
 
 
 def _add_bench(p):
-    p.add_argument("what", choices=["harvest", "crosscoder"], help="which benchmark")
+    p.add_argument("what", choices=["harvest", "crosscoder", "reader"], help="which benchmark")
+    p.add_argument("--stores", default="runs/demo/stores/train,runs/demo/stores/heldout",
+                   help="comma-separated stores for the reader benchmark")
+    p.add_argument("--buffer-rows", type=int, default=2048, help="reader buffer for the reader benchmark")
     p.add_argument("--store", default="runs/demo/stores/train", help="store for the crosscoder benchmark")
     p.add_argument("--width", type=int, default=4096, help="crosscoder features for the crosscoder benchmark")
     p.add_argument("--k", type=int, default=32, help="TopK k for the crosscoder benchmark")
@@ -138,8 +142,11 @@ def _add_bench(p):
 
 @verb("bench", "print speed and memory benchmarks (ratios against a baseline from the same run)")
 def cmd_bench(args):
-    from crosslayer.bench import bench_crosscoder, bench_harvest
+    from crosslayer.bench import bench_crosscoder, bench_harvest, bench_reader
 
+    if args.what == "reader":
+        bench_reader(args.stores.split(","), buffer_rows=args.buffer_rows)
+        return
     if args.what == "crosscoder":
         bench_crosscoder(args.store, width=args.width, k=args.k, batch_size=args.batch_size or 1024)
         return

@@ -150,8 +150,7 @@ def _prepare_out(out: Path, plan: dict) -> None:
     manifest = out / "manifest.json"
     if manifest.is_file():
         existing = json.loads(manifest.read_text())
-        keys = [k for k in plan if k != "exclusion_policy"] + ["exclusion_policy"]
-        diff = [k for k in keys if existing.get(k) != plan[k]]
+        diff = [k for k in plan if existing.get(k) != plan[k]]
         if diff:
             k = diff[0]
             raise CrosslayerError(f"--out {out} holds a different harvest ({k}: {existing.get(k)!r} there, "

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 from pathlib import Path
 from typing import Iterator
 
@@ -183,23 +184,21 @@ class ActivationStore:
         if index.size and (index.min() < 0 or index.max() >= self.n_rows):
             raise CrosslayerError(f"row index out of range 0..{self.n_rows - 1}")
         layer_idx = self._layer_index(layers)
-        order = np.argsort(index, kind="stable")
+        n_l = self.n_layers if layer_idx is None else len(layer_idx)
+        out = torch.empty(index.size, n_l, self.width, dtype=dtype)
+        order = np.argsort(index, kind="stable")  # read each shard in ascending row order
         sorted_idx = index[order]
         shard_of = np.searchsorted(self.offsets, sorted_idx, side="right") - 1
-        parts = []
         for shard in np.unique(shard_of):
             acts, _ = self._shard_arrays(int(shard))
-            local = sorted_idx[shard_of == shard] - self.offsets[shard]
+            sel = shard_of == shard
+            local = sorted_idx[sel] - self.offsets[shard]
             block = acts[local] if layer_idx is None else acts[local[:, None], layer_idx[None, :]]
-            parts.append(to_torch16(block, self.dtype))
-        n_l = self.n_layers if layer_idx is None else len(layer_idx)
-        out_sorted = torch.cat(parts) if parts else torch.empty(0, n_l, self.width, dtype=torch.bfloat16)
-        out = torch.empty_like(out_sorted)
-        out[torch.from_numpy(order)] = out_sorted
-        out = out.to(dtype)
+            out[torch.from_numpy(order[sel])] = to_torch16(block, self.dtype).to(dtype)
+            _drop_mapped_pages(acts)
         if normalized:
             factors = self.norm_factors if layer_idx is None else self.norm_factors[layer_idx]
-            out = out * factors.to(dtype)[None, :, None]
+            out.mul_(factors.to(dtype)[None, :, None])
         return out
 
     def iter_batches(self, batch_size: int, *, layers: list[int] | None = None, normalized: bool = True,
@@ -295,6 +294,14 @@ class ActivationStore:
     def window_tokens(self) -> torch.Tensor:
         """All harvested windows' token ids ``[n_windows, seq_len]`` (for re-running the model)."""
         return torch.from_numpy(np.asarray(self._window_arrays()["windows"], dtype=np.int64))
+
+
+def _drop_mapped_pages(array: np.ndarray) -> None:
+    """Unmap the pages a memory-mapped shard read touched, so they stay in the OS page cache but do
+    not count in this process's RSS (which would otherwise grow to the store's size over an epoch)."""
+    mapping = getattr(array, "_mmap", None)
+    if mapping is not None and hasattr(mapping, "madvise"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def mean_norm_factor(norm_sums: np.ndarray, counts: int, width: int) -> list[float]:
