@@ -362,16 +362,35 @@ def _add_reproduce(p):
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="sizes of the run")
     p.add_argument("--out", default=None, help="output folder (default runs/<preset>); a rerun resumes it")
     p.add_argument("--corpus", default="builtin", help="'builtin', a text file/folder, a .jsonl, or hf:NAME")
-    p.add_argument("--only", default=None, help="comma-separated steps to run (default: all)")
+    p.add_argument("--paper", default="paper", help="folder whose figures/ and tables/ receive the output")
+    if p.prog.split()[-1] == "reproduce":
+        p.add_argument("--only", default=None, help="comma-separated steps to run (default: all)")
+        p.add_argument("--redo", default=None, help="comma-separated finished steps to run again")
 
 
 @verb("reproduce", "run the end-to-end job of a preset, resumably (finished steps are skipped)")
 def cmd_reproduce(args):
     from crosslayer.pipeline import reproduce
 
-    out = reproduce(args.preset, out=args.out, corpus=args.corpus,
-                    only=args.only.split(",") if args.only else None)
+    out = reproduce(args.preset, out=args.out, corpus=args.corpus, paper=args.paper,
+                    only=args.only.split(",") if args.only else None,
+                    redo=args.redo.split(",") if args.redo else None)
     print(f"done: {out}")
+
+
+def _add_study(p):
+    from studies import STUDY_NAMES
+
+    p.add_argument("name", choices=STUDY_NAMES, help="the study to run")
+    _add_reproduce(p)
+
+
+@verb("study", "run one comparison study (and the steps it needs that have not finished)")
+def cmd_study(args):
+    from crosslayer.pipeline import study
+
+    out = study(args.name, args.preset, out=args.out, corpus=args.corpus, paper=args.paper)
+    print(f"done: {out / 'results' / args.name}")
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -382,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-layer SAEs vs sparse crosscoders on the residual stream of every layer.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     adders = {"inspect": _add_inspect, "harvest": _add_harvest, "bench": _add_bench,
-              "reproduce": _add_reproduce,
+              "reproduce": _add_reproduce, "study": _add_study,
               "train-saes": _add_train_saes, "eval": _add_eval,
               "train-crosscoder": _add_train_crosscoder, "features": _add_features,
               "lens": _add_lens, "steer": _add_steer}

@@ -49,7 +49,10 @@ class FeatureActivations(NamedTuple):
 
     examples: "pd.DataFrame"  # noqa: F821
     """One row per example: feature, kind ("top" | "quantile"), band (quantile band, -1 for top), rank,
-    row, activation, token_id, token, context (focus token marked ``[[...]]``), label, doc, position."""
+    row, activation, token_id, token, context (focus token marked ``[[...]]``), label, doc, position,
+    focus (index of the example's token in the context lists), context_tokens (the context's tokens,
+    decoded one by one) and context_acts (the feature's activation on each of them; NaN where the
+    store holds no row for that position, e.g. position 0)."""
     stats: "pd.DataFrame"  # noqa: F821
     """One row per feature: feature, n_rows, n_fire, density (fraction of rows with f > 0), max, mean_nonzero."""
     histogram: "pd.DataFrame"  # noqa: F821
@@ -190,6 +193,30 @@ def _context_text(tokenizer, store, row: int, before: int, after: int) -> tuple[
     return token, text.replace("\n", "\\n"), ctx
 
 
+@torch.no_grad()
+def context_activations(dictionary: Dictionary, store, contexts: list[dict], features: list[int]) -> list[list[float]]:
+    """Per-token activations of ``features[i]`` over ``contexts[i]`` (from :meth:`ActivationStore.context`).
+
+    All context rows are read and encoded in one batch; positions without a stored row give NaN.
+    """
+    if not contexts:
+        return []
+    lengths = [len(c["token_ids"]) for c in contexts]
+    flat = np.concatenate([c["window"] * store.seq_len + c["position"] - c["focus"] + np.arange(n)
+                           for c, n in zip(contexts, lengths)])
+    rows = store.row_of_flat(flat)
+    acts = np.full(len(flat), np.nan)
+    stored = rows >= 0
+    if stored.any():
+        unique, inverse = np.unique(rows[stored], return_inverse=True)
+        device = dictionary.norm_factors.device
+        x_NLD = store.get(unique, layers=dictionary.layers, normalized=False).float().to(device)
+        feat_of = np.repeat(np.asarray(features, dtype=np.int64), lengths)[stored]
+        feats_NF = dictionary.encode(x_NLD, normalized=False)
+        acts[stored] = feats_NF[torch.as_tensor(inverse), torch.as_tensor(feat_of)].double().cpu().numpy()
+    return [part.tolist() for part in np.split(acts, np.cumsum(lengths)[:-1])]
+
+
 def top_activations(dictionary: Dictionary, store, features: list[int], *, k: int = 20, n_bands: int = 4,
                     per_band: int = 3, sample: int = 256, batch_size: int = 1024, tokenizer=None,
                     before: int = 16, after: int = 4, seed: int = 0) -> FeatureActivations:
@@ -222,14 +249,20 @@ def top_activations(dictionary: Dictionary, store, features: list[int], *, k: in
                 chosen = chosen[vals[chosen].argsort(descending=True)]
                 for rank, j in enumerate(chosen.tolist()):
                     picks.append((f, "quantile", band, rank, int(rows[j]), float(vals[j])))
-    records = []
+    records, contexts = [], []
     for f, kind, band, rank, row, act in picks:
         token, text, ctx = _context_text(tokenizer, store, row, before, after)
+        contexts.append(ctx)
         records.append({"feature": f, "kind": kind, "band": band, "rank": rank, "row": row, "activation": act,
                         "token_id": int(ctx["token_ids"][ctx["focus"]]), "token": token, "context": text,
-                        "label": ctx["label"], "doc": ctx["doc_key"], "position": ctx["position"]})
+                        "label": ctx["label"], "doc": ctx["doc_key"], "position": ctx["position"],
+                        "focus": ctx["focus"],
+                        "context_tokens": [tokenizer.decode([t]) for t in ctx["token_ids"]]})
+    for record, acts in zip(records, context_activations(dictionary, store, contexts, [p[0] for p in picks])):
+        record["context_acts"] = acts
     examples = pd.DataFrame.from_records(records, columns=["feature", "kind", "band", "rank", "row", "activation",
-                                                           "token_id", "token", "context", "label", "doc", "position"])
+                                                           "token_id", "token", "context", "label", "doc", "position",
+                                                           "focus", "context_tokens", "context_acts"])
     n_rows = s["n_rows"]
     stats = pd.DataFrame({"feature": feats, "n_rows": n_rows, "n_fire": s["n_fire"].numpy(),
                           "density": s["n_fire"].numpy() / n_rows,
@@ -342,6 +375,24 @@ def decoder_profile(dictionary: Dictionary, *, tau: float = 0.1, features: list[
 
 # ----------------------------------------------------------------------------- dashboard
 
+SHADES = " ░▒▓█"
+"""Shading of a token by its activation relative to the example's maximum (blank = not firing)."""
+
+
+def shade_context(tokens: list[str], acts: list[float], focus: int, scale: float | None = None) -> str:
+    """The context as text with each firing token prefixed by a shade (``░▒▓█`` of ``acts / scale``) and
+    the example's own token marked ``[[...]]``; tokens without a stored row are left plain."""
+    finite = [a for a in acts if a == a]
+    scale = scale or (max(finite) if finite and max(finite) > 0 else 1.0)
+    parts = []
+    for i, (tok, a) in enumerate(zip(tokens, acts)):
+        tok = tok.replace("\n", "\\n")
+        if a == a and a > 0:
+            tok = SHADES[min(len(SHADES) - 1, 1 + int(a / scale * (len(SHADES) - 1.001)))] + tok
+        parts.append(FOCUS_MARK[0] + tok + FOCUS_MARK[1] if i == focus else tok)
+    return "".join(parts)
+
+
 def _bar(x: float, width: int = 30) -> str:
     n = int(round(max(0.0, min(1.0, x)) * width))
     return "#" * n + "." * (width - n)
@@ -365,12 +416,14 @@ def dashboard(dictionary: Dictionary, store, model, feature: int, *, k: int = 10
     peak = max(1, int(hist["count"].max())) if len(hist) else 1
     for h in hist.itertuples():
         out.append(f"  [{10 ** h.log10_lo:9.3g}, {10 ** h.log10_hi:9.3g})  {_bar(h.count / peak)} {h.count}")
-    out += ["", "top activations:"]
+    scale = float(st["max"]) or None
+    out += ["", f"top activations (tokens shaded {SHADES[1:]} by activation / max, example token in [[ ]]):"]
     for e in acts.examples[acts.examples.kind == "top"].itertuples():
-        out.append(f"  {e.activation:8.3f}  [{e.label}] {e.context}")
+        out.append(f"  {e.activation:8.3f}  [{e.label}] {shade_context(e.context_tokens, e.context_acts, e.focus, scale)}")
     out += ["", "quantile examples (band 0 = weakest):"]
     for e in acts.examples[acts.examples.kind == "quantile"].itertuples():
-        out.append(f"  band {e.band} {e.activation:8.3f}  [{e.label}] {e.context}")
+        out.append(f"  band {e.band} {e.activation:8.3f}  [{e.label}] "
+                   f"{shade_context(e.context_tokens, e.context_acts, e.focus, scale)}")
     effects = logit_effects(dictionary, model, feature, k=n_logits, tokenizer=tokenizer)
     for layer, grp in effects.groupby("layer", sort=True):
         tag = " (last)" if grp.is_last.iloc[0] else ""

@@ -266,6 +266,18 @@ class ActivationStore:
             out[mask] = rows[index[mask] - self.offsets[shard]]
         return out
 
+    def row_of_flat(self, flat) -> np.ndarray:
+        """Inverse of :meth:`flat_index`: the row stored for each ``window * seq_len + position``, -1 where
+        that position was not stored (excluded at harvest)."""
+        if getattr(self, "_row_of_flat", None) is None:
+            flat_all = self.flat_index(np.arange(self.n_rows))
+            inverse = np.full(int(flat_all.max()) + 1 if len(flat_all) else 0, -1, dtype=np.int64)
+            inverse[flat_all] = np.arange(self.n_rows)
+            self._row_of_flat = inverse
+        flat = np.asarray(flat, dtype=np.int64)
+        inside = (flat >= 0) & (flat < len(self._row_of_flat))
+        return np.where(inside, self._row_of_flat[np.clip(flat, 0, max(len(self._row_of_flat) - 1, 0))], -1)
+
     def meta(self, index=None) -> dict[str, np.ndarray]:
         """Per-row metadata: token_id, doc_id, label (index), window, position. All rows if ``index`` is None."""
         if index is None:

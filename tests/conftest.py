@@ -81,3 +81,15 @@ def random_saes(store, width=96, k=6):
         saes.append(sae)
     return PerLayerSAEs(saes, layers=store.layers, hooks=store.hooks, norm_factors=store.norm_factors,
                         meta={"store": {"model": store.manifest["model"]}})
+
+
+@pytest.fixture(scope="session")
+def micro_ctx(tmp_path_factory):
+    """A micro reproduction (tiny model, builtin corpus) with stores, SAEs and crosscoder trained, but
+    no study run yet: the pipeline Context the studies receive. Its paper folder is a temporary one."""
+    from crosslayer.pipeline import PRESETS, STEP_NAMES, Context, reproduce
+
+    root = tmp_path_factory.mktemp("micro")
+    base = [s for s in STEP_NAMES if not s.startswith("study-") and s != "paper"]
+    out = reproduce("micro", out=root / "run", paper=root / "paper", only=base, progress=False)
+    return Context(PRESETS["micro"], out, "builtin", preset_name="micro", paper=root / "paper", progress=False)

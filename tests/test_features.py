@@ -55,7 +55,21 @@ def test_streaming_topk_density_hist_match_brute_force(dictionary, tiny_store, t
         if n_pos >= 8:
             bands = quant.groupby("band").activation.max().sort_index().tolist()
             assert bands == sorted(bands)
+    # per-token activations of every example's context equal the brute force over the window's rows
+    flat_all = tiny_store.flat_index(range(tiny_store.n_rows))
+    row_of = {int(fl): r for r, fl in enumerate(flat_all)}
+    for ex in res.examples.itertuples():
+        win_pos = int(flat_all[ex.row]) - ex.focus
+        assert len(ex.context_acts) == len(ex.context_tokens)
+        assert ex.context_acts[ex.focus] == pytest.approx(ex.activation, rel=1e-4, abs=1e-5)
+        for j, act in enumerate(ex.context_acts):
+            r = row_of.get(win_pos + j)
+            if r is None:
+                assert act != act  # position not stored (e.g. position 0): NaN
+            else:
+                assert act == pytest.approx(float(feats_NF[r, ex.feature]), rel=1e-4, abs=1e-5)
     ex = res.examples.iloc[0]
+    assert "".join(ex.context_tokens) == tiny_model.tokenizer.decode(tiny_store.context(ex.row, before=16, after=4)["token_ids"])
     assert FOCUS_MARK[0] + ex.token + FOCUS_MARK[1] in ex.context.replace("\\n", "\n")
     assert ex.token_id == int(tiny_store.meta([ex.row])["token_id"][0])
     assert ex.label in tiny_store.label_names
@@ -126,8 +140,16 @@ def test_find_features_for_token_finds_planted_feature(dictionary, tiny_model):
 def test_dashboard_text(tiny_store, tiny_model):
     cc = random_crosscoder(tiny_store)
     text = dashboard(cc, tiny_store, tiny_model, 3, k=3, n_logits=3)
-    for part in ("density", "top activations:", "quantile examples", "logits   up", "decoder profile"):
+    for part in ("density", "top activations (tokens shaded", "quantile examples", "logits   up", "decoder profile"):
         assert part in text
+    assert "█" in text  # the top example's own token is shaded at the maximum
+
+
+def test_shade_context():
+    from crosslayer.features import shade_context
+
+    text = shade_context(["a", " b", " c", "\n"], [float("nan"), 0.0, 2.0, 1.0], focus=2)
+    assert text == "a b[[█ c]]▒\\n"
 
 
 def test_bad_input(tiny_store, tiny_model):
