@@ -31,6 +31,9 @@ Method (research-notes §4):
    (``exclusion_policy``: position 0, special tokens; and dropped norm outliers) are left as the
    model computes them. CE is averaged over next-token predictions made at replaced positions;
    CE recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean); KL(clean || spliced) per token.
+   Cost: a spliced run starts at the first spliced block from the clean run's cached ``resid_pre``
+   (``start_at_layer``; the blocks below are unchanged, the logits identical), and zero-ablation
+   runs, which do not depend on the dictionary, are memoised per model weights, store and hooks.
 """
 
 from __future__ import annotations
@@ -139,6 +142,16 @@ def kept_mask(store, n_windows: int) -> Tensor:
     return stored.reshape(n_windows, T) & allowed
 
 
+_ZERO_ABLATION: dict = {}
+"""(weights id, store, hooks, batch start, batch size, splice) -> (CE sum, KL sum) of zero ablation."""
+
+
+def _block_index(hook: str) -> int | None:
+    """``blocks.7.hook_resid_post`` -> 7; None for hooks outside the blocks (e.g. ``hook_embed``)."""
+    parts = hook.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None
+
+
 @torch.no_grad()
 def downstream(dictionary: Dictionary, store, model, *, n_windows: int = 32, batch_size: int = 4,
                per_layer: bool = True, progress: bool = False) -> dict:
@@ -159,10 +172,14 @@ def downstream(dictionary: Dictionary, store, model, *, n_windows: int = 32, bat
     ce_clean, n_pred = 0.0, 0
     device = next(iter(model.parameters())).device
     dict_device = dictionary.norm_factors.device
+    block_of = [_block_index(h) for h in dictionary.hooks]
+    starts = {} if None in block_of else {i: b for i, b in enumerate(block_of)}
+    cache_names = set(dictionary.hooks) | {f"blocks.{b}.hook_resid_pre" for b in starts.values()}
+    zero_key = (getattr(model, "crosslayer_weights_id", id(model)), str(store.path), tuple(dictionary.hooks))
     for start in tqdm(range(0, n_windows, batch_size), desc="downstream", unit="batch", disable=not progress):
         tokens = tokens_NT[start:start + batch_size].to(device)
         mask_BT = mask_NT[start:start + batch_size].to(device)
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in dictionary.hooks)
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in cache_names)
         acts_BTLD = torch.stack([cache[h] for h in dictionary.hooks], dim=2)
         recon_ND = dictionary.reconstruct(acts_BTLD[mask_BT].float().to(dict_device), normalized=False)
         recon_BTLD = acts_BTLD.clone()
@@ -173,17 +190,25 @@ def downstream(dictionary: Dictionary, store, model, *, n_windows: int = 32, bat
         ce_clean += float(-logp_clean.gather(1, target[:, None]).sum())
         n_pred += int(pred_BT.sum())
 
+        def forward(hooks, idx):
+            # start at the first spliced block from the clean cache: the blocks below it are unchanged
+            first = min((starts[i] for i in idx), default=None) if starts else None
+            if first is None:
+                return model.run_with_hooks(tokens, fwd_hooks=hooks)
+            return model.run_with_hooks(cache[f"blocks.{first}.hook_resid_pre"], start_at_layer=first,
+                                        fwd_hooks=hooks)
+
+        def score(out):
+            logp = torch.log_softmax(out[:, :-1][pred_BT].float(), dim=-1)
+            return float(-logp.gather(1, target[:, None]).sum()), float((logp_clean.exp() * (logp_clean - logp)).sum())
+
         def run(values_BTLD, which):
             def splice(act, hook, i):
                 return torch.where(mask_BT[..., None], values_BTLD[:, :, i], act)
 
-            idx = range(len(dictionary.hooks)) if which is None else which
+            idx = list(range(len(dictionary.hooks)) if which is None else which)
             hooks = [(dictionary.hooks[i], lambda act, hook, i=i: splice(act, hook, i)) for i in idx]
-            out = model.run_with_hooks(tokens, fwd_hooks=hooks)
-            logp = torch.log_softmax(out[:, :-1][pred_BT].float(), dim=-1)
-            ce = float(-logp.gather(1, target[:, None]).sum())
-            kl = float((logp_clean.exp() * (logp_clean - logp)).sum())
-            return ce, kl
+            return score(forward(hooks, idx))
 
         def run_sequential():
             def splice(act, hook, i):
@@ -193,15 +218,17 @@ def downstream(dictionary: Dictionary, store, model, *, n_windows: int = 32, bat
                 return out
 
             hooks = [(h, lambda act, hook, i=i: splice(act, hook, i)) for i, h in enumerate(dictionary.hooks)]
-            out = model.run_with_hooks(tokens, fwd_hooks=hooks)
-            logp = torch.log_softmax(out[:, :-1][pred_BT].float(), dim=-1)
-            return float(-logp.gather(1, target[:, None]).sum()), float((logp_clean.exp() * (logp_clean - logp)).sum())
+            return score(forward(hooks, list(range(len(dictionary.hooks)))))
 
         zeros_BTLD = torch.zeros_like(acts_BTLD)
         for key, which in splices:
             sequential = which is None and getattr(dictionary, "layerwise", False) and len(dictionary.hooks) > 1
             ce, kl = run_sequential() if sequential else run(recon_BTLD, which)
-            ce_z, kl_z = run(zeros_BTLD, which)
+            # zero ablation does not depend on the dictionary: memoised per model, store, windows and hooks
+            zkey = zero_key + (start, batch_size, key if which is None else dictionary.hooks[which[0]])
+            if zkey not in _ZERO_ABLATION:
+                _ZERO_ABLATION[zkey] = run(zeros_BTLD, which)
+            ce_z, kl_z = _ZERO_ABLATION[zkey]
             s = sums[key]
             s["ce_spliced"] += ce
             s["kl"] += kl
