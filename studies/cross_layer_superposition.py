@@ -1,0 +1,562 @@
+"""Cross-layer superposition: is one feature learnt once by a crosscoder but again at every layer by SAEs?
+
+Question
+    Over how many layers does a crosscoder feature write, where does it peak and how much does its
+    direction drift? Do per-layer SAEs learn the same feature again at adjacent layers (chains of
+    matching latents), and how many SAE latents correspond to one crosscoder feature? On synthetic
+    data with known multi-layer features, which approach recovers a feature as one latent?
+
+Method
+    - Live features: those that fire on at least one of ``N_ROWS`` sampled held-out rows; dead
+      features keep their random initial decoders and are left out of every statistic.
+    - Crosscoder profiles (:func:`crosslayer.features.decoder_profile`, research-notes section 4):
+      relative decoder norm r_i^l = ||d_i^l|| / max_l ||d_i^l|| (normalised units), peak layer,
+      span #{l : r_i^l > SPAN_TAU} (also at 0.5), normalised entropy of r_i and direction drift
+      cos(d_i^peak, d_i^l) over the spanned layers.
+    - SAE chains (SAE Match, Balagansky et al. 2024; feature flow, Laptev et al. 2025): the live
+      latents of the SAEs at adjacent layers l, l+1 are matched one-to-one by decoder cosine
+      (Hungarian assignment, :func:`scipy.optimize.linear_sum_assignment`); a match with cosine >
+      tau is a link. The residual stream keeps one basis across layers and the per-layer
+      normalisation is a scalar, so decoder cosines across layers are meaningful. Links form chains
+      (paths through the layers: the same feature learnt again at each layer); a chain's length is
+      its number of latents. The held-out activation correlation of each linked pair is reported,
+      and chance is the 99th percentile of Hungarian-matched cosines against random directions.
+    - SAE latents per crosscoder feature: for each live crosscoder feature and each layer it spans,
+      the live SAE latents of that layer with cosine > tau to the crosscoder's layer-l decoder
+      direction, summed over layers (one SAE copy per spanned layer gives the span), with the
+      number of distinct SAE chains among the best matches and their activation correlation.
+    - Synthetic ground truth (:mod:`crosslayer.synthetic`): ``SYN_FEATURES`` features in ``SYN_D``
+      dimensions over ``SYN_LAYERS`` layers, half spanning 2+ layers, ``synthetic_tokens`` rows; an
+      acausal TopK crosscoder (F = 2G, k = 4) and one single-layer TopK crosscoder per layer (a TopK
+      SAE trained by the same code; F = G, k = 2), both with :func:`crosslayer.training.train_crosscoder`
+      (3 epochs of 256-row batches, at least 300 steps, lr 3e-3).
+      :func:`crosslayer.synthetic.recovery`: per true feature the mean over its layers of the best
+      decoder cosine (MMCS = its mean), the number of distinct best-matching latents, and the span
+      (r > SPAN_TAU) of the latent that best matches it at its peak layer.
+    - tau = 0.5 for the main numbers (well above chance), swept over 0.3..0.9.
+
+Answer (demo preset)
+    See ``paper/tables/cross_layer_superposition_answer.tex`` (generated from ``summary.csv``); the
+    lead fills the demo numbers in here.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from crosslayer.errors import CrosslayerError
+from crosslayer.io import write_csv
+from studies.common import fmt, latex_table, read_csv, save_figure, theme
+from studies.feature_splitting import column_corr, encode_rows, sample_rows
+
+NAME = "cross_layer_superposition"
+TITLE = "Cross-layer superposition"
+NEEDS = ("harvest-train", "harvest-heldout", "train-saes", "train-crosscoder")
+
+SAE, CC = "per-layer SAEs", "crosscoder"
+TAU = 0.5
+"""Decoder-cosine threshold of a cross-layer link and of an SAE latent matching a crosscoder feature."""
+TAUS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+SPAN_TAU = 0.1
+"""A feature spans layer l when r_i^l > SPAN_TAU (the default of decoder_profile)."""
+N_ROWS = 4096
+SYN_LAYERS, SYN_D, SYN_FEATURES = 6, 32, 64
+SYN_BATCH, SYN_LR, SYN_EPOCHS, SYN_MIN_STEPS = 256, 3e-3, 3, 300
+OFTEN = 0.02
+"""Synthetic features firing at least this often count as learnable at these token budgets."""
+CHAIN_COLUMNS = ["chain", "start_layer", "end_layer", "length", "mean_cos", "min_cos", "mean_act_corr", "latents"]
+PER_CC_COLUMNS = ["feature", "peak_layer", "span", "n_sae_latents", "n_matched_layers", "frac_layers_matched",
+                  "mean_best_cos", "mean_best_act_corr", "n_chains"]
+
+
+# ----------------------------------------------------------------------------- matching SAE latents across layers
+
+def unit(W: Tensor) -> Tensor:
+    return torch.nn.functional.normalize(W.float(), dim=-1)
+
+
+def sae_blocks(saes) -> list[Tensor]:
+    """Each layer's SAE decoder rows ``[W_l, d]`` (normalised units, unit norm)."""
+    from crosslayer.features import decoder_layer
+
+    starts = np.cumsum([0] + saes.widths)
+    return [unit(decoder_layer(saes, i, raw=False)[starts[i]:starts[i + 1]]) for i in range(saes.n_layers)]
+
+
+def match_adjacent(a_WD: Tensor, b_VD: Tensor, *, live_a: Tensor | None = None,
+                   live_b: Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one matching of rows of ``a`` to rows of ``b`` maximising the summed cosine (Hungarian).
+
+    Returns ``match [W]`` (index into ``b``, -1 for unmatched or dead rows) and its cosine ``[W]``
+    (NaN where unmatched). Dead rows (``live_* False``) take part in no match.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    cos = (unit(a_WD) @ unit(b_VD).T).double()
+    if live_a is not None:
+        cos[~live_a] = -2.0
+    if live_b is not None:
+        cos[:, ~live_b] = -2.0
+    rows, cols = linear_sum_assignment(cos.numpy(), maximize=True)
+    match = np.full(a_WD.shape[0], -1)
+    value = np.full(a_WD.shape[0], np.nan)
+    ok = cos.numpy()[rows, cols] > -2.0
+    match[rows[ok]], value[rows[ok]] = cols[ok], cos.numpy()[rows[ok], cols[ok]]
+    return match, value
+
+
+def build_chains(matches: list[np.ndarray], cosines: list[np.ndarray], widths: list[int],
+                 tau: float) -> np.ndarray:
+    """Chain id of every latent (concatenated over layers ``[sum W_l]``) given adjacent-layer matches.
+
+    Latent i of layer l and ``matches[l][i]`` of layer l+1 share a chain when their cosine > ``tau``.
+    Matches are one-to-one, so a chain is a path of latents at consecutive layers.
+    """
+    ids = [np.arange(widths[0])]
+    next_id = widths[0]
+    for l, (match, cos) in enumerate(zip(matches, cosines)):
+        cur = np.full(widths[l + 1], -1)
+        link = (match >= 0) & (np.nan_to_num(cos, nan=-2.0) > tau)
+        cur[match[link]] = ids[l][link]
+        new = cur < 0
+        cur[new] = next_id + np.arange(int(new.sum()))
+        next_id += int(new.sum())
+        ids.append(cur)
+    return np.concatenate(ids)
+
+
+def chain_table(chain_N: np.ndarray, layer_N: np.ndarray, latent_N: np.ndarray, link_cos_N: np.ndarray,
+                link_corr_N: np.ndarray, keep_N: np.ndarray, layers: list[int]) -> pd.DataFrame:
+    """One row per chain of kept latents: start/end layer, length, link cosines and activation correlations.
+
+    ``link_cos_N`` / ``link_corr_N``: each latent's link to the next layer (NaN without one).
+    """
+    frame = pd.DataFrame({"chain": chain_N, "layer": np.asarray(layers)[layer_N], "latent": latent_N,
+                          "cos": link_cos_N, "corr": link_corr_N})[keep_N]
+    frame["member"] = frame.layer.astype(str) + ":" + frame.latent.astype(str)
+    grouped = frame.groupby("chain", sort=True)
+    table = pd.DataFrame({"start_layer": grouped.layer.min(), "end_layer": grouped.layer.max(),
+                          "length": grouped.size(), "mean_cos": grouped.cos.mean(), "min_cos": grouped.cos.min(),
+                          "mean_act_corr": grouped["corr"].mean(), "latents": grouped.member.agg(" ".join)})
+    table = table.reset_index(drop=True).rename_axis("chain").reset_index()
+    return table[CHAIN_COLUMNS]
+
+
+def chance_cosine(a_WD: Tensor, *, seed: int = 12345, q: float = 0.99) -> float:
+    """The ``q`` quantile of Hungarian-matched cosines between ``a`` and as many random directions."""
+    gen = torch.Generator().manual_seed(seed)
+    _, value = match_adjacent(a_WD, torch.randn(a_WD.shape, generator=gen))
+    return float(np.nanquantile(value, q))
+
+
+# ----------------------------------------------------------------------------- SAE latents per crosscoder feature
+
+@torch.no_grad()
+def sae_per_crosscoder(cc_FLD: Tensor, span_FL: Tensor, blocks: list[Tensor], live_blocks: list[Tensor],
+                       tau: float) -> dict[str, Tensor]:
+    """For each crosscoder feature (decoders ``[F, L, d]``) and each layer in ``span_FL``, the live SAE
+    latents of that layer (``blocks[l]`` ``[W_l, d]``) with decoder cosine > ``tau``.
+
+    Returns ``count_FL`` (matches per spanned layer, 0 elsewhere), ``best_FL`` (best cosine, NaN off
+    the span) and ``arg_FL`` (best latent, -1 off the span).
+    """
+    counts, bests, args = [], [], []
+    for l, (W, live) in enumerate(zip(blocks, live_blocks)):
+        cos_FW = (unit(cc_FLD[:, l]) @ W.T).masked_fill(~live[None], -2.0)
+        best, arg = cos_FW.max(dim=1)
+        counts.append((cos_FW > tau).sum(1) * span_FL[:, l])
+        bests.append(best.masked_fill(~span_FL[:, l], float("nan")))
+        args.append(arg.masked_fill(~span_FL[:, l], -1))
+    return {"count_FL": torch.stack(counts, 1), "best_FL": torch.stack(bests, 1), "arg_FL": torch.stack(args, 1)}
+
+
+def distinct_per_row(ids_FL: np.ndarray) -> np.ndarray:
+    """Number of distinct non-negative values in each row of ``ids_FL`` (-1 = none)."""
+    s = np.sort(ids_FL, axis=1)
+    new = (s[:, 1:] != s[:, :-1]) & (s[:, 1:] >= 0)
+    return (s[:, :1] >= 0).sum(1) + new.sum(1)
+
+
+# ----------------------------------------------------------------------------- synthetic ground truth
+
+def _stream(acts: Tensor, batch: int, seed: int) -> Callable[[int], Iterator[Tensor]]:
+    """``make_batches(start_step)``: endless seeded epochs of shuffled ``batch``-row slices of ``acts``."""
+    def make(start: int) -> Iterator[Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+
+        def epochs():
+            while True:
+                perm = torch.randperm(acts.shape[0], generator=gen)
+                for b in range(0, acts.shape[0] - batch + 1, batch):
+                    yield acts[perm[b:b + batch]]
+
+        return itertools.islice(epochs(), start, None)
+
+    return make
+
+
+def synthetic_recovery(n_tokens: int, out_dir: Path, *, n_layers: int = SYN_LAYERS, d_model: int = SYN_D,
+                       n_features: int = SYN_FEATURES, seed: int = 0, progress: bool = False) -> pd.DataFrame:
+    """Train a crosscoder and per-layer single-layer crosscoders on synthetic data; their recovery tables.
+
+    Columns: approach, feature, start, span, frequency, mean_max_cos, min_max_cos, n_latents,
+    recovered_span, multi, often.
+    """
+    from crosslayer.crosscoder import CrosscoderConfig
+    from crosslayer.synthetic import make_synthetic, recovery
+    from crosslayer.training import TrainConfig, train_crosscoder
+
+    if n_tokens < SYN_BATCH:
+        raise CrosslayerError(f"synthetic_tokens must be >= {SYN_BATCH}, got {n_tokens}")
+    L, d, G = n_layers, d_model, n_features
+    acts, truth = make_synthetic(L, d, G, n_tokens, seed=seed)
+    steps = max(SYN_MIN_STEPS, SYN_EPOCHS * n_tokens // SYN_BATCH)
+    train = TrainConfig(steps=steps, lr=SYN_LR, dead_after_tokens=20_000, log_every=steps, checkpoint_every=steps,
+                        seed=seed)
+    folder = out_dir / f"synthetic_L{L}_d{d}_G{G}_n{n_tokens}_s{seed}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # these models are tiny: one thread is several times faster than two
+    try:
+        cc = train_crosscoder(train, CrosscoderConfig(layers=tuple(range(L)), d_model=d, n_features=2 * G, k=4),
+                              _stream(acts, SYN_BATCH, seed), out_dir=folder / "crosscoder", progress=progress)
+        blocks = []
+        for l in range(L):
+            one = train_crosscoder(train, CrosscoderConfig(layers=(l,), d_model=d, n_features=G, k=2),
+                                   _stream(acts[:, l:l + 1], SYN_BATCH, seed + 1 + l), out_dir=folder / f"sae_{l}",
+                                   progress=progress)
+            W_FLD = torch.zeros(G, L, d)
+            W_FLD[:, l] = one.W_dec.detach()[:, 0]
+            blocks.append(W_FLD)
+    finally:
+        torch.set_num_threads(threads)
+    peak_G = truth.profiles_GL.argmax(1)
+    tables = []
+    for approach, W_FLD in ((CC, cc.W_dec.detach()), (SAE, torch.cat(blocks))):
+        table = recovery(W_FLD, truth)
+        norms_FL = W_FLD.norm(dim=-1)
+        r_FL = norms_FL / norms_FL.max(1, keepdim=True).values.clamp_min(1e-12)
+        at_peak_GFD = unit(W_FLD.permute(1, 0, 2)[peak_G])  # every latent's decoder at each feature's peak layer
+        best_G = torch.einsum("gd,gfd->gf", truth.directions_GLD[torch.arange(G), peak_G], at_peak_GFD).argmax(1)
+        table["recovered_span"] = (r_FL[best_G] > SPAN_TAU).sum(1).numpy()
+        table.insert(0, "approach", approach)
+        tables.append(table)
+    out = pd.concat(tables, ignore_index=True)
+    out["multi"] = out.span > 1
+    out["often"] = out.frequency >= OFTEN
+    return out[["approach", "feature", "start", "span", "frequency", "mean_max_cos", "min_max_cos", "n_latents",
+                "recovered_span", "multi", "often"]]
+
+
+# ----------------------------------------------------------------------------- the study
+
+def run(ctx) -> dict:
+    from crosslayer.features import decoder_profile
+
+    results = ctx.results(NAME)
+    heldout = ctx.store("heldout")
+    saes, cc = ctx.saes(), ctx.crosscoder()
+    if saes.layers != cc.layers:
+        raise CrosslayerError(f"the main SAEs read layers {saes.layers}, the crosscoder {cc.layers}; retrain one")
+    layers, L = cc.layers, cc.n_layers
+    rows = sample_rows(heldout, N_ROWS)
+    f_cc, f_sae = encode_rows(cc, heldout, rows), encode_rows(saes, heldout, rows)
+    live_cc = (f_cc > 0).any(0)
+    live_sae = (f_sae > 0).any(0)
+    summary: list[dict] = []
+
+    def add(part: str, metric: str, value, tau: float = float("nan")) -> None:
+        summary.append({"part": part, "metric": metric, "tau": tau, "value": float(value)})
+
+    # -- crosscoder decoder-norm profiles
+    prof = decoder_profile(cc, tau=SPAN_TAU)
+    r = prof[[f"r_{l}" for l in layers]].to_numpy()
+    prof.insert(4, "span_50", (r > 0.5).sum(1))
+    prof.insert(1, "density", (f_cc > 0).float().mean(0).numpy())
+    prof.insert(2, "live", live_cc.numpy())
+    write_csv(prof, results / "cc_profiles.csv")
+    live_prof = prof[prof.live]
+    add("profiles", "n_features", len(prof))
+    add("profiles", "n_live", len(live_prof))
+    for name, col in (("mean_span", "span"), ("mean_span_50", "span_50"), ("mean_entropy", "entropy"),
+                      ("mean_drift", "drift_mean"), ("mean_drift_min", "drift_min")):
+        add("profiles", name, live_prof[col].mean())
+    add("profiles", "frac_span_1", (live_prof.span == 1).mean())
+    add("profiles", "frac_span_all", (live_prof.span == L).mean())
+
+    # -- per-layer SAE chains
+    blocks = sae_blocks(saes)
+    starts = np.cumsum([0] + saes.widths)
+    live_blocks = [live_sae[starts[i]:starts[i + 1]] for i in range(L)]
+    f_blocks = [f_sae[:, starts[i]:starts[i + 1]] for i in range(L)]
+    matches, cosines, corrs = [], [], []
+    for l in range(L - 1):
+        m, c = match_adjacent(blocks[l], blocks[l + 1], live_a=live_blocks[l], live_b=live_blocks[l + 1])
+        corr = column_corr(f_blocks[l], f_blocks[l + 1][:, np.maximum(m, 0)]).numpy()
+        matches.append(m)
+        cosines.append(c)
+        corrs.append(np.where(m >= 0, corr, np.nan))
+    chance = chance_cosine(blocks[L // 2]) if L > 1 else float("nan")
+    add("chains", "chance_cos_p99", chance)
+    layer_N = np.repeat(np.arange(L), saes.widths)
+    latent_N = np.concatenate([np.arange(w) for w in saes.widths])
+    keep_N = live_sae.numpy()
+    chain_ids = {}
+    for tau in TAUS:
+        chain_N = build_chains(matches, cosines, saes.widths, tau)
+        chain_ids[tau] = chain_N
+        link_cos = np.concatenate([np.where(c > tau, c, np.nan) for c in cosines] + [np.full(saes.widths[-1], np.nan)])
+        link_corr = np.concatenate([np.where(c > tau, k, np.nan) for c, k in zip(cosines, corrs)]
+                                   + [np.full(saes.widths[-1], np.nan)])
+        table = chain_table(chain_N, layer_N, latent_N, link_cos, link_corr, keep_N, layers)
+        per_latent = np.repeat(table.length.to_numpy(), table.length.to_numpy())  # chain length seen by each latent
+        add("chains", "n_live_latents", int(keep_N.sum()), tau)
+        add("chains", "n_chains", len(table), tau)
+        add("chains", "mean_chain_length", table.length.mean(), tau)
+        add("chains", "frac_latents_chained", (per_latent >= 2).mean(), tau)
+        add("chains", "frac_latents_full_length", (per_latent == L).mean(), tau)
+        add("chains", "mean_link_cos", np.nanmean(link_cos) if np.isfinite(link_cos).any() else np.nan, tau)
+        add("chains", "median_link_act_corr", np.nanmedian(link_corr) if np.isfinite(link_corr).any() else np.nan, tau)
+        if tau == TAU:
+            write_csv(table, results / "sae_chains.csv")
+    all_cos = np.concatenate(cosines) if cosines else np.array([np.nan])
+    add("chains", "median_matched_cos", np.nanmedian(all_cos) if np.isfinite(all_cos).any() else np.nan)
+
+    # -- SAE latents per crosscoder feature
+    idx = live_cc.nonzero().squeeze(1)
+    W_FLD = cc.W_dec_masked().detach().float()[idx]
+    span_FL = torch.as_tensor(r[idx.numpy()] > SPAN_TAU)
+    f_live = f_cc[:, idx]
+    for tau in TAUS:
+        m = sae_per_crosscoder(W_FLD, span_FL, blocks, live_blocks, tau)
+        n_FL = m["count_FL"]
+        matched_FL = n_FL > 0
+        spans = span_FL.sum(1).clamp_min(1)
+        best_N = starts[:-1][None] + m["arg_FL"].clamp_min(0).numpy()  # index of the best SAE latent among all
+        chain_FL = np.where(matched_FL.numpy(), chain_ids[tau][best_N], -1)
+        add("sae_per_cc", "mean_sae_latents", n_FL.sum(1).float().mean(), tau)
+        add("sae_per_cc", "mean_sae_latents_per_span_layer", (n_FL.sum(1) / spans).float().mean(), tau)
+        add("sae_per_cc", "frac_layers_matched", (matched_FL.sum(1) / spans).float().mean(), tau)
+        add("sae_per_cc", "frac_features_matched", matched_FL.any(1).float().mean(), tau)
+        add("sae_per_cc", "mean_distinct_chains", distinct_per_row(chain_FL)[matched_FL.any(1).numpy()].mean()
+            if bool(matched_FL.any()) else np.nan, tau)
+        if tau == TAU:
+            corr_FL = torch.stack([column_corr(f_live, f_blocks[l][:, m["arg_FL"][:, l].clamp_min(0)])
+                                   for l in range(L)], 1).masked_fill(~matched_FL, float("nan"))
+            per_cc = pd.DataFrame({"feature": idx.numpy(), "peak_layer": prof.peak_layer.to_numpy()[idx.numpy()],
+                                   "span": span_FL.sum(1).numpy(), "n_sae_latents": n_FL.sum(1).numpy(),
+                                   "n_matched_layers": matched_FL.sum(1).numpy(),
+                                   "frac_layers_matched": (matched_FL.sum(1) / spans).numpy(),
+                                   "mean_best_cos": m["best_FL"].nanmean(1).numpy(),
+                                   "mean_best_act_corr": corr_FL.nanmean(1).numpy(),
+                                   "n_chains": distinct_per_row(chain_FL)})
+            write_csv(per_cc[PER_CC_COLUMNS], results / "sae_per_cc.csv")
+            add("sae_per_cc", "mean_best_cos", per_cc.mean_best_cos.mean(), tau)
+            add("sae_per_cc", "mean_span", per_cc.span.mean(), tau)
+
+    # -- synthetic ground truth
+    syn = synthetic_recovery(ctx.preset.synthetic_tokens, ctx.out / "dicts", progress=ctx.progress)
+    write_csv(syn, results / "synthetic.csv")
+    for approach, part in syn.groupby("approach"):
+        key = "crosscoder" if approach == CC else "saes"
+        target = part[part.multi & part.often]
+        add("synthetic", f"{key}_mmcs", part.mean_max_cos.mean())
+        add("synthetic", f"{key}_mmcs_often", part[part.often].mean_max_cos.mean())
+        add("synthetic", f"{key}_latents_per_multi", target.n_latents.mean())
+        add("synthetic", f"{key}_mean_true_span_multi", target.span.mean())
+        add("synthetic", f"{key}_recovered_span_multi", target.recovered_span.mean())
+    summ = pd.DataFrame(summary)
+    write_csv(summ, results / "summary.csv")
+    get = _getter(summ)
+    return {"cc_live": int(get("profiles", "n_live")), "cc_mean_span": round(get("profiles", "mean_span"), 3),
+            "cc_mean_drift": round(get("profiles", "mean_drift"), 3),
+            "sae_frac_chained": round(get("chains", "frac_latents_chained", TAU), 4),
+            "sae_latents_per_cc": round(get("sae_per_cc", "mean_sae_latents", TAU), 3),
+            "syn_cc_latents_per_multi": round(get("synthetic", "crosscoder_latents_per_multi"), 3),
+            "syn_sae_latents_per_multi": round(get("synthetic", "saes_latents_per_multi"), 3)}
+
+
+def _getter(summ: pd.DataFrame) -> Callable[..., float]:
+    def get(part: str, metric: str, tau: float | None = None) -> float:
+        rows = summ[(summ.part == part) & (summ.metric == metric)]
+        rows = rows[np.isclose(rows.tau, tau)] if tau is not None else rows
+        return float(rows.value.iloc[0]) if len(rows) else float("nan")
+
+    return get
+
+
+# ----------------------------------------------------------------------------- figures, tables, answer
+
+def _identity_marks(ax, values: list, *, label: str) -> None:
+    """A dotted mark at height ``value`` over each categorical bar position (the y = x reference)."""
+    for i, v in enumerate(values):
+        ax.hlines(v, i - 0.45, i + 0.45, colors="k", linestyles=":", lw=1.2, label=label if i == 0 else None)
+
+
+def figures(results: Path, figures_dir: Path) -> list[tuple[Path, str]]:
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    theme()
+    paths = []
+    prof = read_csv(results, "cc_profiles")
+    live = prof[prof.live.astype(str).str.lower() == "true"]
+    rcols = [c for c in prof.columns if c.startswith("r_")]
+    layers = [int(c[2:]) for c in rcols]
+    if len(live):
+        sample = live.sample(min(200, len(live)), random_state=0).sort_values(["peak_layer", "span", "entropy"])
+        fig, ax = plt.subplots(figsize=(5.6, 5.2))
+        sns.heatmap(sample[rcols].to_numpy(), ax=ax, cmap="viridis", vmin=0, vmax=1, xticklabels=layers,
+                    yticklabels=False, cbar_kws={"label": "relative decoder norm $r_i^l$"})
+        ax.set(xlabel="layer", ylabel=f"crosscoder features ({len(sample)} live, sorted by peak layer)")
+        paths.append((save_figure(fig, figures_dir / f"{NAME}_profiles.png"),
+                      "Relative decoder norms $r_i^l = \\|d_i^l\\| / \\max_l \\|d_i^l\\|$ of a random sample of live "
+                      "crosscoder features, sorted by peak layer."))
+    chains = read_csv(results, "sae_chains")
+    L = len(layers)
+    frames = []
+    if len(live):
+        frames.append(pd.DataFrame({"length": live.span, "weight": 1.0 / len(live),
+                                    "what": f"crosscoder feature: span ($r>{SPAN_TAU}$)"}))
+    if len(chains):
+        frames.append(pd.DataFrame({"length": chains.length, "weight": chains.length / chains.length.sum(),
+                                    "what": f"SAE latent: length of its chain (cos $>{TAU}$)"}))
+    if frames:
+        both = pd.concat(frames)
+        agg = both.groupby(["what", "length"]).weight.sum().reset_index()
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        sns.barplot(data=agg, x="length", y="weight", hue="what", order=list(range(1, L + 1)), ax=ax)
+        ax.set(xlabel="layers", ylabel="fraction")
+        ax.legend(fontsize=8)
+        paths.append((save_figure(fig, figures_dir / f"{NAME}_spans.png"),
+                      "How many layers one feature covers: the span of each live crosscoder feature, and for each "
+                      "live SAE latent the length of the chain of matching SAE latents at adjacent layers it "
+                      "belongs to."))
+    per_cc = read_csv(results, "sae_per_cc")
+    if len(per_cc):
+        fig, ax = plt.subplots(figsize=(5.6, 3.8))
+        sns.barplot(data=per_cc, x="span", y="n_sae_latents", ax=ax, color="C0", errorbar=("ci", 95))
+        _identity_marks(ax, sorted(per_cc.span.unique()), label="one SAE latent per spanned layer")
+        top = max(per_cc.span.max(), per_cc.groupby("span").n_sae_latents.mean().max())
+        ax.set(xlabel=f"crosscoder feature span (layers with $r>{SPAN_TAU}$)",
+               ylabel=f"SAE latents with cos $>{TAU}$", ylim=(0, 1.3 * top))
+        ax.legend(fontsize=8, loc="upper left")
+        paths.append((save_figure(fig, figures_dir / f"{NAME}_sae_per_cc.png"),
+                      f"Number of live per-layer SAE latents whose decoder has cosine above {TAU} with a live "
+                      "crosscoder feature's decoder at a layer the feature spans, by the feature's span "
+                      "(mean, 95\\% CI)."))
+    syn = read_csv(results, "synthetic")
+    if len(syn):
+        syn = syn[syn.often.astype(str).str.lower() == "true"]
+        fig, axes = plt.subplots(1, 2, figsize=(10.4, 3.8))
+        sns.barplot(data=syn, x="span", y="n_latents", hue="approach", ax=axes[0], errorbar=None)
+        axes[0].set(xlabel="true span of the feature (layers)", ylabel="distinct best-matching latents")
+        sns.barplot(data=syn, x="span", y="recovered_span", hue="approach", ax=axes[1], errorbar=None)
+        for ax in axes:
+            _identity_marks(ax, sorted(syn.span.unique()), label="true span")
+        axes[1].set(xlabel="true span of the feature (layers)", ylabel="span of the best-matching latent")
+        axes[1].get_legend().remove()
+        paths.append((save_figure(fig, figures_dir / f"{NAME}_synthetic.png"),
+                      f"Synthetic ground truth (features firing on at least {100 * OFTEN:g}\\% of tokens): number "
+                      "of distinct latents that best match a true feature across its layers, and the span of the "
+                      "latent that matches it best at its peak layer; dotted: the true span."))
+    return paths
+
+
+def _metric_rows(summ: pd.DataFrame) -> pd.DataFrame:
+    get = _getter(summ)
+    rows = [
+        ("crosscoder", "live features", get("profiles", "n_live")),
+        ("crosscoder", f"mean span ($r>{SPAN_TAU}$)", get("profiles", "mean_span")),
+        ("crosscoder", "mean span ($r>0.5$)", get("profiles", "mean_span_50")),
+        ("crosscoder", "single-layer features", get("profiles", "frac_span_1")),
+        ("crosscoder", "features spanning every layer", get("profiles", "frac_span_all")),
+        ("crosscoder", "normalised entropy of $r$", get("profiles", "mean_entropy")),
+        ("crosscoder", "drift: mean cos to peak direction", get("profiles", "mean_drift")),
+        ("SAEs", "live latents", get("chains", "n_live_latents", TAU)),
+        ("SAEs", "median matched cos, adjacent layers", get("chains", "median_matched_cos")),
+        ("SAEs", "chance (99th pct., random directions)", get("chains", "chance_cos_p99")),
+        ("SAEs", f"latents in a chain of 2+ (cos $>{TAU}$)", get("chains", "frac_latents_chained", TAU)),
+        ("SAEs", "latents in a full-length chain", get("chains", "frac_latents_full_length", TAU)),
+        ("SAEs", "mean chain length", get("chains", "mean_chain_length", TAU)),
+        ("SAEs", "median act. corr. of linked latents", get("chains", "median_link_act_corr", TAU)),
+        ("SAEs per crosscoder feature", f"SAE latents with cos $>{TAU}$", get("sae_per_cc", "mean_sae_latents", TAU)),
+        ("SAEs per crosscoder feature", "its mean span", get("sae_per_cc", "mean_span", TAU)),
+        ("SAEs per crosscoder feature", "spanned layers with a match", get("sae_per_cc", "frac_layers_matched", TAU)),
+        ("SAEs per crosscoder feature", "distinct SAE chains among them",
+         get("sae_per_cc", "mean_distinct_chains", TAU)),
+    ]
+    return pd.DataFrame(rows, columns=["part", "quantity", "value"])
+
+
+def tables(results: Path, tables_dir: Path) -> list[Path]:
+    summ = read_csv(results, "summary")
+    main = latex_table(_metric_rows(summ), tables_dir / f"{NAME}.tex", raw_columns=("quantity",),
+                       columns={"part": "", "quantity": "quantity", "value": "value"},
+                       caption=f"Cross-layer superposition on held-out data: crosscoder decoder-norm profiles (live "
+                               f"features), chains of per-layer SAE latents matched at adjacent layers (Hungarian, "
+                               f"cosine $>{TAU}$), and the SAE latents matching one crosscoder feature. Fractions are "
+                               "of live features or latents.", label=f"tab:{NAME}")
+    syn = read_csv(results, "synthetic")
+    rows = []
+    for approach, part in syn.groupby("approach", sort=False):
+        often = part[part.often.astype(str).str.lower() == "true"]
+        multi = often[often.multi.astype(str).str.lower() == "true"]
+        rows.append({"approach": approach, "mmcs": part.mean_max_cos.mean(), "mmcs_often": often.mean_max_cos.mean(),
+                     "n_multi": len(multi), "latents": multi.n_latents.mean(), "span": multi.span.mean(),
+                     "recovered": multi.recovered_span.mean()})
+    second = latex_table(pd.DataFrame(rows), tables_dir / f"{NAME}_synthetic.tex",
+                         columns={"approach": "approach", "mmcs": "MMCS", "mmcs_often": "MMCS (frequent)",
+                                  "n_multi": "multi-layer features", "latents": "latents per feature",
+                                  "span": "true span", "recovered": "span of best latent"},
+                         caption=f"Synthetic ground truth: mean max cosine over all true features and over those "
+                                 f"firing on at least {100 * OFTEN:g}\\% of tokens; for the frequent multi-layer "
+                                 "features, the number of distinct latents that best match them over their layers, "
+                                 "their true span and the span of the latent matching them best at their peak layer.",
+                         label=f"tab:{NAME}-synthetic")
+    return [main, second]
+
+
+def answer(results: Path) -> str:
+    summ = read_csv(results, "summary")
+    get = _getter(summ)
+    n_layers = len([c for c in read_csv(results, "cc_profiles").columns if c.startswith("r_")])
+    parts = [f"Of the crosscoder's {int(get('profiles', 'n_features'))} features, {int(get('profiles', 'n_live'))} "
+             f"fire on the sampled held-out rows. They span {fmt(get('profiles', 'mean_span'), 3)} of {n_layers} "
+             f"layers on average ($r>{SPAN_TAU}$; {fmt(get('profiles', 'mean_span_50'), 3)} at $r>0.5$); "
+             f"{fmt(100 * get('profiles', 'frac_span_1'), 2)}\\% write one layer and "
+             f"{fmt(100 * get('profiles', 'frac_span_all'), 2)}\\% every layer, with normalised entropy "
+             f"{fmt(get('profiles', 'mean_entropy'), 3)}; their decoder direction keeps a mean cosine of "
+             f"{fmt(get('profiles', 'mean_drift'), 3)} with its peak-layer direction (drift)."]
+    parts.append(f"Per-layer SAE latents matched one-to-one between adjacent layers have median decoder cosine "
+                 f"{fmt(get('chains', 'median_matched_cos'), 3)} (chance: {fmt(get('chains', 'chance_cos_p99'), 2)}); "
+                 f"at cosine $>{TAU}$, {fmt(100 * get('chains', 'frac_latents_chained', TAU), 2)}\\% of the live SAE "
+                 f"latents belong to a chain of two or more layers and "
+                 f"{fmt(100 * get('chains', 'frac_latents_full_length', TAU), 2)}\\% to a chain through all {n_layers} "
+                 f"(mean chain length {fmt(get('chains', 'mean_chain_length', TAU), 3)}; linked latents' activations "
+                 f"correlate with median {fmt(get('chains', 'median_link_act_corr', TAU), 2)}). Sweeping the threshold "
+                 f"from {min(TAUS)} to {max(TAUS)} moves the chained fraction from "
+                 f"{fmt(100 * get('chains', 'frac_latents_chained', min(TAUS)), 2)}\\% to "
+                 f"{fmt(100 * get('chains', 'frac_latents_chained', max(TAUS)), 2)}\\%.")
+    parts.append(f"A live crosscoder feature (mean span {fmt(get('sae_per_cc', 'mean_span', TAU), 3)}) corresponds to "
+                 f"{fmt(get('sae_per_cc', 'mean_sae_latents', TAU), 3)} SAE latents with cosine $>{TAU}$ on average; "
+                 f"{fmt(100 * get('sae_per_cc', 'frac_layers_matched', TAU), 2)}\\% of its spanned layers have such a "
+                 f"latent, and those with any match spread over "
+                 f"{fmt(get('sae_per_cc', 'mean_distinct_chains', TAU), 3)} distinct SAE chains.")
+    if np.isfinite(get("synthetic", "crosscoder_mmcs")):
+        parts.append(f"On synthetic data with known spans, the crosscoder recovers the true features with MMCS "
+                     f"{fmt(get('synthetic', 'crosscoder_mmcs'), 3)} "
+                     f"({fmt(get('synthetic', 'crosscoder_mmcs_often'), 3)} for frequent ones) and a frequent "
+                     f"multi-layer feature (mean true span "
+                     f"{fmt(get('synthetic', 'crosscoder_mean_true_span_multi'), 3)}) with "
+                     f"{fmt(get('synthetic', 'crosscoder_latents_per_multi'), 3)} latent(s), whose own span is "
+                     f"{fmt(get('synthetic', 'crosscoder_recovered_span_multi'), 3)} layers; per-layer SAEs reach MMCS "
+                     f"{fmt(get('synthetic', 'saes_mmcs'), 3)} but need "
+                     f"{fmt(get('synthetic', 'saes_latents_per_multi'), 3)} latents for the same features.")
+    return " ".join(parts)

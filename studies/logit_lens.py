@@ -1,0 +1,301 @@
+"""Logit lens: at which layer do the model's next-token predictions form?
+
+Question
+    Reading every layer's residual stream through the model's own final norm and unembedding (the
+    logit lens, nostalgebraist 2020; the baseline of Belrose et al. 2023), how far is each layer's
+    next-token distribution from the final one (KL), what rank does the known answer have, and at
+    which layer does the answer first enter the top-k and become the top-1 -- by prompt category?
+
+Method
+    - The first ``preset.lens_prompts`` rows of ``data/prompts.jsonl`` (prompt, answer, category).
+      Answers must be one token (tokenized without BOS, as the model reads them); multi-token answers
+      are skipped and listed in ``skipped.csv``.
+    - One batched forward pass caches ``blocks.0.hook_resid_pre`` (the embedding, layer -1) and every
+      ``blocks.{l}.hook_resid_post``. At each prompt's last position, each layer is decoded with
+      :func:`crosslayer.lens.decode_layer` (exactly as :func:`crosslayer.lens.logit_lens` decodes
+      it; a test checks parity), giving ``KL(p_final || p_l)`` (nats), the entropy, the answer's
+      rank (1 = top-1) and probability, and the layer's top-1 token. Only the last position is
+      decoded: that is the next-token prediction the answer refers to, and it costs 1/positions
+      of the full lens table.
+    - Per prompt: the first layer at which the answer is in the top-``TOP_K`` and at which it is the
+      top-1 (empty if never), and the first layer from which KL stays below ``KL_NATS`` nat.
+      Summaries per category are medians over prompts that reach the milestone.
+
+Answer (demo preset)
+    See ``paper/tables/logit_lens_answer.tex`` (generated from ``first_entry.csv``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from crosslayer.errors import CrosslayerError
+from crosslayer.io import write_csv
+from studies.common import fmt, latex_escape, latex_table, read_csv, save_figure, theme
+
+NAME = "logit_lens"
+TITLE = "Where next-token predictions form (logit lens)"
+NEEDS = ()
+
+PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts.jsonl"
+TOP_K = 5
+"""The answer "enters the top-k" at the first layer where its rank is at most this."""
+KL_NATS = 1.0
+"""The distribution "has formed" from the first layer after which KL to the final stays below this."""
+EMBED = -1
+
+BY_LAYER_COLUMNS = ["prompt_id", "category", "answer", "layer", "kl_to_final", "entropy", "answer_rank",
+                    "answer_prob", "answer_in_topk", "answer_top1", "top1_token", "top1_prob"]
+FIRST_COLUMNS = ["prompt_id", "category", "prompt", "answer", "final_top1_token", "final_rank", "final_correct",
+                 "first_topk_layer", "first_top1_layer", "kl_settle_layer"]
+
+
+def load_prompts(n: int, path: Path = PROMPTS) -> pd.DataFrame:
+    """The first ``n`` rows of the prompt set (columns prompt, answer, category, prompt_id)."""
+    if not path.is_file():
+        raise CrosslayerError(f"prompt set {path} is missing; it ships with the repository (data/prompts.jsonl)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if n < 1 or n > len(rows):
+        raise CrosslayerError(f"lens_prompts={n} but {path} holds {len(rows)} prompts; use 1..{len(rows)}")
+    frame = pd.DataFrame(rows[:n])[["prompt", "answer", "category"]]
+    return frame.assign(prompt_id=range(n))
+
+
+@torch.no_grad()
+def answer_lens(model, prompts: list[str], answer_ids: list[int], *, top_k: int = TOP_K) -> pd.DataFrame:
+    """Logit lens at each prompt's last position with a per-prompt answer token.
+
+    One row per (prompt index, layer), layers -1 (embedding) .. n_layers-1. Columns: prompt, layer,
+    kl_to_final, entropy, answer_rank, answer_prob, top1_id, top1_prob, answer_in_topk, answer_top1.
+    """
+    from crosslayer.lens import decode_layer
+
+    rows = [model.to_tokens(p, prepend_bos=False)[0] for p in prompts]
+    lengths = torch.tensor([len(r) for r in rows])
+    tokens_BP = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long, device=rows[0].device)
+    for i, r in enumerate(rows):  # right padding: causal attention never lets it leak into real positions
+        tokens_BP[i, :len(r)] = r
+    layers = [EMBED, *range(model.cfg.n_layers)]
+    names = {"blocks.0.hook_resid_pre", *(f"blocks.{l}.hook_resid_post" for l in layers[1:])}
+    logits_BPV, cache = model.run_with_cache(tokens_BP, names_filter=lambda name: name in names)
+    batch_B, last_B = torch.arange(len(rows), device=tokens_BP.device), (lengths - 1).to(tokens_BP.device)
+    final_logp_BV = torch.log_softmax(logits_BPV[batch_B, last_B].float(), dim=-1)
+    answer_B = torch.tensor(answer_ids, device=tokens_BP.device)
+    out = []
+    for layer in layers:
+        name = "blocks.0.hook_resid_pre" if layer == EMBED else f"blocks.{layer}.hook_resid_post"
+        logp_BV = decode_layer(model, cache[name][batch_B, last_B][:, None])[:, 0]
+        p_BV = logp_BV.exp()
+        answer_logp_B = logp_BV[batch_B, answer_B]
+        rank_B = (logp_BV > answer_logp_B[:, None]).sum(-1) + 1
+        top_logp_B, top_id_B = logp_BV.max(-1)
+        out.append(pd.DataFrame({
+            "prompt": batch_B.cpu().numpy(), "layer": layer,
+            "kl_to_final": (final_logp_BV.exp() * (final_logp_BV - logp_BV)).nansum(-1).clamp_min(0).cpu().numpy(),
+            "entropy": (-(p_BV * logp_BV).nansum(-1)).cpu().numpy(),
+            "answer_rank": rank_B.cpu().numpy(), "answer_prob": answer_logp_B.exp().cpu().numpy(),
+            "top1_id": top_id_B.cpu().numpy(), "top1_prob": top_logp_B.exp().cpu().numpy()}))
+    table = pd.concat(out, ignore_index=True).sort_values(["prompt", "layer"], kind="stable", ignore_index=True)
+    table["answer_in_topk"] = table["answer_rank"] <= top_k
+    table["answer_top1"] = table["answer_rank"] == 1
+    return table
+
+
+def milestones(by_layer: pd.DataFrame, *, kl_nats: float = KL_NATS) -> pd.DataFrame:
+    """Per prompt_id: first_topk_layer, first_top1_layer (NaN if never), kl_settle_layer, final_rank."""
+    by_layer = by_layer.sort_values(["prompt_id", "layer"])
+    g = by_layer.groupby("prompt_id", sort=True)
+
+    def first(mask: pd.Series) -> pd.Series:
+        return by_layer["layer"].where(mask).groupby(by_layer["prompt_id"]).min()
+
+    # KL settles at the layer after the last one with KL >= threshold (the final layer has KL 0)
+    layers = np.sort(by_layer["layer"].unique())
+    above = by_layer["layer"].where(by_layer["kl_to_final"] >= kl_nats).groupby(by_layer["prompt_id"]).max()
+    nxt = np.minimum(np.searchsorted(layers, above.fillna(layers[0]).to_numpy()) + 1, len(layers) - 1)
+    settle = pd.Series(np.where(above.isna(), layers[0], layers[nxt]), index=above.index)
+    return pd.DataFrame({"first_topk_layer": first(by_layer["answer_in_topk"].astype(bool)),
+                         "first_top1_layer": first(by_layer["answer_top1"].astype(bool)),
+                         "kl_settle_layer": settle,
+                         "final_rank": g["answer_rank"].last()}).reset_index()
+
+
+def run(ctx) -> dict:
+    model = ctx.model
+    prompts = load_prompts(ctx.preset.lens_prompts)
+    ids = [model.to_tokens(a, prepend_bos=False)[0].tolist() for a in prompts["answer"]]
+    prompts["n_answer_tokens"] = [len(i) for i in ids]
+    results = ctx.results(NAME)
+    skipped = prompts[prompts.n_answer_tokens != 1]
+    write_csv(skipped[["prompt_id", "category", "prompt", "answer", "n_answer_tokens"]], results / "skipped.csv")
+    kept = prompts[prompts.n_answer_tokens == 1].reset_index(drop=True)
+    if kept.empty:
+        raise CrosslayerError("no prompt of the lens set has a one-token answer for this tokenizer")
+    table = answer_lens(model, kept["prompt"].tolist(), [ids[i][0] for i in kept["prompt_id"]])
+    table["top1_token"] = model.tokenizer.batch_decode([[i] for i in table["top1_id"]])
+    by_layer = table.drop(columns="prompt").assign(prompt_id=kept["prompt_id"].to_numpy()[table["prompt"]],
+                                                   category=kept["category"].to_numpy()[table["prompt"]],
+                                                   answer=kept["answer"].to_numpy()[table["prompt"]])
+    write_csv(by_layer[BY_LAYER_COLUMNS], results / "lens_by_layer.csv")
+    final = by_layer[by_layer.layer == by_layer.layer.max()].set_index("prompt_id")
+    first = kept.merge(milestones(by_layer), on="prompt_id")
+    first["final_top1_token"] = first["prompt_id"].map(final["top1_token"])
+    first["final_correct"] = first["final_rank"] == 1
+    write_csv(first[FIRST_COLUMNS], results / "first_entry.csv")
+    summary = summarize(first)
+    write_csv(summary, results / "summary.csv")
+    overall = summary[summary.category == "all"].iloc[0]
+    return {"prompts": int(len(kept)), "skipped": int(len(skipped)), "n_layers": int(model.cfg.n_layers),
+            "final_accuracy": float(overall["final_accuracy"]),
+            "median_first_topk_layer": _num(overall["median_first_topk"]),
+            "median_first_top1_layer": _num(overall["median_first_top1"]),
+            "median_kl_settle_layer": _num(overall["median_kl_settle"])}
+
+
+def _num(x):
+    return None if pd.isna(x) else float(x)
+
+
+def summarize(first: pd.DataFrame) -> pd.DataFrame:
+    """Per category (and "all"): prompts, final accuracy, reach counts and median milestone layers."""
+    def one(part: pd.DataFrame, category: str) -> dict:
+        return {"category": category, "n_prompts": len(part),
+                "final_accuracy": float(part["final_correct"].astype(bool).mean()),
+                "median_final_rank": float(part["final_rank"].median()),
+                "n_reach_topk": int(part["first_topk_layer"].notna().sum()),
+                "median_first_topk": part["first_topk_layer"].median(),
+                "n_reach_top1": int(part["first_top1_layer"].notna().sum()),
+                "median_first_top1": part["first_top1_layer"].median(),
+                "median_kl_settle": part["kl_settle_layer"].median()}
+
+    rows = [one(part, str(cat)) for cat, part in first.groupby("category", sort=True)]
+    return pd.DataFrame(rows + [one(first, "all")])
+
+
+# ----------------------------------------------------------------------------- rendering (CSVs only)
+
+def _layer_name(layer) -> str:
+    return "the embedding" if layer == EMBED else f"layer {fmt(float(layer), 3)}"
+
+
+def _depth(layer: float, n_layers: int) -> str:
+    frac = (layer + 1) / (n_layers + 1)
+    return "in the first third of the network" if frac < 1 / 3 else \
+        "in the middle third of the network" if frac < 2 / 3 else "in the last third of the network"
+
+
+def figures(results: Path, figures_dir: Path) -> list[tuple[Path, str]]:
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    theme()
+    by_layer = read_csv(results, "lens_by_layer")
+    first = read_csv(results, "first_entry")
+    n_layers = int(by_layer["layer"].max()) + 1
+    order = sorted(by_layer["category"].unique())
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(7.2, 3.8))
+    sns.lineplot(data=by_layer, x="layer", y="kl_to_final", hue="category", hue_order=order, estimator="mean",
+                 errorbar=("ci", 95), marker="o", markersize=3, ax=ax)
+    ax.axhline(KL_NATS, color="grey", lw=0.8, ls="--")
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_ylim(bottom=0)
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1, 1))
+    ax.set(xlabel="layer (-1 = embedding)", ylabel="KL(final || layer) [nats]")
+    paths.append((save_figure(fig, figures_dir / "logit_lens_kl.png"),
+                  f"Logit lens: KL divergence from the final next-token distribution to each layer's, at the "
+                  f"last prompt position (mean over prompts with 95\\% bootstrap interval, by category; "
+                  f"{len(first)} prompts, {n_layers} layers; symlog scale, dashed line {fmt(KL_NATS)} nat)."))
+
+    fig, ax = plt.subplots(figsize=(7.2, 3.8))
+    sns.lineplot(data=by_layer, x="layer", y="answer_rank", hue="category", hue_order=order, estimator="median",
+                 errorbar=("pi", 50), marker="o", markersize=3, ax=ax)
+    ax.axhline(TOP_K, color="grey", lw=0.8, ls="--")
+    ax.set(yscale="log", xlabel="layer (-1 = embedding)", ylabel="rank of the answer token (1 = top-1)")
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1, 1))
+    paths.append((save_figure(fig, figures_dir / "logit_lens_rank.png"),
+                  f"Logit lens: rank of the known answer token in each layer's next-token distribution "
+                  f"(median over prompts with interquartile band, by category; log scale, dashed line "
+                  f"rank {TOP_K})."))
+
+    long = first.melt(id_vars=["prompt_id", "category"], value_vars=["first_topk_layer", "first_top1_layer"],
+                      var_name="milestone", value_name="layer").dropna(subset=["layer"])
+    long["milestone"] = long["milestone"].map({"first_topk_layer": f"enters top-{TOP_K}",
+                                               "first_top1_layer": "becomes top-1"})
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    if long.empty:
+        ax.text(0.5, 0.5, f"no answer reaches the top-{TOP_K} at any layer", ha="center", va="center",
+                transform=ax.transAxes)
+    else:
+        hue_order = [m for m in (f"enters top-{TOP_K}", "becomes top-1") if m in set(long["milestone"])]
+        sns.boxplot(data=long, x="category", y="layer", hue="milestone", order=order, hue_order=hue_order,
+                    fliersize=0, ax=ax)
+        sns.stripplot(data=long, x="category", y="layer", hue="milestone", order=order, hue_order=hue_order,
+                      dodge=True, palette={m: "black" for m in hue_order}, size=3, legend=False, ax=ax)
+    ax.set(ylim=(EMBED - 0.5, n_layers - 0.5), xlabel="category", ylabel="layer (-1 = embedding)")
+    ax.tick_params(axis="x", rotation=30)
+    n_topk, n_top1 = int(first["first_topk_layer"].notna().sum()), int(first["first_top1_layer"].notna().sum())
+    paths.append((save_figure(fig, figures_dir / "logit_lens_first_entry.png"),
+                  f"Logit lens: first layer at which the answer token enters the top-{TOP_K} ({n_topk} of "
+                  f"{len(first)} prompts ever do) and becomes the top-1 ({n_top1} of {len(first)}), by category; "
+                  f"prompts that never reach a milestone are left out."))
+    return paths
+
+
+def tables(results: Path, tables_dir: Path) -> list[Path]:
+    summary = read_csv(results, "summary")
+    summary["category_tex"] = summary["category"].map(latex_escape)
+    path = latex_table(summary, tables_dir / f"{NAME}.tex", label="tab:logit_lens",
+                       caption=(f"Logit lens by prompt category: final top-1 accuracy, median final rank of the "
+                                f"answer, and the median first layer at which the answer enters the top-{TOP_K} / "
+                                f"becomes top-1 (over the prompts that ever do; reach counts given) and after "
+                                f"which KL to the final distribution stays below {fmt(KL_NATS)} nat. Layer -1 "
+                                f"is the embedding."),
+                       columns={"category_tex": "category", "n_prompts": "prompts", "final_accuracy": "top-1 acc.",
+                                "median_final_rank": "final rank", "n_reach_topk": f"reach top-{TOP_K}",
+                                "median_first_topk": f"top-{TOP_K} layer", "n_reach_top1": "reach top-1",
+                                "median_first_top1": "top-1 layer", "median_kl_settle": "KL settled"},
+                       raw_columns=("category_tex",))
+    return [path]
+
+
+def answer(results: Path) -> str:
+    first = read_csv(results, "first_entry")
+    by_layer = read_csv(results, "lens_by_layer")
+    skipped = read_csv(results, "skipped")
+    summary = summarize(first).set_index("category")
+    n, n_layers = len(first), int(by_layer["layer"].max()) + 1
+    acc = int(first["final_correct"].astype(bool).sum())
+    topk, top1 = first["first_topk_layer"].dropna(), first["first_top1_layer"].dropna()
+    text = [f"Over {n} known-answer prompts" + (f" ({len(skipped)} more skipped: multi-token answers)"
+                                                  if len(skipped) else "")
+            + f", the model's own top-1 next token is the answer for {acc} ({fmt(100 * acc / n, 3)}\\%)."]
+    if len(topk):
+        text.append(f"Read through the logit lens, the answer first enters the top-{TOP_K} at "
+                    f"{_layer_name(topk.median())} on median (interquartile {fmt(topk.quantile(0.25))}--"
+                    f"{fmt(topk.quantile(0.75))}, {len(topk)} of {n} prompts ever reach it)")
+        text[-1] += (f" and becomes the top-1 at {_layer_name(top1.median())} on median ({len(top1)} of {n} prompts)."
+                     if len(top1) else ", but it never becomes the top-1 at any layer.")
+    else:
+        text.append(f"The answer never enters the top-{TOP_K} at any layer.")
+    settle = first["kl_settle_layer"]
+    kl_mean = by_layer.groupby("layer")["kl_to_final"].mean()
+    mid = int(kl_mean.index[len(kl_mean) // 2])
+    text.append(f"KL to the final distribution stays below {fmt(KL_NATS)} nat from {_layer_name(settle.median())} "
+                f"on median of {n_layers} layers (mean KL {fmt(float(kl_mean.iloc[0]))} nats at the embedding, "
+                f"{fmt(float(kl_mean.loc[mid]))} at layer {mid}): the final prediction takes shape "
+                f"{_depth(settle.median(), n_layers)}.")
+    cats = summary.drop(index="all")
+    cats = cats[cats["n_reach_topk"] > 0]
+    if len(cats) > 1:
+        early, late = cats["median_first_topk"].idxmin(), cats["median_first_topk"].idxmax()
+        text.append(f"By category, answers enter the top-{TOP_K} earliest for {latex_escape(early)} "
+                    f"({_layer_name(cats.loc[early, 'median_first_topk'])}) and latest for {latex_escape(late)} "
+                    f"({_layer_name(cats.loc[late, 'median_first_topk'])}).")
+    return " ".join(text)

@@ -1,0 +1,30 @@
+"""The paper builds from the files a micro reproduction generates (skipped where TeX is missing)."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from crosslayer.pipeline import reproduce
+
+PAPER = Path(__file__).resolve().parents[1] / "paper" / "main.tex"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("latexmk") is None, reason="latexmk/TeX Live not installed (see README: make paper)")
+def test_paper_builds_from_micro_outputs(micro_ctx, tmp_path):
+    reproduce("micro", out=micro_ctx.out, paper=micro_ctx.paper, progress=False)
+    build = tmp_path / "paper"
+    shutil.copytree(micro_ctx.paper, build)
+    shutil.copy(PAPER, build / "main.tex")
+    run = subprocess.run(["latexmk", "-pdf", "-interaction=nonstopmode", "-halt-on-error", "main.tex"], cwd=build,
+                         capture_output=True, text=True, timeout=300)
+    log = (build / "main.log").read_text(errors="replace") if (build / "main.log").exists() else run.stdout
+    assert run.returncode == 0, log[-3000:]
+    assert (build / "main.pdf").stat().st_size > 10_000
+    wanted = re.findall(r"\\gen\{([a-z_]+)\}", PAPER.read_text())
+    assert len(wanted) >= 19 and all((build / "tables" / f"{name}.tex").is_file() for name in wanted), \
+        [name for name in wanted if not (build / "tables" / f"{name}.tex").is_file()]
+    assert "Output written on main.pdf" in log

@@ -1,0 +1,181 @@
+"""The cross-layer superposition study: planted SAE chains and crosscoder-to-SAE matches are found, synthetic
+multi-layer features are one crosscoder latent, figures/tables render from CSVs, and the study runs at micro."""
+
+import numpy as np
+import pandas as pd
+import torch
+
+from studies import cross_layer_superposition as xl
+from studies import render, run_study
+
+
+def _planted_saes(L=5, W=6, d=48, seed=0):
+    """Per-layer SAE decoders [W, d] per layer: latent 0 is the same direction u at every layer, latent 1
+    shares v at layers 0-2 (then jumps to w at 3-4), the rest are random."""
+    gen = torch.Generator().manual_seed(seed)
+    u, v, w = torch.nn.functional.normalize(torch.randn(3, d, generator=gen), dim=-1)
+    blocks = []
+    for l in range(L):
+        B = torch.randn(W, d, generator=gen)
+        B[0] = u + 0.02 * torch.randn(d, generator=gen)
+        B[1] = (v if l < 3 else w) + 0.02 * torch.randn(d, generator=gen)
+        blocks.append(torch.nn.functional.normalize(B, dim=-1))
+    return blocks
+
+
+def _chains(blocks, tau=0.8, live=None):
+    L, W = len(blocks), blocks[0].shape[0]
+    live = live or [torch.ones(W, dtype=torch.bool)] * L
+    matches, cosines = zip(*[xl.match_adjacent(blocks[l], blocks[l + 1], live_a=live[l], live_b=live[l + 1])
+                             for l in range(L - 1)])
+    chain_N = xl.build_chains(list(matches), list(cosines), [W] * L, tau)
+    link_cos = np.concatenate([np.where(c > tau, c, np.nan) for c in cosines] + [np.full(W, np.nan)])
+    keep = torch.cat(live).numpy()
+    table = xl.chain_table(chain_N, np.repeat(np.arange(L), W), np.tile(np.arange(W), L), link_cos,
+                           np.zeros_like(link_cos), keep, list(range(10, 10 + L)))
+    return chain_N, table
+
+
+def test_planted_chains():
+    L, W = 5, 6
+    blocks = _planted_saes(L, W)
+    chain_N, table = _chains(blocks)
+    ids = chain_N.reshape(L, W)
+    assert (ids[:, 0] == ids[0, 0]).all()  # one full-length chain
+    assert (ids[:3, 1] == ids[0, 1]).all() and (ids[3:, 1] == ids[3, 1]).all() and ids[3, 1] != ids[0, 1]
+    assert sorted(table.length.tolist(), reverse=True)[:3] == [5, 3, 2]
+    assert table.length.sum() == L * W and (table.length == 1).sum() == L * W - 10
+    full = table[table.length == 5].iloc[0]
+    assert full.start_layer == 10 and full.end_layer == 14 and full.min_cos > 0.9
+    assert full.latents.split() == [f"{10 + l}:0" for l in range(L)]
+    assert list(table.columns) == xl.CHAIN_COLUMNS
+    # a dead latent breaks the chain and is left out
+    live = [torch.ones(W, dtype=torch.bool) for _ in range(L)]
+    live[2][0] = False
+    chain_N, table = _chains(blocks, live=live)
+    assert table.length.sum() == L * W - 1 and sorted(table.length.tolist(), reverse=True)[:3] == [3, 2, 2]
+    # chance: matched cosines against random directions are low in 48 dims
+    assert xl.chance_cosine(blocks[0]) < 0.7
+
+
+def test_sae_latents_per_crosscoder_feature():
+    L, d = 4, 40
+    gen = torch.Generator().manual_seed(1)
+    cc = torch.randn(3, L, d, generator=gen)
+    span = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    blocks, live = [], []
+    for l in range(L):
+        B = torch.randn(7, d, generator=gen)
+        B[0] = cc[0, l] + 0.05 * torch.randn(d, generator=gen)  # feature 0 copied at every layer
+        B[1] = cc[1, l] + 0.05 * torch.randn(d, generator=gen)  # feature 1 copied at every layer, spans 2
+        B[2] = -cc[0, l]
+        blocks.append(torch.nn.functional.normalize(B, dim=-1))
+        live.append(torch.ones(7, dtype=torch.bool))
+    live[3][0] = False  # a dead copy does not count
+    out = xl.sae_per_crosscoder(cc, span, blocks, live, 0.8)
+    assert out["count_FL"].sum(1).tolist() == [3, 2, 0]
+    assert out["arg_FL"][0, :3].tolist() == [0, 0, 0] and out["arg_FL"][1].tolist() == [-1, 1, 1, -1]
+    assert out["best_FL"][1, 0].isnan() and out["best_FL"][0, 0] > 0.95
+    assert xl.distinct_per_row(np.array([[3, 3, -1, 4], [-1, -1, -1, -1], [0, 1, 2, 3]])).tolist() == [2, 0, 4]
+
+
+def test_synthetic_recovery_crosscoder_one_latent_per_feature(tmp_path):
+    table = xl.synthetic_recovery(12_000, tmp_path, n_layers=4, n_features=48)
+    assert set(table.approach) == {xl.CC, xl.SAE} and len(table) == 2 * 48
+    cc, sae = table[table.approach == xl.CC], table[table.approach == xl.SAE]
+    target = cc.often & cc.multi
+    assert target.sum() >= 5
+    assert cc.mean_max_cos.mean() > 0.9 and sae.mean_max_cos.mean() > 0.9
+    assert (cc[target].n_latents == 1).all()
+    assert (sae[sae.often & sae.multi].n_latents == sae[sae.often & sae.multi].span).all()
+    assert (sae.recovered_span == 1).all()
+    assert (cc[target].recovered_span >= cc[target].span - 1).mean() > 0.8
+    again = xl.synthetic_recovery(12_000, tmp_path, n_layers=4, n_features=48)  # cached, identical
+    pd.testing.assert_frame_equal(table, again)
+
+
+def _fixture_results(folder):
+    rng = np.random.default_rng(0)
+    L = 4
+    r = rng.uniform(0, 1, (30, L))
+    r[np.arange(30), rng.integers(0, L, 30)] = 1.0
+    prof = pd.DataFrame({"feature": range(30), "density": 0.01, "live": [True] * 25 + [False] * 5,
+                         "peak_layer": r.argmax(1) + 2, "peak_norm": 1.0, "span": (r > 0.1).sum(1),
+                         "span_50": (r > 0.5).sum(1), "entropy": 0.8, "drift_mean": 0.7, "drift_min": 0.5,
+                         **{f"r_{l + 2}": r[:, l] for l in range(L)}})
+    prof.to_csv(folder / "cc_profiles.csv", index=False)
+    pd.DataFrame({"chain": range(5), "start_layer": [2, 2, 3, 4, 5], "end_layer": [5, 3, 3, 4, 5],
+                  "length": [4, 2, 1, 1, 1], "mean_cos": [0.8, 0.6, np.nan, np.nan, np.nan],
+                  "min_cos": [0.7, 0.6, np.nan, np.nan, np.nan], "mean_act_corr": [0.5, 0.4, np.nan, np.nan, np.nan],
+                  "latents": ["2:0 3:1 4:0 5:2", "2:1 3:0", "3:3", "4:4", "5:5"]}).to_csv(folder / "sae_chains.csv",
+                                                                                    index=False)
+    pd.DataFrame({"feature": range(6), "peak_layer": 3, "span": [1, 2, 2, 4, 4, 3], "n_sae_latents": [1, 2, 1, 3, 4, 0],
+                  "n_matched_layers": [1, 2, 1, 3, 4, 0], "frac_layers_matched": 0.5, "mean_best_cos": 0.6,
+                  "mean_best_act_corr": 0.3, "n_chains": [1, 1, 1, 2, 1, 0]}).to_csv(folder / "sae_per_cc.csv",
+                                                                                     index=False)
+    syn = pd.DataFrame([{"approach": a, "feature": g, "start": 0, "span": 1 + g % 3, "frequency": 0.05,
+                         "mean_max_cos": 0.99, "min_max_cos": 0.98, "n_latents": 1 if a == xl.CC else 1 + g % 3,
+                         "recovered_span": 1 + g % 3 if a == xl.CC else 1, "multi": g % 3 > 0, "often": True}
+                        for a in (xl.CC, xl.SAE) for g in range(9)])
+    syn.to_csv(folder / "synthetic.csv", index=False)
+    rows = [("profiles", m, np.nan, 1.0) for m in ("n_features", "n_live", "mean_span", "mean_span_50", "mean_entropy",
+                                                   "mean_drift", "mean_drift_min", "frac_span_1", "frac_span_all")]
+    rows += [("chains", m, np.nan, 0.3) for m in ("chance_cos_p99", "median_matched_cos")]
+    rows += [("chains", m, t, 0.5) for t in xl.TAUS for m in ("n_live_latents", "n_chains", "mean_chain_length",
+                                                              "frac_latents_chained", "frac_latents_full_length",
+                                                              "mean_link_cos", "median_link_act_corr")]
+    rows += [("sae_per_cc", m, t, 1.5) for t in xl.TAUS for m in ("mean_sae_latents", "mean_sae_latents_per_span_layer",
+                                                                  "frac_layers_matched", "frac_features_matched",
+                                                                  "mean_distinct_chains", "mean_best_cos", "mean_span")]
+    rows += [("synthetic", f"{k}_{m}", np.nan, 2.0) for k in ("crosscoder", "saes")
+             for m in ("mmcs", "mmcs_often", "latents_per_multi", "mean_true_span_multi", "recovered_span_multi")]
+    pd.DataFrame(rows, columns=["part", "metric", "tau", "value"]).to_csv(folder / "summary.csv", index=False)
+
+
+def test_figures_tables_answer_from_fixture_csvs(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    _fixture_results(results)
+    out = render(xl.NAME, results, tmp_path / "paper")
+    names = [p.split("/")[-1] for p in out["figures"]]
+    assert names == [f"{xl.NAME}_{s}.png" for s in ("profiles", "spans", "sae_per_cc", "synthetic")]
+    for path in out["figures"]:
+        assert (tmp_path / "paper" / "figures" / path.split("/")[-1]).stat().st_size > 0
+    tables = tmp_path / "paper" / "tables"
+    assert (tables / f"{xl.NAME}.tex").stat().st_size and (tables / f"{xl.NAME}_synthetic.tex").stat().st_size
+    text = (tables / f"{xl.NAME}_answer.tex").read_text()
+    assert "nan" not in text.lower() and "of 4 layers" in text and "synthetic" in text
+
+
+def test_cross_layer_superposition_study_micro(micro_ctx):
+    run_study(xl.NAME, micro_ctx)
+    results = micro_ctx.results(xl.NAME)
+    L = micro_ctx.n_layers
+    layers = micro_ctx.store("train").layers
+    prof = pd.read_csv(results / "cc_profiles.csv")
+    assert len(prof) == micro_ctx.cc_width and {"feature", "peak_layer", "span", "span_50", "entropy", "drift_mean",
+                                                 "density", "live"} <= set(prof.columns)
+    r = prof[[f"r_{l}" for l in layers]].to_numpy()
+    assert np.allclose(r.max(1), 1.0) and (r >= 0).all()
+    assert (prof.span >= prof.span_50).all() and prof.span.between(1, L).all() and prof.peak_layer.isin(layers).all()
+    chains = pd.read_csv(results / "sae_chains.csv")
+    assert list(chains.columns) == xl.CHAIN_COLUMNS and chains.length.between(1, L).all()
+    summ = pd.read_csv(results / "summary.csv")
+    live = summ[(summ.metric == "n_live_latents") & np.isclose(summ.tau, xl.TAU)].value.iloc[0]
+    assert chains.length.sum() == live  # each live latent in exactly one chain
+    assert (chains.end_layer - chains.start_layer + 1 == chains.length).all()
+    assert (chains[chains.length > 1].min_cos > xl.TAU).all()
+    per_cc = pd.read_csv(results / "sae_per_cc.csv")
+    assert list(per_cc.columns) == xl.PER_CC_COLUMNS and len(per_cc) == prof.live.sum()
+    assert (per_cc.n_sae_latents >= per_cc.n_matched_layers).all() and (per_cc.n_matched_layers <= per_cc.span).all()
+    assert (per_cc.n_chains <= per_cc.n_matched_layers).all()
+    syn = pd.read_csv(results / "synthetic.csv")
+    assert len(syn) == 2 * xl.SYN_FEATURES and set(syn.approach) == {xl.CC, xl.SAE}
+    cc = syn[(syn.approach == xl.CC) & syn.multi & syn.often]
+    assert cc.n_latents.mean() <= 1.2 and syn[syn.approach == xl.SAE].recovered_span.eq(1).all()
+    chained = summ[summ.metric == "frac_latents_chained"].sort_values("tau").value
+    assert chained.is_monotonic_decreasing  # a stricter link threshold never chains more
+    tables = micro_ctx.paper / "tables"
+    for name in (f"{xl.NAME}.tex", f"{xl.NAME}_synthetic.tex", f"{xl.NAME}_answer.tex", f"{xl.NAME}_figures.tex"):
+        assert (tables / name).stat().st_size > 0
+    assert "nan" not in (tables / f"{xl.NAME}_answer.tex").read_text().lower()

@@ -1,0 +1,157 @@
+"""The feature-splitting study: planted families are found, its figures/tables render from CSVs, and it
+runs end to end at the micro preset."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from studies import feature_splitting as fs
+from studies import render, run_study
+
+
+def _planted(n_children=(0, 1, 2, 3, 1, 2, 0, 4), D=256, noise=0.25, n_filler=20, N=3000, seed=0):
+    """Small decoder [F, D] and big decoder built from its rows: parent i gets n_children[i] noisy copies
+    (cosine ~0.97), plus random filler latents. Activations: each parent's firing rows are divided among
+    its children, so the children's sum equals the parent exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    F = len(n_children)
+    small = torch.nn.functional.normalize(torch.randn(F, D, generator=gen), dim=-1)
+    rows, owner = [], []
+    for i, n in enumerate(n_children):
+        for _ in range(n):
+            rows.append(small[i] + noise * torch.randn(D, generator=gen) / D ** 0.5)
+            owner.append(i)
+    rows += list(torch.randn(n_filler, D, generator=gen))
+    big = torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+    f_small = torch.rand(N, F, generator=gen) * (torch.rand(N, F, generator=gen) < 0.1)
+    f_big = torch.zeros(N, big.shape[0])
+    pick = torch.randint(0, 1000, (N,), generator=gen)
+    for i, n in enumerate(n_children):
+        kids = [j for j, o in enumerate(owner) if o == i]
+        for c, j in enumerate(kids):
+            f_big[:, j] = f_small[:, i] * (pick % n == c)
+    f_big[:, len(owner):] = torch.rand(N, n_filler, generator=gen) * (torch.rand(N, n_filler, generator=gen) < 0.1)
+    return small, big, f_small, f_big, torch.tensor(owner)
+
+
+def test_planted_split_counts_fidelity_and_activation_correlation():
+    planted = (0, 1, 2, 3, 1, 2, 0, 4)
+    small, big, f_small, f_big, owner = _planted(planted)
+    matches = fs.decoder_matches(small, big, chunk=3)  # blocks smaller than F exercise the chunking
+    fam = fs.families(matches, fs.TAU, f_small=f_small, f_big=f_big)
+    assert fam["n_children"].tolist() == list(planted)
+    assert torch.equal(fam["has_parent"][:len(owner)], torch.ones(len(owner), dtype=torch.bool))
+    assert not fam["has_parent"][len(owner):].any()  # random fillers are nobody's child
+    has = torch.tensor(planted) > 0
+    assert (matches["fidelity"][has] > 0.9).all() and (matches["fidelity"][~has] < 0.5).all()
+    assert (owner[matches["best"][has]] == torch.nonzero(has).squeeze(1)).all()
+    corr = fam["act_corr"]
+    assert torch.allclose(corr[has], torch.ones(int(has.sum())), atol=1e-5) and corr[~has].isnan().all()
+    single = torch.tensor(planted) == 1  # one child: the best child carries the whole activation
+    assert torch.allclose(fam["act_corr_best"][single], torch.ones(int(single.sum())), atol=1e-5)
+    # a stricter threshold than the planted cosine finds nothing
+    assert fs.families(matches, 0.999)["n_children"].sum() == 0
+
+
+def test_analyse_pair_summary_and_table():
+    planted = (0, 1, 2, 3)
+    small, big, f_small, f_big, _ = _planted(planted)
+    table, rows = fs.analyse_pair(fs.SAE, "layer", 4, big.shape[0], fs.ADJACENT, 1, small, big, f_small, f_big)
+    assert list(table.columns) == fs.FAMILY_COLUMNS[:len(table.columns)] and len(table) == 4
+    assert table.n_children.tolist() == list(planted)
+    assert [len(c.split()) for c in table.children] == list(planted)
+    assert [r["tau"] for r in rows] == list(fs.TAUS)
+    main = next(r for r in rows if r["tau"] == fs.TAU)
+    assert main["frac_split"] == 0.5 and main["frac_kept"] == 0.25 and main["frac_unmatched"] == 0.25
+    assert main["mean_children_matched"] == pytest.approx(2.0)
+    assert set(rows[0]) == set(fs.SUMMARY_COLUMNS)
+
+
+def test_helpers():
+    a = torch.randn(200, 3)
+    b = a * torch.tensor([2.0, -1.0, 0.0]) + 1
+    corr = fs.column_corr(a, b)
+    assert corr[0] == pytest.approx(1.0, abs=1e-6) and corr[1] == pytest.approx(-1.0, abs=1e-6) and corr[2].isnan()
+    x, y = torch.randn(200, 1), torch.randn(200, 1)  # agrees with numpy on arbitrary columns
+    assert fs.column_corr(x, y)[0] == pytest.approx(float(np.corrcoef(x[:, 0], y[:, 0])[0, 1]), abs=1e-5)
+    # crosscoder decoders: concatenated over layers, unit norm; a layer subset is that layer's slice
+    from crosslayer.crosscoder import Crosscoder, CrosscoderConfig
+
+    cc = Crosscoder(CrosscoderConfig(layers=(3, 4, 5), d_model=8, n_features=5, k=2))
+    dirs = fs.unit_decoders(cc)
+    assert dirs.shape == (5, 24)
+    assert torch.allclose(dirs, torch.nn.functional.normalize(cc.W_dec.detach().reshape(5, 24), dim=-1))
+    assert torch.allclose(fs.unit_decoders(cc, [4]), torch.nn.functional.normalize(cc.W_dec.detach()[:, 1], dim=-1))
+    assert [p[:3] for p in fs._pairs([8, 16, 32])] == [(8, 16, fs.ADJACENT), (16, 32, fs.ADJACENT), (8, 32, fs.OVERALL)]
+
+
+def _fixture_results(folder):
+    """families.csv / summary.csv from planted families of two approaches, and a hand-made example.csv."""
+    tables, rows = [], []
+    for approach, space, seed in ((fs.SAE, "layer", 0), (fs.CC, "concat", 1), (fs.CC, "layer 1", 1)):
+        for step, (w, kind) in enumerate([(8, fs.ADJACENT), (8, fs.ADJACENT), (8, fs.OVERALL)], start=1):
+            small, big, f_small, f_big, _ = _planted(seed=seed + step, N=500)
+            table, srows = fs.analyse_pair(approach, space, w * step, 2 * w * step, kind, step, small, big,
+                                           f_small, f_big)
+            rows += srows
+            if space != "layer 1":
+                tables.append(table)
+    pd.concat(tables).to_csv(folder / "families.csv", index=False)
+    pd.DataFrame(rows).to_csv(folder / "summary.csv", index=False)
+    ex = [{"approach": a, "width_small": 8, "width_big": 16, "role": role, "feature": f, "cos_to_parent": c,
+           "act_corr": 0.8, "density": 0.01, "top_tokens": json.dumps([" the", "\n", "$_{x}"]),
+           "top_context": "a [[b]] c", "logits_up": json.dumps([" cat", "&"])}
+          for a in (fs.SAE, fs.CC) for role, f, c in (("parent", 3, 1.0), ("child", 5, 0.9), ("child", 7, 0.8))]
+    pd.DataFrame(ex, columns=fs.EXAMPLE_COLUMNS).to_csv(folder / "example.csv", index=False)
+
+
+def test_figures_tables_answer_from_fixture_csvs(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    _fixture_results(results)
+    out = render(fs.NAME, results, tmp_path / "paper")
+    assert [p.split("/")[-1] for p in out["figures"]] == [f"{fs.NAME}_counts.png", f"{fs.NAME}_fidelity.png",
+                                                          f"{fs.NAME}_tau.png"]
+    for path in out["figures"] + out["tables"]:
+        folder = "figures" if path.endswith(".png") else "tables"
+        assert (tmp_path / "paper" / folder / path.split("/")[-1]).stat().st_size
+    text = (tmp_path / "paper" / "tables" / f"{fs.NAME}_answer.tex").read_text()
+    assert "single-layer SAEs" in text and "crosscoders" in text and "nan" not in text.lower()
+    example = (tmp_path / "paper" / "tables" / f"{fs.NAME}_example.tex").read_text()
+    assert r"\texttt{\textvisiblespace{}the}" in example and r"\$\_\{x\}" in example
+
+
+def test_feature_splitting_study_micro(micro_ctx):
+    run_study(fs.NAME, micro_ctx)
+    results = micro_ctx.results(fs.NAME)
+    p = micro_ctx.preset
+    fam = pd.read_csv(results / "families.csv")
+    summ = pd.read_csv(results / "summary.csv")
+    ex = pd.read_csv(results / "example.csv", keep_default_na=False)
+    assert list(fam.columns) == fs.FAMILY_COLUMNS and list(summ.columns) == fs.SUMMARY_COLUMNS
+    assert list(ex.columns) == fs.EXAMPLE_COLUMNS
+    # every parent of every pair listed once; widths are the preset's
+    sae, cc = fam[fam.approach == fs.SAE], fam[fam.approach == fs.CC]
+    assert sorted(set(sae.width_small) | set(sae.width_big)) == sorted(p.split_widths)
+    assert sorted(set(cc.width_small) | set(cc.width_big)) == sorted(p.split_cc_widths)
+    counts = fam.groupby(["approach", "pair"]).size()
+    assert all(counts[(a, pr)] == int(pr.split("->")[0]) for a, pr in counts.index)
+    assert fam.fidelity.between(-1, 1 + 1e-5).all() and (fam.n_children >= 0).all()
+    assert (fam[fam.n_children > 0].fidelity > fs.TAU).all() and (fam[fam.n_children == 0].fidelity <= fs.TAU).all()
+    assert fam.act_corr.dropna().between(-1 - 1e-5, 1 + 1e-5).all()
+    fractions = summ.frac_split + summ.frac_kept + summ.frac_unmatched
+    assert np.allclose(fractions, 1.0)
+    mid = micro_ctx.store("train").layers[micro_ctx.n_layers // 2]
+    assert set(summ.tau) == set(fs.TAUS) and set(summ.space) == {"layer", "concat", f"layer {mid}"}
+    # more children at a looser threshold
+    for _, grp in summ.groupby(["approach", "space", "pair"]):
+        assert grp.sort_values("tau").mean_children.is_monotonic_decreasing
+    assert set(ex.role) <= {"parent", "child"} and (ex.role == "parent").sum() == ex.approach.nunique()
+    assert (micro_ctx.out / "dicts" / "split_sae_w16").is_dir()
+    tables = micro_ctx.paper / "tables"
+    for name in (f"{fs.NAME}.tex", f"{fs.NAME}_answer.tex", f"{fs.NAME}_figures.tex"):
+        assert (tables / name).stat().st_size > 0
+    assert "includegraphics" in (tables / f"{fs.NAME}_figures.tex").read_text()
