@@ -21,7 +21,11 @@ Transformer Circuits, Oct 2024; research-notes §3):
    every forward pass, so masked weights are exactly 0 and receive exactly 0 gradient.
 5. Init (crosscoder replications): W_dec random with per-layer norm ``init_dec_norm``,
    W_enc = W_dec transposed; :meth:`Crosscoder.calibrate_` sets b_dec to a sample's mean and b_enc
-   so that each latent fires on ~10,000 / F of the sample's tokens.
+   so that each latent fires on ~10,000 / F of the sample's tokens (4k / F for TopK). For masked
+   variants each feature's decoder is then scaled so that its combined norm ||W_dec,i|| equals an
+   acausal feature's (L or sqrt(L) times init_dec_norm): otherwise a weakly causal feature homed at the first
+   layer (writing L layers) would start with an L times larger TopK score and penalty weight than
+   one homed at the last, and most late-layer features would never be selected.
 
 Conventions shared with sae-lens 6.x (checked by the parity test): the input is NOT shifted by
 b_dec before encoding (sae-lens's ``apply_b_dec_to_input``; fold ``-b_dec @ W_enc`` into b_enc to
@@ -176,8 +180,11 @@ class Crosscoder(Dictionary):
         gen = torch.Generator().manual_seed(seed)
         W_dec_FLD = torch.randn(F, L, d, generator=gen)
         W_dec_FLD = W_dec_FLD / W_dec_FLD.norm(dim=-1, keepdim=True) * cfg.init_dec_norm * write_FL[..., None]
-        self.W_dec = nn.Parameter(W_dec_FLD)
         self.W_enc = nn.Parameter((W_dec_FLD * read_FL[..., None]).permute(1, 2, 0).contiguous())
+        # Equal combined decoder norm for every feature, however many layers it writes (see step 5).
+        n_written_F = write_FL.sum(-1).clamp_min(1).float()
+        scale_F = L / n_written_F if cfg.sparsity == "l1_norms" else (L / n_written_F).sqrt()
+        self.W_dec = nn.Parameter(W_dec_FLD * scale_F[:, None, None])
         self.b_enc = nn.Parameter(torch.zeros(F))
         self.b_dec = nn.Parameter(torch.zeros(L, d))
         if cfg.activation == "jumprelu":
@@ -309,8 +316,16 @@ class Crosscoder(Dictionary):
     # ---------------------------------------------------------------- init and in-place helpers
     @torch.no_grad()
     def calibrate_(self, sample_BLD: Tensor, *, fires_per_feature: float = 10_000.0) -> None:
-        """Set b_dec to the sample mean and b_enc so each latent fires on ~fires_per_feature / F of tokens."""
-        rate = min(1.0, fires_per_feature / self.n_features)
+        """Set b_dec to the sample mean and b_enc so each latent fires on ~fires_per_feature / F of tokens.
+
+        TopK / BatchTopK use the rate 4k / F instead: every latent's pre-activation then crosses 0 on
+        the same share of the sample, so no latent starts out winning (or losing) every selection,
+        and a token nearly always has k positive candidates.
+        """
+        if self.cfg.activation in ("topk", "batchtopk"):
+            rate = min(1.0, 4 * self.cfg.k / self.n_features)
+        else:
+            rate = min(1.0, fires_per_feature / self.n_features)
         self.b_dec.copy_(sample_BLD.mean(0) * self.write_FL.any(0)[:, None])
         self.b_enc.zero_()
         pre_NF = self.pre_acts(sample_BLD)

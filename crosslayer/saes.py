@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from crosslayer.dictionary import CFG_FILENAME, Dictionary, read_cfg, register_dictionary, store_provenance
 from crosslayer.errors import CrosslayerError
 from crosslayer.io import write_json
+from crosslayer.training import default_dead_after
 
 ARCHS = ("topk", "batchtopk", "jumprelu", "standard")
 TRAIN_STATS = "crosslayer_train.json"
@@ -155,8 +156,9 @@ class SAETrainConfig:
     """Linear warm-up steps."""
     lr_decay_steps: int | None = None
     """Linear decay to 0 over the last steps; None = the last 20 %."""
-    dead_after_tokens: int = 10_000_000
-    """A feature silent for this many tokens counts as dead for TopK's AuxK loss (Gao et al.)."""
+    dead_after_tokens: int | None = None
+    """A feature silent for this many tokens counts as dead for TopK's AuxK loss (Gao et al.);
+    None = 10M tokens or a tenth of the run, whichever is smaller (``default_dead_after``)."""
     seed: int = 0
     """Seeds the SAE init (seed + layer) and the data order."""
 
@@ -237,10 +239,11 @@ def _train_layer(store, layer: int, hook: str, cfg: SAETrainConfig, device: str,
     batches = (b[:, 0] for b in store.iter_batches(cfg.batch_size, layers=[layer], normalized=True, seed=cfg.seed,
                                                    epochs=None, buffer_rows=max(2 * cfg.batch_size, 8192)))
     decay = cfg.lr_decay_steps if cfg.lr_decay_steps is not None else cfg.steps // 5
+    dead_after = cfg.dead_after_tokens or default_dead_after(cfg.tokens, cfg.batch_size)
     trainer_cfg = SAETrainerConfig(
         total_training_samples=cfg.steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size,
         lr=cfg.lr, lr_end=cfg.lr, lr_scheduler_name="constant", lr_warm_up_steps=cfg.lr_warm_up_steps,
-        lr_decay_steps=decay, device=device, dead_feature_window=max(1, cfg.dead_after_tokens // cfg.batch_size),
+        lr_decay_steps=decay, device=device, dead_feature_window=max(1, dead_after // cfg.batch_size),
         logger=LoggingConfig(log_to_wandb=False))
     trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches)
     start = time.perf_counter()
@@ -265,7 +268,7 @@ def _train_layer(store, layer: int, hook: str, cfg: SAETrainConfig, device: str,
 def train_per_layer_saes(store, *, out_dir: str | Path, width: int, tokens: int, k: int | None = 32,
                          arch: str = "topk", batch_size: int = 4096, lr: float = 3e-4,
                          sparsity_coefficient: float | None = None, lr_warm_up_steps: int = 0,
-                         lr_decay_steps: int | None = None, dead_after_tokens: int = 10_000_000,
+                         lr_decay_steps: int | None = None, dead_after_tokens: int | None = None,
                          seed: int = 0, layers: list[int] | None = None, device: str = "cpu",
                          progress: bool = True) -> PerLayerSAEs:
     """Train one sae-lens SAE per layer of ``store`` into ``out_dir`` (see the module docstring).

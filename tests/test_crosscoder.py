@@ -184,6 +184,36 @@ def test_calibrate_sets_firing_rate():
     torch.testing.assert_close(cc.b_dec, x.mean(0))
 
 
+def test_calibrate_topk_balances_latents():
+    """TopK calibration: every latent's pre-activation is positive on 4k / F of the sample, so
+    the first selections are spread over the dictionary instead of a few high-variance latents."""
+    cc = Crosscoder(CrosscoderConfig(layers=(0, 1), d_model=16, n_features=400, activation="topk", k=20))
+    x = torch.randn(4000, 2, 16) * torch.linspace(0.1, 3, 16)  # anisotropic: some directions dominate
+    cc.calibrate_(x)
+    rate_F = (cc.pre_acts(x) > 0).float().mean(0)
+    assert (rate_F - 4 * 20 / 400).abs().max() < 0.002
+    fired_F = (cc.encode(x) != 0).any(0)
+    assert fired_F.float().mean() > 0.95
+
+
+@pytest.mark.parametrize("sparsity", ["l1_norms", "l2_norms"])
+def test_weakly_causal_init_gives_every_home_layer_the_same_start(sparsity):
+    """Combined decoder norms are equal at init whatever a feature's home layer, so TopK's
+    first selections use features of every home layer about equally often."""
+    L, F, k = 6, 600, 12
+    cc = Crosscoder(CrosscoderConfig(layers=tuple(range(L)), d_model=16, n_features=F, variant="weakly_causal",
+                                     k=k, sparsity=sparsity))
+    norm_F = cc._norm_F(cc.W_dec_masked()).detach()
+    acausal = L if sparsity == "l1_norms" else L ** 0.5  # an acausal feature's combined norm / init_dec_norm
+    torch.testing.assert_close(norm_F, torch.full((F,), acausal * cc.cfg.init_dec_norm))
+    x = torch.randn(3000, L, 16)
+    cc.calibrate_(x)
+    home_F = cc.read_FL.float().argmax(-1)
+    picks_F = (cc.encode(x) != 0).float().sum(0)
+    share_L = torch.zeros(L).index_add_(0, home_F, picks_F) / picks_F.sum()
+    assert (share_L - 1 / L).abs().max() < 0.05, share_L
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_save_load_round_trip(tmp_path, activation, variant):
