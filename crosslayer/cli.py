@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from crosslayer.errors import CrosslayerError
 
@@ -393,6 +394,31 @@ def cmd_study(args):
     print(f"done: {out / 'results' / args.name}")
 
 
+def _add_figures(p):
+    from studies import STUDY_NAMES
+
+    p.add_argument("names", nargs="*", metavar="STUDY", help=f"studies (default: all): {', '.join(STUDY_NAMES)}")
+    p.add_argument("--results", default="runs/demo/results", help="the run's results folder (holds <study>/*.csv)")
+    p.add_argument("--paper", default="paper", help="folder whose figures/ and tables/ receive the output")
+
+
+@verb("figures", "redraw the studies' figures, tables and answers from their CSVs (no model, no training)")
+def cmd_figures(args):
+    from studies import STUDY_NAMES, render
+
+    unknown = [n for n in args.names if n not in STUDY_NAMES]
+    if unknown:
+        raise CrosslayerError(f"unknown study {unknown[0]!r}; use one of {', '.join(STUDY_NAMES)}")
+    results = Path(args.results)
+    for name in args.names or STUDY_NAMES:
+        if not (results / name).is_dir():
+            raise CrosslayerError(f"no results of study {name} in {results / name}; run `crosslayer study {name}` "
+                                  "first or pass --results RUN/results")
+        made = render(name, results / name, Path(args.paper))
+        print(f"{name}: {len(made['figures'])} figures, {len(made['tables'])} tables, answer -> "
+              f"{Path(args.paper) / 'tables' / (name + '_answer.tex')}")
+
+
 # ----------------------------------------------------------------------------- entry point
 
 def build_parser() -> argparse.ArgumentParser:
@@ -401,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-layer SAEs vs sparse crosscoders on the residual stream of every layer.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     adders = {"inspect": _add_inspect, "harvest": _add_harvest, "bench": _add_bench,
-              "reproduce": _add_reproduce, "study": _add_study,
+              "reproduce": _add_reproduce, "study": _add_study, "figures": _add_figures,
               "train-saes": _add_train_saes, "eval": _add_eval,
               "train-crosscoder": _add_train_crosscoder, "features": _add_features,
               "lens": _add_lens, "steer": _add_steer}

@@ -316,5 +316,6 @@ def train_per_layer_saes(store, *, out_dir: str | Path, width: int, tokens: int,
     saes = [SAE.load_from_disk(out / hook, device=device) for hook in hooks]
     meta = {"store": provenance, "store_path": str(store.path), "training": asdict(cfg), "layer_stats": stats}
     result = PerLayerSAEs(saes, layers=layers, hooks=hooks, norm_factors=factors, meta=meta)
-    result.write_cfg(out, status="complete")
+    if json.loads(cfg_path.read_text()).get("status") != "complete":
+        result.write_cfg(out, status="complete")
     return result

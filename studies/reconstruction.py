@@ -187,13 +187,16 @@ def answer(results: Path) -> str:
     for name, part in ((SAE, sae), (CC, cc)):
         if len(part):
             best = part.sort_values("fvu").iloc[0]
-            parts.append(f"{name.capitalize()}: FVU {fmt(part.fvu.max(), 3)} to {fmt(part.fvu.min(), 3)} at total "
+            parts.append(f"{name[0].upper() + name[1:]}: FVU {fmt(part.fvu.max(), 3)} to {fmt(part.fvu.min(), 3)} at total "
                          f"L0 {fmt(part.l0_total.min(), 3)} to {fmt(part.l0_total.max(), 3)}; splicing every "
                          f"stored layer recovers {fmt(best.ce_recovered, 2)} of the CE loss (KL "
                          f"{fmt(best.kl, 3)}) at k={int(best.k)}.")
     wc = sweep[sweep.approach == WC]
     if len(wc):
         w = wc.iloc[0]
-        parts.append(f"The weakly causal crosscoder (k={int(w.k)}) reaches FVU {fmt(w.fvu, 3)} and CE recovered "
-                     f"{fmt(w.ce_recovered, 2)}.")
+        acausal = cc[cc.k == w.k]
+        than = f" (acausal at the same k: {fmt(acausal.fvu.iloc[0], 3)})" if len(acausal) else ""
+        parts.append(f"The weakly causal crosscoder (k={int(w.k)}) reaches FVU {fmt(w.fvu, 3)}{than} and CE "
+                     f"recovered {fmt(w.ce_recovered, 2)}; {fmt(100 * w.dead_frac, 2)}\% of its latents never "
+                     "fire on the held-out tokens.")
     return " ".join(parts)

@@ -6,6 +6,7 @@ import json
 import pandas as pd
 import pytest
 
+from crosslayer.cli import main
 from crosslayer.corpus import load_corpus
 from crosslayer.errors import CrosslayerError
 from crosslayer.pipeline import STEP_NAMES, reproduce, study
@@ -13,7 +14,7 @@ from crosslayer.store import ActivationStore
 from studies import STUDY_NAMES
 
 
-def test_micro_reproduce_runs_everything_and_skips_finished_steps(micro_ctx, capsys):
+def test_micro_reproduce_runs_everything_and_skips_finished_steps(micro_ctx, capsys, tmp_path):
     out, paper = micro_ctx.out, micro_ctx.paper
     reproduce("micro", out=out, paper=paper, progress=False)
     assert sorted(p.stem for p in (out / "done").glob("*.json")) == sorted(STEP_NAMES)
@@ -44,6 +45,14 @@ def test_micro_reproduce_runs_everything_and_skips_finished_steps(micro_ctx, cap
     capsys.readouterr()
     reproduce("micro", out=out, paper=paper, progress=False)
     assert capsys.readouterr().out.count("done already") == len(STEP_NAMES)
+    # `crosslayer figures` redraws every study's figures, tables and answers from the CSVs alone
+    redrawn = tmp_path / "redrawn"
+    assert main(["figures", "--results", str(out / "results"), "--paper", str(redrawn)]) == 0
+    for name in STUDY_NAMES:
+        answer = (redrawn / "tables" / f"{name}_answer.tex").read_text()
+        assert answer == (tables / f"{name}_answer.tex").read_text(), name
+    assert sorted(p.name for p in (redrawn / "figures").glob("*.png")) == sorted(p.name for p in figures)
+    assert main(["figures", "astrology", "--results", str(out / "results")]) == 2
 
 
 def test_reproduce_rejects_bad_input(tmp_path, micro_ctx):
