@@ -34,8 +34,8 @@ clean-cache:
 	rm -rf $${CROSSLAYER_CACHE:-$$HOME/.cache/crosslayer}
 
 # The paper's PDF from the generated tables and figures (run `make demo` first). Needs latexmk and
-# TeX Live: `apt-get install latexmk texlive-latex-recommended texlive-latex-extra texlive-fonts-recommended`.
+# TeX Live: `apt-get install --no-install-recommends latexmk texlive-latex-base texlive-latex-recommended texlive-latex-extra texlive-fonts-recommended`.
 paper:
-	@command -v latexmk >/dev/null || { echo "error: latexmk not found; install it with: apt-get install latexmk texlive-latex-recommended texlive-latex-extra texlive-fonts-recommended" >&2; exit 2; }
+	@command -v latexmk >/dev/null || { echo "error: latexmk not found; install it with: apt-get install --no-install-recommends latexmk texlive-latex-base texlive-latex-recommended texlive-latex-extra texlive-fonts-recommended" >&2; exit 2; }
 	cd paper && latexmk -pdf -interaction=nonstopmode -halt-on-error -quiet main.tex
 	@grep -o "Output written on main.pdf ([0-9]* pages" paper/main.log | sed "s/Output written on /paper\//"

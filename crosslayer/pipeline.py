@@ -5,11 +5,14 @@ Method:
 2. Steps run in order into ``<out>/`` (default ``runs/<preset>``). A step that finished writes
    ``<out>/done/<step>.json`` (atomically, with its wall time); a rerun skips it. Steps that are
    long (the harvests) are themselves resumable, so a kill at any moment loses little work.
-3. Current steps: ``score`` (held-out loss per source label and per-layer residual norms of the
-   model, as CSV), ``harvest-train`` and ``harvest-heldout`` (activation stores of every chosen
-   layer, see :mod:`crosslayer.harvest`), ``train-saes`` (one sae-lens TopK SAE per layer, see
-   :mod:`crosslayer.saes`) and ``eval-saes`` (FVU, L0, dead fraction, CE recovered and KL on the
-   held-out store, ``results/eval_saes.csv``).
+3. Steps: ``score`` (held-out loss per source label and per-layer residual norms of the model, as
+   CSV), ``harvest-train`` and ``harvest-heldout`` (activation stores of every chosen layer, see
+   :mod:`crosslayer.harvest`), ``train-saes`` (one sae-lens TopK SAE per layer, see
+   :mod:`crosslayer.saes`), ``eval-saes`` (FVU, L0, dead fraction, CE recovered and KL on the
+   held-out store), ``train-crosscoder`` / ``eval-crosscoder`` (the acausal TopK crosscoder of
+   matched total size, :mod:`crosslayer.training`), ``study-<name>`` for each study of
+   :mod:`studies` (``Context`` trains further dictionaries on first use, under ``<out>/dicts``),
+   and ``paper`` (``paper/tables/setup.tex``: the preset's sizes and every step's wall time).
 """
 
 from __future__ import annotations

@@ -35,9 +35,16 @@ Method
       (r > SPAN_TAU) of the latent that best matches it at its peak layer.
     - tau = 0.5 for the main numbers (well above chance), swept over 0.3..0.9.
 
-Answer (demo preset)
-    See ``paper/tables/cross_layer_superposition_answer.tex`` (generated from ``summary.csv``); the
-    lead fills the demo numbers in here.
+Answer (demo preset: layers 8-15, crosscoder 4096 latents k=32, SAEs 512 per layer k=32)
+    Per-layer SAEs do relearn features at neighbouring layers: one-to-one matched SAE latents of
+    adjacent layers have median decoder cosine 0.35 (chance 0.17); at cosine > 0.5, 23% of live
+    SAE latents sit in a chain of 2+ layers and 1.4% in a chain through all 8. Every one of the
+    crosscoder's 3,097 live features writes all 8 layers (span 8 at r > 0.5, drift: mean cosine
+    0.77 to its peak-layer direction), so one crosscoder feature stands for a direction that the
+    SAEs would need several latents for -- but only 0.64 SAE latents match a crosscoder feature at
+    cosine > 0.5 on average, so most crosscoder features are not simply SAE chains. On synthetic
+    data with known spans, the crosscoder recovers each multi-layer feature with 1 latent (MMCS
+    0.998), per-layer SAEs need 4.07 latents (its mean span) for the same features.
 """
 
 from __future__ import annotations

@@ -30,9 +30,15 @@ Method
       activation correlation, shown with the tokens of its top sampled activations and the tokens
       its decoder (at its last written layer) raises most through the unembedding.
 
-Answer (demo preset)
-    See ``paper/tables/feature_splitting_answer.tex`` (generated from ``summary.csv``); the lead
-    fills the demo numbers in here.
+Answer (demo preset: SAEs of widths 256-2048 at layer 12, k=16; crosscoders of widths 512-4096
+over layers 8-15, k=32; decoder-cosine threshold 0.7)
+    Little splitting at this scale, less for crosscoders. Per doubling 0.53% of the SAE's live
+    latents split into 2+ children (0.39-0.78%), 19% keep one child, 80% have none; crosscoders
+    0.17% (0.10-0.21%), 15% and 85%. Median fidelity 0.52 (SAE) and 0.55 (crosscoder); 89% / 92%
+    of the wider dictionary's live latents are nobody's child, i.e. widening mostly adds new
+    directions rather than refining old ones. The split fraction depends strongly on the threshold
+    (SAE 21% at 0.5, crosscoder 11%). Example family (SAE): latent 218 at width 1024 (digits 8, 5, 7)
+    splits into 1475 (7, 8) and 1897 (5, 0) at width 2048.
 """
 
 from __future__ import annotations

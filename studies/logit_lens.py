@@ -21,8 +21,12 @@ Method
       top-1 (empty if never), and the first layer from which KL stays below ``KL_NATS`` nat.
       Summaries per category are medians over prompts that reach the milestone.
 
-Answer (demo preset)
-    See ``paper/tables/logit_lens_answer.tex`` (generated from ``first_entry.csv``).
+Answer (demo preset: SmolLM2-135M, all 30 layers, 61 one-token-answer prompts of data/prompts.jsonl)
+    Late. The model's own top-1 is the answer for 46 of 61 prompts (75%). Through the lens the
+    answer first enters the top-5 at layer 27 on median (interquartile 25-29) and becomes the top-1
+    at layer 29; KL(final || layer) drops below 1 nat only at layer 29 (101 nats at the embedding,
+    25 at layer 14). Arithmetic answers form earliest (top-5 at layer 25), culture latest (29).
+    ``tables/logit_lens_answer.tex`` is regenerated from the CSVs by every run.
 """
 
 from __future__ import annotations

@@ -39,7 +39,14 @@ Method
       prompt(s) (:func:`crosslayer.interventions.generate`).
 
 Answer (demo preset)
-    See ``paper/tables/steering_answer.tex`` (generated from ``effects.csv`` and ``candidates.csv``).
+    No true "scam" feature exists at this scale: the eight concept words (" scam", " fraud",
+    " suspicious", ...) occur 0 times in the 64k-token training store (the whole 2.75M-token corpus
+    holds " scams" once and " fraud" 6 times). The best SAE candidate (feature 2934, layer 13,
+    density 6.5%; it raises word-piece prefixes such as " dismant", " incarc") clamped at 2x its
+    maximum multiplies the concept tokens' probability by 6.0 at KL 1.11 nats, only 1.55x the
+    vocabulary-wide ratio; the best crosscoder candidate (feature 1031, density 1.6%) at 0.25x its
+    maximum gives 1.7x at KL 0.27. Neither passes the steering criterion (both ratios >= 2); at 8x
+    both break the model (KL 12.6 and 8.5 nats).
 """
 
 from __future__ import annotations
