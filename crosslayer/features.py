@@ -112,7 +112,7 @@ def decoder_layer(dictionary: Dictionary, index: int, *, raw: bool = True) -> Fl
     return W_FD / float(dictionary.norm_factors[index]) if raw else W_FD
 
 
-def _unembed(model, through_norm: bool) -> Tensor:
+def unembed_matrix(model, through_norm: bool = True) -> Tensor:
     """``W_U [d, vocab]``, scaled row-wise by the final norm's gain ``w`` when asked and present."""
     W_U = model.W_U.detach().float().cpu()
     w = getattr(model.ln_final, "w", None) if through_norm else None
@@ -293,7 +293,7 @@ def logit_effects(dictionary: Dictionary, model, feature: int, *, k: int = 10, l
     (feature,) = check_features(dictionary, [feature])
     check_model(dictionary, model)
     tokenizer = tokenizer or model.tokenizer
-    W_U = _unembed(model, through_norm)
+    W_U = unembed_matrix(model, through_norm)
     norms_L = dictionary.decoder_norms()[feature]
     indices = [_layer_index(dictionary, layer)] if layer is not None else \
         [i for i in range(dictionary.n_layers) if norms_L[i] > 0]
@@ -325,7 +325,7 @@ def find_features_for_token(dictionary: Dictionary, model, token: str, *, top: i
     ids = model.tokenizer.encode(token, add_special_tokens=False)
     if len(ids) != 1:
         raise CrosslayerError(f"{token!r} is {len(ids)} tokens ({ids}); give a string that is exactly one token")
-    u_D = _unembed(model, through_norm)[:, ids[0]]
+    u_D = unembed_matrix(model, through_norm)[:, ids[0]]
     effect_LF = torch.stack([decoder_layer(dictionary, i) @ u_D for i in range(dictionary.n_layers)])
     best_F, layer_F = effect_LF.max(dim=0)
     vals, feats = best_F.topk(min(top, dictionary.n_features))

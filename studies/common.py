@@ -1,11 +1,14 @@
-"""Helpers shared by the studies: LaTeX tables, figure saving, number formatting."""
+"""Helpers shared by the studies: LaTeX tables, figure saving, number formatting, sampled store rows."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
+from torch import Tensor
 
 from crosslayer.io import atomic_path, write_text
 
@@ -93,3 +96,31 @@ def read_csv(results: str | Path, name: str) -> pd.DataFrame:
     if not path.is_file():
         raise CrosslayerError(f"{path} is missing; run the study first (crosslayer study ...)")
     return pd.read_csv(path, keep_default_na=False, na_values=[""])
+
+
+# ----------------------------------------------------------------------------- rows of a store
+
+def sample_rows(store, n: int, *, seed: int = 0) -> np.ndarray:
+    """``min(n, rows)`` distinct row indices of ``store``, sorted, from a seeded permutation."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(store.n_rows, generator=gen)[:min(n, store.n_rows)]
+    return np.sort(rows.numpy())
+
+
+@torch.no_grad()
+def encode_rows(dictionary, store, rows: np.ndarray, *, batch_size: int = 1024) -> Tensor:
+    """Feature activations ``[N, F]`` of ``store`` rows ``rows`` (raw rows, the dictionary's own factors)."""
+    from crosslayer.features import check_store
+
+    check_store(dictionary, store)
+    parts = [dictionary.encode(store.get(rows[s:s + batch_size], layers=dictionary.layers), normalized=False).float()
+             for s in range(0, len(rows), batch_size)]
+    return torch.cat(parts)
+
+
+def column_corr(a_NF: Tensor, b_NF: Tensor) -> Tensor:
+    """Pearson correlation of each column of ``a`` with the same column of ``b`` ``[F]`` (NaN if constant)."""
+    a = a_NF.double() - a_NF.double().mean(0)
+    b = b_NF.double() - b_NF.double().mean(0)
+    den = (a.pow(2).sum(0) * b.pow(2).sum(0)).sqrt()
+    return torch.where(den > 0, (a * b).sum(0) / den.clamp_min(1e-300), torch.full_like(den, float("nan"))).float()

@@ -60,8 +60,7 @@ from torch import Tensor
 
 from crosslayer.errors import CrosslayerError
 from crosslayer.io import write_csv
-from studies.common import fmt, latex_table, read_csv, save_figure, theme
-from studies.feature_splitting import column_corr, encode_rows, sample_rows
+from studies.common import column_corr, encode_rows, fmt, latex_table, read_csv, sample_rows, save_figure, theme
 
 NAME = "cross_layer_superposition"
 TITLE = "Cross-layer superposition"

@@ -53,7 +53,8 @@ from torch import Tensor
 
 from crosslayer.errors import CrosslayerError
 from crosslayer.io import write_csv
-from studies.common import fmt, latex_table, read_csv, save_figure, theme, token_tex
+from studies.common import (column_corr, encode_rows, fmt, latex_table, read_csv, sample_rows, save_figure, theme,
+                            token_tex)
 
 NAME = "feature_splitting"
 TITLE = "Feature splitting across dictionary widths"
@@ -77,32 +78,6 @@ EXAMPLE_COLUMNS = ["approach", "width_small", "width_big", "role", "feature", "c
 
 
 # ----------------------------------------------------------------------------- helpers (shared with other studies)
-
-def sample_rows(store, n: int, *, seed: int = 0) -> np.ndarray:
-    """``min(n, rows)`` distinct row indices of ``store``, sorted, from a seeded permutation."""
-    gen = torch.Generator().manual_seed(seed)
-    rows = torch.randperm(store.n_rows, generator=gen)[:min(n, store.n_rows)]
-    return np.sort(rows.numpy())
-
-
-@torch.no_grad()
-def encode_rows(dictionary, store, rows: np.ndarray, *, batch_size: int = 1024) -> Tensor:
-    """Feature activations ``[N, F]`` of ``store`` rows ``rows`` (raw rows, the dictionary's own factors)."""
-    from crosslayer.features import check_store
-
-    check_store(dictionary, store)
-    parts = [dictionary.encode(store.get(rows[s:s + batch_size], layers=dictionary.layers), normalized=False).float()
-             for s in range(0, len(rows), batch_size)]
-    return torch.cat(parts)
-
-
-def column_corr(a_NF: Tensor, b_NF: Tensor) -> Tensor:
-    """Pearson correlation of each column of ``a`` with the same column of ``b`` ``[F]`` (NaN if constant)."""
-    a = a_NF.double() - a_NF.double().mean(0)
-    b = b_NF.double() - b_NF.double().mean(0)
-    den = (a.pow(2).sum(0) * b.pow(2).sum(0)).sqrt()
-    return torch.where(den > 0, (a * b).sum(0) / den.clamp_min(1e-300), torch.full_like(den, float("nan"))).float()
-
 
 @torch.no_grad()
 def unit_decoders(dictionary, layers: list[int] | None = None) -> Tensor:

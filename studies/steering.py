@@ -136,20 +136,13 @@ def text_features(model, dictionary, texts) -> Tensor:
     return dictionary.encode(acts_BTLD[keep_BT.to(acts_BTLD.device)].to(device), normalized=False).float().cpu()
 
 
-def _unembed(model) -> Tensor:
-    """``W_U`` scaled row-wise by the final norm's gain (the convention of features.logit_effects)."""
-    W_U = model.W_U.detach().float().cpu()
-    w = getattr(model.ln_final, "w", None)
-    return W_U * w.detach().float().cpu()[:, None] if w is not None else W_U
-
-
 @torch.no_grad()
 def logit_table(dictionary, model, features: list[int], layers: list[int], ids: list[int]) -> pd.DataFrame:
     """Per feature, at the given layer: logit_effect (mean raw effect on ``ids``), logit_z, concept_rank
     (best vocabulary rank of an ``ids`` token), top_logits (the ``TOP_TOKENS`` most raised, joined by "|")."""
-    from crosslayer.features import decoder_layer
+    from crosslayer.features import decoder_layer, unembed_matrix
 
-    W_U = _unembed(model)
+    W_U = unembed_matrix(model)  # W_U scaled by the final norm's gain, as in features.logit_effects
     rows = []
     for layer in sorted(set(layers)):
         feats = [f for f, l in zip(features, layers) if l == layer]
