@@ -107,6 +107,14 @@ class ReconstructionStats:
         return out
 
 
+def fvu(x_BLD: Tensor, recon_BLD: Tensor) -> Tensor:
+    """FVU per layer ``[L]`` of one batch: SSE_l / sum_d Var(x_d), computed exactly as
+    :class:`ReconstructionStats` does (the one FVU definition; see the module docstring)."""
+    stats = ReconstructionStats(x_BLD.shape[1], x_BLD.shape[2])
+    stats.update(x_BLD.detach(), recon_BLD.detach())
+    return stats.fvu_L()
+
+
 def check_compatible(dictionary: Dictionary, store) -> None:
     """Raise a CrosslayerError if ``dictionary`` cannot read ``store``'s rows."""
     missing = [l for l in dictionary.layers if l not in store.layers]

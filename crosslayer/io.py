@@ -12,6 +12,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from crosslayer.errors import CrosslayerError
+
 
 @contextmanager
 def atomic_path(path: str | Path):
@@ -50,3 +52,51 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _plain(obj):
+    """``obj`` as JSON would give it back (tuples become lists), for comparing plans."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def claim_folder(out: str | Path, plan: dict, *, record: str, what: str, extra: dict | None = None) -> dict | None:
+    """Make folder ``out`` the home of the job described by ``plan``: the one way every resumable job
+    (harvest, SAE and crosscoder training, reproduction) decides between start, resume and refuse.
+
+    - ``out/record`` exists and agrees with ``plan`` on every key of ``plan``: resume; return that record.
+    - ``out/record`` exists and differs: refuse, naming the first differing key and both values.
+    - ``out`` is missing or an empty folder: create it, write ``{**plan, **extra}`` to ``out/record``
+      atomically, return None (a new job).
+    - ``out`` is a file, or a non-empty folder without ``record``: refuse.
+    Every refusal is a one-line :class:`CrosslayerError` that names the folder and the fix.
+    """
+    out = Path(out)
+    path = out / record
+    if out.exists() and not out.is_dir():
+        raise CrosslayerError(f"{out} is a file, not a folder; choose another output folder")
+    if path.is_file():
+        try:
+            existing = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise CrosslayerError(f"{path} cannot be read ({type(err).__name__}); delete {out} and run the "
+                                  "command again") from None
+        wanted = _plain(plan)
+        diff = [key for key in wanted if existing.get(key) != wanted[key]]
+        if diff:
+            key = diff[0]
+            raise CrosslayerError(f"{out} holds a different {what} ({key}: {_short(existing.get(key))} there, "
+                                  f"{_short(wanted[key])} now); choose another output folder or delete that one")
+        return existing
+    if out.is_dir() and any(out.iterdir()):
+        raise CrosslayerError(f"{out} exists and is not a {what} folder (no {record}); choose an empty or new folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json({**plan, **(extra or {})}, path)
+    except OSError as err:
+        raise CrosslayerError(f"cannot write to {out} ({err.strerror or err}); choose a writable folder") from None
+    return None
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -30,7 +30,7 @@ import json
 import math
 import mmap
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -53,6 +53,19 @@ def from_torch16(tensor: torch.Tensor, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         return tensor.to(torch.bfloat16).contiguous().view(torch.uint16).numpy()
     return tensor.to(torch.float16).contiguous().numpy()
+
+
+class LayerSelection(NamedTuple):
+    """A subset of a store's layers (what :meth:`ActivationStore.select` returns)."""
+
+    layers: list[int]
+    """Model layer indices, ascending."""
+    index: list[int]
+    """Their positions in the store's layer axis."""
+    hooks: list[str]
+    """Their hook names."""
+    norm_factors: list[float]
+    """Their normalisation factors."""
 
 
 class ActivationStore:
@@ -169,13 +182,28 @@ class ActivationStore:
             self._acts[i], self._rows[i] = acts, rows
         return self._acts[i], self._rows[i]
 
-    def _layer_index(self, layers: list[int] | None) -> np.ndarray | None:
+    def select(self, layers: str | list[int] | None = None) -> LayerSelection:
+        """The store's layers named by ``layers`` (None: all; a list of model layers; or a spec such as
+        ``"0-5"``, ``"all"``, ``"10-"``), with their positions, hooks and factors; the one place a
+        subset of a store's layers is chosen. A layer the store lacks is a one-line error."""
         if layers is None:
-            return None
-        missing = [l for l in layers if l not in self.layers]
-        if missing:
-            raise CrosslayerError(f"layers {missing} are not in store {self.path} (it has {self.layers})")
-        return np.array([self.layers.index(l) for l in layers])
+            chosen = self.layers
+        elif isinstance(layers, str):
+            from crosslayer.harvest import parse_layers
+
+            chosen = parse_layers(layers, int(self.manifest.get("n_model_layers", max(self.layers) + 1)))
+        else:
+            chosen = [int(l) for l in layers]
+        missing = [l for l in chosen if l not in self.layers]
+        if missing or not chosen:
+            raise CrosslayerError(f"layers {missing or chosen} are not in store {self.path} (it has {self.layers}); "
+                                  "choose among those or harvest them")
+        index = [self.layers.index(l) for l in chosen]
+        factors = self.manifest["norm_factors"]
+        return LayerSelection(chosen, index, [self.hooks[i] for i in index], [float(factors[i]) for i in index])
+
+    def _layer_index(self, layers: list[int] | None) -> np.ndarray | None:
+        return None if layers is None else np.array(self.select(layers).index)
 
     def get(self, index, *, layers: list[int] | None = None, normalized: bool = False,
             dtype: torch.dtype = torch.float32) -> torch.Tensor:

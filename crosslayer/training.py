@@ -40,7 +40,9 @@ from crosslayer.errors import CrosslayerError
 from crosslayer.io import atomic_path, write_csv
 
 CHECKPOINT = "checkpoint.pt"
-_DEFAULT_SPARSITY = {"relu": 5.0, "jumprelu": 1.0}
+DEFAULT_SPARSITY_COEF = {"relu": 5.0, "standard": 5.0, "jumprelu": 1.0}
+"""Default sparsity coefficient by activation: the L1 coefficient of ReLU (crosscoder ``relu``, sae-lens
+``standard``) and the L0 / tanh coefficient of JumpReLU. TopK and BatchTopK take none."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ class TrainConfig:
         return self.lr * warm * (min(1.0, left / decay) if decay else 1.0)
 
     def sparsity_at(self, step: int, activation: str) -> float:
-        coef = self.sparsity_coef if self.sparsity_coef is not None else _DEFAULT_SPARSITY.get(activation, 0.0)
+        coef = self.sparsity_coef if self.sparsity_coef is not None else DEFAULT_SPARSITY_COEF.get(activation, 0.0)
         warm = self.sparsity_warm_up_steps if self.sparsity_warm_up_steps is not None else self.steps // 20
         return coef * (min(1.0, (step + 1) / warm) if warm else 1.0)
 
