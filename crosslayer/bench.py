@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -103,94 +102,121 @@ def matmul_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 4096, repeat
 
 
 def _fvu(dictionary_fn, x_ND: torch.Tensor) -> float:
+    from crosslayer.evals import fvu
+
     with torch.no_grad():
-        err = (dictionary_fn(x_ND) - x_ND).pow(2).sum()
-    return float(err / (x_ND - x_ND.mean(0)).pow(2).sum())
+        return float(fvu(x_ND[:, None], dictionary_fn(x_ND)[:, None])[0])
 
 
-def bench_crosscoder(store_path: str, *, width: int = 4096, k: int = 32, batch_size: int = 1024,
-                     steps: int = 8, sae_width: int = 2304, sae_steps: int = 40, layer: int | None = None) -> dict:
-    """(a) all-layer crosscoder training speed vs matmul peak, (b) sparse vs dense TopK decode,
-    (c) our trainer on one layer vs sae-lens's SAETrainer on the same batches."""
+def _bench_train_config(steps: int, batch_size: int, lr: float = 3e-4):
+    """``steps`` steps of ``batch_size``, no checkpoints, Gao et al.'s 10M-token dead window."""
+    from crosslayer.training import TrainConfig
+
+    return TrainConfig(tokens=steps * batch_size, batch_size=batch_size, lr=lr, checkpoint_every=10**9,
+                       dead_after_tokens=10_000_000)
+
+
+def _bench_training(store, cfg, batches: list, *, batch_size: int, peak: float) -> tuple[float, float]:
+    """(a) all-layer crosscoder training: (tokens/s, fraction of the matmul peak)."""
     import tempfile
 
-    from crosslayer.crosscoder import Crosscoder, CrosscoderConfig
-    from crosslayer.store import ActivationStore
-    from crosslayer.training import TrainConfig, train_crosscoder
+    from crosslayer.training import train_crosscoder
 
-    store = ActivationStore(store_path)
-    L, d = store.n_layers, store.width
-    peak = matmul_peak_gflops()
-    print(f"matmul peak (float32, 4096^3 GEMM): {peak:,.0f} GFLOP/s", flush=True)
-
-    # (a) training speed over every layer
-    stream = store.iter_batches(batch_size, seed=0, epochs=None, buffer_rows=batch_size * 4)
-    batches = [next(stream) for _ in range(steps + 1)]
-    cfg = CrosscoderConfig(layers=tuple(store.layers), d_model=d, n_features=width, activation="topk", k=k)
+    steps = len(batches) - 1
     with tempfile.TemporaryDirectory() as tmp:
-        train_crosscoder(TrainConfig(steps=1, checkpoint_every=10**9), cfg, iter(batches[:1]),
-                         out_dir=f"{tmp}/warm", progress=False)
+        train_crosscoder(_bench_train_config(1, batch_size), cfg, iter(batches[:1]), out_dir=f"{tmp}/warm",
+                         progress=False)
         start = time.perf_counter()
-        train_crosscoder(TrainConfig(steps=steps, checkpoint_every=10**9), cfg, iter(batches[1:]),
-                         out_dir=f"{tmp}/run", progress=False)
+        train_crosscoder(_bench_train_config(steps, batch_size), cfg, iter(batches[1:]), out_dir=f"{tmp}/run",
+                         progress=False)
         seconds = time.perf_counter() - start
+    L, d, width, k = store.n_layers, store.width, cfg.n_features, cfg.k
     tok_s = steps * batch_size / seconds
     dense_flops = 4 * batch_size * L * d * width  # encoder forward + weight gradient, per step
     achieved = dense_flops * steps / seconds / 1e9
     print(f"(a) crosscoder training, {L} layers x {d}, F={width}, k={k}, batch {batch_size}: {tok_s:,.0f} tok/s; "
           f"dense parts {achieved:,.0f} GFLOP/s = {achieved / peak:.2f} of peak (target >= 0.5; counts only the "
           f"4*B*L*d*F encoder FLOPs against the whole step time)", flush=True)
+    return tok_s, achieved / peak
 
-    # (b) sparse vs dense decoding
+
+@torch.no_grad()
+def _bench_decode(cfg, batch: torch.Tensor) -> float:
+    """(b) sparse vs dense TopK decoding of one batch: the speed-up."""
+    from crosslayer.crosscoder import Crosscoder
+
     cc = Crosscoder(cfg)
-    with torch.no_grad():
-        feats = cc.encode_normalized(batches[0])
-        vals, idx = feats.topk(k, dim=-1)
-        timings = {}
-        for name, fn in (("dense", lambda: cc.decode_normalized(feats)), ("sparse", lambda: cc.decode_sparse(vals, idx))):
-            fn()
-            start = time.perf_counter()
-            for _ in range(3):
-                out = fn()
-            timings[name] = (time.perf_counter() - start) / 3
-            assert out.shape == batches[0].shape
-    print(f"(b) TopK decode of {batch_size} tokens: dense {timings['dense'] * 1e3:.0f} ms, sparse "
+    feats = cc.encode_normalized(batch)
+    vals, idx = feats.topk(cfg.k, dim=-1)
+    timings = {}
+    for name, fn in (("dense", lambda: cc.decode_normalized(feats)), ("sparse", lambda: cc.decode_sparse(vals, idx))):
+        fn()
+        start = time.perf_counter()
+        for _ in range(3):
+            out = fn()
+        timings[name] = (time.perf_counter() - start) / 3
+        assert out.shape == batch.shape
+    print(f"(b) TopK decode of {batch.shape[0]} tokens: dense {timings['dense'] * 1e3:.0f} ms, sparse "
           f"{timings['sparse'] * 1e3:.0f} ms, speed-up x{timings['dense'] / timings['sparse']:.1f}", flush=True)
+    return timings["dense"] / timings["sparse"]
 
-    # (c) one layer: our trainer vs sae-lens's SAETrainer on the same batches
-    layer = store.layers[len(store.layers) // 2] if layer is None else layer
+
+def _bench_one_layer(store, layer: int, *, width: int, k: int, batch_size: int, steps: int) -> dict:
+    """(c) one layer, same batches: our crosscoder trainer vs sae-lens's SAETrainer -> {name: (tok/s, FVU)}."""
+    import tempfile
+
+    from sae_lens import SAETrainer
+
+    from crosslayer.crosscoder import CrosscoderConfig
+    from crosslayer.saes import SAETrainConfig, fit, sae_lens_trainer_config, training_sae
+    from crosslayer.training import train_crosscoder
+
     one = store.iter_batches(batch_size, layers=[layer], seed=1, epochs=None, buffer_rows=batch_size * 8)
-    train_b = [next(one) for _ in range(sae_steps)]
+    train_b = [next(one) for _ in range(steps)]
     held = torch.cat([next(one) for _ in range(4)])[:, 0]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        cfg1 = CrosscoderConfig(layers=(layer,), d_model=d, n_features=sae_width, activation="topk", k=k)
+        cfg1 = CrosscoderConfig(layers=(layer,), d_model=store.width, n_features=width, activation="topk", k=k)
         start = time.perf_counter()
-        ours = train_crosscoder(TrainConfig(steps=sae_steps, lr=3e-3, checkpoint_every=10**9), cfg1, iter(train_b),
+        ours = train_crosscoder(_bench_train_config(steps, batch_size, lr=3e-3), cfg1, iter(train_b),
                                 out_dir=f"{tmp}/ours", progress=False)
-        results["ours"] = (sae_steps * batch_size / (time.perf_counter() - start),
+        results["ours"] = (steps * batch_size / (time.perf_counter() - start),
                            _fvu(lambda x: ours.reconstruct(x[:, None])[:, 0], held))
-        import sae_lens as sl
-        from sae_lens import SAETrainer
-        from sae_lens.config import LoggingConfig, SAETrainerConfig
+    sae_cfg = SAETrainConfig(width=width, tokens=steps * batch_size, k=k, batch_size=batch_size, lr=3e-3,
+                             dead_after_tokens=10**6 * batch_size)
+    torch.manual_seed(0)
+    sae = training_sae(sae_cfg, d_in=store.width)
+    trainer = SAETrainer(cfg=sae_lens_trainer_config(sae_cfg), sae=sae, data_provider=(b[:, 0] for b in train_b))
+    start = time.perf_counter()
+    fit(trainer, progress=False)
+    results["sae_lens"] = (steps * batch_size / (time.perf_counter() - start), _fvu(sae, held))
+    return results
 
-        torch.manual_seed(0)
-        sae = sl.TopKTrainingSAE(sl.TopKTrainingSAEConfig(d_in=d, d_sae=sae_width, k=k, normalize_activations="none"))
-        tcfg = SAETrainerConfig(total_training_samples=sae_steps * batch_size, train_batch_size_samples=batch_size,
-                                lr=3e-3, lr_end=3e-3, lr_scheduler_name="constant", lr_warm_up_steps=0,
-                                lr_decay_steps=sae_steps // 5, device="cpu", dead_feature_window=10**6,
-                                logger=LoggingConfig(log_to_wandb=False))
-        trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=(b[:, 0] for b in train_b))
-        start = time.perf_counter()
-        trainer.fit()
-        results["sae_lens"] = (sae_steps * batch_size / (time.perf_counter() - start), _fvu(sae, held))
+
+def bench_crosscoder(store_path: str, *, width: int = 4096, k: int = 32, batch_size: int = 1024,
+                     steps: int = 8, sae_width: int = 2304, sae_steps: int = 40, layer: int | None = None) -> dict:
+    """(a) all-layer crosscoder training speed vs matmul peak, (b) sparse vs dense TopK decode,
+    (c) our trainer on one layer vs sae-lens's SAETrainer on the same batches."""
+    from crosslayer.crosscoder import CrosscoderConfig
+    from crosslayer.store import ActivationStore
+
+    store = ActivationStore(store_path)
+    peak = matmul_peak_gflops()
+    print(f"matmul peak (float32, 4096^3 GEMM): {peak:,.0f} GFLOP/s", flush=True)
+    stream = store.iter_batches(batch_size, seed=0, epochs=None, buffer_rows=batch_size * 4)
+    batches = [next(stream) for _ in range(steps + 1)]
+    cfg = CrosscoderConfig(layers=tuple(store.layers), d_model=store.width, n_features=width, activation="topk", k=k)
+    tok_s, frac_peak = _bench_training(store, cfg, batches, batch_size=batch_size, peak=peak)
+    speedup = _bench_decode(cfg, batches[0])
+    layer = store.layers[len(store.layers) // 2] if layer is None else layer
+    results = _bench_one_layer(store, layer, width=sae_width, k=k, batch_size=batch_size, steps=sae_steps)
     ratio = results["ours"][0] / results["sae_lens"][0]
     print(f"(c) one layer ({layer}), F={sae_width}, k={k}, {sae_steps} steps of {batch_size}: ours "
           f"{results['ours'][0]:,.0f} tok/s, FVU {results['ours'][1]:.3f}; sae-lens SAETrainer "
           f"{results['sae_lens'][0]:,.0f} tok/s, FVU {results['sae_lens'][1]:.3f}; speed ratio x{ratio:.2f} "
           f"(target >= 1.5)", flush=True)
-    return {"peak_gflops": peak, "tok_s": tok_s, "frac_peak": achieved / peak,
-            "decode_speedup": timings["dense"] / timings["sparse"], "one_layer": results, "ratio": ratio}
+    return {"peak_gflops": peak, "tok_s": tok_s, "frac_peak": frac_peak, "decode_speedup": speedup,
+            "one_layer": results, "ratio": ratio}
 
 
 # ----------------------------------------------------------------------------- store reader benchmark

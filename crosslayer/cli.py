@@ -1,25 +1,48 @@
 """``crosslayer <verb>``: the command-line interface.
 
-Every verb is a thin layer over a library function. User errors print ``error: <one line>`` and
-exit with status 2; nothing half-written is left behind.
+Every verb is a thin layer over a library function, registered once with :func:`verb` (its name,
+help and argument adder together). Packages built on the library add verbs through the
+``crosslayer.plugins`` entry point: each such module is imported before parsing and registers its
+verbs with :func:`verb` (the experiments' ``reproduce``, ``study`` and ``figures`` arrive this way;
+the library never imports them). Option defaults come from the library's config dataclasses.
+User errors print ``error: <one line>`` and exit with status 2; nothing half-written is left behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
-from pathlib import Path
+from typing import Callable, NamedTuple
 
 from crosslayer.errors import CrosslayerError
 
-VERBS = {}
+PLUGIN_GROUP = "crosslayer.plugins"
 
 
-def verb(name: str, help: str):
+class Verb(NamedTuple):
+    run: Callable
+    help: str
+    add_args: Callable | None
+
+
+VERBS: dict[str, Verb] = {}
+
+
+def verb(name: str, help: str, args: Callable | None = None):
+    """Register the decorated function as ``crosslayer NAME``; ``args(parser)`` adds its options."""
     def register(fn):
-        VERBS[name] = (fn, help)
+        VERBS[name] = Verb(fn, help, args)
         return fn
     return register
+
+
+def default(config: type, name: str):
+    """The default of field ``name`` of dataclass ``config`` (the one source of option defaults)."""
+    for f in dataclasses.fields(config):
+        if f.name == name:
+            return f.default
+    raise KeyError(f"{config.__name__} has no field {name}")
 
 
 def parse_count(text: str) -> int:
@@ -29,12 +52,33 @@ def parse_count(text: str) -> int:
         value = float(text[:-1] if scale > 1 else text) * scale
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a count (examples: 5000, 200k, 2M)") from None
+    if not value == value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite count (examples: 5000, 200k, 2M)")
     if value <= 0 or value != int(value):
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive whole number")
     return int(value)
 
 
 # ----------------------------------------------------------------------------- verbs
+
+SHARED_OPTIONS = {
+    "model": ("--model", dict(default="smollm2-135m", help="model name (see `crosslayer models`)")),
+    "model_dtype": ("--model-dtype", dict(default="auto", help="model dtype: auto (bfloat16 where fast) | float32 | "
+                                                                 "bfloat16")),
+    "corpus": ("--corpus", dict(default="builtin", help="'builtin', a text file/folder, a .jsonl, or hf:NAME")),
+    "seq_len": ("--seq-len", dict(type=int, default=128, help="window length in tokens")),
+    "dictionary": ("--dictionary", dict(required=True, help="dictionary folder (per-layer SAEs or crosscoder)")),
+    "store": ("--store", dict(required=True, help="activation store of the same model and hooks")),
+}
+"""Options that several verbs take, each defined once."""
+
+
+def shared(p, *names: str) -> None:
+    """Add the :data:`SHARED_OPTIONS` ``names`` to parser ``p``."""
+    for name in names:
+        flag, kwargs = SHARED_OPTIONS[name]
+        p.add_argument(flag, **kwargs)
+
 
 @verb("models", "list the models that can be loaded here")
 def cmd_models(args):
@@ -45,15 +89,12 @@ def cmd_models(args):
 
 
 def _add_inspect(p):
-    p.add_argument("--model", default="smollm2-135m", help="model name (see `crosslayer models`)")
-    p.add_argument("--corpus", default="builtin", help="'builtin', a text file/folder, a .jsonl, or hf:NAME")
+    shared(p, "model", "corpus", "seq_len", "model_dtype")
     p.add_argument("--tokens", type=parse_count, default=parse_count("8k"), help="held-out tokens to score")
-    p.add_argument("--seq-len", type=int, default=128, help="window length in tokens")
-    p.add_argument("--dtype", default="auto", help="model dtype: auto (bfloat16 where fast) | float32 | bfloat16")
     p.add_argument("--out", default=None, help="optional folder for the CSV tables")
 
 
-@verb("inspect", "load a model, score held-out text per source label, print per-layer residual norms")
+@verb("inspect", "load a model, score held-out text per source label, print per-layer residual norms", _add_inspect)
 def cmd_inspect(args):
     import time
     from pathlib import Path
@@ -64,14 +105,13 @@ def cmd_inspect(args):
 
     corpus = load_corpus(args.corpus)
     start = time.time()
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.model_dtype)
     print(f"loaded {args.model} ({model.cfg.n_layers} layers, d_model {model.cfg.d_model}, "
-          f"{str(model.cfg.dtype).removeprefix('torch.')}) "
-          f"in {time.time() - start:.1f}s")
+          f"{str(model.cfg.dtype).removeprefix('torch.')}) in {time.time() - start:.1f}s")
     for prompt in ("The capital of France is", "def fibonacci(n):"):
         print(f"greedy: {prompt!r} -> {greedy(model, prompt)!r}")
-    windows = make_windows(corpus, model.tokenizer, split="heldout",
-                           seq_len=args.seq_len, n_tokens=args.tokens, seed=0)
+    windows = make_windows(corpus, model.tokenizer, split="heldout", seq_len=args.seq_len, n_tokens=args.tokens,
+                           seed=0)
     losses, norms = score(model, windows)
     print("\nnext-token cross-entropy on held-out text, by source label (nats):")
     print(losses.to_string(index=False, float_format="%.3f"))
@@ -88,25 +128,22 @@ def cmd_inspect(args):
 
 
 def _add_harvest(p):
-    p.add_argument("--model", default="smollm2-135m", help="model name (see `crosslayer models`)")
+    shared(p, "model", "corpus", "seq_len", "model_dtype")
     p.add_argument("--layers", default="all", help="all | 5 | 0-5 | 0,4,8 | 10-")
     p.add_argument("--hook", default="resid_post",
                    help="resid_post | resid_pre | resid_mid | attn_out | mlp_out | mlp_post")
     p.add_argument("--tokens", type=parse_count, default=parse_count("200k"),
                    help="token positions to run (rounded up to whole windows; excluded rows are not stored)")
     p.add_argument("--split", default="train", help="train | heldout")
-    p.add_argument("--corpus", default="builtin", help="'builtin', a text file/folder, a .jsonl, or hf:NAME")
-    p.add_argument("--seq-len", type=int, default=128, help="window length in tokens")
     p.add_argument("--seed", type=int, default=0, help="document-order seed")
     p.add_argument("--out", required=True, help="store folder (created; a rerun resumes it)")
-    p.add_argument("--dtype", default="bfloat16", help="store dtype: bfloat16 | float16")
-    p.add_argument("--model-dtype", default="auto", help="auto (bfloat16 where fast) | float32 | bfloat16")
+    p.add_argument("--store-dtype", default="bfloat16", help="store dtype: bfloat16 | float16")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--outlier-factor", type=float, default=10.0,
                    help="drop rows whose norm exceeds this x the layer median (0 keeps them)")
 
 
-@verb("harvest", "run a model over the corpus once and store every chosen layer's activations")
+@verb("harvest", "run a model over the corpus once and store every chosen layer's activations", _add_harvest)
 def cmd_harvest(args):
     from crosslayer.corpus import load_corpus, make_windows
     from crosslayer.harvest import harvest, hook_names, parse_layers
@@ -118,10 +155,9 @@ def cmd_harvest(args):
     windows = make_windows(corpus, model.tokenizer, split=args.split, seq_len=args.seq_len,
                            n_tokens=args.tokens, seed=args.seed)
     store = harvest(model, windows, out_dir=args.out, hook=args.hook, layers=args.layers,
-                    dtype=args.dtype, batch_size=args.batch_size,
+                    dtype=args.store_dtype, batch_size=args.batch_size,
                     outlier_factor=args.outlier_factor or None)
-    m = store.manifest
-    print(f"{store}\nexcluded: {m['excluded']}; disk {store.disk_bytes() / 2**20:.0f} MB "
+    print(f"{store}\nexcluded: {store.manifest['excluded']}; disk {store.disk_bytes() / 2**20:.0f} MB "
           f"({store.disk_bytes() / max(1, store.n_rows) / 1024:.1f} KB per stored token)")
 
 
@@ -133,15 +169,14 @@ def _add_bench(p):
     p.add_argument("--store", default="runs/demo/stores/train", help="store for the crosscoder benchmark")
     p.add_argument("--width", type=int, default=4096, help="crosscoder features for the crosscoder benchmark")
     p.add_argument("--k", type=int, default=32, help="TopK k for the crosscoder benchmark")
-    p.add_argument("--model", default="smollm2-135m", help="model name")
+    shared(p, "model", "model_dtype")
     p.add_argument("--tokens", default="50k,200k", help="comma-separated token counts")
     p.add_argument("--layers", default="all", help="layers to harvest")
-    p.add_argument("--model-dtype", default="auto", help="auto | float32 | bfloat16")
     p.add_argument("--batch-size", type=int, default=None,
                    help="windows per forward pass (harvest, default 8) / tokens per step (crosscoder, default 1024)")
 
 
-@verb("bench", "print speed and memory benchmarks (ratios against a baseline from the same run)")
+@verb("bench", "print speed and memory benchmarks (ratios against a baseline from the same run)", _add_bench)
 def cmd_bench(args):
     from crosslayer.bench import bench_crosscoder, bench_harvest, bench_reader
 
@@ -156,39 +191,41 @@ def cmd_bench(args):
                   batch_size=args.batch_size or 8)
 
 
-def _add_training_common(p, *, out_help: str, width_help: str):
+def _add_training_common(p, train_cfg: type, arch_cfg: type, *, out_help: str, width_help: str):
     p.add_argument("--store", required=True, help="activation store folder (crosslayer harvest)")
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--width", type=int, required=True, help=width_help)
-    p.add_argument("--k", type=int, default=32, help="active features per token (topk/batchtopk; jumprelu target L0)")
+    p.add_argument("--k", type=int, default=default(arch_cfg, "k"),
+                   help="active features per token (topk/batchtopk; jumprelu target L0)")
     p.add_argument("--tokens", type=parse_count, default=None, help="training tokens (default: the store's rows)")
-    p.add_argument("--batch-size", type=int, default=1024, help="tokens per step")
-    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
-    p.add_argument("--layers", default=None, help="subset of the store's layers (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="init and data-order seed")
+    p.add_argument("--batch-size", type=int, default=default(train_cfg, "batch_size"), help="tokens per step")
+    p.add_argument("--lr", type=float, default=default(train_cfg, "lr"), help="Adam learning rate")
+    p.add_argument("--layers", default=None, help="subset of the store's layers, e.g. 0-5 (default: all)")
+    p.add_argument("--seed", type=int, default=default(train_cfg, "seed"), help="init and data-order seed")
+    p.add_argument("--sparsity-coef", type=float, default=None,
+                   help="L1 (relu/standard) or L0/tanh (jumprelu) sparsity coefficient (default by activation)")
 
 
 def _add_train_saes(p):
-    from crosslayer.saes import ARCHS
+    from crosslayer.saes import ARCHS, SAETrainConfig
 
-    _add_training_common(p, out_help="output folder (one sae-lens folder per hook); a rerun resumes",
+    _add_training_common(p, SAETrainConfig, SAETrainConfig,
+                         out_help="output folder (one sae-lens folder per hook); a rerun resumes",
                          width_help="features per layer")
-    p.add_argument("--arch", default="topk", choices=ARCHS, help="SAE architecture")
-    p.add_argument("--sparsity-coefficient", type=float, default=None, help="L1 (standard) / L0 (jumprelu) coefficient")
+    p.add_argument("--arch", default=default(SAETrainConfig, "arch"), choices=ARCHS, help="SAE architecture")
 
 
-@verb("train-saes", "train one sae-lens SAE per layer of an activation store (the baseline)")
+@verb("train-saes", "train one sae-lens SAE per layer of an activation store (the baseline)", _add_train_saes)
 def cmd_train_saes(args):
-    from crosslayer.harvest import parse_layers
-    from crosslayer.saes import train_per_layer_saes
+    from crosslayer.saes import SAETrainConfig, train_per_layer_saes
     from crosslayer.store import ActivationStore
 
     store = ActivationStore(args.store)
-    layers = None if args.layers is None else [
-        l for l in parse_layers(args.layers, store.manifest["n_model_layers"])]
-    saes = train_per_layer_saes(store, out_dir=args.out, width=args.width, k=args.k, arch=args.arch,
-                                tokens=args.tokens or store.n_rows, batch_size=args.batch_size, lr=args.lr,
-                                layers=layers, sparsity_coefficient=args.sparsity_coefficient, seed=args.seed)
+    layers = store.select(args.layers).layers
+    cfg = SAETrainConfig(width=args.width, tokens=args.tokens or store.n_rows, arch=args.arch, k=args.k,
+                         sparsity_coefficient=args.sparsity_coef, batch_size=args.batch_size, lr=args.lr,
+                         seed=args.seed)
+    saes = train_per_layer_saes(store, cfg, out_dir=args.out, layers=layers)
     for row in saes.meta["layer_stats"]:
         print(f"layer {row['layer']:>2}: {row['tokens_per_s']:,.0f} tok/s, sample FVU {row['train_sample_fvu']:.3f}, "
               f"dead {row['dead_features']}")
@@ -196,46 +233,49 @@ def cmd_train_saes(args):
 
 
 def _add_train_crosscoder(p):
-    from crosslayer.crosscoder import ACTIVATIONS, SPARSITIES, VARIANTS
+    from crosslayer.crosscoder import ACTIVATIONS, SPARSITIES, VARIANTS, CrosscoderConfig
+    from crosslayer.training import TrainConfig
 
-    _add_training_common(p, out_help="output folder; a rerun resumes from its checkpoint",
+    _add_training_common(p, TrainConfig, CrosscoderConfig, out_help="output folder; a rerun resumes from its checkpoint",
                          width_help="number of features F")
-    p.add_argument("--variant", default="acausal", choices=VARIANTS, help="which layers a feature reads/writes")
-    p.add_argument("--window", type=int, default=2, help="layers per feature for --variant window")
-    p.add_argument("--activation", default="topk", choices=ACTIVATIONS, help="activation function")
-    p.add_argument("--sparsity", default="l1_norms", choices=SPARSITIES, help="decoder-norm penalty (relu/jumprelu)")
-    p.add_argument("--sparsity-coef", type=float, default=None, help="sparsity coefficient (relu/jumprelu)")
-    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    for name, choices, text in (("variant", VARIANTS, "which layers a feature reads/writes"),
+                                ("activation", ACTIVATIONS, "activation function"),
+                                ("sparsity", SPARSITIES, "how per-layer decoder norms combine (penalty, TopK score)")):
+        p.add_argument(f"--{name}", default=default(CrosscoderConfig, name), choices=choices, help=text)
+    p.add_argument("--window", type=int, default=default(CrosscoderConfig, "window"),
+                   help="layers per feature for --variant window")
+    p.add_argument("--checkpoint-every", type=int, default=default(TrainConfig, "checkpoint_every"),
+                   help="steps between checkpoints")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast only with AVX512-BF16 or a GPU)")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
 
 
-@verb("train-crosscoder", "train a sparse crosscoder that reads and writes every layer of a store")
+@verb("train-crosscoder", "train a sparse crosscoder that reads and writes every layer of a store",
+      _add_train_crosscoder)
 def cmd_train_crosscoder(args):
-    from crosslayer.harvest import parse_layers
+    from crosslayer.crosscoder import CrosscoderConfig
     from crosslayer.store import ActivationStore
-    from crosslayer.training import train_crosscoder_from_store
+    from crosslayer.training import TrainConfig, train_crosscoder_from_store
 
     store = ActivationStore(args.store)
-    layers = None if args.layers is None else parse_layers(args.layers, store.manifest["n_model_layers"])
-    cc = train_crosscoder_from_store(
-        store, out_dir=args.out, width=args.width, k=args.k, variant=args.variant, activation=args.activation,
-        tokens=args.tokens or store.n_rows, batch_size=args.batch_size, lr=args.lr, sparsity=args.sparsity,
-        sparsity_coef=args.sparsity_coef, window=args.window, layers=layers,
-        checkpoint_every=args.checkpoint_every, bf16=args.bf16, seed=args.seed, device=args.device)
+    arch = CrosscoderConfig(layers=tuple(store.select(args.layers).layers), d_model=store.width,
+                            n_features=args.width, variant=args.variant, window=args.window,
+                            activation=args.activation, k=args.k, sparsity=args.sparsity)
+    cfg = TrainConfig(tokens=args.tokens or store.n_rows, batch_size=args.batch_size, lr=args.lr,
+                      sparsity_coef=args.sparsity_coef, checkpoint_every=args.checkpoint_every, bf16=args.bf16,
+                      seed=args.seed)
+    cc = train_crosscoder_from_store(store, arch, cfg, out_dir=args.out, device=args.device)
     print(f"saved {cc} to {args.out}")
 
 
 def _add_eval(p):
-    p.add_argument("--dictionary", required=True, help="dictionary folder (per-layer SAEs or crosscoder)")
-    p.add_argument("--store", required=True, help="held-out activation store of the same model and hooks")
+    shared(p, "dictionary", "store", "model_dtype")
     p.add_argument("--tokens", type=parse_count, default=parse_count("50k"), help="rows for reconstruction metrics")
     p.add_argument("--windows", type=int, default=32, help="windows for the downstream CE/KL evaluation (0: skip)")
-    p.add_argument("--model-dtype", default="auto", help="auto | float32 | bfloat16")
     p.add_argument("--out", default=None, help="CSV path for the table")
 
 
-@verb("eval", "evaluate a dictionary: FVU, MSE, L0, dead/dense, CE loss recovered and KL when spliced")
+@verb("eval", "evaluate a dictionary: FVU, MSE, L0, dead/dense, CE loss recovered and KL when spliced", _add_eval)
 def cmd_eval(args):
     import pandas as pd
 
@@ -254,20 +294,20 @@ def cmd_eval(args):
 
 
 def _add_features(p):
-    p.add_argument("--dictionary", required=True, help="dictionary folder (per-layer SAEs or crosscoder)")
-    p.add_argument("--store", required=True, help="activation store of the same model and hooks")
+    shared(p, "dictionary", "store", "model_dtype")
     p.add_argument("--feature", type=int, default=None, help="feature index (0..F-1) for the dashboard")
     p.add_argument("--search", default=None, help="instead: list features whose logit effect most raises this token")
-    p.add_argument("--k", type=int, default=10, help="top-activating examples to show")
+    p.add_argument("--examples", type=int, default=10, help="top-activating examples to show")
+    p.add_argument("--top", type=int, default=10, help="features listed by --search")
     p.add_argument("--logits", type=int, default=8, help="tokens pushed up / down to show per layer")
     p.add_argument("--batch-size", type=int, default=1024, help="rows encoded per batch while streaming")
-    p.add_argument("--model-dtype", default="auto", help="auto | float32 | bfloat16")
 
 
-@verb("features", "text dashboard of one feature: density, top/quantile examples, logit effects, decoder profile")
+@verb("features", "text dashboard of one feature: density, top/quantile examples, logit effects, decoder profile",
+      _add_features)
 def cmd_features(args):
     from crosslayer.dictionary import load_dictionary
-    from crosslayer.features import dashboard
+    from crosslayer.features import dashboard, find_features_for_token
     from crosslayer.models import load_model
     from crosslayer.store import ActivationStore
 
@@ -277,32 +317,29 @@ def cmd_features(args):
     dictionary = load_dictionary(args.dictionary)
     model = load_model(store.manifest["model"], dtype=args.model_dtype)
     if args.search is not None:
-        from crosslayer.features import find_features_for_token
-
-        table = find_features_for_token(dictionary, model, args.search, top=args.k)
+        table = find_features_for_token(dictionary, model, args.search, top=args.top)
         print(table.to_string(index=False, float_format="%.3f"))
         return
-    print(dashboard(dictionary, store, model, args.feature, k=args.k, n_logits=args.logits,
+    print(dashboard(dictionary, store, model, args.feature, k=args.examples, n_logits=args.logits,
                     batch_size=args.batch_size))
 
 
 def _add_lens(p):
     p.add_argument("prompt", nargs="+", help="prompt text (several prompts: one table each)")
     p.add_argument("--target", default=None, help="token whose rank and probability to follow, e.g. ' Paris'")
-    p.add_argument("--model", default="smollm2-135m", help="model name (see `crosslayer models`)")
+    shared(p, "model", "model_dtype")
     p.add_argument("--top-k", type=int, default=5, help="top tokens kept per layer and position")
     p.add_argument("--position", type=int, default=-1, help="position printed (default: the last token)")
-    p.add_argument("--dtype", default="auto", help="model dtype: auto | float32 | bfloat16")
     p.add_argument("--plot", default=None, help="save a layer x position heatmap (PNG/PDF/SVG) of the first prompt")
     p.add_argument("--out", default=None, help="optional CSV path for the full table")
 
 
-@verb("lens", "logit lens: decode every layer's residual through the final norm and unembedding")
+@verb("lens", "logit lens: decode every layer's residual through the final norm and unembedding", _add_lens)
 def cmd_lens(args):
     from crosslayer.lens import format_lens, logit_lens, plot_lens
     from crosslayer.models import load_model
 
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.model_dtype)
     table = logit_lens(model, args.prompt, target=args.target, top_k=args.top_k)
     for i, prompt in enumerate(args.prompt):
         print(f"{'' if i == 0 else chr(10)}prompt {i}: {prompt!r}")
@@ -320,7 +357,7 @@ def _add_steer(p):
     from crosslayer.interventions import MODES
 
     p.add_argument("prompt", help="prompt text")
-    p.add_argument("--dictionary", required=True, help="dictionary folder (per-layer SAEs or crosscoder)")
+    shared(p, "dictionary", "model_dtype")
     p.add_argument("--feature", type=int, required=True, action="append", help="feature index (repeatable)")
     p.add_argument("--value", type=float, default=0.0, help="clamp/add value or scale factor")
     p.add_argument("--mode", default="clamp", choices=MODES, help="how to edit the feature(s)")
@@ -329,17 +366,17 @@ def _add_steer(p):
     p.add_argument("--tokens", type=int, default=20, help="tokens generated (0: no generation)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, shared by the clean and steered runs")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
-    p.add_argument("--model-dtype", default="auto", help="auto | float32 | bfloat16")
 
 
-@verb("steer", "clamp / scale / ablate features and show how the next-token distribution and generation move")
+@verb("steer", "clamp / scale / ablate features and show how the next-token distribution and generation move",
+      _add_steer)
 def cmd_steer(args):
     from crosslayer.dictionary import load_dictionary
     from crosslayer.interventions import Edit, generate, steer
     from crosslayer.models import load_model
 
     dictionary = load_dictionary(args.dictionary)
-    name = args.model or getattr(dictionary, "meta", {}).get("store", {}).get("model")
+    name = args.model or dictionary.model_name
     if name is None:
         raise CrosslayerError("the dictionary does not record its model; pass --model")
     model = load_model(name, dtype=args.model_dtype)
@@ -350,91 +387,33 @@ def cmd_steer(args):
           f"last token {acts}; KL(clean || steered) = {summary['kl']:.4f}")
     print(table.to_string(index=False, float_format="%.4f"))
     if args.tokens:
-        clean = generate(model, dictionary, args.prompt, [], max_new_tokens=args.tokens, seed=args.seed,
-                         temperature=args.temperature)
-        steered = generate(model, dictionary, args.prompt, edits, max_new_tokens=args.tokens, seed=args.seed,
-                           temperature=args.temperature)
-        print(f"\nclean:   {args.prompt}{clean}\nsteered: {args.prompt}{steered}")
-
-
-def _add_reproduce(p):
-    from crosslayer.pipeline import PRESETS
-
-    p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="sizes of the run")
-    p.add_argument("--out", default=None, help="output folder (default runs/<preset>); a rerun resumes it")
-    p.add_argument("--corpus", default="builtin", help="'builtin', a text file/folder, a .jsonl, or hf:NAME")
-    p.add_argument("--paper", default="paper", help="folder whose figures/ and tables/ receive the output")
-    if p.prog.split()[-1] == "reproduce":
-        p.add_argument("--only", default=None, help="comma-separated steps to run (default: all)")
-        p.add_argument("--redo", default=None, help="comma-separated finished steps to run again")
-
-
-@verb("reproduce", "run the end-to-end job of a preset, resumably (finished steps are skipped)")
-def cmd_reproduce(args):
-    from crosslayer.pipeline import reproduce
-
-    out = reproduce(args.preset, out=args.out, corpus=args.corpus, paper=args.paper,
-                    only=args.only.split(",") if args.only else None,
-                    redo=args.redo.split(",") if args.redo else None)
-    print(f"done: {out}")
-
-
-def _add_study(p):
-    from studies import STUDY_NAMES
-
-    p.add_argument("name", choices=STUDY_NAMES, help="the study to run")
-    _add_reproduce(p)
-
-
-@verb("study", "run one comparison study (and the steps it needs that have not finished)")
-def cmd_study(args):
-    from crosslayer.pipeline import study
-
-    out = study(args.name, args.preset, out=args.out, corpus=args.corpus, paper=args.paper)
-    print(f"done: {out / 'results' / args.name}")
-
-
-def _add_figures(p):
-    from studies import STUDY_NAMES
-
-    p.add_argument("names", nargs="*", metavar="STUDY", help=f"studies (default: all): {', '.join(STUDY_NAMES)}")
-    p.add_argument("--results", default="runs/demo/results", help="the run's results folder (holds <study>/*.csv)")
-    p.add_argument("--paper", default="paper", help="folder whose figures/ and tables/ receive the output")
-
-
-@verb("figures", "redraw the studies' figures, tables and answers from their CSVs (no model, no training)")
-def cmd_figures(args):
-    from studies import STUDY_NAMES, render
-
-    unknown = [n for n in args.names if n not in STUDY_NAMES]
-    if unknown:
-        raise CrosslayerError(f"unknown study {unknown[0]!r}; use one of {', '.join(STUDY_NAMES)}")
-    results = Path(args.results)
-    for name in args.names or STUDY_NAMES:
-        if not (results / name).is_dir():
-            raise CrosslayerError(f"no results of study {name} in {results / name}; run `crosslayer study {name}` "
-                                  "first or pass --results RUN/results")
-        made = render(name, results / name, Path(args.paper))
-        print(f"{name}: {len(made['figures'])} figures, {len(made['tables'])} tables, answer -> "
-              f"{Path(args.paper) / 'tables' / (name + '_answer.tex')}")
+        runs = {"clean": [], "steered": edits}
+        text = {k: generate(model, dictionary, args.prompt, e, max_new_tokens=args.tokens, seed=args.seed,
+                            temperature=args.temperature) for k, e in runs.items()}
+        print(f"\nclean:   {args.prompt}{text['clean']}\nsteered: {args.prompt}{text['steered']}")
 
 
 # ----------------------------------------------------------------------------- entry point
 
+def load_plugins() -> None:
+    """Import every module registered under the ``crosslayer.plugins`` entry point (they add verbs)."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=PLUGIN_GROUP):
+        entry.load()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    load_plugins()
     parser = argparse.ArgumentParser(
         prog="crosslayer",
         description="Per-layer SAEs vs sparse crosscoders on the residual stream of every layer.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    adders = {"inspect": _add_inspect, "harvest": _add_harvest, "bench": _add_bench,
-              "reproduce": _add_reproduce, "study": _add_study, "figures": _add_figures,
-              "train-saes": _add_train_saes, "eval": _add_eval,
-              "train-crosscoder": _add_train_crosscoder, "features": _add_features,
-              "lens": _add_lens, "steer": _add_steer}
-    for name, (fn, help_text) in VERBS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        adders.get(name, lambda _: None)(p)
-        p.set_defaults(func=fn)
+    for name, v in VERBS.items():
+        p = sub.add_parser(name, help=v.help, description=v.help)
+        if v.add_args is not None:
+            v.add_args(p)
+        p.set_defaults(func=v.run)
     return parser
 
 
@@ -452,5 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run as `python -m crosslayer.cli`: use the importable module, where plugins register
+    from crosslayer.cli import main as cli_main
+
+    sys.exit(cli_main())

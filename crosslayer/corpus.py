@@ -159,7 +159,8 @@ def _read_text_files(path: Path) -> list[Document]:
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".md", ".py", ".rst")) \
         if path.is_dir() else [path]
     if not files:
-        raise CrosslayerError(f"{path} holds no .txt/.md/.py/.rst files; point to a text file, a folder of them, or a .jsonl")
+        raise CrosslayerError(f"{path} holds no .txt/.md/.py/.rst files; point to a text file, a folder of them, "
+                              "or a .jsonl")
     docs = []
     for file in files:
         label = file.parent.name if path.is_dir() and file.parent != path else "user"

@@ -42,12 +42,13 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F_
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
-from crosslayer.dictionary import CFG_FILENAME, Dictionary, DictionaryOutput, read_cfg, register_dictionary
+from crosslayer.dictionary import Dictionary, DictionaryOutput, meta_from_cfg, read_saved_cfg, register_dictionary
 from crosslayer.errors import CrosslayerError
-from crosslayer.io import atomic_path, write_json
+from crosslayer.hooks import hook_name
+from crosslayer.io import atomic_path
 
 VARIANTS = ("acausal", "weakly_causal", "window")
 ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
@@ -167,11 +168,11 @@ class Crosscoder(Dictionary):
 
     def __init__(self, cfg: CrosscoderConfig, *, hooks: list[str] | None = None, norm_factors=None,
                  meta: dict | None = None, seed: int = 0):
-        hooks = hooks if hooks is not None else [f"blocks.{l}.hook_resid_post" for l in cfg.layers]
+        hooks = hooks if hooks is not None else [hook_name("resid_post", l) for l in cfg.layers]
         norm_factors = norm_factors if norm_factors is not None else [1.0] * cfg.n_layers
-        super().__init__(layers=list(cfg.layers), hooks=hooks, norm_factors=norm_factors, d_model=cfg.d_model)
+        super().__init__(layers=list(cfg.layers), hooks=hooks, norm_factors=norm_factors, d_model=cfg.d_model,
+                         meta=meta)
         self.cfg = cfg
-        self.meta = dict(meta or {})
         F, L, d = cfg.n_features, cfg.n_layers, cfg.d_model
         read_FL, write_FL = layer_masks(cfg)
         self.register_buffer("read_FL", read_FL, persistent=False)
@@ -201,6 +202,17 @@ class Crosscoder(Dictionary):
 
     def W_dec_masked(self) -> Float[Tensor, "feat layer d_model"]:
         return self.W_dec * self.write_FL[..., None] if self.masked else self.W_dec
+
+    def writes_FL(self) -> Bool[Tensor, "feat layer"]:
+        """The variant's write mask (``layer_masks``), on the CPU."""
+        return self.write_FL.cpu().clone()
+
+    def reads_FL(self) -> Bool[Tensor, "feat layer"]:
+        """The variant's read mask (``layer_masks``), on the CPU."""
+        return self.read_FL.cpu().clone()
+
+    def decoder_vectors_normalized(self, index: int) -> Float[Tensor, "feat d_model"]:
+        return self.W_dec_masked()[:, index]
 
     def decoder_norms(self) -> Float[Tensor, "feat layer"]:
         return self.W_dec_masked().detach().norm(dim=-1)
@@ -345,7 +357,7 @@ class Crosscoder(Dictionary):
 
     # ---------------------------------------------------------------- save / load
     def save(self, path: str | Path) -> None:
-        """``path/cfg.json`` (kind crosscoder, architecture, meta) and ``path/crosscoder.safetensors``."""
+        """``path/cfg.json`` (kind crosscoder, status complete, architecture, meta) and ``path/crosscoder.safetensors``."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -353,21 +365,17 @@ class Crosscoder(Dictionary):
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         with atomic_path(path / WEIGHTS_FILE) as tmp:
             save_file(tensors, str(tmp))
-        write_json({**self.base_cfg(), "crosscoder": asdict(self.cfg), **self.meta}, path / CFG_FILENAME)
+        self.write_cfg(path, crosscoder=asdict(self.cfg))
 
     @classmethod
     def load(cls, path: str | Path, *, device: str = "cpu") -> "Crosscoder":
         from safetensors.torch import load_file
 
-        cfg = read_cfg(path)
-        if cfg["kind"] != "crosscoder":
-            raise CrosslayerError(f"{path} holds a {cfg['kind']!r}, not a crosscoder; use load_dictionary")
+        cfg = read_saved_cfg(path, "crosscoder")
         arch = dict(cfg["crosscoder"])
         arch["layers"] = tuple(arch["layers"])
-        known = {"format", "kind", "package_version", "layers", "hooks", "d_model", "n_features",
-                 "norm_factors", "crosscoder"}
         model = cls(CrosscoderConfig(**arch), hooks=cfg["hooks"], norm_factors=cfg["norm_factors"],
-                    meta={k: v for k, v in cfg.items() if k not in known})
+                    meta=meta_from_cfg(cfg, ("crosscoder",)))
         try:
             model.load_state_dict(load_file(str(Path(path) / WEIGHTS_FILE)))
         except (OSError, RuntimeError) as err:

@@ -6,13 +6,22 @@ Every eval, analysis, intervention and study is written once against :class:`Dic
 
 - ``encode(acts_BLD) -> feats_BF`` and ``decode(feats_BF) -> acts_BLD``; ``forward`` returns both
   as a :class:`DictionaryOutput`; ``reconstruct`` returns only the reconstruction.
-- ``decoder_norms() -> [F, L]``: the norm of feature i's decoder vector at layer l (a per-layer
-  SAE feature has a non-zero norm only at its own layer). Used for L0 accounting
-  (research-notes §4: ``l0_tuple`` counts (feature, layer) pairs with norm > eps).
+- ``writes_FL()`` / ``reads_FL() -> bool [F, L]``: which of the dictionary's layers each feature
+  writes / reads (a per-layer SAE feature: exactly its own layer; a crosscoder: its variant's
+  masks). L0 accounting uses ``writes_FL`` (research-notes §4: ``l0_tuple`` counts the (feature,
+  layer) pairs a firing feature writes).
+- ``decoder_vectors(layer, normalized=True) -> [F, d]``: every feature's decoder vector at model
+  layer ``layer`` (zero rows for features that do not write it), detached float32 on the CPU;
+  ``normalized=False`` gives raw model units.
+- ``decoder_norms() -> [F, L]``: the norm of feature i's decoder vector at layer l.
 - ``layers`` (model layer indices), ``hooks`` (TransformerLens hook names, one per layer),
-  ``n_features``, ``d_model`` (width), ``norm_factors``.
-- ``save(dir)`` writes ``dir/cfg.json`` (with a ``"kind"``) plus weights; ``Class.load(dir)``
-  reads it back; :func:`load_dictionary` dispatches on ``"kind"``.
+  ``n_features``, ``d_model`` (width), ``norm_factors``, ``meta`` (provenance: the store, its model
+  and weights, the training config; ``model_name`` reads the model from it).
+- ``save(dir)`` writes ``dir/cfg.json`` (with a ``"kind"``, ``"status": "complete"`` and ``meta``)
+  plus weights; ``Class.load(dir)`` reads it back (refusing unfinished training);
+  :func:`load_dictionary` dispatches on ``"kind"``.
+- :func:`check_compatible` ``(dictionary, store_or_model)``: the one check that a dictionary can
+  read an activation store or be spliced into a model.
 
 Units convention (research-notes §2):
 1. Dictionaries are trained on, and compute in, NORMALISED units: ``normalised = raw * factor_l``
@@ -26,10 +35,12 @@ Units convention (research-notes §2):
    back into the model. ``forward`` / ``reconstruct`` take the flag for both ends.
 
 Implementing a new kind: subclass :class:`Dictionary`, call ``super().__init__(layers=..., hooks=...,
-norm_factors=..., d_model=...)``, implement ``encode_normalized``, ``decode_normalized``,
-``n_features``, ``decoder_norms``, ``save`` and ``load``, and decorate the class with
-``@register_dictionary("<kind>")`` (the module is imported on demand if listed in
-``KIND_MODULES``).
+norm_factors=..., d_model=..., meta=...)``, implement ``encode_normalized``, ``decode_normalized``,
+``n_features``, ``writes_FL``, ``reads_FL``, ``decoder_vectors_normalized``, ``decoder_norms``,
+``save`` (via :meth:`Dictionary.write_cfg`) and ``load`` (via :func:`read_saved_cfg` and
+:func:`meta_from_cfg`), and decorate the class with ``@register_dictionary("<kind>")`` (the module
+is imported on demand if listed in ``KIND_MODULES``). No code outside the dictionary modules asks
+which kind a dictionary is.
 """
 
 from __future__ import annotations
@@ -41,14 +52,18 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 import crosslayer
 from crosslayer.errors import CrosslayerError
+from crosslayer.io import write_json
 
 CFG_FILENAME = "cfg.json"
 FORMAT_VERSION = 1
+BASE_KEYS = frozenset({"format", "kind", "package_version", "layers", "hooks", "d_model", "n_features",
+                       "norm_factors", "status"})
+"""``cfg.json`` keys every kind writes (:meth:`Dictionary.write_cfg`); the others are the ``meta``."""
 
 _REGISTRY: dict[str, type["Dictionary"]] = {}
 KIND_MODULES: dict[str, str] = {"per_layer_saes": "crosslayer.saes", "crosscoder": "crosslayer.crosscoder"}
@@ -81,8 +96,10 @@ class Dictionary(nn.Module, ABC):
     kind: str = "abstract"
 
     def __init__(self, *, layers: list[int], hooks: list[str], norm_factors: Tensor | list[float],
-                 d_model: int):
+                 d_model: int, meta: dict | None = None):
         super().__init__()
+        self.meta = dict(meta or {})
+        """Provenance saved in ``cfg.json``: ``store`` (model, weights_id, split, ...), ``training``, ..."""
         factors = torch.as_tensor(norm_factors, dtype=torch.float32).reshape(-1)
         if not (len(layers) == len(hooks) == factors.numel()):
             raise CrosslayerError(f"dictionary has {len(layers)} layers, {len(hooks)} hooks and "
@@ -109,6 +126,19 @@ class Dictionary(nn.Module, ABC):
         """Feature activations -> normalised reconstruction."""
 
     @abstractmethod
+    def writes_FL(self) -> Bool[Tensor, "feat layer"]:
+        """``[F, L]`` bool on the CPU: the layers (of ``layers``) each feature writes."""
+
+    @abstractmethod
+    def reads_FL(self) -> Bool[Tensor, "feat layer"]:
+        """``[F, L]`` bool on the CPU: the layers (of ``layers``) each feature reads."""
+
+    @abstractmethod
+    def decoder_vectors_normalized(self, index: int) -> Float[Tensor, "feat d_model"]:
+        """Every feature's decoder vector at ``layers[index]`` ``[F, d]`` in normalised units (zero rows
+        for features that do not write it); :meth:`decoder_vectors` is the public call."""
+
+    @abstractmethod
     def decoder_norms(self) -> Float[Tensor, "feat layer"]:
         """Norm of each feature's decoder vector at each layer ``[F, L]`` (normalised units)."""
 
@@ -133,6 +163,27 @@ class Dictionary(nn.Module, ABC):
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def model_name(self) -> str | None:
+        """The model of the store the dictionary was trained on (``meta["store"]["model"]``), if recorded."""
+        return self.meta.get("store", {}).get("model")
+
+    def layer_index(self, layer: int) -> int:
+        """Position of model layer ``layer`` in ``layers``, or a one-line CrosslayerError."""
+        if layer not in self.layers:
+            raise CrosslayerError(f"layer {layer} is not one of the dictionary's layers {self.layers}; "
+                                  "choose one of those")
+        return self.layers.index(layer)
+
+    @torch.no_grad()
+    def decoder_vectors(self, layer: int, *, normalized: bool = True) -> Float[Tensor, "feat d_model"]:
+        """Every feature's decoder vector at model layer ``layer`` ``[F, d]``, detached float32 on the CPU;
+        rows of features that do not write that layer are zero. ``normalized=False``: raw model units
+        (divided by that layer's norm factor)."""
+        index = self.layer_index(layer)
+        W_FD = self.decoder_vectors_normalized(index).detach().float().cpu()
+        return W_FD if normalized else W_FD / float(self.norm_factors[index])
 
     def normalize(self, acts_BLD: Tensor) -> Tensor:
         """Raw model activations -> normalised units (``raw * factor_l``)."""
@@ -173,11 +224,14 @@ class Dictionary(nn.Module, ABC):
         """``decode(encode(acts))`` in the units of ``acts``."""
         return self.forward(acts_BLD, normalized=normalized).recon_BLD
 
-    def base_cfg(self) -> dict:
-        """The ``cfg.json`` fields every kind writes."""
-        return {"format": FORMAT_VERSION, "kind": self.kind, "package_version": crosslayer.__version__,
+    def write_cfg(self, path: str | Path, **fields) -> None:
+        """Write ``path/cfg.json`` of a finished dictionary: the fields every kind writes, status
+        ``complete``, the kind's own ``fields``, then ``meta``."""
+        base = {"format": FORMAT_VERSION, "kind": self.kind, "package_version": crosslayer.__version__,
                 "layers": self.layers, "hooks": self.hooks, "d_model": self.d_model,
-                "n_features": self.n_features, "norm_factors": self.norm_factors.tolist()}
+                "n_features": self.n_features, "norm_factors": self.norm_factors.tolist(), "status": "complete"}
+        meta = {k: v for k, v in self.meta.items() if k not in BASE_KEYS and k not in fields}
+        write_json({**base, **fields, **meta}, Path(path) / CFG_FILENAME)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(layers={self.layers[0]}..{self.layers[-1]} ({self.n_layers}), "
@@ -190,6 +244,54 @@ def store_provenance(store) -> dict:
     return {"path": str(store.path), "model": m["model"], "weights_id": m["weights_id"],
             "split": m["split"], "corpus_id": m["corpus_id"], "hook_kind": m["hook_kind"],
             "seq_len": m["seq_len"], "n_rows": store.n_rows, "exclusion_policy": m["exclusion_policy"]}
+
+
+def check_compatible(dictionary: Dictionary, target) -> None:
+    """Raise a one-line CrosslayerError unless ``dictionary`` fits ``target``: an activation store (anything
+    with a ``manifest``) it can read, or a TransformerLens model (``hook_dict``, ``cfg``) it can be spliced into."""
+    if hasattr(target, "manifest"):
+        _check_store(dictionary, target)
+    elif hasattr(target, "hook_dict") and hasattr(target, "cfg"):
+        _check_model(dictionary, target)
+    else:
+        raise CrosslayerError(f"cannot check a dictionary against a {type(target).__name__}; pass an activation "
+                              "store or a TransformerLens model")
+
+
+def _check_store(dictionary: Dictionary, store) -> None:
+    missing = [l for l in dictionary.layers if l not in store.layers]
+    if missing:
+        raise CrosslayerError(f"dictionary reads layers {dictionary.layers} but store {store.path} lacks {missing} "
+                              f"(it has {store.layers}); use a store harvested at those layers")
+    hooks = [store.hooks[store.layers.index(l)] for l in dictionary.layers]
+    if hooks != dictionary.hooks:
+        raise CrosslayerError(f"dictionary hooks {dictionary.hooks[0]}.. differ from store hooks {hooks[0]}..; "
+                              "use a store harvested at the same hook kind")
+    if store.width != dictionary.d_model:
+        raise CrosslayerError(f"dictionary width {dictionary.d_model} != store width {store.width}; "
+                              "use a store of the same model")
+    made_on = dictionary.meta.get("store", {})
+    for key in ("model", "weights_id"):
+        if key in made_on and made_on[key] != store.manifest.get(key):
+            raise CrosslayerError(f"dictionary was trained on {key} {made_on[key]!r}, store {store.path} holds "
+                                  f"{store.manifest.get(key)!r}; use a store of the same model")
+
+
+def _check_model(dictionary: Dictionary, model) -> None:
+    name = model.cfg.model_name
+    fix = "load the model the dictionary was trained on"
+    if model.cfg.d_model != dictionary.d_model:
+        raise CrosslayerError(f"model {name} has d_model {model.cfg.d_model}, the dictionary "
+                              f"{dictionary.d_model}; {fix}")
+    if max(dictionary.layers) >= model.cfg.n_layers:
+        raise CrosslayerError(f"dictionary reads layer {max(dictionary.layers)}, model {name} has only "
+                              f"{model.cfg.n_layers} layers; {fix}")
+    missing = [h for h in dictionary.hooks if h not in model.hook_dict]
+    if missing:
+        raise CrosslayerError(f"model {name} has no hook {missing[0]}; {fix}")
+    wid, made_on = getattr(model, "crosslayer_weights_id", None), dictionary.meta.get("store", {}).get("weights_id")
+    if wid is not None and made_on is not None and wid != made_on:
+        raise CrosslayerError(f"model weights {wid} differ from those the dictionary was trained on ({made_on}); {fix}")
 
 
 def read_cfg(path: str | Path) -> dict:
@@ -206,6 +308,22 @@ def read_cfg(path: str | Path) -> dict:
         raise CrosslayerError(f"{cfg_path} has no \"kind\"; it is not a crosslayer dictionary (a bare "
                               "sae-lens SAE folder? pass its parent folder)")
     return cfg
+
+
+def read_saved_cfg(path: str | Path, kind: str) -> dict:
+    """``path/cfg.json`` of a finished dictionary of ``kind``: refuses another kind and unfinished training."""
+    cfg = read_cfg(path)
+    if cfg["kind"] != kind:
+        raise CrosslayerError(f"{path} holds a {cfg['kind']!r}, not a {kind!r}; use load_dictionary")
+    if cfg.get("status") != "complete":
+        raise CrosslayerError(f"{path} holds unfinished {kind} training (status {cfg.get('status')!r}); rerun the "
+                              "same training command to finish it")
+    return cfg
+
+
+def meta_from_cfg(cfg: dict, kind_keys: tuple[str, ...] = ()) -> dict:
+    """The ``meta`` of a saved dictionary: the ``cfg.json`` keys that are neither base nor ``kind_keys``."""
+    return {k: v for k, v in cfg.items() if k not in BASE_KEYS and k not in kind_keys}
 
 
 def load_dictionary(path: str | Path, *, device: str = "cpu") -> Dictionary:

@@ -31,10 +31,9 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
-from crosslayer.dictionary import Dictionary
+from crosslayer.dictionary import Dictionary, check_compatible
 from crosslayer.errors import CrosslayerError
 
 HIST_LOG10_RANGE = (-3.0, 3.0)
@@ -73,56 +72,11 @@ def check_features(dictionary: Dictionary, features) -> list[int]:
     return feats
 
 
-def check_store(dictionary: Dictionary, store) -> None:
-    """Raise a one-line CrosslayerError unless ``store`` holds the dictionary's layers, hooks and width."""
-    from crosslayer.evals import check_compatible
-
-    check_compatible(dictionary, store)
-
-
-def check_model(dictionary: Dictionary, model) -> None:
-    """Raise a one-line CrosslayerError unless ``model`` matches the dictionary's width and layers."""
-    if model.cfg.d_model != dictionary.d_model:
-        raise CrosslayerError(f"model {model.cfg.model_name} has d_model {model.cfg.d_model}, the dictionary "
-                              f"{dictionary.d_model}; load the model the dictionary was trained on")
-    if max(dictionary.layers) >= model.cfg.n_layers:
-        raise CrosslayerError(f"dictionary reads layer {max(dictionary.layers)}, the model has only "
-                              f"{model.cfg.n_layers} layers; load the model the dictionary was trained on")
-
-
-@torch.no_grad()
-def decoder_layer(dictionary: Dictionary, index: int, *, raw: bool = True) -> Float[Tensor, "feat d_model"]:
-    """All features' decoder vectors at ``dictionary.layers[index]`` ``[F, d]`` (raw units unless ``raw=False``).
-
-    Per-layer SAEs: the SAE of that layer fills its own block, other features are zero (sae-lens SAEs
-    with ``rescale_acts_by_decoder_norm`` use unit-norm rows, matching their ``decoder_norms``).
-    """
-    if hasattr(dictionary, "W_dec_masked"):
-        W_FD = dictionary.W_dec_masked()[:, index].detach().float().cpu()
-    elif hasattr(dictionary, "saes"):
-        W_FD = torch.zeros(dictionary.n_features, dictionary.d_model)
-        start = sum(dictionary.widths[:index])
-        sae = dictionary.saes[index]
-        block = sae.W_dec.detach().float().cpu()
-        if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
-            block = block / block.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        W_FD[start:start + dictionary.widths[index]] = block
-    else:
-        raise CrosslayerError(f"{type(dictionary).__name__} exposes no decoder weights (W_dec_masked or saes)")
-    return W_FD / float(dictionary.norm_factors[index]) if raw else W_FD
-
-
 def unembed_matrix(model, through_norm: bool = True) -> Tensor:
     """``W_U [d, vocab]``, scaled row-wise by the final norm's gain ``w`` when asked and present."""
     W_U = model.W_U.detach().float().cpu()
     w = getattr(model.ln_final, "w", None) if through_norm else None
     return W_U * w.detach().float().cpu()[:, None] if w is not None else W_U
-
-
-def _layer_index(dictionary: Dictionary, layer: int) -> int:
-    if layer not in dictionary.layers:
-        raise CrosslayerError(f"layer {layer} is not one of the dictionary's layers {dictionary.layers}")
-    return dictionary.layers.index(layer)
 
 
 # ----------------------------------------------------------------------------- streaming top-k
@@ -144,7 +98,7 @@ def stream_feature_stats(dictionary: Dictionary, store, features: list[int], *, 
     ``n_rows``.
     """
     feats = check_features(dictionary, features)
-    check_store(dictionary, store)
+    check_compatible(dictionary, store)
     n = len(feats)
     idx_N = torch.tensor(feats)
     gen = torch.Generator().manual_seed(seed)
@@ -185,12 +139,19 @@ def stream_feature_stats(dictionary: Dictionary, store, features: list[int], *, 
             "sample_vals": smp_vals, "sample_rows": smp_rows, "n_rows": start}
 
 
-def _context_text(tokenizer, store, row: int, before: int, after: int) -> tuple[str, str, dict]:
+def focus_text(pieces: list[str], focus: int) -> str:
+    """``pieces`` joined into one line: ``pieces[focus]`` marked ``[[...]]`` (:data:`FOCUS_MARK`), newlines
+    shown as ``\\n``."""
+    marked = [FOCUS_MARK[0] + p + FOCUS_MARK[1] if i == focus else p for i, p in enumerate(pieces)]
+    return "".join(marked).replace("\n", "\\n")
+
+
+def context_text(tokenizer, store, row: int, *, before: int, after: int) -> tuple[str, str, dict]:
+    """``(token, one-line context with the token marked, store.context(row))`` of store row ``row``."""
     ctx = store.context(row, before=before, after=after)
     ids, f = ctx["token_ids"], ctx["focus"]
     token = tokenizer.decode(ids[f:f + 1])
-    text = (tokenizer.decode(ids[:f]) + FOCUS_MARK[0] + token + FOCUS_MARK[1] + tokenizer.decode(ids[f + 1:]))
-    return token, text.replace("\n", "\\n"), ctx
+    return token, focus_text([tokenizer.decode(ids[:f]), token, tokenizer.decode(ids[f + 1:])], 1), ctx
 
 
 @torch.no_grad()
@@ -217,25 +178,9 @@ def context_activations(dictionary: Dictionary, store, contexts: list[dict], fea
     return [part.tolist() for part in np.split(acts, np.cumsum(lengths)[:-1])]
 
 
-def top_activations(dictionary: Dictionary, store, features: list[int], *, k: int = 20, n_bands: int = 4,
-                    per_band: int = 3, sample: int = 256, batch_size: int = 1024, tokenizer=None,
-                    before: int = 16, after: int = 4, seed: int = 0) -> FeatureActivations:
-    """Top-``k`` activating rows, quantile examples, density and histogram of ``features`` over ``store``.
-
-    Streaming (see the module docstring); quantile examples: the firing sample is sorted and cut into
-    ``n_bands`` equal-count bands (band 0 lowest), ``per_band`` random rows from each.
-    """
-    import pandas as pd
-
-    if k < 1 or sample < 1 or n_bands < 1 or per_band < 0:
-        raise CrosslayerError(f"need k, sample, n_bands >= 1 and per_band >= 0; got {k}, {sample}, {n_bands}, {per_band}")
-    feats = check_features(dictionary, features)
-    s = stream_feature_stats(dictionary, store, feats, k=k, sample=sample, batch_size=batch_size, seed=seed)
-    if tokenizer is None:
-        from crosslayer.models import load_tokenizer
-
-        tokenizer = load_tokenizer()
-    picks = []  # (feature, kind, band, rank, row, activation)
+def _pick_examples(feats: list[int], s: dict, n_bands: int, per_band: int, seed: int) -> list[tuple]:
+    """(feature, kind, band, rank, row, activation) of the top and quantile examples (see top_activations)."""
+    picks = []
     for i, f in enumerate(feats):
         for rank, (v, r) in enumerate(zip(s["top_vals"][i].tolist(), s["top_rows"][i].tolist())):
             if r >= 0:
@@ -249,9 +194,15 @@ def top_activations(dictionary: Dictionary, store, features: list[int], *, k: in
                 chosen = chosen[vals[chosen].argsort(descending=True)]
                 for rank, j in enumerate(chosen.tolist()):
                     picks.append((f, "quantile", band, rank, int(rows[j]), float(vals[j])))
+    return picks
+
+
+def _examples_table(dictionary: Dictionary, store, picks: list[tuple], tokenizer, before: int, after: int):
+    import pandas as pd
+
     records, contexts = [], []
     for f, kind, band, rank, row, act in picks:
-        token, text, ctx = _context_text(tokenizer, store, row, before, after)
+        token, text, ctx = context_text(tokenizer, store, row, before=before, after=after)
         contexts.append(ctx)
         records.append({"feature": f, "kind": kind, "band": band, "rank": rank, "row": row, "activation": act,
                         "token_id": int(ctx["token_ids"][ctx["focus"]]), "token": token, "context": text,
@@ -260,9 +211,15 @@ def top_activations(dictionary: Dictionary, store, features: list[int], *, k: in
                         "context_tokens": [tokenizer.decode([t]) for t in ctx["token_ids"]]})
     for record, acts in zip(records, context_activations(dictionary, store, contexts, [p[0] for p in picks])):
         record["context_acts"] = acts
-    examples = pd.DataFrame.from_records(records, columns=["feature", "kind", "band", "rank", "row", "activation",
-                                                           "token_id", "token", "context", "label", "doc", "position",
-                                                           "focus", "context_tokens", "context_acts"])
+    return pd.DataFrame.from_records(records, columns=["feature", "kind", "band", "rank", "row", "activation",
+                                                       "token_id", "token", "context", "label", "doc", "position",
+                                                       "focus", "context_tokens", "context_acts"])
+
+
+def _stats_tables(feats: list[int], s: dict):
+    """(per-feature stats, histogram) tables of :func:`stream_feature_stats`'s output."""
+    import pandas as pd
+
     n_rows = s["n_rows"]
     stats = pd.DataFrame({"feature": feats, "n_rows": n_rows, "n_fire": s["n_fire"].numpy(),
                           "density": s["n_fire"].numpy() / n_rows,
@@ -273,7 +230,28 @@ def top_activations(dictionary: Dictionary, store, features: list[int], *, k: in
     edges = np.linspace(lo, hi, HIST_BINS + 1)
     histogram = pd.DataFrame([{"feature": f, "bin": b, "log10_lo": edges[b], "log10_hi": edges[b + 1],
                                "count": int(s["hist"][i, b])} for i, f in enumerate(feats) for b in range(HIST_BINS)])
-    return FeatureActivations(examples, stats, histogram)
+    return stats, histogram
+
+
+def top_activations(dictionary: Dictionary, store, features: list[int], *, k: int = 20, n_bands: int = 4,
+                    per_band: int = 3, sample: int = 256, batch_size: int = 1024, tokenizer=None,
+                    before: int = 16, after: int = 4, seed: int = 0) -> FeatureActivations:
+    """Top-``k`` activating rows, quantile examples, density and histogram of ``features`` over ``store``.
+
+    Streaming (see the module docstring); quantile examples: the firing sample is sorted and cut into
+    ``n_bands`` equal-count bands (band 0 lowest), ``per_band`` random rows from each.
+    """
+    if k < 1 or sample < 1 or n_bands < 1 or per_band < 0:
+        raise CrosslayerError(f"need k, sample, n_bands >= 1 and per_band >= 0; got {k}, {sample}, {n_bands}, {per_band}")
+    feats = check_features(dictionary, features)
+    s = stream_feature_stats(dictionary, store, feats, k=k, sample=sample, batch_size=batch_size, seed=seed)
+    if tokenizer is None:
+        from crosslayer.models import load_tokenizer
+
+        tokenizer = load_tokenizer()
+    examples = _examples_table(dictionary, store, _pick_examples(feats, s, n_bands, per_band, seed), tokenizer,
+                               before, after)
+    return FeatureActivations(examples, *_stats_tables(feats, s))
 
 
 # ----------------------------------------------------------------------------- logit effects
@@ -283,24 +261,24 @@ def logit_effects(dictionary: Dictionary, model, feature: int, *, k: int = 10, l
                   through_norm: bool = True, tokenizer=None) -> "pd.DataFrame":  # noqa: F821
     """Tokens pushed up / down most by ``feature``'s raw decoder direction at each layer it writes.
 
-    ``layer=None``: every dictionary layer where the feature's decoder is non-zero (a per-layer SAE
-    feature: its own layer; a crosscoder feature: each layer, the last flagged ``is_last``). Columns:
+    ``layer=None``: every dictionary layer the feature writes (``writes_FL``: a per-layer SAE feature,
+    its own layer; a crosscoder feature, each layer of its variant; the last flagged ``is_last``). Columns:
     feature, layer, is_last, direction ("up" | "down"), rank, token_id, token, effect (logit change per
     unit activation, before the final norm's 1/rms scale).
     """
     import pandas as pd
 
     (feature,) = check_features(dictionary, [feature])
-    check_model(dictionary, model)
+    check_compatible(dictionary, model)
     tokenizer = tokenizer or model.tokenizer
     W_U = unembed_matrix(model, through_norm)
-    norms_L = dictionary.decoder_norms()[feature]
-    indices = [_layer_index(dictionary, layer)] if layer is not None else \
-        [i for i in range(dictionary.n_layers) if norms_L[i] > 0]
-    last = max(i for i in range(dictionary.n_layers) if norms_L[i] > 0) if (norms_L > 0).any() else -1
+    writes_L = dictionary.writes_FL()[feature]
+    written = [i for i in range(dictionary.n_layers) if writes_L[i]]
+    indices = [dictionary.layer_index(layer)] if layer is not None else written
+    last = max(written, default=-1)
     records = []
     for i in indices:
-        effect_V = decoder_layer(dictionary, i)[feature]@ W_U
+        effect_V = dictionary.decoder_vectors(dictionary.layers[i], normalized=False)[feature] @ W_U
         for direction, (vals, ids) in (("up", effect_V.topk(k)), ("down", (-effect_V).topk(k))):
             sign = 1.0 if direction == "up" else -1.0
             for rank, (v, t) in enumerate(zip(vals.tolist(), ids.tolist())):
@@ -321,18 +299,19 @@ def find_features_for_token(dictionary: Dictionary, model, token: str, *, top: i
     """
     import pandas as pd
 
-    check_model(dictionary, model)
+    check_compatible(dictionary, model)
     ids = model.tokenizer.encode(token, add_special_tokens=False)
     if len(ids) != 1:
         raise CrosslayerError(f"{token!r} is {len(ids)} tokens ({ids}); give a string that is exactly one token")
     u_D = unembed_matrix(model, through_norm)[:, ids[0]]
-    effect_LF = torch.stack([decoder_layer(dictionary, i) @ u_D for i in range(dictionary.n_layers)])
+    W_LFD = [dictionary.decoder_vectors(l, normalized=False) for l in dictionary.layers]
+    effect_LF = torch.stack([W_FD @ u_D for W_FD in W_LFD])
     best_F, layer_F = effect_LF.max(dim=0)
     vals, feats = best_F.topk(min(top, dictionary.n_features))
     records = []
     for rank, (v, f) in enumerate(zip(vals.tolist(), feats.tolist())):
         i = int(layer_F[f])
-        d_D = decoder_layer(dictionary, i)[f]
+        d_D = W_LFD[i][f]
         cos = float(d_D @ u_D / (d_D.norm() * u_D.norm()).clamp_min(1e-12))
         records.append({"rank": rank, "feature": f, "layer": dictionary.layers[i], "effect": v, "cosine": cos})
     return pd.DataFrame.from_records(records, columns=["rank", "feature", "layer", "effect", "cosine"])
@@ -358,7 +337,7 @@ def decoder_profile(dictionary: Dictionary, *, tau: float = 0.1, features: list[
     span_F = (r_FL > tau).sum(1)
     p_FL = r_FL / r_FL.sum(1, keepdim=True).clamp_min(1e-12)
     ent_F = -(p_FL * p_FL.clamp_min(1e-30).log()).sum(1) / (math.log(L) if L > 1 else 1.0)
-    W_LFD = torch.stack([decoder_layer(dictionary, i, raw=False)[idx] for i in range(L)])
+    W_LFD = torch.stack([dictionary.decoder_vectors(l)[idx] for l in dictionary.layers])
     peak_FD = W_LFD[peak_F, torch.arange(len(feats))]
     cos_FL = torch.nn.functional.cosine_similarity(W_LFD, peak_FD[None], dim=-1).T
     other_FL = (r_FL > tau) & (torch.arange(L)[None] != peak_F[:, None])
@@ -385,12 +364,11 @@ def shade_context(tokens: list[str], acts: list[float], focus: int, scale: float
     finite = [a for a in acts if a == a]
     scale = scale or (max(finite) if finite and max(finite) > 0 else 1.0)
     parts = []
-    for i, (tok, a) in enumerate(zip(tokens, acts)):
-        tok = tok.replace("\n", "\\n")
+    for tok, a in zip(tokens, acts):
         if a == a and a > 0:
             tok = SHADES[min(len(SHADES) - 1, 1 + int(a / scale * (len(SHADES) - 1.001)))] + tok
-        parts.append(FOCUS_MARK[0] + tok + FOCUS_MARK[1] if i == focus else tok)
-    return "".join(parts)
+        parts.append(tok)
+    return focus_text(parts, focus)
 
 
 def _bar(x: float, width: int = 30) -> str:
@@ -403,8 +381,8 @@ def dashboard(dictionary: Dictionary, store, model, feature: int, *, k: int = 10
     """A text dashboard of one feature: density + histogram, top and quantile examples, logit effects,
     decoder profile."""
     (feature,) = check_features(dictionary, [feature])
-    check_store(dictionary, store)
-    check_model(dictionary, model)
+    check_compatible(dictionary, store)
+    check_compatible(dictionary, model)
     tokenizer = tokenizer or model.tokenizer
     acts = top_activations(dictionary, store, [feature], k=k, batch_size=batch_size, tokenizer=tokenizer)
     st = acts.stats.iloc[0]

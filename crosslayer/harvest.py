@@ -34,17 +34,9 @@ from tqdm.auto import tqdm
 import crosslayer
 from crosslayer.corpus import TokenWindows
 from crosslayer.errors import CrosslayerError
-from crosslayer.io import atomic_path, sha256_file, write_json
+from crosslayer.hooks import HOOK_KINDS, hook_name  # noqa: F401 (harvest.HOOK_KINDS stays importable)
+from crosslayer.io import atomic_path, claim_folder, sha256_file, write_json
 from crosslayer.store import FORMAT_VERSION, ActivationStore, from_torch16, mean_norm_factor
-
-HOOK_KINDS = {
-    "resid_pre": "blocks.{}.hook_resid_pre",
-    "resid_mid": "blocks.{}.hook_resid_mid",
-    "resid_post": "blocks.{}.hook_resid_post",
-    "attn_out": "blocks.{}.hook_attn_out",
-    "mlp_out": "blocks.{}.hook_mlp_out",
-    "mlp_post": "blocks.{}.mlp.hook_post",
-}
 
 
 def parse_layers(spec: str | list[int], n_layers: int) -> list[int]:
@@ -72,9 +64,7 @@ def parse_layers(spec: str | list[int], n_layers: int) -> list[int]:
 
 def hook_names(model, kind: str, layers: list[int]) -> tuple[list[str], int]:
     """TransformerLens hook names for ``kind`` at ``layers`` and their common width."""
-    if kind not in HOOK_KINDS:
-        raise CrosslayerError(f"unknown hook kind {kind!r}; use one of {', '.join(HOOK_KINDS)}")
-    names = [HOOK_KINDS[kind].format(l) for l in layers]
+    names = [hook_name(kind, l) for l in layers]
     missing = [n for n in names if n not in model.hook_dict]
     if missing:
         raise CrosslayerError(f"model {model.cfg.model_name} has no hook {missing[0]}")
@@ -129,8 +119,9 @@ def harvest(model, windows: TokenWindows, *, out_dir: str | Path, hook: str = "r
                  batch_size=batch_size, shard_mb=shard_mb, exclude_position0=exclude_position0,
                  outlier_factor=outlier_factor, special_ids=special_ids)
     out = Path(out_dir)
-    _prepare_out(out, plan)
-    if (out / "manifest.json").is_file() and json.loads((out / "manifest.json").read_text())["status"] == "complete":
+    claimed = claim_folder(out, plan, record="manifest.json", what="activation store",
+                           extra={"status": "harvesting", "package_version": crosslayer.__version__})
+    if claimed is not None and claimed.get("status") == "complete":
         return ActivationStore(out)
     try:
         _write_windows(out, windows)
@@ -143,23 +134,6 @@ def harvest(model, windows: TokenWindows, *, out_dir: str | Path, hook: str = "r
 
 class NonFiniteActivations(CrosslayerError):
     """The model produced NaN/inf activations."""
-
-
-def _prepare_out(out: Path, plan: dict) -> None:
-    """Create ``out`` or check that it holds this same harvest (then the run resumes)."""
-    manifest = out / "manifest.json"
-    if manifest.is_file():
-        existing = json.loads(manifest.read_text())
-        diff = [k for k in plan if existing.get(k) != plan[k]]
-        if diff:
-            k = diff[0]
-            raise CrosslayerError(f"--out {out} holds a different harvest ({k}: {existing.get(k)!r} there, "
-                                  f"{plan[k]!r} now); choose another --out or delete that folder")
-        return
-    if out.exists() and any(out.iterdir()):
-        raise CrosslayerError(f"--out {out} exists and is not an activation store; choose an empty or new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json({**plan, "status": "harvesting", "package_version": crosslayer.__version__}, manifest)
 
 
 def _write_windows(out: Path, windows: TokenWindows) -> None:

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from crosslayer.dictionary import Dictionary
+from crosslayer.dictionary import Dictionary, check_compatible
 from crosslayer.errors import CrosslayerError
 
 MODES = ("clamp", "scale", "ablate", "add")
@@ -44,16 +44,14 @@ class Edit:
 
 
 def check_edits(dictionary: Dictionary, model, edits: list[Edit]) -> None:
+    """Raise a one-line CrosslayerError unless ``edits`` name features of ``dictionary`` and it fits ``model``."""
     if not edits:
         raise CrosslayerError("no features to edit; give at least one --feature")
     bad = [e.feature for e in edits if not 0 <= e.feature < dictionary.n_features]
     if bad:
         raise CrosslayerError(f"feature {bad[0]} is out of range: the dictionary has features "
                               f"0..{dictionary.n_features - 1}")
-    missing = [h for h in dictionary.hooks if h not in model.hook_dict]
-    if missing or model.cfg.d_model != dictionary.d_model:
-        raise CrosslayerError(f"the dictionary ({dictionary.d_model}-wide, hooks {dictionary.hooks[0]}..) does "
-                              f"not fit model {model.cfg.model_name}; load the model it was trained on")
+    check_compatible(dictionary, model)
 
 
 def edit_features(feats_NF: Tensor, edits: list[Edit]) -> Tensor:

@@ -88,7 +88,9 @@ def claim_folder(out: str | Path, plan: dict, *, record: str, what: str, extra: 
                                   f"{_short(wanted[key])} now); choose another output folder or delete that one")
         return existing
     if out.is_dir() and any(out.iterdir()):
-        raise CrosslayerError(f"{out} exists and is not a {what} folder (no {record}); choose an empty or new folder")
+        article = "an" if what[:1] in "aeiou" else "a"
+        raise CrosslayerError(f"{out} exists and is not {article} {what} folder (no {record}); choose an empty or "
+                              "new folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_json({**plan, **(extra or {})}, path)

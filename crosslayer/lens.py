@@ -32,7 +32,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from crosslayer.errors import CrosslayerError
+from crosslayer.hooks import hook_name
 from crosslayer.io import atomic_path
+from crosslayer.models import tokenize_padded
 
 EMBED_LAYER = -1
 COLUMNS = ["prompt", "layer", "position", "token", "top1_token", "top1_prob", "topk_tokens", "topk_probs",
@@ -41,7 +43,8 @@ TARGET_COLUMNS = ["target_token", "target_rank", "target_prob"]
 
 
 def _hook_name(layer: int) -> str:
-    return "blocks.0.hook_resid_pre" if layer == EMBED_LAYER else f"blocks.{layer}.hook_resid_post"
+    """The residual stream read at ``layer``: layer -1 is the embedding, ``blocks.0.hook_resid_pre``."""
+    return hook_name("resid_pre", 0) if layer == EMBED_LAYER else hook_name("resid_post", layer)
 
 
 def _check_layers(model, layers) -> list[int]:
@@ -54,20 +57,6 @@ def _check_layers(model, layers) -> list[int]:
         raise CrosslayerError(f"layers {bad or '[]'} out of range; the model has layers 0..{n_layers - 1} "
                               f"(and -1 for the embedding)")
     return chosen
-
-
-def _tokenize(model, prompts: list[str]) -> tuple[Tensor, list[int]]:
-    """Right-padded token batch and each prompt's length (causal attention: padding never leaks back)."""
-    rows = []
-    for i, text in enumerate(prompts):
-        if not isinstance(text, str) or not text.strip():
-            raise CrosslayerError(f"prompt {i} is empty; give some text to read the lens on")
-        rows.append(model.to_tokens(text, prepend_bos=False)[0])
-    lengths = [len(row) for row in rows]
-    tokens_BP = torch.zeros(len(rows), max(lengths), dtype=torch.long, device=rows[0].device)
-    for i, row in enumerate(rows):
-        tokens_BP[i, :len(row)] = row
-    return tokens_BP, lengths
 
 
 def _target_id(model, target: str) -> int:
@@ -102,16 +91,23 @@ def logit_lens(model, prompts: str | list[str], *, target: str | None = None, to
         raise CrosslayerError(f"top_k={top_k} must be between 1 and the vocabulary size {model.cfg.d_vocab}")
     chosen = _check_layers(model, layers)
     target_id = _target_id(model, target) if target is not None else None
-    tokens_BP, lengths = _tokenize(model, prompts)
-    n_batch, n_pos = tokens_BP.shape
-
+    tokens_BP, lengths = tokenize_padded(model, prompts)
     names = {_hook_name(layer) for layer in chosen}
     final_logits_BPV, cache = model.run_with_cache(tokens_BP, names_filter=lambda name: name in names)
     final_logp_BPV = torch.log_softmax(final_logits_BPV.float(), dim=-1)
+    stacked, first_in_topk_BP = _layer_stats(model, cache, chosen, final_logp_BPV, top_k, target_id)
+    del cache
+    per_position = {"token": tokens_BP.cpu(), "final_top1": final_logp_BPV.argmax(-1).cpu(),
+                    "first_in_topk": first_in_topk_BP.cpu()}
+    return _table(model, chosen, lengths, stacked, per_position, target_id)
+
+
+def _layer_stats(model, cache, chosen: list[int], final_logp_BPV: Tensor, top_k: int, target_id: int | None):
+    """Per-layer statistics stacked to ``[layer, batch, pos, ...]`` (CPU), and for each position the first
+    layer whose top-k holds the final top-1 token (-2: none)."""
     final_p_BPV = final_logp_BPV.exp()
     final_top1_BP = final_logp_BPV.argmax(-1)
-    first_in_topk_BP = torch.full((n_batch, n_pos), -2, dtype=torch.long, device=tokens_BP.device)
-
+    first_in_topk_BP = torch.full(final_top1_BP.shape, -2, dtype=torch.long, device=final_top1_BP.device)
     per_layer = []
     for layer in chosen:
         logp_BPV = decode_layer(model, cache[_hook_name(layer)])
@@ -129,10 +125,14 @@ def logit_lens(model, prompts: str | list[str], *, target: str | None = None, to
             stats["target_rank"] = (logp_BPV > target_logp_BP[..., None]).sum(-1) + 1
             stats["target_prob"] = target_logp_BP.exp()
         per_layer.append({key: value.cpu() for key, value in stats.items()})
-    del cache
+    return {key: torch.stack([d[key] for d in per_layer]) for key in per_layer[0]}, first_in_topk_BP
 
-    # stack to [layer, batch, pos, ...] and keep only real (unpadded) positions, prompt-major order
-    stacked = {key: torch.stack([d[key] for d in per_layer]) for key in per_layer[0]}
+
+def _table(model, chosen: list[int], lengths: list[int], stacked: dict[str, Tensor],
+           per_position: dict[str, Tensor], target_id: int | None) -> pd.DataFrame:
+    """The lens table from ``[layer, batch, pos, ...]`` statistics and ``[batch, pos]`` per-position values:
+    only real (unpadded) positions, in prompt, layer, position order."""
+    n_batch, n_pos = per_position["token"].shape
     layer_LBP = torch.tensor(chosen)[:, None, None].expand(len(chosen), n_batch, n_pos)
     batch_LBP = torch.arange(n_batch)[None, :, None].expand_as(layer_LBP)
     pos_LBP = torch.arange(n_pos)[None, None, :].expand_as(layer_LBP)
@@ -144,18 +144,17 @@ def logit_lens(model, prompts: str | list[str], *, target: str | None = None, to
 
     batch_N, pos_N, top_ids_NK, top_probs_NK = (flat(t) for t in (batch_LBP, pos_LBP, stacked["top_ids"],
                                                                   stacked["top_probs"]))
-    first_N = first_in_topk_BP.cpu()[batch_N, pos_N].numpy()
+    at_N = {key: value[batch_N, pos_N].numpy() for key, value in per_position.items()}
     vocab = _Decoder(model)
     table = pd.DataFrame({
-        "prompt": batch_N, "layer": flat(layer_LBP), "position": pos_N,
-        "token": vocab(tokens_BP.cpu()[batch_N, pos_N].numpy()),
-        "top1_token": vocab(top_ids_NK[:, 0]),
-        "top1_prob": top_probs_NK[:, 0],
+        "prompt": batch_N, "layer": flat(layer_LBP), "position": pos_N, "token": vocab(at_N["token"]),
+        "top1_token": vocab(top_ids_NK[:, 0]), "top1_prob": top_probs_NK[:, 0],
         "topk_tokens": [vocab(row) for row in top_ids_NK],
         "topk_probs": [[float(p) for p in row] for row in top_probs_NK],
         "entropy": flat(stacked["entropy"]), "kl_final": flat(stacked["kl_final"]),
-        "final_top1_token": vocab(final_top1_BP.cpu()[batch_N, pos_N].numpy()),
-        "first_layer_in_topk": pd.array(np.where(first_N == -2, None, first_N), dtype="Int64"),
+        "final_top1_token": vocab(at_N["final_top1"]),
+        "first_layer_in_topk": pd.array(np.where(at_N["first_in_topk"] == -2, None, at_N["first_in_topk"]),
+                                        dtype="Int64"),
     })
     if target_id is not None:
         table["target_token"] = vocab(np.array([target_id]))[0]

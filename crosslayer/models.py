@@ -254,6 +254,24 @@ def load_tokenizer():
     return AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
 
 
+def tokenize_padded(model, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
+    """Right-padded token batch ``[len(texts), max length]`` on the model's device (no BOS; padding id
+    0) and each text's token count. With causal attention the padding never changes a real position.
+    A text that is not a string, or is empty or blank, is a one-line CrosslayerError."""
+    if not texts:
+        raise CrosslayerError("no texts given; pass a non-empty list of strings")
+    rows = []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise CrosslayerError(f"text {i} ({text!r}) is empty; give some text")
+        rows.append(model.to_tokens(text, prepend_bos=False)[0])
+    lengths = [len(row) for row in rows]
+    tokens_BT = torch.zeros(len(rows), max(lengths), dtype=torch.long, device=rows[0].device)
+    for i, row in enumerate(rows):
+        tokens_BT[i, :len(row)] = row
+    return tokens_BT, lengths
+
+
 def _load_smollm2(dtype: torch.dtype, device: str):
     from safetensors.torch import load_file
     from transformer_lens import HookedTransformer

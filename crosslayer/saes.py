@@ -7,24 +7,27 @@ Rajamanoharan et al. 2024 / Gemma Scope 2 for JumpReLU, Towards Monosemanticity 
    ``d_sae = width`` features, seeded with ``seed + layer``. ``normalize_activations`` is
    ``"none"``: the store already serves each layer normalised to mean norm sqrt(d)
    (``raw * norm_factor_l``), so the SAE lives in normalised units.
-2. Train it with sae-lens's ``SAETrainer`` on an endless, seeded, token-shuffled iterator of
-   ``[batch, d]`` rows of that layer (``ActivationStore.iter_batches``), for ``tokens`` tokens,
-   Adam at ``lr`` with linear warm-up and a linear decay to 0 over the last ``lr_decay_steps``
-   steps. No wandb, no network.
+2. Train it with sae-lens's ``SAETrainer`` (config: :func:`sae_lens_trainer_config`) on an endless,
+   seeded, token-shuffled iterator of ``[batch, d]`` rows of that layer
+   (``ActivationStore.iter_batches``), for ``tokens`` tokens, Adam at ``lr`` with linear warm-up and
+   a linear decay to 0 over the last ``lr_decay_steps`` steps. The loop is :func:`fit`, which calls
+   the trainer's public step seams exactly as ``SAETrainer.fit`` does without wandb, activation
+   scaling or checkpoints, under our own progress bar. No wandb, no network.
 3. Save the inference SAE (``TrainingSAE.save_inference_model``: BatchTopK becomes JumpReLU, TopK's
    decoder-norm rescaling is folded) to ``out_dir/<hook_name>/`` under a temporary name and rename
    it into place, with a ``crosslayer_train.json`` sidecar of training statistics. Each folder loads
    with ``sae_lens.SAE.load_from_disk(out_dir/<hook_name>)``; its metadata carries
    ``norm_scaling_factor`` (call ``sae.fold_activation_norm_scaling_factor(f)`` to use it on raw
    activations).
-4. Resume: a layer whose folder is complete is skipped on a rerun of the same command, so a killed
-   run redoes at most the layer it was training. ``out_dir/cfg.json`` (kind ``per_layer_saes``:
-   layers, hooks, norm factors, store provenance, training config, per-layer statistics) is
-   written first with status ``training`` and finalised with status ``complete``.
+4. Resume: ``out_dir`` is claimed with :func:`crosslayer.io.claim_folder` (``cfg.json`` with status
+   ``training``: kind, layers, hooks, norm factors, store provenance, training config); a layer whose
+   folder is complete is skipped on a rerun of the same command, so a killed run redoes at most the
+   layer it was training. At the end ``cfg.json`` is rewritten with status ``complete`` and the
+   per-layer statistics.
 
 :class:`PerLayerSAEs` concatenates the L SAEs' features: feature block l (``widths[l]``
-contiguous features) belongs to layer l, so ``decoder_norms()`` is block-diagonal and the total L0
-is the sum of the per-layer L0s.
+contiguous features) belongs to layer l, reads and writes only that layer (``writes_FL`` is one-hot
+per feature), so ``decoder_norms()`` is block-diagonal and the total L0 is the sum of the per-layer L0s.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ import json
 import os
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,14 +43,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from crosslayer.dictionary import CFG_FILENAME, Dictionary, read_cfg, register_dictionary, store_provenance
+from crosslayer.dictionary import (CFG_FILENAME, Dictionary, meta_from_cfg, read_saved_cfg, register_dictionary,
+                                   store_provenance)
 from crosslayer.errors import CrosslayerError
-from crosslayer.io import write_json
-from crosslayer.training import default_dead_after
+from crosslayer.io import claim_folder, write_json
+from crosslayer.training import DEFAULT_SPARSITY_COEF, default_dead_after
 
 ARCHS = ("topk", "batchtopk", "jumprelu", "standard")
 TRAIN_STATS = "crosslayer_train.json"
-_DEFAULT_SPARSITY = {"standard": 5.0, "jumprelu": 1.0}
 
 
 @register_dictionary("per_layer_saes")
@@ -58,12 +60,11 @@ class PerLayerSAEs(Dictionary):
     def __init__(self, saes: list, *, layers: list[int], hooks: list[str], norm_factors, meta: dict | None = None):
         if not saes or len({s.cfg.d_in for s in saes}) != 1:
             raise CrosslayerError("PerLayerSAEs needs at least one SAE, all with the same d_in")
-        super().__init__(layers=layers, hooks=hooks, norm_factors=norm_factors, d_model=saes[0].cfg.d_in)
+        super().__init__(layers=layers, hooks=hooks, norm_factors=norm_factors, d_model=saes[0].cfg.d_in, meta=meta)
         if len(saes) != len(self.layers):
             raise CrosslayerError(f"{len(saes)} SAEs for {len(self.layers)} layers; give one SAE per layer")
         self.saes = nn.ModuleList(saes)
         self.widths = [int(s.cfg.d_sae) for s in saes]
-        self.meta = dict(meta or {})
 
     layerwise = True
 
@@ -81,12 +82,33 @@ class PerLayerSAEs(Dictionary):
         """``[F]`` index (into ``layers``) of the layer each feature belongs to."""
         return torch.repeat_interleave(torch.arange(self.n_layers), torch.tensor(self.widths))
 
+    def writes_FL(self) -> Tensor:
+        """One-hot ``[F, L]``: a feature writes its own layer only."""
+        return torch.nn.functional.one_hot(self.feature_layer(), self.n_layers).bool()
+
+    def reads_FL(self) -> Tensor:
+        """One-hot ``[F, L]``: a feature reads its own layer only."""
+        return self.writes_FL()
+
     def encode_normalized(self, acts_BLD: Tensor) -> Tensor:
         return torch.cat([sae.encode(acts_BLD[:, i]) for i, sae in enumerate(self.saes)], dim=1)
 
     def decode_normalized(self, feats_BF: Tensor) -> Tensor:
         blocks = feats_BF.split(self.widths, dim=1)
         return torch.stack([sae.decode(f_BW) for sae, f_BW in zip(self.saes, blocks)], dim=1)
+
+    @torch.no_grad()
+    def decoder_vectors_normalized(self, index: int) -> Tensor:
+        """The SAE of ``layers[index]`` fills its own block, other rows are zero; sae-lens SAEs with
+        ``rescale_acts_by_decoder_norm`` use unit-norm rows, matching their ``decoder_norms``."""
+        W_FD = torch.zeros(self.n_features, self.d_model)
+        start = sum(self.widths[:index])
+        sae = self.saes[index]
+        block = sae.W_dec.detach().float().cpu()
+        if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+            block = block / block.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        W_FD[start:start + self.widths[index]] = block
+        return W_FD
 
     @torch.no_grad()
     def decoder_norms(self) -> Tensor:
@@ -99,10 +121,11 @@ class PerLayerSAEs(Dictionary):
         out_FL[torch.arange(self.n_features), self.feature_layer().to(out_FL.device)] = torch.cat(norms)
         return out_FL
 
-    def write_cfg(self, path: str | Path, status: str = "complete") -> None:
+    def write_cfg(self, path: str | Path, **fields) -> None:
+        """``cfg.json`` of the finished set (the SAE folders are written by :meth:`save` or training)."""
         saes = [{"layer": l, "hook": h, "architecture": s.cfg.architecture(), "d_sae": w}
                 for l, h, s, w in zip(self.layers, self.hooks, self.saes, self.widths)]
-        write_json({**self.base_cfg(), "status": status, "saes": saes, **self.meta}, Path(path) / CFG_FILENAME)
+        super().write_cfg(path, saes=saes, **fields)
 
     def save(self, path: str | Path) -> None:
         """One sae-lens folder per hook (``SAE.load_from_disk`` reads it) plus ``cfg.json``."""
@@ -114,29 +137,23 @@ class PerLayerSAEs(Dictionary):
     def load(cls, path: str | Path, *, device: str = "cpu") -> "PerLayerSAEs":
         from sae_lens import SAE
 
-        cfg = read_cfg(path)
-        if cfg["kind"] != "per_layer_saes":
-            raise CrosslayerError(f"{path} holds a {cfg['kind']!r}, not per-layer SAEs; use load_dictionary")
-        if cfg.get("status") != "complete":
-            raise CrosslayerError(f"{path} holds unfinished SAE training; rerun the same training command to finish it")
+        cfg = read_saved_cfg(path, "per_layer_saes")
         saes = []
         for hook in cfg["hooks"]:
             try:
                 saes.append(SAE.load_from_disk(Path(path) / hook, device=device))
             except (OSError, ValueError, KeyError) as err:
                 raise CrosslayerError(f"SAE {Path(path) / hook} cannot be loaded ({err}); train it again") from None
-        known = {"format", "kind", "package_version", "layers", "hooks", "d_model", "n_features",
-                 "norm_factors", "status", "saes"}
-        meta = {k: v for k, v in cfg.items() if k not in known}
         return cls(saes, layers=cfg["layers"], hooks=cfg["hooks"], norm_factors=cfg["norm_factors"],
-                   meta=meta).to(device)
+                   meta=meta_from_cfg(cfg, ("saes",))).to(device)
 
 
 # ----------------------------------------------------------------------------- training
 
 @dataclass(frozen=True)
 class SAETrainConfig:
-    """Optimisation and architecture of a per-layer SAE run (saved in ``cfg.json["training"]``)."""
+    """Optimisation and architecture of a per-layer SAE run (saved in ``cfg.json["training"]``); its
+    defaults are the library's and the CLI's."""
 
     width: int
     """Features per layer (d_sae)."""
@@ -147,7 +164,7 @@ class SAETrainConfig:
     k: int | None = 32
     """Active features per token (topk; batch mean for batchtopk; target L0 for jumprelu)."""
     sparsity_coefficient: float | None = None
-    """L1 coefficient (standard, default 5) or L0 coefficient (jumprelu, default 1)."""
+    """L1 coefficient (standard) or L0 coefficient (jumprelu); None = ``training.DEFAULT_SPARSITY_COEF``."""
     batch_size: int = 4096
     """Tokens per step."""
     lr: float = 3e-4
@@ -177,13 +194,14 @@ class SAETrainConfig:
         return self.tokens // self.batch_size
 
 
-def _training_sae(cfg: SAETrainConfig, *, d_in: int, metadata: dict):
+def training_sae(cfg: SAETrainConfig, *, d_in: int, metadata: dict | None = None):
+    """A fresh sae-lens training SAE of ``cfg.arch`` (``normalize_activations="none"``), seeded by the caller."""
     import sae_lens as sl
     from sae_lens.saes.sae import SAEMetadata
 
     common = {"d_in": d_in, "d_sae": cfg.width, "normalize_activations": "none",
-              "metadata": SAEMetadata(**metadata)}
-    coef = cfg.sparsity_coefficient if cfg.sparsity_coefficient is not None else _DEFAULT_SPARSITY.get(cfg.arch)
+              "metadata": SAEMetadata(**(metadata or {}))}
+    coef = cfg.sparsity_coefficient if cfg.sparsity_coefficient is not None else DEFAULT_SPARSITY_COEF.get(cfg.arch)
     if cfg.arch == "topk":
         return sl.TopKTrainingSAE(sl.TopKTrainingSAEConfig(k=cfg.k, **common))
     if cfg.arch == "batchtopk":
@@ -194,20 +212,37 @@ def _training_sae(cfg: SAETrainConfig, *, d_in: int, metadata: dict):
     return sl.StandardTrainingSAE(sl.StandardTrainingSAEConfig(l1_coefficient=coef, **common))
 
 
-@contextmanager
-def _quiet_trainer(quiet: bool):
-    """Silence sae-lens's own progress bar while ``quiet`` (it takes no option for that)."""
-    import functools
+def sae_lens_trainer_config(cfg: SAETrainConfig, *, device: str = "cpu"):
+    """sae-lens's ``SAETrainerConfig`` for ``cfg``: constant lr with warm-up and linear decay, dead-feature
+    window from ``dead_after_tokens``, no wandb, no checkpoints."""
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
 
-    import sae_lens.training.sae_trainer as trainer_module
+    decay = cfg.lr_decay_steps if cfg.lr_decay_steps is not None else cfg.steps // 5
+    dead_after = cfg.dead_after_tokens or default_dead_after(cfg.tokens, cfg.batch_size)
+    return SAETrainerConfig(
+        total_training_samples=cfg.steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size,
+        lr=cfg.lr, lr_end=cfg.lr, lr_scheduler_name="constant", lr_warm_up_steps=cfg.lr_warm_up_steps,
+        lr_decay_steps=decay, device=device, dead_feature_window=max(1, dead_after // cfg.batch_size),
+        logger=LoggingConfig(log_to_wandb=False))
 
-    original = trainer_module.tqdm
-    if quiet:
-        trainer_module.tqdm = functools.partial(original, disable=True)
-    try:
-        yield
-    finally:
-        trainer_module.tqdm = original
+
+def fit(trainer, *, progress: bool = True, desc: str = "SAE"):
+    """Train with an sae-lens ``SAETrainer`` exactly as its ``fit()`` does without wandb, activation
+    scaling or checkpoints (same calls in the same order, so the same weights), under our own bar."""
+    if (trainer.cfg.logger.log_to_wandb or trainer.cfg.n_checkpoints or trainer.cfg.save_final_checkpoint
+            or trainer.sae.cfg.normalize_activations != "none"):
+        raise CrosslayerError("fit() mirrors SAETrainer.fit only without wandb, checkpoints or activation "
+                              "scaling; call trainer.fit() for those")
+    trainer.sae.to(trainer.cfg.device)
+    with tqdm(total=trainer.cfg.total_training_steps, initial=trainer.n_training_steps, desc=desc, unit="step",
+              leave=False, disable=not progress) as bar:
+        while trainer.n_training_samples < trainer.cfg.total_training_samples:
+            trainer.maybe_reset_sparsity()
+            trainer.step(next(trainer.data_provider))
+            trainer.n_training_steps += 1
+            bar.update(1)
+    trainer.set_final_sae_metadata()
+    return trainer.sae
 
 
 def _layer_done(folder: Path) -> bool:
@@ -217,38 +252,30 @@ def _layer_done(folder: Path) -> bool:
 @torch.no_grad()
 def _sample_fvu(sae, store, layer: int, n: int = 8192) -> float:
     """FVU of ``sae`` on up to ``n`` store rows of ``layer`` (normalised units): a training sanity number."""
+    from crosslayer.evals import fvu
+
     gen = torch.Generator().manual_seed(12345)
     idx = torch.randperm(store.n_rows, generator=gen)[:n].numpy()
     x_ND = store.get(idx, layers=[layer], normalized=True)[:, 0].to(sae.W_dec)
-    err = (sae(x_ND) - x_ND).pow(2).sum()
-    return float(err / (x_ND - x_ND.mean(0)).pow(2).sum())
+    return float(fvu(x_ND[:, None], sae(x_ND)[:, None])[0])
 
 
-def _train_layer(store, layer: int, hook: str, cfg: SAETrainConfig, device: str, progress: bool, folder: Path) -> dict:
+def _train_layer(store, layer: int, hook: str, factor: float, cfg: SAETrainConfig, device: str, progress: bool,
+                 folder: Path) -> dict:
     from safetensors.torch import save_file
     from sae_lens import SAE, SAETrainer
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
 
-    factor = float(store.norm_factors[store.layers.index(layer)])
     with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's RNG alone
         torch.manual_seed(cfg.seed + layer)
-        sae = _training_sae(cfg, d_in=store.width, metadata={
+        sae = training_sae(cfg, d_in=store.width, metadata={
             "model_name": store.manifest["model"], "hook_name": hook, "context_size": store.seq_len,
             "prepend_bos": False, "norm_scaling_factor": factor,
             "crosslayer_units": "normalised: feed raw activations * norm_scaling_factor"})
     batches = (b[:, 0] for b in store.iter_batches(cfg.batch_size, layers=[layer], normalized=True, seed=cfg.seed,
                                                    epochs=None, buffer_rows=max(2 * cfg.batch_size, 8192)))
-    decay = cfg.lr_decay_steps if cfg.lr_decay_steps is not None else cfg.steps // 5
-    dead_after = cfg.dead_after_tokens or default_dead_after(cfg.tokens, cfg.batch_size)
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=cfg.steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size,
-        lr=cfg.lr, lr_end=cfg.lr, lr_scheduler_name="constant", lr_warm_up_steps=cfg.lr_warm_up_steps,
-        lr_decay_steps=decay, device=device, dead_feature_window=max(1, dead_after // cfg.batch_size),
-        logger=LoggingConfig(log_to_wandb=False))
-    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches)
+    trainer = SAETrainer(cfg=sae_lens_trainer_config(cfg, device=device), sae=sae, data_provider=batches)
     start = time.perf_counter()
-    with _quiet_trainer(not progress):
-        trainer.fit()
+    fit(trainer, progress=progress, desc=f"layer {layer}")
     seconds = time.perf_counter() - start
     tmp = folder.parent / f".{folder.name}.tmp"
     if tmp.exists():
@@ -265,57 +292,37 @@ def _train_layer(store, layer: int, hook: str, cfg: SAETrainConfig, device: str,
     return stats
 
 
-def train_per_layer_saes(store, *, out_dir: str | Path, width: int, tokens: int, k: int | None = 32,
-                         arch: str = "topk", batch_size: int = 4096, lr: float = 3e-4,
-                         sparsity_coefficient: float | None = None, lr_warm_up_steps: int = 0,
-                         lr_decay_steps: int | None = None, dead_after_tokens: int | None = None,
-                         seed: int = 0, layers: list[int] | None = None, device: str = "cpu",
-                         progress: bool = True) -> PerLayerSAEs:
-    """Train one sae-lens SAE per layer of ``store`` into ``out_dir`` (see the module docstring).
+def train_per_layer_saes(store, cfg: SAETrainConfig, *, out_dir: str | Path, layers: list[int] | str | None = None,
+                         device: str = "cpu", progress: bool = True) -> PerLayerSAEs:
+    """Train one sae-lens SAE per layer of ``store`` (all, or ``layers``) into ``out_dir`` (module docstring).
 
     Rerunning the same call resumes: layers already saved in ``out_dir`` are not trained again.
     """
-    cfg = SAETrainConfig(width=width, tokens=tokens, arch=arch, k=k, sparsity_coefficient=sparsity_coefficient,
-                         batch_size=batch_size, lr=lr, lr_warm_up_steps=lr_warm_up_steps,
-                         lr_decay_steps=lr_decay_steps, dead_after_tokens=dead_after_tokens, seed=seed)
-    layers = store.layers if layers is None else [int(l) for l in layers]
-    missing = [l for l in layers if l not in store.layers]
-    if missing:
-        raise CrosslayerError(f"layers {missing} are not in store {store.path} (it has {store.layers})")
-    if store.n_rows < batch_size:
-        raise CrosslayerError(f"store {store.path} has {store.n_rows} rows, fewer than one batch of {batch_size}")
-    hooks = [store.hooks[store.layers.index(l)] for l in layers]
-    factors = [float(store.norm_factors[store.layers.index(l)]) for l in layers]
-    provenance = {k_: v for k_, v in store_provenance(store).items() if k_ != "path"}
-    plan = {"kind": "per_layer_saes", "layers": layers, "hooks": hooks, "norm_factors": factors,
+    from sae_lens import SAE
+
+    sel = store.select(layers)
+    if store.n_rows < cfg.batch_size:
+        raise CrosslayerError(f"store {store.path} has {store.n_rows} rows, fewer than one batch of {cfg.batch_size}")
+    factors = torch.tensor(sel.norm_factors, dtype=torch.float32).tolist()  # as the dictionary keeps them
+    provenance = {k: v for k, v in store_provenance(store).items() if k != "path"}
+    plan = {"kind": "per_layer_saes", "layers": sel.layers, "hooks": sel.hooks, "norm_factors": factors,
             "store": provenance, "training": asdict(cfg)}
     out = Path(out_dir)
-    cfg_path = out / CFG_FILENAME
-    if cfg_path.is_file():
-        existing = json.loads(cfg_path.read_text())
-        diff = [key for key in plan if existing.get(key) != plan[key]]
-        if diff:
-            raise CrosslayerError(f"{out} holds a different SAE training ({diff[0]} differs); choose another "
-                                  "out_dir or delete that folder")
-    elif out.exists() and any(out.iterdir()):
-        raise CrosslayerError(f"{out} exists and is not an SAE training folder; choose an empty or new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    if not cfg_path.is_file():
-        write_json({**plan, "status": "training", "store_path": str(store.path)}, cfg_path)
+    record = claim_folder(out, plan, record=CFG_FILENAME, what="per-layer SAE training",
+                          extra={"status": "training", "store_path": str(store.path)})
     stats = []
-    bar = tqdm(list(zip(layers, hooks)), desc=f"per-layer {arch} SAEs", unit="layer", disable=not progress)
-    for layer, hook in bar:
+    bar = tqdm(list(zip(sel.layers, sel.hooks, factors)), desc=f"per-layer {cfg.arch} SAEs", unit="layer",
+               disable=not progress)
+    for layer, hook, factor in bar:
         folder = out / hook
         if _layer_done(folder):
             stats.append(json.loads((folder / TRAIN_STATS).read_text()))
             continue
         bar.set_postfix(layer=layer)
-        stats.append(_train_layer(store, layer, hook, cfg, device, progress, folder))
-    from sae_lens import SAE
-
-    saes = [SAE.load_from_disk(out / hook, device=device) for hook in hooks]
+        stats.append(_train_layer(store, layer, hook, factor, cfg, device, progress, folder))
+    saes = [SAE.load_from_disk(out / hook, device=device) for hook in sel.hooks]
     meta = {"store": provenance, "store_path": str(store.path), "training": asdict(cfg), "layer_stats": stats}
-    result = PerLayerSAEs(saes, layers=layers, hooks=hooks, norm_factors=factors, meta=meta)
-    if json.loads(cfg_path.read_text()).get("status") != "complete":
-        result.write_cfg(out, status="complete")
+    result = PerLayerSAEs(saes, layers=sel.layers, hooks=sel.hooks, norm_factors=factors, meta=meta)
+    if (record or {}).get("status") != "complete":
+        result.write_cfg(out)
     return result

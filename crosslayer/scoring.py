@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from crosslayer.corpus import TokenWindows
+from crosslayer.hooks import hook_name
 
 
 @torch.no_grad()
@@ -29,7 +30,7 @@ def score(model, windows: TokenWindows, *, batch_size: int = 8, progress: bool =
     def keep_norm(act, hook):
         norms[hook.layer()].append(act.float().norm(dim=-1))
 
-    hooks = [(f"blocks.{layer}.hook_resid_post", keep_norm) for layer in range(n_layers)]
+    hooks = [(hook_name("resid_post", layer), keep_norm) for layer in range(n_layers)]
     losses = []
     for start in tqdm(range(0, len(windows), batch_size), desc="score", disable=not progress,
                       unit="batch"):

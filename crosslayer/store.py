@@ -137,22 +137,6 @@ class ActivationStore:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
     # ------------------------------------------------------------------ checks
-    def check_compatible(self, *, model: str | None = None, hooks: list[str] | None = None,
-                         width: int | None = None, weights_id: str | None = None) -> None:
-        """Raise a clear error if the store was not made by/for what the caller expects."""
-        m = self.manifest
-        if model is not None and m["model"] != model:
-            raise CrosslayerError(f"store {self.path} holds activations of model {m['model']!r}, not {model!r}; "
-                                  "harvest a store for this model")
-        if weights_id is not None and m["weights_id"] != weights_id:
-            raise CrosslayerError(f"store {self.path} was harvested from other weights ({m['weights_id']}) "
-                                  f"than the loaded model ({weights_id}); harvest again")
-        if hooks is not None and list(hooks) != self.hooks:
-            raise CrosslayerError(f"store {self.path} has hooks {self.hooks[0]}..{self.hooks[-1]} "
-                                  f"({self.n_layers}), expected {hooks[0]}..{hooks[-1]} ({len(hooks)})")
-        if width is not None and width != self.width:
-            raise CrosslayerError(f"store {self.path} rows have width {self.width}, expected {width}")
-
     def verify(self) -> None:
         """Recompute every shard's checksums; raise naming the first shard that does not match."""
         for i, shard in enumerate(self.shards):

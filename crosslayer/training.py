@@ -1,4 +1,5 @@
-"""Training a crosscoder from an iterator of ``[batch, layer, d_model]`` batches, with exact resume.
+"""Training a crosscoder from an iterator of ``[batch, layer, d_model]`` batches (or from an activation
+store), with exact resume.
 
 Method (Lindsey et al. 2024 and the Anthropic Jan 2025 update for the schedule; Gao et al. 2024
 for dead latents; research-notes §3):
@@ -13,20 +14,25 @@ for dead latents; research-notes §3):
    is dead (feeds AuxK). BatchTopK updates its inference threshold after each step.
 4. A non-finite loss stops the run before the optimiser step with a CrosslayerError; the last
    good checkpoint is left untouched.
-5. Every ``checkpoint_every`` steps ``out_dir/checkpoint.pt`` is written atomically: weights,
+5. The run claims ``out_dir`` first (:func:`crosslayer.io.claim_folder`: ``cfg.json`` holds the plan,
+   i.e. architecture and training config, with status "training"); a folder of another plan is
+   refused, a finished one (status "complete", same plan) is loaded instead of trained.
+   Every ``checkpoint_every`` steps ``out_dir/checkpoint.pt`` is written atomically: weights,
    Adam state, step, dead-latent counters, RNG state, and the data position (= batches consumed).
    A rerun with the same arguments resumes from it; ``make_batches(start_step)`` (or skipping
    that many batches of a re-created iterator) restores the data stream, so on CPU the resumed run
-   ends with bit-identical weights. At the end the crosscoder is saved to ``out_dir``
-   (``cfg.json`` with status complete, the training config, the log) and the checkpoint removed.
+   ends with bit-identical weights. At the end the crosscoder is saved to ``out_dir`` (``cfg.json``
+   overwritten with status complete, the training config, the log) and the checkpoint removed.
+6. The log's ``fvu`` is :func:`crosslayer.evals.fvu` of the batch, averaged over layers.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -35,9 +41,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from crosslayer.crosscoder import Crosscoder, CrosscoderConfig
-from crosslayer.dictionary import CFG_FILENAME, read_cfg, store_provenance
+from crosslayer.dictionary import CFG_FILENAME, store_provenance
 from crosslayer.errors import CrosslayerError
-from crosslayer.io import atomic_path, write_csv
+from crosslayer.evals import fvu
+from crosslayer.io import atomic_path, claim_folder, write_csv
 
 CHECKPOINT = "checkpoint.pt"
 DEFAULT_SPARSITY_COEF = {"relu": 5.0, "standard": 5.0, "jumprelu": 1.0}
@@ -45,12 +52,21 @@ DEFAULT_SPARSITY_COEF = {"relu": 5.0, "standard": 5.0, "jumprelu": 1.0}
 ``standard``) and the L0 / tanh coefficient of JumpReLU. TopK and BatchTopK take none."""
 
 
+def default_dead_after(tokens: int, batch_size: int) -> int:
+    """Dead-latent window for a run of ``tokens``: Gao et al.'s 10M tokens, but at most a tenth of
+    the run (and at least one batch), so that short runs also switch AuxK on for silent latents."""
+    return int(min(10_000_000, max(batch_size, tokens // 10)))
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation of a crosscoder run (saved in ``cfg.json["training"]``)."""
+    """Budget and optimisation of a crosscoder run (saved in ``cfg.json["training"]``); the one
+    source of crosscoder-training defaults."""
 
-    steps: int
-    """Optimiser steps (tokens = steps * batch size)."""
+    tokens: int
+    """Training tokens; the run takes ``tokens // batch_size`` optimiser steps."""
+    batch_size: int = 4096
+    """Rows per optimiser step."""
     lr: float = 3e-4
     """Peak Adam learning rate."""
     lr_warm_up_steps: int = 0
@@ -65,8 +81,8 @@ class TrainConfig:
     """Maximum global gradient norm (0 = no clipping)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas."""
-    dead_after_tokens: int = 10_000_000
-    """A latent silent for this many tokens is dead (Gao et al.)."""
+    dead_after_tokens: int | None = None
+    """A latent silent for this many tokens is dead (Gao et al.); None = :func:`default_dead_after`."""
     checkpoint_every: int = 1000
     """Steps between atomic checkpoints."""
     log_every: int = 50
@@ -74,15 +90,29 @@ class TrainConfig:
     bf16: bool = False
     """bfloat16 autocast for the forward pass (slow on CPUs without AVX512-BF16)."""
     seed: int = 0
-    """Seeds the crosscoder init."""
+    """Seeds the crosscoder init and the order of a store's rows."""
 
     def __post_init__(self):
-        if self.steps < 1 or self.lr <= 0:
-            raise CrosslayerError(f"need steps >= 1 and lr > 0, got steps={self.steps}, lr={self.lr}")
-        if self.checkpoint_every < 1 or self.log_every < 1 or self.dead_after_tokens < 1:
+        if not self.tokens >= self.batch_size >= 1:
+            raise CrosslayerError(f"need tokens >= batch_size >= 1, got tokens={self.tokens}, "
+                                  f"batch_size={self.batch_size}; raise tokens or lower batch_size")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise CrosslayerError(f"lr must be finite and > 0, got {self.lr}")
+        if self.checkpoint_every < 1 or self.log_every < 1 or self.dead_after < 1:
             raise CrosslayerError("checkpoint_every, log_every and dead_after_tokens must be >= 1")
         if self.grad_clip < 0 or (self.sparsity_coef is not None and self.sparsity_coef < 0):
             raise CrosslayerError("grad_clip and sparsity_coef must be >= 0")
+
+    @property
+    def steps(self) -> int:
+        """Optimiser steps: ``tokens // batch_size``."""
+        return self.tokens // self.batch_size
+
+    @property
+    def dead_after(self) -> int:
+        """``dead_after_tokens`` resolved: the value given, else :func:`default_dead_after` of the budget."""
+        given = self.dead_after_tokens
+        return given if given is not None else default_dead_after(self.tokens, self.batch_size)
 
     def lr_at(self, step: int) -> float:
         decay = self.lr_decay_steps if self.lr_decay_steps is not None else self.steps // 5
@@ -96,27 +126,47 @@ class TrainConfig:
         return coef * (min(1.0, (step + 1) / warm) if warm else 1.0)
 
 
-def default_dead_after(tokens: int, batch_size: int) -> int:
-    """Dead-latent window for a run of ``tokens``: Gao et al.'s 10M tokens, but at most a tenth of
-    the run (and at least one batch), so that short runs also switch AuxK on for silent latents."""
-    return int(min(10_000_000, max(batch_size, tokens // 10)))
-
-
-def _batch_fvu(x_BLD: Tensor, recon_BLD: Tensor) -> float:
-    """Mean over layers of SSE_l / sum_d Var(x_d) on one batch."""
-    x, r = x_BLD.float(), recon_BLD.detach().float()
-    var_L = (x - x.mean(0)).pow(2).sum(dim=(0, 2))
-    return float(((x - r).pow(2).sum(dim=(0, 2)) / var_L.clamp_min(1e-12)).mean())
-
-
 def _plan(cfg: TrainConfig, model_cfg: CrosscoderConfig) -> dict:
     return {"crosscoder": json.loads(json.dumps(asdict(model_cfg))), "training": json.loads(json.dumps(asdict(cfg)))}
 
 
-def _save_checkpoint(path: Path, model, optim, state: dict, plan: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "plan": plan,
-                    "rng": torch.get_rng_state(), **state}, tmp)
+@dataclass
+class _Run:
+    """The state of a training run that a checkpoint holds (besides the RNG)."""
+
+    model: Crosscoder
+    optim: torch.optim.Optimizer
+    since_fired_F: Tensor
+    step: int = 0
+    log: list = field(default_factory=list)
+    last_good: int = 0
+    """Step of the last checkpoint written or resumed from."""
+    n_tokens: int = 0
+    """Tokens trained on in this session."""
+
+    @classmethod
+    def start(cls, model: Crosscoder, cfg: TrainConfig, ckpt_path: Path, plan: dict, device: str) -> "_Run":
+        """Fresh state for ``model``, or the state of ``ckpt_path`` if a checkpoint of this plan is there."""
+        # fused: one kernel over all parameters (12x faster than the per-tensor loop on a 2-core CPU)
+        optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, fused=True)
+        run = cls(model, optim, torch.zeros(model.n_features, dtype=torch.int64, device=device))
+        if ckpt_path.is_file():
+            ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+            if ckpt["plan"] != plan:
+                raise CrosslayerError(f"{ckpt_path} is from a different run; use the same arguments or another out_dir")
+            model.load_state_dict(ckpt["model"])
+            optim.load_state_dict(ckpt["optim"])
+            torch.set_rng_state(ckpt["rng"])
+            run.step, run.log, run.since_fired_F = ckpt["step"], ckpt["log"], ckpt["since_fired"].to(device)
+            run.last_good = run.step
+        return run
+
+    def checkpoint(self, path: Path, plan: dict) -> None:
+        with atomic_path(path) as tmp:
+            torch.save({"model": self.model.state_dict(), "optim": self.optim.state_dict(), "plan": plan,
+                        "rng": torch.get_rng_state(), "step": self.step, "log": self.log,
+                        "since_fired": self.since_fired_F}, tmp)
+        self.last_good = self.step
 
 
 def train_crosscoder(cfg: TrainConfig, model_cfg: CrosscoderConfig,
@@ -125,129 +175,109 @@ def train_crosscoder(cfg: TrainConfig, model_cfg: CrosscoderConfig,
                      device: str = "cpu", progress: bool = True) -> Crosscoder:
     """Train a crosscoder on ``[batch, L, d]`` normalised batches into ``out_dir`` (module docstring).
 
-    ``batches`` is an iterable, or ``make_batches(start_step)`` returning the stream from that step.
-    A rerun with the same arguments resumes from ``out_dir/checkpoint.pt``; a finished ``out_dir``
-    is loaded and returned.
+    ``batches`` is an iterable, or ``make_batches(start_step)`` returning the stream from that step;
+    its batches should hold ``cfg.batch_size`` rows (``cfg.steps`` of them are used). A rerun with the
+    same arguments resumes from ``out_dir/checkpoint.pt``; a finished ``out_dir`` is loaded and returned.
     """
-    out = Path(out_dir)
-    plan = _plan(cfg, model_cfg)
-    if (out / CFG_FILENAME).is_file():
-        done = read_cfg(out)
-        if done.get("status") == "complete" and {k: done.get(k) for k in plan} == plan:
-            return Crosscoder.load(out, device=device)
-        raise CrosslayerError(f"{out} holds a different crosscoder; choose another out_dir or delete that folder")
+    out, plan = Path(out_dir), _plan(cfg, model_cfg)
+    claimed = claim_folder(out, plan, record=CFG_FILENAME, what="crosscoder training", extra={"status": "training"})
+    if claimed is not None and claimed.get("status") == "complete":
+        return Crosscoder.load(out, device=device)
     model = Crosscoder(model_cfg, hooks=hooks, norm_factors=norm_factors, meta=meta, seed=cfg.seed).to(device)
-    # fused: one kernel over all parameters (12x faster than the per-tensor loop on a 2-core CPU)
-    optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, fused=True)
-    since_fired_F = torch.zeros(model_cfg.n_features, dtype=torch.int64, device=device)
-    step, log = 0, []
     ckpt_path = out / CHECKPOINT
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ckpt["plan"] != plan:
-            raise CrosslayerError(f"{ckpt_path} is from a different run; use the same arguments or another out_dir")
-        model.load_state_dict(ckpt["model"])
-        optim.load_state_dict(ckpt["optim"])
-        torch.set_rng_state(ckpt["rng"])
-        step, log, since_fired_F = ckpt["step"], ckpt["log"], ckpt["since_fired"].to(device)
-    stream = iter(batches(step) if callable(batches) else itertools.islice(batches, step, None))
-    out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"crosscoder {model_cfg.activation}", unit="step",
+    run = _Run.start(model, cfg, ckpt_path, plan, device)
+    stream = iter(batches(run.step) if callable(batches) else itertools.islice(batches, run.step, None))
+    bar = tqdm(total=cfg.steps, initial=run.step, desc=f"crosscoder {model_cfg.activation}", unit="step",
                disable=not progress)
-    start_time, start_step, last_good = time.perf_counter(), step, step
-    n_tokens = 0
-    while step < cfg.steps:
-        try:
-            x_BLD = next(stream).to(device=device, dtype=torch.float32)
-        except StopIteration:
-            raise CrosslayerError(f"the batch iterator ran out after {step} of {cfg.steps} steps; pass an endless "
-                                  "iterator (epochs=None) or fewer steps") from None
-        model.check_acts(x_BLD)
-        if step == 0:
-            model.calibrate_(x_BLD)
-        for group in optim.param_groups:
-            group["lr"] = cfg.lr_at(step)
-        dead_F = since_fired_F >= cfg.dead_after_tokens
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            res = model.loss(x_BLD, sparsity_coef=cfg.sparsity_at(step, model_cfg.activation), dead_F=dead_F)
-        if not torch.isfinite(res.loss):
-            bar.close()
-            kept = f"the last good checkpoint (step {last_good}) is kept in {ckpt_path}" if ckpt_path.is_file() \
-                else "no checkpoint was written yet"
-            raise CrosslayerError(f"training loss became {float(res.loss.detach())} at step {step}; {kept}; "
-                                  "check the data for non-finite values or lower lr")
-        optim.zero_grad(set_to_none=True)
-        res.loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optim.step()
-        fired_F = (res.feats_BF != 0).any(0)
-        since_fired_F = torch.where(fired_F, 0, since_fired_F + x_BLD.shape[0])
-        if model_cfg.activation == "batchtopk":
-            model.update_threshold_(res.feats_BF)
-        step += 1
-        n_tokens += x_BLD.shape[0]
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            row = {"step": step, "loss": float(res.loss.detach()), **{k: float(v) for k, v in res.losses.items()},
-                   "fvu": _batch_fvu(x_BLD, res.recon_BLD), "l0": float((res.feats_BF != 0).sum(1).float().mean()),
-                   "dead_frac": float(dead_F.float().mean()), "lr": cfg.lr_at(step - 1)}
-            log.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.3g}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}",
-                            dead=f"{row['dead_frac']:.2f}")
-        bar.update(1)
-        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            _save_checkpoint(ckpt_path, model, optim, {"step": step, "log": log, "since_fired": since_fired_F}, plan)
-            last_good = step
-    bar.close()
-    seconds = time.perf_counter() - start_time
-    model.meta.update({**plan, "status": "complete", "steps": cfg.steps,
-                       "dead_frac_final": float((since_fired_F >= cfg.dead_after_tokens).float().mean()),
-                       "tokens_per_s_last_session": round(n_tokens / max(seconds, 1e-9), 1),
-                       "resumed_from_step": start_step or None})
-    if log:
+    start_time, start_step = time.perf_counter(), run.step
+    try:
+        while run.step < cfg.steps:
+            _train_step(run, cfg, _next_batch(stream, run.step, cfg.steps, device), ckpt_path, bar)
+            bar.update(1)
+            if run.step % cfg.checkpoint_every == 0 and run.step < cfg.steps:
+                run.checkpoint(ckpt_path, plan)
+    finally:
+        bar.close()
+    return _save(run, cfg, plan, out, seconds=time.perf_counter() - start_time, start_step=start_step)
+
+
+def _next_batch(stream: Iterator[Tensor], step: int, steps: int, device: str) -> Tensor:
+    try:
+        return next(stream).to(device=device, dtype=torch.float32)
+    except StopIteration:
+        raise CrosslayerError(f"the batch iterator ran out after {step} of {steps} steps; pass an endless "
+                              "iterator (epochs=None) or fewer tokens") from None
+
+
+def _train_step(run: _Run, cfg: TrainConfig, x_BLD: Tensor, ckpt_path: Path, bar) -> None:
+    """One optimiser step on ``x_BLD`` (calibrating the biases first at step 0); logs every ``log_every``."""
+    model, activation = run.model, run.model.cfg.activation
+    model.check_acts(x_BLD)
+    if run.step == 0:
+        model.calibrate_(x_BLD)
+    for group in run.optim.param_groups:
+        group["lr"] = cfg.lr_at(run.step)
+    dead_F = run.since_fired_F >= cfg.dead_after
+    with torch.autocast(device_type=x_BLD.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        res = model.loss(x_BLD, sparsity_coef=cfg.sparsity_at(run.step, activation), dead_F=dead_F)
+    if not torch.isfinite(res.loss):
+        kept = f"the last good checkpoint (step {run.last_good}) is kept in {ckpt_path}" if ckpt_path.is_file() \
+            else "no checkpoint was written yet"
+        raise CrosslayerError(f"training loss became {float(res.loss.detach())} at step {run.step}; {kept}; "
+                              "check the data for non-finite values or lower lr")
+    run.optim.zero_grad(set_to_none=True)
+    res.loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    run.optim.step()
+    run.since_fired_F = torch.where((res.feats_BF != 0).any(0), 0, run.since_fired_F + x_BLD.shape[0])
+    if activation == "batchtopk":
+        model.update_threshold_(res.feats_BF)
+    run.step += 1
+    run.n_tokens += x_BLD.shape[0]
+    if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+        row = {"step": run.step, "loss": float(res.loss.detach()), **{k: float(v) for k, v in res.losses.items()},
+               "fvu": float(fvu(x_BLD, res.recon_BLD).mean()), "l0": float((res.feats_BF != 0).sum(1).float().mean()),
+               "dead_frac": float(dead_F.float().mean()), "lr": cfg.lr_at(run.step - 1)}
+        run.log.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.3g}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}",
+                        dead=f"{row['dead_frac']:.2f}")
+
+
+def _save(run: _Run, cfg: TrainConfig, plan: dict, out: Path, *, seconds: float, start_step: int) -> Crosscoder:
+    """Write the log and the finished crosscoder (``cfg.json`` status complete); drop the checkpoint."""
+    run.model.meta.update({**plan, "status": "complete", "steps": cfg.steps,
+                           "dead_frac_final": float((run.since_fired_F >= cfg.dead_after).float().mean()),
+                           "tokens_per_s_last_session": round(run.n_tokens / max(seconds, 1e-9), 1),
+                           "resumed_from_step": start_step or None})
+    if run.log:
         import pandas as pd
 
-        write_csv(pd.DataFrame(log), out / "train_log.csv")
-    model.save(out)
-    ckpt_path.unlink(missing_ok=True)
-    return model
+        write_csv(pd.DataFrame(run.log), out / "train_log.csv")
+    run.model.save(out)
+    (out / CHECKPOINT).unlink(missing_ok=True)
+    return run.model
 
 
-def train_crosscoder_from_store(store, *, out_dir: str | Path, width: int, k: int = 32, variant: str = "acausal",
-                                activation: str = "topk", tokens: int, batch_size: int = 4096, lr: float = 3e-4,
-                                sparsity: str = "l1_norms", sparsity_coef: float | None = None, window: int = 2,
-                                layers: list[int] | None = None, checkpoint_every: int = 1000, bf16: bool = False,
-                                dead_after_tokens: int | None = None, seed: int = 0, device: str = "cpu",
-                                progress: bool = True) -> Crosscoder:
-    """Train a crosscoder on ``store``'s normalised rows (an endless, seeded, token-shuffled stream).
-
-    ``dead_after_tokens`` None = :func:`default_dead_after` of the run's token budget.
-    """
+def train_crosscoder_from_store(store, model_cfg: CrosscoderConfig, cfg: TrainConfig, *, out_dir: str | Path,
+                                device: str = "cpu", progress: bool = True) -> Crosscoder:
+    """Train a crosscoder over ``model_cfg.layers`` of ``store`` (an ActivationStore or its folder) on
+    its normalised rows: an endless, token-shuffled stream of ``cfg.batch_size`` rows seeded by ``cfg.seed``."""
     from crosslayer.store import ActivationStore
 
     store = store if isinstance(store, ActivationStore) else ActivationStore(store)
-    layers = store.layers if layers is None else [int(l) for l in layers]
-    missing = [l for l in layers if l not in store.layers]
-    if missing:
-        raise CrosslayerError(f"layers {missing} are not in store {store.path} (it has {store.layers})")
-    if tokens < batch_size:
-        raise CrosslayerError(f"tokens ({tokens}) must be >= batch_size ({batch_size})")
-    idx = [store.layers.index(l) for l in layers]
-    model_cfg = CrosscoderConfig(layers=tuple(layers), d_model=store.width, n_features=width, variant=variant,
-                                 window=window, activation=activation, k=k, sparsity=sparsity)
-    cfg = TrainConfig(steps=tokens // batch_size, lr=lr, sparsity_coef=sparsity_coef,
-                      checkpoint_every=checkpoint_every, bf16=bf16, seed=seed,
-                      dead_after_tokens=dead_after_tokens or default_dead_after(tokens, batch_size))
-    buffer = max(2 * batch_size, 8192)
+    chosen = store.select(list(model_cfg.layers))
+    if model_cfg.d_model != store.width:
+        raise CrosslayerError(f"crosscoder d_model {model_cfg.d_model} != store width {store.width} ({store.path}); "
+                              "set d_model to the store's width")
+    buffer = max(2 * cfg.batch_size, 8192)
 
     def make_batches(start_step: int) -> Iterator[Tensor]:
-        stream = store.iter_batches(batch_size, layers=layers, normalized=True, seed=seed, epochs=None,
-                                    buffer_rows=buffer)
+        stream = store.iter_batches(cfg.batch_size, layers=chosen.layers, normalized=True, seed=cfg.seed,
+                                    epochs=None, buffer_rows=buffer)
         return itertools.islice(stream, start_step, None)
 
-    provenance = {k_: v for k_, v in store_provenance(store).items() if k_ != "path"}
-    meta = {"store": provenance, "store_path": str(store.path)}
-    return train_crosscoder(cfg, model_cfg, make_batches, out_dir=out_dir,
-                            hooks=[store.hooks[i] for i in idx],
-                            norm_factors=[float(store.norm_factors[i]) for i in idx], meta=meta, device=device,
-                            progress=progress)
+    provenance = {key: value for key, value in store_provenance(store).items() if key != "path"}
+    return train_crosscoder(cfg, model_cfg, make_batches, out_dir=out_dir, hooks=chosen.hooks,
+                            norm_factors=chosen.norm_factors,
+                            meta={"store": provenance, "store_path": str(store.path)}, device=device, progress=progress)

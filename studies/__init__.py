@@ -1,104 +1,53 @@
-"""The comparison studies: one module per study, run by ``crosslayer study NAME --preset P``.
+"""The comparison studies and the reproduction machinery built on the :mod:`crosslayer` library.
 
-Each study module defines
+Layering: ``crosslayer`` (the library) never imports this package; this package imports it.
+The ``crosslayer`` CLI finds the verbs ``reproduce``, ``study`` and ``figures`` through the
+package's one registration point, the ``crosslayer.plugins`` entry point (``studies.cli``).
 
-- ``NAME``, ``TITLE`` and a docstring stating its question, method and answer (at the demo preset);
-- ``NEEDS``: the pipeline steps (:data:`crosslayer.pipeline.STEP_NAMES`) it needs finished first;
-- ``run(ctx) -> dict``: computes its results and writes them as tidy CSVs into ``ctx.results(NAME)``;
-  returns a few headline numbers (stored in ``<out>/done/study-NAME.json``);
-- ``figures(results, figures_dir) -> list[(path, caption)]``: seaborn figures drawn from the CSVs only;
-- ``tables(results, tables_dir) -> list[path]``: LaTeX tables; the main one is ``tables/NAME.tex``;
-- ``answer(results) -> str``: the study's answer with its numbers (LaTeX), from the CSVs only.
-
-:func:`run_study` calls them in that order and also writes ``tables/NAME_answer.tex`` and
-``tables/NAME_figures.tex`` (figure environments), which ``paper/main.tex`` inputs. Numbers in the
-paper therefore always come from the generated files.
+- :mod:`studies.base`: :class:`~studies.base.Study` (what a study declares) and
+  :class:`~studies.base.StudyContext` (what it may use while it runs).
+- :mod:`studies.presets`: the shared sizes of each preset; with the studies' own configs they make a
+  :class:`~studies.presets.Preset`.
+- :mod:`studies.pipeline`: the run context, the resumable steps, ``reproduce`` and ``study``.
+- One module per study, each ending with ``STUDY = Study(...)``: the registry below finds every
+  module of this package that defines ``STUDY``, so adding a study is adding one file.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
-import time
-from pathlib import Path
+import pkgutil
+from functools import lru_cache
 
 from crosslayer.errors import CrosslayerError
-from crosslayer.io import write_json, write_text
-
-from studies.common import latex_escape
-
-STUDY_NAMES = ("logit_lens", "reconstruction", "polysemanticity", "feature_splitting",
-               "cross_layer_superposition", "steering")
 
 
-def load_study(name: str):
-    """The module of study ``name``."""
-    if name not in STUDY_NAMES:
-        raise CrosslayerError(f"unknown study {name!r}; studies are {', '.join(STUDY_NAMES)}")
-    return importlib.import_module(f"studies.{name}")
+@lru_cache(maxsize=1)
+def _registry() -> dict:
+    found = []
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        study = getattr(module, "STUDY", None)
+        if study is not None:
+            found.append(study)
+    found.sort(key=lambda s: (s.order, s.name))
+    return {s.name: s for s in found}
 
 
-def figure_environments(name: str, figures: list) -> str:
-    """LaTeX figure environments for ``[(path, caption), ...]`` (paths relative to the paper folder)."""
-    parts = []
-    for i, (path, caption) in enumerate(figures):
-        rel = f"figures/{Path(path).name}"
-        parts.append("\\begin{figure}[tbp]\n\\centering\n"
-                     f"\\includegraphics[width=\\linewidth,height=0.42\\textheight,keepaspectratio]{{{rel}}}\n"
-                     f"\\caption{{{caption}}}\n\\label{{fig:{name}:{i}}}\n\\end{{figure}}\n")
-    return "\n".join(parts) if parts else "% no figures\n"
+def all_studies() -> list:
+    """Every registered :class:`~studies.base.Study`, in run order."""
+    return list(_registry().values())
 
 
-def render(name: str, results: Path, paper: Path) -> dict:
-    """Figures, tables and the answer of study ``name`` from its CSVs in ``results``."""
-    module = load_study(name)
-    (paper / "figures").mkdir(parents=True, exist_ok=True)
-    (paper / "tables").mkdir(parents=True, exist_ok=True)
-    figs = module.figures(results, paper / "figures")
-    tables = module.tables(results, paper / "tables")
-    text = module.answer(results)
-    write_text(text.rstrip() + "\n", paper / "tables" / f"{name}_answer.tex")
-    write_text(figure_environments(name, figs), paper / "tables" / f"{name}_figures.tex")
-    return {"figures": [str(p) for p, _ in figs], "tables": [str(p) for p in tables]}
+def study_names() -> list[str]:
+    return list(_registry())
 
 
-def run_study(name: str, ctx) -> dict:
-    """Run study ``name`` in pipeline context ``ctx`` (see :class:`crosslayer.pipeline.Context`)."""
-    module = load_study(name)
-    start = time.time()
-    info = module.run(ctx) or {}
-    results = ctx.results(name)
-    rendered = render(name, results, ctx.paper)
-    summary = {"study": name, "preset": ctx.preset_name, "seconds": round(time.time() - start, 1), **info}
-    write_json(summary, results / "summary.json")
-    print(f"[study {name}] " + json.dumps(info, default=str)[:400], flush=True)
-    return {**info, **rendered}
-
-
-def write_setup_tables(ctx) -> list[Path]:
-    """``tables/setup.tex``: macros with the preset's sizes and the wall time of every finished step."""
-    from dataclasses import asdict
-
-    p = asdict(ctx.preset)
-    steps = {}
-    for marker in sorted((ctx.out / "done").glob("*.json")):
-        steps[marker.stem] = json.loads(marker.read_text()).get("seconds", float("nan"))
-    store = ctx.store("train")
-    macros = {
-        "presetname": ctx.preset_name, "modelname": p["model"], "nlayers": store.n_layers,
-        "layerlist": f"{store.layers[0]}--{store.layers[-1]}" if store.layers == list(
-            range(store.layers[0], store.layers[-1] + 1)) else ", ".join(map(str, store.layers)),
-        "dmodel": store.width, "traintokens": f"{store.n_rows:,}", "heldouttokens": f"{ctx.store('heldout').n_rows:,}",
-        "saewidth": p["sae_width"], "saek": p["sae_k"], "saetokens": f"{p['sae_tokens']:,}",
-        "ccwidth": ctx.cc_width, "cck": p["cc_k"], "cctokens": f"{p['cc_tokens']:,}",
-        "evaltokens": f"{p['eval_tokens']:,}", "evalwindows": p["eval_windows"], "seqlen": p["seq_len"],
-        "totalminutes": f"{sum(v for v in steps.values() if v == v) / 60:.1f}",
-    }
-    lines = ["% generated by `crosslayer reproduce` (step paper); do not edit"]
-    lines += [f"\\newcommand{{\\cl{key}}}{{{latex_escape(str(value))}}}" for key, value in macros.items()]
-    rows = "\n".join(f"{latex_escape(k)} & {v:.0f} \\\\" for k, v in steps.items() if k != "paper")
-    lines.append("\\newcommand{\\clsteptimes}{\\begin{tabular}{lr}\\toprule step & seconds \\\\ \\midrule\n"
-                 + rows + "\n\\bottomrule\\end{tabular}}")
-    path = ctx.tables / "setup.tex"
-    write_text("\n".join(lines) + "\n", path)
-    return [path]
+def get_study(name: str):
+    """The registered study ``name``, or a one-line error listing the studies."""
+    registry = _registry()
+    if name not in registry:
+        raise CrosslayerError(f"unknown study {name!r}; studies are {', '.join(registry)}")
+    return registry[name]

@@ -110,9 +110,9 @@ def sample_rows(store, n: int, *, seed: int = 0) -> np.ndarray:
 @torch.no_grad()
 def encode_rows(dictionary, store, rows: np.ndarray, *, batch_size: int = 1024) -> Tensor:
     """Feature activations ``[N, F]`` of ``store`` rows ``rows`` (raw rows, the dictionary's own factors)."""
-    from crosslayer.features import check_store
+    from crosslayer.dictionary import check_compatible
 
-    check_store(dictionary, store)
+    check_compatible(dictionary, store)
     parts = [dictionary.encode(store.get(rows[s:s + batch_size], layers=dictionary.layers), normalized=False).float()
              for s in range(0, len(rows), batch_size)]
     return torch.cat(parts)

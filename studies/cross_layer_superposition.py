@@ -7,11 +7,11 @@ Question
     data with known multi-layer features, which approach recovers a feature as one latent?
 
 Method
-    - Live features: those that fire on at least one of ``N_ROWS`` sampled held-out rows; dead
+    - Live features: those that fire on at least one of ``Config.n_rows`` sampled held-out rows; dead
       features keep their random initial decoders and are left out of every statistic.
     - Crosscoder profiles (:func:`crosslayer.features.decoder_profile`, research-notes section 4):
       relative decoder norm r_i^l = ||d_i^l|| / max_l ||d_i^l|| (normalised units), peak layer,
-      span #{l : r_i^l > SPAN_TAU} (also at 0.5), normalised entropy of r_i and direction drift
+      span #{l : r_i^l > Config.span_tau} (also at 0.5), normalised entropy of r_i and direction drift
       cos(d_i^peak, d_i^l) over the spanned layers.
     - SAE chains (SAE Match, Balagansky et al. 2024; feature flow, Laptev et al. 2025): the live
       latents of the SAEs at adjacent layers l, l+1 are matched one-to-one by decoder cosine
@@ -25,31 +25,26 @@ Method
       the live SAE latents of that layer with cosine > tau to the crosscoder's layer-l decoder
       direction, summed over layers (one SAE copy per spanned layer gives the span), with the
       number of distinct SAE chains among the best matches and their activation correlation.
-    - Synthetic ground truth (:mod:`crosslayer.synthetic`): ``SYN_FEATURES`` features in ``SYN_D``
-      dimensions over ``SYN_LAYERS`` layers, half spanning 2+ layers, ``synthetic_tokens`` rows; an
+    - Synthetic ground truth (:mod:`crosslayer.synthetic`): ``Config.syn_features`` features in
+      ``Config.syn_d`` dimensions over ``Config.syn_layers`` layers, half spanning 2+ layers,
+      ``Config.synthetic_tokens`` rows; an
       acausal TopK crosscoder (F = 2G, k = 4) and one single-layer TopK crosscoder per layer (a TopK
       SAE trained by the same code; F = G, k = 2), both with :func:`crosslayer.training.train_crosscoder`
       (3 epochs of 256-row batches, at least 300 steps, lr 3e-3).
       :func:`crosslayer.synthetic.recovery`: per true feature the mean over its layers of the best
       decoder cosine (MMCS = its mean), the number of distinct best-matching latents, and the span
-      (r > SPAN_TAU) of the latent that best matches it at its peak layer.
-    - tau = 0.5 for the main numbers (well above chance), swept over 0.3..0.9.
+      (r > span_tau) of the latent that best matches it at its peak layer.
+    - tau = ``Config.tau`` (0.5) for the main numbers (well above chance), swept over ``Config.taus``.
 
-Answer (demo preset: layers 8-15, crosscoder 4096 latents k=32, SAEs 512 per layer k=32)
-    Per-layer SAEs do relearn features at neighbouring layers: one-to-one matched SAE latents of
-    adjacent layers have median decoder cosine 0.35 (chance 0.17); at cosine > 0.5, 23% of live
-    SAE latents sit in a chain of 2+ layers and 1.4% in a chain through all 8. Every one of the
-    crosscoder's 3,097 live features writes all 8 layers (span 8 at r > 0.5, drift: mean cosine
-    0.77 to its peak-layer direction), so one crosscoder feature stands for a direction that the
-    SAEs would need several latents for -- but only 0.64 SAE latents match a crosscoder feature at
-    cosine > 0.5 on average, so most crosscoder features are not simply SAE chains. On synthetic
-    data with known spans, the crosscoder recovers each multi-layer feature with 1 latent (MMCS
-    0.998), per-layer SAEs need 4.07 latents (its mean span) for the same features.
+Answer
+    Generated from the CSVs by every run into ``paper/tables/cross_layer_superposition_answer.tex`` (numbers are never
+    typed here).
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -60,23 +55,45 @@ from torch import Tensor
 
 from crosslayer.errors import CrosslayerError
 from crosslayer.io import write_csv
+from studies.base import Study
 from studies.common import column_corr, encode_rows, fmt, latex_table, read_csv, sample_rows, save_figure, theme
 
 NAME = "cross_layer_superposition"
-TITLE = "Cross-layer superposition"
-NEEDS = ("harvest-train", "harvest-heldout", "train-saes", "train-crosscoder")
-
 SAE, CC = "per-layer SAEs", "crosscoder"
-TAU = 0.5
-"""Decoder-cosine threshold of a cross-layer link and of an SAE latent matching a crosscoder feature."""
-TAUS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-SPAN_TAU = 0.1
-"""A feature spans layer l when r_i^l > SPAN_TAU (the default of decoder_profile)."""
-N_ROWS = 4096
-SYN_LAYERS, SYN_D, SYN_FEATURES = 6, 32, 64
-SYN_BATCH, SYN_LR, SYN_EPOCHS, SYN_MIN_STEPS = 256, 3e-3, 3, 300
-OFTEN = 0.02
-"""Synthetic features firing at least this often count as learnable at these token budgets."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of the cross-layer superposition study (defaults: the demo preset)."""
+
+    tau: float = 0.5
+    """Decoder-cosine threshold of a cross-layer link and of an SAE latent matching a crosscoder feature."""
+    taus: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    """Thresholds of the sweep (must include ``tau``)."""
+    span_tau: float = 0.1
+    """A feature spans layer l when r_i^l > span_tau (the default of decoder_profile)."""
+    n_rows: int = 4096
+    """Held-out rows sampled to find live features and activation correlations."""
+    synthetic_tokens: int = 30_000
+    """Rows of the synthetic ground-truth data."""
+    syn_layers: int = 6
+    """Layers of the synthetic data."""
+    syn_d: int = 32
+    """Width of each synthetic layer."""
+    syn_features: int = 64
+    """True features G (the crosscoder gets 2G latents, each single-layer dictionary G)."""
+    syn_batch: int = 256
+    """Batch size of the synthetic training runs."""
+    syn_lr: float = 3e-3
+    """Their learning rate."""
+    syn_epochs: int = 3
+    """Epochs over the synthetic rows ..."""
+    syn_min_steps: int = 300
+    """... but at least this many steps."""
+    often: float = 0.02
+    """Synthetic features firing at least this often count as learnable at these token budgets."""
+
+
 CHAIN_COLUMNS = ["chain", "start_layer", "end_layer", "length", "mean_cos", "min_cos", "mean_act_corr", "latents"]
 PER_CC_COLUMNS = ["feature", "peak_layer", "span", "n_sae_latents", "n_matched_layers", "frac_layers_matched",
                   "mean_best_cos", "mean_best_act_corr", "n_chains"]
@@ -88,12 +105,12 @@ def unit(W: Tensor) -> Tensor:
     return torch.nn.functional.normalize(W.float(), dim=-1)
 
 
-def sae_blocks(saes) -> list[Tensor]:
-    """Each layer's SAE decoder rows ``[W_l, d]`` (normalised units, unit norm)."""
-    from crosslayer.features import decoder_layer
-
-    starts = np.cumsum([0] + saes.widths)
-    return [unit(decoder_layer(saes, i, raw=False)[starts[i]:starts[i + 1]]) for i in range(saes.n_layers)]
+def sae_blocks(saes) -> tuple[list[Tensor], list[Tensor]]:
+    """Each layer's latents: their decoder rows ``[W_l, d]`` (normalised units, unit norm) and their
+    indices among all the dictionary's features (the features that write that layer)."""
+    writes_FL = saes.writes_FL()
+    index = [writes_FL[:, i].nonzero().squeeze(1) for i in range(saes.n_layers)]
+    return [unit(saes.decoder_vectors(l)[idx]) for l, idx in zip(saes.layers, index)], index
 
 
 def match_adjacent(a_WD: Tensor, b_VD: Tensor, *, live_a: Tensor | None = None,
@@ -190,6 +207,11 @@ def distinct_per_row(ids_FL: np.ndarray) -> np.ndarray:
     return (s[:, :1] >= 0).sum(1) + new.sum(1)
 
 
+def decoders(dictionary) -> Tensor:
+    """Every feature's decoder at every layer ``[F, L, d]`` (normalised units)."""
+    return torch.stack([dictionary.decoder_vectors(l) for l in dictionary.layers], dim=1)
+
+
 # ----------------------------------------------------------------------------- synthetic ground truth
 
 def _stream(acts: Tensor, batch: int, seed: int) -> Callable[[int], Iterator[Tensor]]:
@@ -208,8 +230,7 @@ def _stream(acts: Tensor, batch: int, seed: int) -> Callable[[int], Iterator[Ten
     return make
 
 
-def synthetic_recovery(n_tokens: int, out_dir: Path, *, n_layers: int = SYN_LAYERS, d_model: int = SYN_D,
-                       n_features: int = SYN_FEATURES, seed: int = 0, progress: bool = False) -> pd.DataFrame:
+def synthetic_recovery(cfg: Config, out_dir: Path, *, seed: int = 0, progress: bool = False) -> pd.DataFrame:
     """Train a crosscoder and per-layer single-layer crosscoders on synthetic data; their recovery tables.
 
     Columns: approach, feature, start, span, frequency, mean_max_cos, min_max_cos, n_latents,
@@ -219,51 +240,55 @@ def synthetic_recovery(n_tokens: int, out_dir: Path, *, n_layers: int = SYN_LAYE
     from crosslayer.synthetic import make_synthetic, recovery
     from crosslayer.training import TrainConfig, train_crosscoder
 
-    if n_tokens < SYN_BATCH:
-        raise CrosslayerError(f"synthetic_tokens must be >= {SYN_BATCH}, got {n_tokens}")
-    L, d, G = n_layers, d_model, n_features
+    n_tokens = cfg.synthetic_tokens
+    if n_tokens < cfg.syn_batch:
+        raise CrosslayerError(f"synthetic_tokens must be >= syn_batch ({cfg.syn_batch}), got {n_tokens}")
+    L, d, G, batch = cfg.syn_layers, cfg.syn_d, cfg.syn_features, cfg.syn_batch
     acts, truth = make_synthetic(L, d, G, n_tokens, seed=seed)
-    steps = max(SYN_MIN_STEPS, SYN_EPOCHS * n_tokens // SYN_BATCH)
-    train = TrainConfig(steps=steps, lr=SYN_LR, dead_after_tokens=20_000, log_every=steps, checkpoint_every=steps,
-                        seed=seed)
+    steps = max(cfg.syn_min_steps, cfg.syn_epochs * n_tokens // batch)
+    train = TrainConfig(tokens=steps * batch, batch_size=batch, lr=cfg.syn_lr, dead_after_tokens=20_000,
+                        log_every=steps, checkpoint_every=steps, seed=seed)
     folder = out_dir / f"synthetic_L{L}_d{d}_G{G}_n{n_tokens}_s{seed}"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # these models are tiny: one thread is several times faster than two
     try:
         cc = train_crosscoder(train, CrosscoderConfig(layers=tuple(range(L)), d_model=d, n_features=2 * G, k=4),
-                              _stream(acts, SYN_BATCH, seed), out_dir=folder / "crosscoder", progress=progress)
+                              _stream(acts, batch, seed), out_dir=folder / "crosscoder", progress=progress)
         blocks = []
         for l in range(L):
             one = train_crosscoder(train, CrosscoderConfig(layers=(l,), d_model=d, n_features=G, k=2),
-                                   _stream(acts[:, l:l + 1], SYN_BATCH, seed + 1 + l), out_dir=folder / f"sae_{l}",
+                                   _stream(acts[:, l:l + 1], batch, seed + 1 + l), out_dir=folder / f"sae_{l}",
                                    progress=progress)
             W_FLD = torch.zeros(G, L, d)
-            W_FLD[:, l] = one.W_dec.detach()[:, 0]
+            W_FLD[:, l] = one.decoder_vectors(l)
             blocks.append(W_FLD)
     finally:
         torch.set_num_threads(threads)
     peak_G = truth.profiles_GL.argmax(1)
     tables = []
-    for approach, W_FLD in ((CC, cc.W_dec.detach()), (SAE, torch.cat(blocks))):
+    for approach, W_FLD in ((CC, decoders(cc)), (SAE, torch.cat(blocks))):
         table = recovery(W_FLD, truth)
         norms_FL = W_FLD.norm(dim=-1)
         r_FL = norms_FL / norms_FL.max(1, keepdim=True).values.clamp_min(1e-12)
         at_peak_GFD = unit(W_FLD.permute(1, 0, 2)[peak_G])  # every latent's decoder at each feature's peak layer
         best_G = torch.einsum("gd,gfd->gf", truth.directions_GLD[torch.arange(G), peak_G], at_peak_GFD).argmax(1)
-        table["recovered_span"] = (r_FL[best_G] > SPAN_TAU).sum(1).numpy()
+        table["recovered_span"] = (r_FL[best_G] > cfg.span_tau).sum(1).numpy()
         table.insert(0, "approach", approach)
         tables.append(table)
     out = pd.concat(tables, ignore_index=True)
     out["multi"] = out.span > 1
-    out["often"] = out.frequency >= OFTEN
+    out["often"] = out.frequency >= cfg.often
     return out[["approach", "feature", "start", "span", "frequency", "mean_max_cos", "min_max_cos", "n_latents",
                 "recovered_span", "multi", "often"]]
 
 
 # ----------------------------------------------------------------------------- the study
 
-def run(ctx) -> dict:
+def run(ctx, cfg: Config) -> dict:
     from crosslayer.features import decoder_profile
+
+    if cfg.tau not in cfg.taus:
+        raise CrosslayerError(f"tau {cfg.tau} must be one of taus {cfg.taus}")
 
     results = ctx.results(NAME)
     heldout = ctx.store("heldout")
@@ -271,7 +296,7 @@ def run(ctx) -> dict:
     if saes.layers != cc.layers:
         raise CrosslayerError(f"the main SAEs read layers {saes.layers}, the crosscoder {cc.layers}; retrain one")
     layers, L = cc.layers, cc.n_layers
-    rows = sample_rows(heldout, N_ROWS)
+    rows = sample_rows(heldout, cfg.n_rows)
     f_cc, f_sae = encode_rows(cc, heldout, rows), encode_rows(saes, heldout, rows)
     live_cc = (f_cc > 0).any(0)
     live_sae = (f_sae > 0).any(0)
@@ -281,7 +306,7 @@ def run(ctx) -> dict:
         summary.append({"part": part, "metric": metric, "tau": tau, "value": float(value)})
 
     # -- crosscoder decoder-norm profiles
-    prof = decoder_profile(cc, tau=SPAN_TAU)
+    prof = decoder_profile(cc, tau=cfg.span_tau)
     r = prof[[f"r_{l}" for l in layers]].to_numpy()
     prof.insert(4, "span_50", (r > 0.5).sum(1))
     prof.insert(1, "density", (f_cc > 0).float().mean(0).numpy())
@@ -297,10 +322,10 @@ def run(ctx) -> dict:
     add("profiles", "frac_span_all", (live_prof.span == L).mean())
 
     # -- per-layer SAE chains
-    blocks = sae_blocks(saes)
-    starts = np.cumsum([0] + saes.widths)
-    live_blocks = [live_sae[starts[i]:starts[i + 1]] for i in range(L)]
-    f_blocks = [f_sae[:, starts[i]:starts[i + 1]] for i in range(L)]
+    blocks, index = sae_blocks(saes)
+    widths = [len(i) for i in index]
+    live_blocks = [live_sae[i] for i in index]
+    f_blocks = [f_sae[:, i] for i in index]
     matches, cosines, corrs = [], [], []
     for l in range(L - 1):
         m, c = match_adjacent(blocks[l], blocks[l + 1], live_a=live_blocks[l], live_b=live_blocks[l + 1])
@@ -310,16 +335,16 @@ def run(ctx) -> dict:
         corrs.append(np.where(m >= 0, corr, np.nan))
     chance = chance_cosine(blocks[L // 2]) if L > 1 else float("nan")
     add("chains", "chance_cos_p99", chance)
-    layer_N = np.repeat(np.arange(L), saes.widths)
-    latent_N = np.concatenate([np.arange(w) for w in saes.widths])
+    layer_N = np.repeat(np.arange(L), widths)
+    latent_N = np.concatenate([np.arange(w) for w in widths])
     keep_N = live_sae.numpy()
     chain_ids = {}
-    for tau in TAUS:
-        chain_N = build_chains(matches, cosines, saes.widths, tau)
+    for tau in cfg.taus:
+        chain_N = build_chains(matches, cosines, widths, tau)
         chain_ids[tau] = chain_N
-        link_cos = np.concatenate([np.where(c > tau, c, np.nan) for c in cosines] + [np.full(saes.widths[-1], np.nan)])
+        link_cos = np.concatenate([np.where(c > tau, c, np.nan) for c in cosines] + [np.full(widths[-1], np.nan)])
         link_corr = np.concatenate([np.where(c > tau, k, np.nan) for c, k in zip(cosines, corrs)]
-                                   + [np.full(saes.widths[-1], np.nan)])
+                                   + [np.full(widths[-1], np.nan)])
         table = chain_table(chain_N, layer_N, latent_N, link_cos, link_corr, keep_N, layers)
         per_latent = np.repeat(table.length.to_numpy(), table.length.to_numpy())  # chain length seen by each latent
         add("chains", "n_live_latents", int(keep_N.sum()), tau)
@@ -329,22 +354,22 @@ def run(ctx) -> dict:
         add("chains", "frac_latents_full_length", (per_latent == L).mean(), tau)
         add("chains", "mean_link_cos", np.nanmean(link_cos) if np.isfinite(link_cos).any() else np.nan, tau)
         add("chains", "median_link_act_corr", np.nanmedian(link_corr) if np.isfinite(link_corr).any() else np.nan, tau)
-        if tau == TAU:
+        if tau == cfg.tau:
             write_csv(table, results / "sae_chains.csv")
     all_cos = np.concatenate(cosines) if cosines else np.array([np.nan])
     add("chains", "median_matched_cos", np.nanmedian(all_cos) if np.isfinite(all_cos).any() else np.nan)
 
     # -- SAE latents per crosscoder feature
     idx = live_cc.nonzero().squeeze(1)
-    W_FLD = cc.W_dec_masked().detach().float()[idx]
-    span_FL = torch.as_tensor(r[idx.numpy()] > SPAN_TAU)
+    W_FLD = decoders(cc)[idx]
+    span_FL = torch.as_tensor(r[idx.numpy()] > cfg.span_tau)
     f_live = f_cc[:, idx]
-    for tau in TAUS:
+    for tau in cfg.taus:
         m = sae_per_crosscoder(W_FLD, span_FL, blocks, live_blocks, tau)
         n_FL = m["count_FL"]
         matched_FL = n_FL > 0
         spans = span_FL.sum(1).clamp_min(1)
-        best_N = starts[:-1][None] + m["arg_FL"].clamp_min(0).numpy()  # index of the best SAE latent among all
+        best_N = np.cumsum([0] + widths)[:-1][None] + m["arg_FL"].clamp_min(0).numpy()  # best SAE latent among all
         chain_FL = np.where(matched_FL.numpy(), chain_ids[tau][best_N], -1)
         add("sae_per_cc", "mean_sae_latents", n_FL.sum(1).float().mean(), tau)
         add("sae_per_cc", "mean_sae_latents_per_span_layer", (n_FL.sum(1) / spans).float().mean(), tau)
@@ -352,7 +377,7 @@ def run(ctx) -> dict:
         add("sae_per_cc", "frac_features_matched", matched_FL.any(1).float().mean(), tau)
         add("sae_per_cc", "mean_distinct_chains", distinct_per_row(chain_FL)[matched_FL.any(1).numpy()].mean()
             if bool(matched_FL.any()) else np.nan, tau)
-        if tau == TAU:
+        if tau == cfg.tau:
             corr_FL = torch.stack([column_corr(f_live, f_blocks[l][:, m["arg_FL"][:, l].clamp_min(0)])
                                    for l in range(L)], 1).masked_fill(~matched_FL, float("nan"))
             per_cc = pd.DataFrame({"feature": idx.numpy(), "peak_layer": prof.peak_layer.to_numpy()[idx.numpy()],
@@ -367,7 +392,7 @@ def run(ctx) -> dict:
             add("sae_per_cc", "mean_span", per_cc.span.mean(), tau)
 
     # -- synthetic ground truth
-    syn = synthetic_recovery(ctx.preset.synthetic_tokens, ctx.out / "dicts", progress=ctx.progress)
+    syn = synthetic_recovery(cfg, ctx.dicts, progress=ctx.progress)
     write_csv(syn, results / "synthetic.csv")
     for approach, part in syn.groupby("approach"):
         key = "crosscoder" if approach == CC else "saes"
@@ -382,8 +407,8 @@ def run(ctx) -> dict:
     get = _getter(summ)
     return {"cc_live": int(get("profiles", "n_live")), "cc_mean_span": round(get("profiles", "mean_span"), 3),
             "cc_mean_drift": round(get("profiles", "mean_drift"), 3),
-            "sae_frac_chained": round(get("chains", "frac_latents_chained", TAU), 4),
-            "sae_latents_per_cc": round(get("sae_per_cc", "mean_sae_latents", TAU), 3),
+            "sae_frac_chained": round(get("chains", "frac_latents_chained", cfg.tau), 4),
+            "sae_latents_per_cc": round(get("sae_per_cc", "mean_sae_latents", cfg.tau), 3),
             "syn_cc_latents_per_multi": round(get("synthetic", "crosscoder_latents_per_multi"), 3),
             "syn_sae_latents_per_multi": round(get("synthetic", "saes_latents_per_multi"), 3)}
 
@@ -405,7 +430,7 @@ def _identity_marks(ax, values: list, *, label: str) -> None:
         ax.hlines(v, i - 0.45, i + 0.45, colors="k", linestyles=":", lw=1.2, label=label if i == 0 else None)
 
 
-def figures(results: Path, figures_dir: Path) -> list[tuple[Path, str]]:
+def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, str]]:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -429,10 +454,10 @@ def figures(results: Path, figures_dir: Path) -> list[tuple[Path, str]]:
     frames = []
     if len(live):
         frames.append(pd.DataFrame({"length": live.span, "weight": 1.0 / len(live),
-                                    "what": f"crosscoder feature: span ($r>{SPAN_TAU}$)"}))
+                                    "what": f"crosscoder feature: span ($r>{cfg.span_tau}$)"}))
     if len(chains):
         frames.append(pd.DataFrame({"length": chains.length, "weight": chains.length / chains.length.sum(),
-                                    "what": f"SAE latent: length of its chain (cos $>{TAU}$)"}))
+                                    "what": f"SAE latent: length of its chain (cos $>{cfg.tau}$)"}))
     if frames:
         both = pd.concat(frames)
         agg = both.groupby(["what", "length"]).weight.sum().reset_index()
@@ -450,11 +475,11 @@ def figures(results: Path, figures_dir: Path) -> list[tuple[Path, str]]:
         sns.barplot(data=per_cc, x="span", y="n_sae_latents", ax=ax, color="C0", errorbar=("ci", 95))
         _identity_marks(ax, sorted(per_cc.span.unique()), label="one SAE latent per spanned layer")
         top = max(per_cc.span.max(), per_cc.groupby("span").n_sae_latents.mean().max())
-        ax.set(xlabel=f"crosscoder feature span (layers with $r>{SPAN_TAU}$)",
-               ylabel=f"SAE latents with cos $>{TAU}$", ylim=(0, 1.3 * top))
+        ax.set(xlabel=f"crosscoder feature span (layers with $r>{cfg.span_tau}$)",
+               ylabel=f"SAE latents with cos $>{cfg.tau}$", ylim=(0, 1.3 * top))
         ax.legend(fontsize=8, loc="upper left")
         paths.append((save_figure(fig, figures_dir / f"{NAME}_sae_per_cc.png"),
-                      f"Number of live per-layer SAE latents whose decoder has cosine above {TAU} with a live "
+                      f"Number of live per-layer SAE latents whose decoder has cosine above {cfg.tau} with a live "
                       "crosscoder feature's decoder at a layer the feature spans, by the feature's span "
                       "(mean, 95\\% CI)."))
     syn = read_csv(results, "synthetic")
@@ -469,45 +494,45 @@ def figures(results: Path, figures_dir: Path) -> list[tuple[Path, str]]:
         axes[1].set(xlabel="true span of the feature (layers)", ylabel="span of the best-matching latent")
         axes[1].get_legend().remove()
         paths.append((save_figure(fig, figures_dir / f"{NAME}_synthetic.png"),
-                      f"Synthetic ground truth (features firing on at least {100 * OFTEN:g}\\% of tokens): number "
+                      f"Synthetic ground truth (features firing on at least {100 * cfg.often:g}\\% of tokens): number "
                       "of distinct latents that best match a true feature across its layers, and the span of the "
                       "latent that matches it best at its peak layer; dotted: the true span."))
     return paths
 
 
-def _metric_rows(summ: pd.DataFrame) -> pd.DataFrame:
+def _metric_rows(summ: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     get = _getter(summ)
     rows = [
         ("crosscoder", "live features", get("profiles", "n_live")),
-        ("crosscoder", f"mean span ($r>{SPAN_TAU}$)", get("profiles", "mean_span")),
+        ("crosscoder", f"mean span ($r>{cfg.span_tau}$)", get("profiles", "mean_span")),
         ("crosscoder", "mean span ($r>0.5$)", get("profiles", "mean_span_50")),
         ("crosscoder", "single-layer features", get("profiles", "frac_span_1")),
         ("crosscoder", "features spanning every layer", get("profiles", "frac_span_all")),
         ("crosscoder", "normalised entropy of $r$", get("profiles", "mean_entropy")),
         ("crosscoder", "drift: mean cos to peak direction", get("profiles", "mean_drift")),
-        ("SAEs", "live latents", get("chains", "n_live_latents", TAU)),
+        ("SAEs", "live latents", get("chains", "n_live_latents", cfg.tau)),
         ("SAEs", "median matched cos, adjacent layers", get("chains", "median_matched_cos")),
         ("SAEs", "chance (99th pct., random directions)", get("chains", "chance_cos_p99")),
-        ("SAEs", f"latents in a chain of 2+ (cos $>{TAU}$)", get("chains", "frac_latents_chained", TAU)),
-        ("SAEs", "latents in a full-length chain", get("chains", "frac_latents_full_length", TAU)),
-        ("SAEs", "mean chain length", get("chains", "mean_chain_length", TAU)),
-        ("SAEs", "median act. corr. of linked latents", get("chains", "median_link_act_corr", TAU)),
-        ("SAEs per crosscoder feature", f"SAE latents with cos $>{TAU}$", get("sae_per_cc", "mean_sae_latents", TAU)),
-        ("SAEs per crosscoder feature", "its mean span", get("sae_per_cc", "mean_span", TAU)),
-        ("SAEs per crosscoder feature", "spanned layers with a match", get("sae_per_cc", "frac_layers_matched", TAU)),
+        ("SAEs", f"latents in a chain of 2+ (cos $>{cfg.tau}$)", get("chains", "frac_latents_chained", cfg.tau)),
+        ("SAEs", "latents in a full-length chain", get("chains", "frac_latents_full_length", cfg.tau)),
+        ("SAEs", "mean chain length", get("chains", "mean_chain_length", cfg.tau)),
+        ("SAEs", "median act. corr. of linked latents", get("chains", "median_link_act_corr", cfg.tau)),
+        ("SAEs per crosscoder feature", f"SAE latents with cos $>{cfg.tau}$", get("sae_per_cc", "mean_sae_latents", cfg.tau)),
+        ("SAEs per crosscoder feature", "its mean span", get("sae_per_cc", "mean_span", cfg.tau)),
+        ("SAEs per crosscoder feature", "spanned layers with a match", get("sae_per_cc", "frac_layers_matched", cfg.tau)),
         ("SAEs per crosscoder feature", "distinct SAE chains among them",
-         get("sae_per_cc", "mean_distinct_chains", TAU)),
+         get("sae_per_cc", "mean_distinct_chains", cfg.tau)),
     ]
     return pd.DataFrame(rows, columns=["part", "quantity", "value"])
 
 
-def tables(results: Path, tables_dir: Path) -> list[Path]:
+def tables(results: Path, tables_dir: Path, cfg: Config) -> list[Path]:
     summ = read_csv(results, "summary")
-    main = latex_table(_metric_rows(summ), tables_dir / f"{NAME}.tex", raw_columns=("quantity",),
+    main = latex_table(_metric_rows(summ, cfg), tables_dir / f"{NAME}.tex", raw_columns=("quantity",),
                        columns={"part": "", "quantity": "quantity", "value": "value"},
                        caption=f"Cross-layer superposition on held-out data: crosscoder decoder-norm profiles (live "
                                f"features), chains of per-layer SAE latents matched at adjacent layers (Hungarian, "
-                               f"cosine $>{TAU}$), and the SAE latents matching one crosscoder feature. Fractions are "
+                               f"cosine $>{cfg.tau}$), and the SAE latents matching one crosscoder feature. Fractions are "
                                "of live features or latents.", label=f"tab:{NAME}")
     syn = read_csv(results, "synthetic")
     rows = []
@@ -522,39 +547,39 @@ def tables(results: Path, tables_dir: Path) -> list[Path]:
                                   "n_multi": "multi-layer features", "latents": "latents per feature",
                                   "span": "true span", "recovered": "span of best latent"},
                          caption=f"Synthetic ground truth: mean max cosine over all true features and over those "
-                                 f"firing on at least {100 * OFTEN:g}\\% of tokens; for the frequent multi-layer "
+                                 f"firing on at least {100 * cfg.often:g}\\% of tokens; for the frequent multi-layer "
                                  "features, the number of distinct latents that best match them over their layers, "
                                  "their true span and the span of the latent matching them best at their peak layer.",
                          label=f"tab:{NAME}-synthetic")
     return [main, second]
 
 
-def answer(results: Path) -> str:
+def answer(results: Path, cfg: Config) -> str:
     summ = read_csv(results, "summary")
     get = _getter(summ)
     n_layers = len([c for c in read_csv(results, "cc_profiles").columns if c.startswith("r_")])
     parts = [f"Of the crosscoder's {int(get('profiles', 'n_features'))} features, {int(get('profiles', 'n_live'))} "
              f"fire on the sampled held-out rows. They span {fmt(get('profiles', 'mean_span'), 3)} of {n_layers} "
-             f"layers on average ($r>{SPAN_TAU}$; {fmt(get('profiles', 'mean_span_50'), 3)} at $r>0.5$); "
+             f"layers on average ($r>{cfg.span_tau}$; {fmt(get('profiles', 'mean_span_50'), 3)} at $r>0.5$); "
              f"{fmt(100 * get('profiles', 'frac_span_1'), 2)}\\% write one layer and "
              f"{fmt(100 * get('profiles', 'frac_span_all'), 2)}\\% every layer, with normalised entropy "
              f"{fmt(get('profiles', 'mean_entropy'), 3)}; their decoder direction keeps a mean cosine of "
              f"{fmt(get('profiles', 'mean_drift'), 3)} with its peak-layer direction (drift)."]
     parts.append(f"Per-layer SAE latents matched one-to-one between adjacent layers have median decoder cosine "
                  f"{fmt(get('chains', 'median_matched_cos'), 3)} (chance: {fmt(get('chains', 'chance_cos_p99'), 2)}); "
-                 f"at cosine $>{TAU}$, {fmt(100 * get('chains', 'frac_latents_chained', TAU), 2)}\\% of the live SAE "
+                 f"at cosine $>{cfg.tau}$, {fmt(100 * get('chains', 'frac_latents_chained', cfg.tau), 2)}\\% of the live SAE "
                  f"latents belong to a chain of two or more layers and "
-                 f"{fmt(100 * get('chains', 'frac_latents_full_length', TAU), 2)}\\% to a chain through all {n_layers} "
-                 f"(mean chain length {fmt(get('chains', 'mean_chain_length', TAU), 3)}; linked latents' activations "
-                 f"correlate with median {fmt(get('chains', 'median_link_act_corr', TAU), 2)}). Sweeping the threshold "
-                 f"from {min(TAUS)} to {max(TAUS)} moves the chained fraction from "
-                 f"{fmt(100 * get('chains', 'frac_latents_chained', min(TAUS)), 2)}\\% to "
-                 f"{fmt(100 * get('chains', 'frac_latents_chained', max(TAUS)), 2)}\\%.")
-    parts.append(f"A live crosscoder feature (mean span {fmt(get('sae_per_cc', 'mean_span', TAU), 3)}) corresponds to "
-                 f"{fmt(get('sae_per_cc', 'mean_sae_latents', TAU), 3)} SAE latents with cosine $>{TAU}$ on average; "
-                 f"{fmt(100 * get('sae_per_cc', 'frac_layers_matched', TAU), 2)}\\% of its spanned layers have such a "
+                 f"{fmt(100 * get('chains', 'frac_latents_full_length', cfg.tau), 2)}\\% to a chain through all {n_layers} "
+                 f"(mean chain length {fmt(get('chains', 'mean_chain_length', cfg.tau), 3)}; linked latents' activations "
+                 f"correlate with median {fmt(get('chains', 'median_link_act_corr', cfg.tau), 2)}). Sweeping the threshold "
+                 f"from {min(cfg.taus)} to {max(cfg.taus)} moves the chained fraction from "
+                 f"{fmt(100 * get('chains', 'frac_latents_chained', min(cfg.taus)), 2)}\\% to "
+                 f"{fmt(100 * get('chains', 'frac_latents_chained', max(cfg.taus)), 2)}\\%.")
+    parts.append(f"A live crosscoder feature (mean span {fmt(get('sae_per_cc', 'mean_span', cfg.tau), 3)}) corresponds to "
+                 f"{fmt(get('sae_per_cc', 'mean_sae_latents', cfg.tau), 3)} SAE latents with cosine $>{cfg.tau}$ on average; "
+                 f"{fmt(100 * get('sae_per_cc', 'frac_layers_matched', cfg.tau), 2)}\\% of its spanned layers have such a "
                  f"latent, and those with any match spread over "
-                 f"{fmt(get('sae_per_cc', 'mean_distinct_chains', TAU), 3)} distinct SAE chains.")
+                 f"{fmt(get('sae_per_cc', 'mean_distinct_chains', cfg.tau), 3)} distinct SAE chains.")
     if np.isfinite(get("synthetic", "crosscoder_mmcs")):
         parts.append(f"On synthetic data with known spans, the crosscoder recovers the true features with MMCS "
                      f"{fmt(get('synthetic', 'crosscoder_mmcs'), 3)} "
@@ -566,3 +591,8 @@ def answer(results: Path) -> str:
                      f"{fmt(get('synthetic', 'saes_mmcs'), 3)} but need "
                      f"{fmt(get('synthetic', 'saes_latents_per_multi'), 3)} latents for the same features.")
     return " ".join(parts)
+
+
+STUDY = Study(name=NAME, title="Cross-layer superposition", config=Config, run=run, figures=figures, tables=tables,
+              answer=answer, dictionaries=("saes", "crosscoder"), order=50,
+              presets={"micro": Config(synthetic_tokens=4_000), "paper": Config(synthetic_tokens=200_000)})

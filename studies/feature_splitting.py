@@ -8,9 +8,9 @@ Question
 
 Method
     - Dictionaries (trained on the training store with the preset's token budgets): single-layer
-      sae-lens TopK SAEs at the middle stored layer at each width of ``split_widths`` (k =
-      ``split_k``), and acausal TopK crosscoders over every stored layer at each width of
-      ``split_cc_widths`` (k = ``cc_k``; the width equal to the main crosscoder's is the main one).
+      sae-lens TopK SAEs at the middle stored layer at each width of ``Config.sae_widths`` (k =
+      ``Config.sae_k``), and acausal TopK crosscoders over every stored layer at each width of
+      ``Config.cc_widths`` (k = the run's ``cc_k``; the width equal to the main crosscoder's is the main one).
     - Decoder directions, in normalised units (each layer scaled to mean norm sqrt(d)). An SAE latent
       is its decoder row ``[d]``. A crosscoder feature is one latent that writes a ``[L, d]`` vector,
       so it is compared as that vector concatenated over layers and unit-normalised ``[L*d]``: the
@@ -22,28 +22,23 @@ Method
       small dictionary's latent i and the big dictionary's latents j, the children are
       C(i) = {j : cos(d_i^small, d_j^big) > tau}; the split count is |C(i)|, the fidelity
       max_j cos(d_i^small, d_j^big). Each adjacent pair of widths (w -> 2w) and the smallest ->
-      largest pair are compared; tau = 0.7 for the main numbers, with a sweep over 0.5..0.9.
-    - Activation version: on a fixed random sample of held-out rows (``N_ROWS``), the correlation
+      largest pair are compared; tau = ``Config.tau`` for the main numbers, with a sweep over ``Config.taus``.
+    - Activation version: on a fixed random sample of held-out rows (``Config.n_rows``), the correlation
       of f_i with sum_{j in C(i)} f_j, and with the best child's f_j alone. A latent counts as live
       when it fires on at least one sampled row; the rates are over live small-dictionary latents.
     - Example families: per approach, a live parent with 2-4 live children and the highest
       activation correlation, shown with the tokens of its top sampled activations and the tokens
       its decoder (at its last written layer) raises most through the unembedding.
 
-Answer (demo preset: SAEs of widths 256-2048 at layer 12, k=16; crosscoders of widths 512-4096
-over layers 8-15, k=32; decoder-cosine threshold 0.7)
-    Little splitting at this scale, less for crosscoders. Per doubling 0.53% of the SAE's live
-    latents split into 2+ children (0.39-0.78%), 19% keep one child, 80% have none; crosscoders
-    0.17% (0.10-0.21%), 15% and 85%. Median fidelity 0.52 (SAE) and 0.55 (crosscoder); 89% / 92%
-    of the wider dictionary's live latents are nobody's child, i.e. widening mostly adds new
-    directions rather than refining old ones. The split fraction depends strongly on the threshold
-    (SAE 21% at 0.5, crosscoder 11%). Example family (SAE): latent 218 at width 1024 (digits 8, 5, 7)
-    splits into 1475 (7, 8) and 1897 (5, 0) at width 2048.
+Answer
+    Generated from the CSVs by every run into ``paper/tables/feature_splitting_answer.tex`` (numbers are never
+    typed here).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,20 +48,30 @@ from torch import Tensor
 
 from crosslayer.errors import CrosslayerError
 from crosslayer.io import write_csv
+from studies.base import Study
 from studies.common import (column_corr, encode_rows, fmt, latex_table, read_csv, sample_rows, save_figure, theme,
                             token_tex)
 
 NAME = "feature_splitting"
-TITLE = "Feature splitting across dictionary widths"
-NEEDS = ("harvest-train", "harvest-heldout", "train-crosscoder")
-
 SAE, CC = "SAE", "crosscoder"
-TAU = 0.7
-"""Decoder-cosine threshold of a child (main numbers)."""
-TAUS = (0.5, 0.6, 0.7, 0.8, 0.9)
-"""Thresholds of the sensitivity sweep."""
-N_ROWS = 4096
-"""Held-out rows sampled for the activation correlations (and the examples' top tokens)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of the feature-splitting study (defaults: the demo preset)."""
+
+    sae_widths: tuple[int, ...] = (256, 512, 1024, 2048)
+    """Widths of the single-layer SAEs (at the middle stored layer), doubling."""
+    sae_k: int = 16
+    """k of those SAEs."""
+    cc_widths: tuple[int, ...] = (512, 1024, 2048, 4096)
+    """Crosscoder widths (doubling; k = the run's ``cc_k``; the main crosscoder's width reuses it)."""
+    tau: float = 0.7
+    """Decoder-cosine threshold of a child (main numbers)."""
+    taus: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+    """Thresholds of the sensitivity sweep (must include ``tau``)."""
+    n_rows: int = 4096
+    """Held-out rows sampled for the activation correlations (and the examples' top tokens)."""
 ADJACENT, OVERALL = "adjacent", "smallest-largest"
 FAMILY_COLUMNS = ["approach", "width_small", "width_big", "pair", "pair_kind", "step", "parent", "density",
                   "n_children", "fidelity", "best_child", "act_corr", "act_corr_best", "children"]
@@ -83,20 +88,15 @@ EXAMPLE_COLUMNS = ["approach", "width_small", "width_big", "role", "feature", "c
 def unit_decoders(dictionary, layers: list[int] | None = None) -> Tensor:
     """Decoder directions ``[F, n*d]``: each feature's normalised-unit decoder at ``layers`` (default all of
     the dictionary's), concatenated over those layers and unit-normalised (zero rows stay zero)."""
-    from crosslayer.features import decoder_layer
-
     layers = dictionary.layers if layers is None else layers
-    missing = [l for l in layers if l not in dictionary.layers]
-    if missing:
-        raise CrosslayerError(f"layers {missing} are not among the dictionary's layers {dictionary.layers}")
-    W = torch.cat([decoder_layer(dictionary, dictionary.layers.index(l), raw=False) for l in layers], dim=1)
+    W = torch.cat([dictionary.decoder_vectors(l, normalized=True) for l in layers], dim=1)
     return torch.nn.functional.normalize(W.float(), dim=-1)
 
 
 # ----------------------------------------------------------------------------- families
 
 @torch.no_grad()
-def decoder_matches(small_FD: Tensor, big_GD: Tensor, *, min_cos: float = min(TAUS),
+def decoder_matches(small_FD: Tensor, big_GD: Tensor, *, min_cos: float,
                     chunk: int = 1024) -> dict[str, Tensor]:
     """Cosines of unit decoders ``small [F, D]`` vs ``big [G, D]``, computed in blocks of parents.
 
@@ -156,13 +156,13 @@ def _pairs(widths: list[int]) -> list[tuple[int, int, str, int]]:
 
 
 def analyse_pair(approach: str, space: str, small: int, big: int, kind: str, step: int, dirs_small: Tensor,
-                 dirs_big: Tensor, f_small: Tensor, f_big: Tensor) -> tuple[pd.DataFrame, list[dict]]:
-    """The family table (at :data:`TAU`) and one summary row per tau of one (small, big) pair."""
-    matches = decoder_matches(dirs_small, dirs_big)
+                 dirs_big: Tensor, f_small: Tensor, f_big: Tensor, cfg: Config) -> tuple[pd.DataFrame, list[dict]]:
+    """The family table (at ``cfg.tau``) and one summary row per tau of one (small, big) pair."""
+    matches = decoder_matches(dirs_small, dirs_big, min_cos=min(cfg.taus))
     live_s, live_b = (f_small > 0).any(0), (f_big > 0).any(0)
     pair = f"{small}->{big}"
     rows, table = [], None
-    for tau in TAUS:
+    for tau in cfg.taus:
         fam = families(matches, tau, f_small=f_small, f_big=f_big)
         n = fam["n_children"][live_s].float()
         corr = fam["act_corr"][live_s]
@@ -175,7 +175,7 @@ def analyse_pair(approach: str, space: str, small: int, big: int, kind: str, ste
                      "mean_fidelity": _mean(matches["fidelity"][live_s]), "median_act_corr": _median(corr),
                      "median_act_corr_split": _median(split),
                      "frac_new_big": _mean(~fam["has_parent"][live_b])})
-        if tau == TAU:
+        if tau == cfg.tau:
             order = torch.argsort(fam["parent"] * dirs_big.shape[0] + fam["child"])  # by parent, then child
             counts = fam["n_children"].numpy()
             lists = np.split(fam["child"][order].numpy(), np.cumsum(counts)[:-1])
@@ -218,7 +218,7 @@ def _pick_example(table: pd.DataFrame, f_big: dict[int, Tensor]) -> pd.Series | 
 
 def _describe(dictionary, feature: int, f_N: Tensor, store, rows: np.ndarray, model, tokenizer) -> dict:
     """Top tokens (distinct, from the top sampled activations), the top context and the top logit tokens."""
-    from crosslayer.features import FOCUS_MARK, logit_effects
+    from crosslayer.features import context_text, logit_effects
 
     vals, idx = f_N.topk(min(10, f_N.numel()))
     top_rows = rows[idx[vals > 0].numpy()]
@@ -228,14 +228,9 @@ def _describe(dictionary, feature: int, f_N: Tensor, store, rows: np.ndarray, mo
             text = tokenizer.decode([t])
             if text not in tokens:
                 tokens.append(text)
-    context = ""
-    if len(top_rows):
-        c = store.context(int(top_rows[0]), before=12, after=3)
-        ids, f = c["token_ids"], c["focus"]
-        context = (tokenizer.decode(ids[:f]) + FOCUS_MARK[0] + tokenizer.decode(ids[f:f + 1]) + FOCUS_MARK[1]
-                   + tokenizer.decode(ids[f + 1:])).replace("\n", "\\n")
-    norms = dictionary.decoder_norms()[feature]
-    last = dictionary.layers[int((norms > 0).nonzero().max())] if (norms > 0).any() else dictionary.layers[-1]
+    context = context_text(tokenizer, store, int(top_rows[0]), before=12, after=3)[1] if len(top_rows) else ""
+    writes = dictionary.writes_FL()[feature]
+    last = dictionary.layers[int(writes.nonzero().max())] if writes.any() else dictionary.layers[-1]
     up = logit_effects(dictionary, model, feature, k=5, layer=last, tokenizer=tokenizer)
     return {"density": float((f_N > 0).float().mean()), "top_tokens": json.dumps(tokens[:6]),
             "top_context": context, "logits_up": json.dumps(up[up.direction == "up"].token.tolist())}
@@ -243,20 +238,19 @@ def _describe(dictionary, feature: int, f_N: Tensor, store, rows: np.ndarray, mo
 
 # ----------------------------------------------------------------------------- the study
 
-def run(ctx) -> dict:
-    p = ctx.preset
+def run(ctx, cfg: Config) -> dict:
     results = ctx.results(NAME)
     heldout = ctx.store("heldout")
     train = ctx.store("train")
     mid = train.layers[train.n_layers // 2]
-    sae_widths, cc_widths = sorted(set(p.split_widths)), sorted(set(p.split_cc_widths))
-    if len(sae_widths) < 2 or len(cc_widths) < 2:
-        raise CrosslayerError(f"feature splitting needs at least two widths per approach, got split_widths="
-                              f"{p.split_widths} and split_cc_widths={p.split_cc_widths}")
-    dicts = {SAE: {w: ctx.saes(f"split_sae_w{w}", width=w, k=p.split_k, layers=[mid]) for w in sae_widths},
-             CC: {w: ctx.crosscoder() if w == ctx.cc_width else ctx.crosscoder(f"split_cc_w{w}", width=w, k=p.cc_k)
-                  for w in cc_widths}}
-    rows = sample_rows(heldout, N_ROWS)
+    sae_widths, cc_widths = sorted(set(cfg.sae_widths)), sorted(set(cfg.cc_widths))
+    if len(sae_widths) < 2 or len(cc_widths) < 2 or cfg.tau not in cfg.taus:
+        raise CrosslayerError(f"feature splitting needs at least two widths per approach and tau among taus, got "
+                              f"sae_widths={cfg.sae_widths}, cc_widths={cfg.cc_widths}, tau={cfg.tau}, taus={cfg.taus}")
+    dicts = {SAE: {w: ctx.saes(f"split_sae_w{w}", width=w, k=cfg.sae_k, layers=[mid]) for w in sae_widths},
+             CC: {w: ctx.crosscoder() if w == ctx.cc_width else
+                  ctx.crosscoder(f"split_cc_w{w}", width=w, k=ctx.sizes.cc_k) for w in cc_widths}}
+    rows = sample_rows(heldout, cfg.n_rows)
     feats = {a: {w: encode_rows(d, heldout, rows) for w, d in ds.items()} for a, ds in dicts.items()}
     spaces = {SAE: [("layer", None)], CC: [("concat", None), (f"layer {mid}", [mid])]}
     tables, summary = [], []
@@ -265,7 +259,7 @@ def run(ctx) -> dict:
             dirs = {w: unit_decoders(d, layers) for w, d in ds.items()}
             for small, big, kind, step in _pairs(sorted(ds)):
                 table, srows = analyse_pair(approach, space, small, big, kind, step, dirs[small], dirs[big],
-                                            feats[approach][small], feats[approach][big])
+                                            feats[approach][small], feats[approach][big], cfg)
                 summary += srows
                 if space in ("layer", "concat"):
                     tables.append(table)
@@ -294,7 +288,7 @@ def run(ctx) -> dict:
             examples.append({**base, "role": "child", "feature": j, "cos_to_parent": float(dirs_s[parent] @ dirs_b[j]),
                              "act_corr": corr, **described})
     write_csv(pd.DataFrame(examples, columns=EXAMPLE_COLUMNS), results / "example.csv")
-    main = summ[(summ.tau == TAU) & (summ.pair_kind == ADJACENT) & summ.space.isin(["layer", "concat"])]
+    main = summ[(summ.tau == cfg.tau) & (summ.pair_kind == ADJACENT) & summ.space.isin(["layer", "concat"])]
     info = {"layer": mid, "rows": len(rows)}
     for approach, part in main.groupby("approach"):
         key = approach.lower()
@@ -310,7 +304,7 @@ def _step_label(frame: pd.DataFrame) -> np.ndarray:
     return np.where(frame.pair_kind == ADJACENT, "×2 (step " + frame.step.astype(str) + ")", "smallest→largest")
 
 
-def figures(results: Path, figures_dir: Path) -> list[tuple[Path, str]]:
+def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, str]]:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -327,10 +321,10 @@ def figures(results: Path, figures_dir: Path) -> list[tuple[Path, str]]:
     for ax, approach in zip(axes[0], approaches):
         part = counts[counts.approach == approach].sort_values("step")
         sns.barplot(data=part, x="children", y="fraction", hue="pair", order=order, ax=ax, palette="viridis")
-        ax.set(title=approach, xlabel=f"children (decoder cosine > {TAU})", ylabel="fraction of live latents")
+        ax.set(title=approach, xlabel=f"children (decoder cosine > {cfg.tau})", ylabel="fraction of live latents")
         ax.legend(title="widths", fontsize=7, title_fontsize=8)
     paths = [(save_figure(fig, figures_dir / f"{NAME}_counts.png"),
-              f"Split counts: how many latents of the wider dictionary have decoder cosine above {TAU} with each "
+              f"Split counts: how many latents of the wider dictionary have decoder cosine above {cfg.tau} with each "
               "live latent of the narrower one (0: no counterpart, 1: kept, 2+: split), per approach and width pair.")]
 
     live["step_label"] = _step_label(live)
@@ -347,7 +341,7 @@ def figures(results: Path, figures_dir: Path) -> list[tuple[Path, str]]:
     paths.append((save_figure(fig, figures_dir / f"{NAME}_fidelity.png"),
                   "Fidelity of each live latent of the narrower dictionary (its largest decoder cosine with the "
                   "wider one) and the held-out correlation of its activation with the summed activations of its "
-                  f"children (cosine $>{TAU}$), per width doubling and from the smallest to the largest width."))
+                  f"children (cosine $>{cfg.tau}$), per width doubling and from the smallest to the largest width."))
 
     summ = read_csv(results, "summary")
     summ = summ[(summ.pair_kind == ADJACENT)].copy()
@@ -359,7 +353,7 @@ def figures(results: Path, figures_dir: Path) -> list[tuple[Path, str]]:
     for ax, (col, label) in zip(axes, panels):
         sns.lineplot(data=summ, x="tau", y=col, hue="dictionary", marker="o", ax=ax, errorbar=("pi", 100))
         ax.set(xlabel="cosine threshold τ", ylabel=label, ylim=(0, 1))
-        ax.axvline(TAU, color="grey", lw=0.8, ls=":")
+        ax.axvline(cfg.tau, color="grey", lw=0.8, ls=":")
     for ax in axes[1:]:
         if ax.get_legend():
             ax.get_legend().remove()
@@ -374,16 +368,16 @@ def _tokens_tex(value, n: int = 4) -> str:
     return ", ".join(token_tex(t) for t in tokens) if tokens else "--"
 
 
-def tables(results: Path, tables_dir: Path) -> list[Path]:
+def tables(results: Path, tables_dir: Path, cfg: Config) -> list[Path]:
     summ = read_csv(results, "summary")
-    main = summ[(summ.tau == TAU) & summ.space.isin(["layer", "concat"])].copy()
+    main = summ[(summ.tau == cfg.tau) & summ.space.isin(["layer", "concat"])].copy()
     main["widths"] = main.width_small.astype(str) + r"$\to$" + main.width_big.astype(str)
     out = [latex_table(main, tables_dir / f"{NAME}.tex", raw_columns=("widths",),
                        columns={"approach": "approach", "widths": "widths", "n_live": "live", "frac_split": "split",
                                 "frac_kept": "kept", "frac_unmatched": "none", "mean_children_matched": "children",
                                 "median_fidelity": "fidelity", "median_act_corr": "act. corr.",
                                 "frac_new_big": "new"},
-                       caption=f"Feature splitting at decoder-cosine threshold {TAU}: fractions of the narrower "
+                       caption=f"Feature splitting at decoder-cosine threshold {cfg.tau}: fractions of the narrower "
                                "dictionary's live latents with 2+ children (split), one (kept) or none; mean children "
                                "of those with any; median fidelity (max cosine) and median held-out correlation with "
                                "the children's summed activation; fraction of the wider dictionary's live latents "
@@ -408,10 +402,10 @@ def tables(results: Path, tables_dir: Path) -> list[Path]:
     return out
 
 
-def answer(results: Path) -> str:
+def answer(results: Path, cfg: Config) -> str:
     summ = read_csv(results, "summary")
     main = summ[summ.space.isin(["layer", "concat"])]
-    at = main[main.tau == TAU]
+    at = main[main.tau == cfg.tau]
     parts = []
     for approach, label in ((SAE, "single-layer SAEs"), (CC, "crosscoders")):
         adj = at[(at.approach == approach) & (at.pair_kind == ADJACENT)]
@@ -424,7 +418,7 @@ def answer(results: Path) -> str:
 
         text = (f"For {label} (widths {', '.join(str(int(w)) for w in widths)}), at each doubling "
                 f"{pct(adj.frac_split.mean())} of the live latents split into two or more children "
-                f"(decoder cosine $>{TAU}$; range {fmt(100 * adj.frac_split.min(), 2)}--{pct(adj.frac_split.max())}), "
+                f"(decoder cosine $>{cfg.tau}$; range {fmt(100 * adj.frac_split.min(), 2)}--{pct(adj.frac_split.max())}), "
                 f"{pct(adj.frac_kept.mean())} keep exactly one and {pct(adj.frac_unmatched.mean())} "
                 f"have none; latents with children have {fmt(adj.mean_children_matched.mean(), 3)} on average. "
                 f"Median fidelity is {fmt(adj.median_fidelity.mean(), 3)} and the median held-out correlation of a "
@@ -437,12 +431,12 @@ def answer(results: Path) -> str:
         parts.append(text)
     sweep = main[(main.pair_kind == ADJACENT)].groupby(["approach", "tau"]).frac_split.mean().reset_index()
     if len(sweep):
-        lo, hi = min(TAUS), max(TAUS)
+        lo, hi = min(cfg.taus), max(cfg.taus)
         bits = [f"{a}: {fmt(100 * g[g.tau == lo].frac_split.iloc[0], 2)}\\% at $\\tau={lo}$ to "
                 f"{fmt(100 * g[g.tau == hi].frac_split.iloc[0], 2)}\\% at $\\tau={hi}$"
                 for a, g in sweep.groupby("approach")]
         parts.append("The split fraction depends on the threshold (" + "; ".join(bits) + ").")
-    check = summ[(summ.approach == CC) & ~summ.space.isin(["layer", "concat"]) & (summ.tau == TAU)
+    check = summ[(summ.approach == CC) & ~summ.space.isin(["layer", "concat"]) & (summ.tau == cfg.tau)
                  & (summ.pair_kind == ADJACENT)]
     if len(check):
         parts.append(f"Comparing crosscoder decoders at the SAE's layer only ({check.space.iloc[0]}) instead of "
@@ -460,3 +454,10 @@ def answer(results: Path) -> str:
                      f"{int(par.width_big)} (" + "; ".join(f"{int(c.feature)}: {t or '--'}" for c, t in
                                                           zip(kids.itertuples(), kid_tokens)) + ").")
     return " ".join(parts)
+
+
+STUDY = Study(name=NAME, title="Feature splitting across dictionary widths", config=Config, run=run, figures=figures,
+              tables=tables, answer=answer, dictionaries=("crosscoder",), order=40,
+              presets={"micro": Config(sae_widths=(16, 32, 64, 128), sae_k=4, cc_widths=(16, 32, 64, 128)),
+                       "paper": Config(sae_widths=(576, 1152, 2304, 4608), sae_k=32,
+                                       cc_widths=(4320, 8640, 17280, 34560))})

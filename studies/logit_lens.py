@@ -7,7 +7,7 @@ Question
     which layer does the answer first enter the top-k and become the top-1 -- by prompt category?
 
 Method
-    - The first ``preset.lens_prompts`` rows of ``data/prompts.jsonl`` (prompt, answer, category).
+    - The first ``Config.prompts`` rows of ``data/prompts.jsonl`` (prompt, answer, category).
       Answers must be one token (tokenized without BOS, as the model reads them); multi-token answers
       are skipped and listed in ``skipped.csv``.
     - One batched forward pass caches ``blocks.0.hook_resid_pre`` (the embedding, layer -1) and every
@@ -17,21 +17,19 @@ Method
       rank (1 = top-1) and probability, and the layer's top-1 token. Only the last position is
       decoded: that is the next-token prediction the answer refers to, and it costs 1/positions
       of the full lens table.
-    - Per prompt: the first layer at which the answer is in the top-``TOP_K`` and at which it is the
-      top-1 (empty if never), and the first layer from which KL stays below ``KL_NATS`` nat.
+    - Per prompt: the first layer at which the answer is in the top-``Config.top_k`` and at which it is
+      the top-1 (empty if never), and the first layer from which KL stays below ``Config.kl_nats`` nat.
       Summaries per category are medians over prompts that reach the milestone.
 
-Answer (demo preset: SmolLM2-135M, all 30 layers, 61 one-token-answer prompts of data/prompts.jsonl)
-    Late. The model's own top-1 is the answer for 46 of 61 prompts (75%). Through the lens the
-    answer first enters the top-5 at layer 27 on median (interquartile 25-29) and becomes the top-1
-    at layer 29; KL(final || layer) drops below 1 nat only at layer 29 (101 nats at the embedding,
-    25 at layer 14). Arithmetic answers form earliest (top-5 at layer 25), culture latest (29).
-    ``tables/logit_lens_answer.tex`` is regenerated from the CSVs by every run.
+Answer
+    Generated from the CSVs by every run into ``paper/tables/logit_lens_answer.tex`` (numbers are never
+    typed here).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,19 +37,27 @@ import pandas as pd
 import torch
 
 from crosslayer.errors import CrosslayerError
+from crosslayer.hooks import hook_name
 from crosslayer.io import write_csv
+from crosslayer.models import tokenize_padded
+from studies.base import Study
 from studies.common import fmt, latex_escape, latex_table, read_csv, save_figure, theme
 
 NAME = "logit_lens"
-TITLE = "Where next-token predictions form (logit lens)"
-NEEDS = ()
-
 PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts.jsonl"
-TOP_K = 5
-"""The answer "enters the top-k" at the first layer where its rank is at most this."""
-KL_NATS = 1.0
-"""The distribution "has formed" from the first layer after which KL to the final stays below this."""
 EMBED = -1
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of the logit-lens study (defaults: the demo preset)."""
+
+    prompts: int = 64
+    """Prompts of data/prompts.jsonl used (the first ones)."""
+    top_k: int = 5
+    """The answer "enters the top-k" at the first layer where its rank is at most this."""
+    kl_nats: float = 1.0
+    """The distribution "has formed" from the first layer after which KL to the final stays below this."""
 
 BY_LAYER_COLUMNS = ["prompt_id", "category", "answer", "layer", "kl_to_final", "entropy", "answer_rank",
                     "answer_prob", "answer_in_topk", "answer_top1", "top1_token", "top1_prob"]
@@ -65,13 +71,17 @@ def load_prompts(n: int, path: Path = PROMPTS) -> pd.DataFrame:
         raise CrosslayerError(f"prompt set {path} is missing; it ships with the repository (data/prompts.jsonl)")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if n < 1 or n > len(rows):
-        raise CrosslayerError(f"lens_prompts={n} but {path} holds {len(rows)} prompts; use 1..{len(rows)}")
+        raise CrosslayerError(f"prompts={n} but {path} holds {len(rows)} prompts; use 1..{len(rows)}")
     frame = pd.DataFrame(rows[:n])[["prompt", "answer", "category"]]
     return frame.assign(prompt_id=range(n))
 
 
+def _hook(layer: int) -> str:
+    return hook_name("resid_pre", 0) if layer == EMBED else hook_name("resid_post", layer)
+
+
 @torch.no_grad()
-def answer_lens(model, prompts: list[str], answer_ids: list[int], *, top_k: int = TOP_K) -> pd.DataFrame:
+def answer_lens(model, prompts: list[str], answer_ids: list[int], *, top_k: int) -> pd.DataFrame:
     """Logit lens at each prompt's last position with a per-prompt answer token.
 
     One row per (prompt index, layer), layers -1 (embedding) .. n_layers-1. Columns: prompt, layer,
@@ -79,21 +89,17 @@ def answer_lens(model, prompts: list[str], answer_ids: list[int], *, top_k: int 
     """
     from crosslayer.lens import decode_layer
 
-    rows = [model.to_tokens(p, prepend_bos=False)[0] for p in prompts]
-    lengths = torch.tensor([len(r) for r in rows])
-    tokens_BP = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long, device=rows[0].device)
-    for i, r in enumerate(rows):  # right padding: causal attention never lets it leak into real positions
-        tokens_BP[i, :len(r)] = r
+    tokens_BP, lengths = tokenize_padded(model, prompts)  # right padding never leaks into real positions
     layers = [EMBED, *range(model.cfg.n_layers)]
-    names = {"blocks.0.hook_resid_pre", *(f"blocks.{l}.hook_resid_post" for l in layers[1:])}
+    names = {_hook(layer) for layer in layers}
     logits_BPV, cache = model.run_with_cache(tokens_BP, names_filter=lambda name: name in names)
-    batch_B, last_B = torch.arange(len(rows), device=tokens_BP.device), (lengths - 1).to(tokens_BP.device)
+    batch_B = torch.arange(len(prompts), device=tokens_BP.device)
+    last_B = torch.tensor(lengths, device=tokens_BP.device) - 1
     final_logp_BV = torch.log_softmax(logits_BPV[batch_B, last_B].float(), dim=-1)
     answer_B = torch.tensor(answer_ids, device=tokens_BP.device)
     out = []
     for layer in layers:
-        name = "blocks.0.hook_resid_pre" if layer == EMBED else f"blocks.{layer}.hook_resid_post"
-        logp_BV = decode_layer(model, cache[name][batch_B, last_B][:, None])[:, 0]
+        logp_BV = decode_layer(model, cache[_hook(layer)][batch_B, last_B][:, None])[:, 0]
         p_BV = logp_BV.exp()
         answer_logp_B = logp_BV[batch_B, answer_B]
         rank_B = (logp_BV > answer_logp_B[:, None]).sum(-1) + 1
@@ -110,7 +116,7 @@ def answer_lens(model, prompts: list[str], answer_ids: list[int], *, top_k: int 
     return table
 
 
-def milestones(by_layer: pd.DataFrame, *, kl_nats: float = KL_NATS) -> pd.DataFrame:
+def milestones(by_layer: pd.DataFrame, *, kl_nats: float) -> pd.DataFrame:
     """Per prompt_id: first_topk_layer, first_top1_layer (NaN if never), kl_settle_layer, final_rank."""
     by_layer = by_layer.sort_values(["prompt_id", "layer"])
     g = by_layer.groupby("prompt_id", sort=True)
@@ -129,9 +135,9 @@ def milestones(by_layer: pd.DataFrame, *, kl_nats: float = KL_NATS) -> pd.DataFr
                          "final_rank": g["answer_rank"].last()}).reset_index()
 
 
-def run(ctx) -> dict:
+def run(ctx, cfg: Config) -> dict:
     model = ctx.model
-    prompts = load_prompts(ctx.preset.lens_prompts)
+    prompts = load_prompts(cfg.prompts)
     ids = [model.to_tokens(a, prepend_bos=False)[0].tolist() for a in prompts["answer"]]
     prompts["n_answer_tokens"] = [len(i) for i in ids]
     results = ctx.results(NAME)
@@ -140,14 +146,14 @@ def run(ctx) -> dict:
     kept = prompts[prompts.n_answer_tokens == 1].reset_index(drop=True)
     if kept.empty:
         raise CrosslayerError("no prompt of the lens set has a one-token answer for this tokenizer")
-    table = answer_lens(model, kept["prompt"].tolist(), [ids[i][0] for i in kept["prompt_id"]])
+    table = answer_lens(model, kept["prompt"].tolist(), [ids[i][0] for i in kept["prompt_id"]], top_k=cfg.top_k)
     table["top1_token"] = model.tokenizer.batch_decode([[i] for i in table["top1_id"]])
     by_layer = table.drop(columns="prompt").assign(prompt_id=kept["prompt_id"].to_numpy()[table["prompt"]],
                                                    category=kept["category"].to_numpy()[table["prompt"]],
                                                    answer=kept["answer"].to_numpy()[table["prompt"]])
     write_csv(by_layer[BY_LAYER_COLUMNS], results / "lens_by_layer.csv")
     final = by_layer[by_layer.layer == by_layer.layer.max()].set_index("prompt_id")
-    first = kept.merge(milestones(by_layer), on="prompt_id")
+    first = kept.merge(milestones(by_layer, kl_nats=cfg.kl_nats), on="prompt_id")
     first["final_top1_token"] = first["prompt_id"].map(final["top1_token"])
     first["final_correct"] = first["final_rank"] == 1
     write_csv(first[FIRST_COLUMNS], results / "first_entry.csv")
@@ -193,7 +199,7 @@ def _depth(layer: float, n_layers: int) -> str:
         "in the middle third of the network" if frac < 2 / 3 else "in the last third of the network"
 
 
-def figures(results: Path, figures_dir: Path) -> list[tuple[Path, str]]:
+def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, str]]:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -207,7 +213,7 @@ def figures(results: Path, figures_dir: Path) -> list[tuple[Path, str]]:
     fig, ax = plt.subplots(figsize=(7.2, 3.8))
     sns.lineplot(data=by_layer, x="layer", y="kl_to_final", hue="category", hue_order=order, estimator="mean",
                  errorbar=("ci", 95), marker="o", markersize=3, ax=ax)
-    ax.axhline(KL_NATS, color="grey", lw=0.8, ls="--")
+    ax.axhline(cfg.kl_nats, color="grey", lw=0.8, ls="--")
     ax.set_yscale("symlog", linthresh=0.1)
     ax.set_ylim(bottom=0)
     sns.move_legend(ax, "upper left", bbox_to_anchor=(1, 1))
@@ -215,29 +221,29 @@ def figures(results: Path, figures_dir: Path) -> list[tuple[Path, str]]:
     paths.append((save_figure(fig, figures_dir / "logit_lens_kl.png"),
                   f"Logit lens: KL divergence from the final next-token distribution to each layer's, at the "
                   f"last prompt position (mean over prompts with 95\\% bootstrap interval, by category; "
-                  f"{len(first)} prompts, {n_layers} layers; symlog scale, dashed line {fmt(KL_NATS)} nat)."))
+                  f"{len(first)} prompts, {n_layers} layers; symlog scale, dashed line {fmt(cfg.kl_nats)} nat)."))
 
     fig, ax = plt.subplots(figsize=(7.2, 3.8))
     sns.lineplot(data=by_layer, x="layer", y="answer_rank", hue="category", hue_order=order, estimator="median",
                  errorbar=("pi", 50), marker="o", markersize=3, ax=ax)
-    ax.axhline(TOP_K, color="grey", lw=0.8, ls="--")
+    ax.axhline(cfg.top_k, color="grey", lw=0.8, ls="--")
     ax.set(yscale="log", xlabel="layer (-1 = embedding)", ylabel="rank of the answer token (1 = top-1)")
     sns.move_legend(ax, "upper left", bbox_to_anchor=(1, 1))
     paths.append((save_figure(fig, figures_dir / "logit_lens_rank.png"),
                   f"Logit lens: rank of the known answer token in each layer's next-token distribution "
                   f"(median over prompts with interquartile band, by category; log scale, dashed line "
-                  f"rank {TOP_K})."))
+                  f"rank {cfg.top_k})."))
 
     long = first.melt(id_vars=["prompt_id", "category"], value_vars=["first_topk_layer", "first_top1_layer"],
                       var_name="milestone", value_name="layer").dropna(subset=["layer"])
-    long["milestone"] = long["milestone"].map({"first_topk_layer": f"enters top-{TOP_K}",
+    long["milestone"] = long["milestone"].map({"first_topk_layer": f"enters top-{cfg.top_k}",
                                                "first_top1_layer": "becomes top-1"})
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     if long.empty:
-        ax.text(0.5, 0.5, f"no answer reaches the top-{TOP_K} at any layer", ha="center", va="center",
+        ax.text(0.5, 0.5, f"no answer reaches the top-{cfg.top_k} at any layer", ha="center", va="center",
                 transform=ax.transAxes)
     else:
-        hue_order = [m for m in (f"enters top-{TOP_K}", "becomes top-1") if m in set(long["milestone"])]
+        hue_order = [m for m in (f"enters top-{cfg.top_k}", "becomes top-1") if m in set(long["milestone"])]
         sns.boxplot(data=long, x="category", y="layer", hue="milestone", order=order, hue_order=hue_order,
                     fliersize=0, ax=ax)
         sns.stripplot(data=long, x="category", y="layer", hue="milestone", order=order, hue_order=hue_order,
@@ -246,30 +252,30 @@ def figures(results: Path, figures_dir: Path) -> list[tuple[Path, str]]:
     ax.tick_params(axis="x", rotation=30)
     n_topk, n_top1 = int(first["first_topk_layer"].notna().sum()), int(first["first_top1_layer"].notna().sum())
     paths.append((save_figure(fig, figures_dir / "logit_lens_first_entry.png"),
-                  f"Logit lens: first layer at which the answer token enters the top-{TOP_K} ({n_topk} of "
+                  f"Logit lens: first layer at which the answer token enters the top-{cfg.top_k} ({n_topk} of "
                   f"{len(first)} prompts ever do) and becomes the top-1 ({n_top1} of {len(first)}), by category; "
                   f"prompts that never reach a milestone are left out."))
     return paths
 
 
-def tables(results: Path, tables_dir: Path) -> list[Path]:
+def tables(results: Path, tables_dir: Path, cfg: Config) -> list[Path]:
     summary = read_csv(results, "summary")
     summary["category_tex"] = summary["category"].map(latex_escape)
     path = latex_table(summary, tables_dir / f"{NAME}.tex", label="tab:logit_lens",
                        caption=(f"Logit lens by prompt category: final top-1 accuracy, median final rank of the "
-                                f"answer, and the median first layer at which the answer enters the top-{TOP_K} / "
+                                f"answer, and the median first layer at which the answer enters the top-{cfg.top_k} / "
                                 f"becomes top-1 (over the prompts that ever do; reach counts given) and after "
-                                f"which KL to the final distribution stays below {fmt(KL_NATS)} nat. Layer -1 "
+                                f"which KL to the final distribution stays below {fmt(cfg.kl_nats)} nat. Layer -1 "
                                 f"is the embedding."),
                        columns={"category_tex": "category", "n_prompts": "prompts", "final_accuracy": "top-1 acc.",
-                                "median_final_rank": "final rank", "n_reach_topk": f"reach top-{TOP_K}",
-                                "median_first_topk": f"top-{TOP_K} layer", "n_reach_top1": "reach top-1",
+                                "median_final_rank": "final rank", "n_reach_topk": f"reach top-{cfg.top_k}",
+                                "median_first_topk": f"top-{cfg.top_k} layer", "n_reach_top1": "reach top-1",
                                 "median_first_top1": "top-1 layer", "median_kl_settle": "KL settled"},
                        raw_columns=("category_tex",))
     return [path]
 
 
-def answer(results: Path) -> str:
+def answer(results: Path, cfg: Config) -> str:
     first = read_csv(results, "first_entry")
     by_layer = read_csv(results, "lens_by_layer")
     skipped = read_csv(results, "skipped")
@@ -281,17 +287,17 @@ def answer(results: Path) -> str:
                                                   if len(skipped) else "")
             + f", the model's own top-1 next token is the answer for {acc} ({fmt(100 * acc / n, 3)}\\%)."]
     if len(topk):
-        text.append(f"Read through the logit lens, the answer first enters the top-{TOP_K} at "
+        text.append(f"Read through the logit lens, the answer first enters the top-{cfg.top_k} at "
                     f"{_layer_name(topk.median())} on median (interquartile {fmt(topk.quantile(0.25))}--"
                     f"{fmt(topk.quantile(0.75))}, {len(topk)} of {n} prompts ever reach it)")
         text[-1] += (f" and becomes the top-1 at {_layer_name(top1.median())} on median ({len(top1)} of {n} prompts)."
                      if len(top1) else ", but it never becomes the top-1 at any layer.")
     else:
-        text.append(f"The answer never enters the top-{TOP_K} at any layer.")
+        text.append(f"The answer never enters the top-{cfg.top_k} at any layer.")
     settle = first["kl_settle_layer"]
     kl_mean = by_layer.groupby("layer")["kl_to_final"].mean()
     mid = int(kl_mean.index[len(kl_mean) // 2])
-    text.append(f"KL to the final distribution stays below {fmt(KL_NATS)} nat from {_layer_name(settle.median())} "
+    text.append(f"KL to the final distribution stays below {fmt(cfg.kl_nats)} nat from {_layer_name(settle.median())} "
                 f"on median of {n_layers} layers (mean KL {fmt(float(kl_mean.iloc[0]))} nats at the embedding, "
                 f"{fmt(float(kl_mean.loc[mid]))} at layer {mid}): the final prediction takes shape "
                 f"{_depth(settle.median(), n_layers)}.")
@@ -299,7 +305,11 @@ def answer(results: Path) -> str:
     cats = cats[cats["n_reach_topk"] > 0]
     if len(cats) > 1:
         early, late = cats["median_first_topk"].idxmin(), cats["median_first_topk"].idxmax()
-        text.append(f"By category, answers enter the top-{TOP_K} earliest for {latex_escape(early)} "
+        text.append(f"By category, answers enter the top-{cfg.top_k} earliest for {latex_escape(early)} "
                     f"({_layer_name(cats.loc[early, 'median_first_topk'])}) and latest for {latex_escape(late)} "
                     f"({_layer_name(cats.loc[late, 'median_first_topk'])}).")
     return " ".join(text)
+
+
+STUDY = Study(name=NAME, title="Where next-token predictions form (logit lens)", config=Config, run=run,
+              figures=figures, tables=tables, answer=answer, presets={"micro": Config(prompts=8)}, order=10)

@@ -6,7 +6,7 @@ basis directions (research-notes §4; Towards Monosemanticity, Bricken et al. 20
 investigations": specificity and sensitivity of a feature for a concept)?
 
 Method:
-1. Tokens: the first ``preset.poly_tokens`` rows of the held-out store (position 0, separators and
+1. Tokens: the first ``Config.tokens`` rows of the held-out store (position 0, separators and
    norm outliers were excluded at harvest). Each token gets one concept in each of three families:
    ``source`` (the corpus source label of its document), ``language`` (the document's language:
    ``code`` for Python sources, ISO codes otherwise; languages under 1 % of the sample are pooled
@@ -58,21 +58,16 @@ n_units, n_skipped, medians and quartiles), ``tests.csv`` (rule, concept_family,
 n_b, median_a, median_b, U, p_value, p_holm, effect_size) and ``concepts.csv`` (concept_family,
 concept, n_tokens, fraction).
 
-Answer (demo preset: SmolLM2-135M layer 12 of the stored 8-15, 8,114 held-out tokens, top 81 per unit)
-Both dictionaries are clearly more monosemantic than MLP neurons and residual basis directions on
-all three label families, and the crosscoder's latents more than the per-layer SAE's. Median
-entropy / log C (source, language, token class): neurons 0.81, 0.61, 0.60; basis 0.81, 0.62,
-0.58; per-layer SAE 0.72, 0.44, 0.35; crosscoder 0.64, 0.40, 0.28; random tokens 0.90, 0.57,
-0.72. Dictionaries vs neurons: rank-biserial r from -0.32 to -0.87, Holm p < 1e-24. SAE vs
-crosscoder: r = +0.18, +0.15, +0.27 (Holm p 1e-4 to 8e-15). Counting every firing, 953 of the
-crosscoder's 4,096 latents fire on >= 81 held-out tokens (865 never fire) against 433 of the
-SAE's 512 at that layer; the crosscoder's are more concentrated but less sensitive.
+Answer
+    Generated from the CSVs by every run into ``paper/tables/polysemanticity_answer.tex`` (numbers are never
+    typed here).
 """
 
 from __future__ import annotations
 
 import keyword
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -81,11 +76,11 @@ import torch
 
 from crosslayer.errors import CrosslayerError
 from crosslayer.io import write_csv
+from crosslayer.dictionary import check_compatible
+from studies.base import Study
 from studies.common import fmt, latex_escape, latex_table, read_csv, save_figure, theme
 
 NAME = "polysemanticity"
-TITLE = "Polysemanticity of MLP neurons, residual basis directions, SAE and crosscoder features"
-NEEDS = ["harvest-train", "harvest-heldout", "train-saes", "train-crosscoder"]
 
 UNIT_TYPES = ("neuron", "basis", "sae", "crosscoder")
 """The four approaches compared (``random`` is the chance reference)."""
@@ -101,14 +96,22 @@ PAIRS = (("sae", "crosscoder"), ("sae", "neuron"), ("crosscoder", "neuron"), ("s
 METRICS = ("entropy", "specificity", "f1")
 """Metrics tested between unit types (entropy_norm is entropy rescaled within a family)."""
 
-TOP_FRACTION = 0.01
-"""Rule ``top``: the active set is the top ``TOP_FRACTION`` of tokens (at least ``MIN_TOP``)."""
-MIN_TOP = 20
-N_RANDOM = 1024
-"""Random-token reference units."""
-LANG_MIN_FRACTION = 0.01
-"""Languages with a smaller share of the sample are pooled as ``other``."""
 BATCH_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of the polysemanticity study (defaults: the demo preset)."""
+
+    tokens: int = 8_192
+    """Held-out tokens (the store's first rows) on which units are labelled."""
+    top_fraction: float = 0.01
+    """Rule ``top``: the active set is the top ``top_fraction`` of tokens (at least ``min_top``)."""
+    min_top: int = 20
+    n_random: int = 1024
+    """Random-token reference units."""
+    lang_min_fraction: float = 0.01
+    """Languages with a smaller share of the sample are pooled as ``other``."""
 
 ENGLISH_KEYWORDS = {"and", "as", "for", "from", "if", "in", "is", "not", "or", "with"}
 CODE_KEYWORDS = frozenset(set(keyword.kwlist) - ENGLISH_KEYWORDS)
@@ -140,13 +143,13 @@ def _codes(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
 
 
 def concept_labels(meta: dict, *, label_names: list[str], doc_keys: list[str], doc_lang: dict[str, str],
-                   tokenizer) -> dict[str, tuple[np.ndarray, list[str]]]:
+                   tokenizer, lang_min_fraction: float = 0.01) -> dict[str, tuple[np.ndarray, list[str]]]:
     """Per-token concept codes of each family: ``{family: (codes [N], concept names)}``."""
     source = np.asarray(label_names, dtype=object)[meta["label"]]
     lang_of_doc = np.asarray([doc_lang.get(k, "unknown") for k in doc_keys], dtype=object)
     language = lang_of_doc[meta["doc_id"]]
     names, counts = np.unique(language.astype(str), return_counts=True)
-    rare = set(names[counts < LANG_MIN_FRACTION * len(language)].tolist())
+    rare = set(names[counts < lang_min_fraction * len(language)].tolist())
     if rare:
         language = np.where(np.isin(language.astype(str), list(rare)), "other", language)
     unique_ids, inverse = np.unique(meta["token_id"], return_inverse=True)
@@ -283,30 +286,28 @@ def _two_sided(x_NU: torch.Tensor, prefix: str) -> tuple[torch.Tensor, list[str]
     return torch.cat([x_NU, -x_NU], dim=1), [f"{prefix}{j}+" for j in range(n)] + [f"{prefix}{j}-" for j in range(n)]
 
 
-def unit_activations(ctx, rows: np.ndarray, meta: dict, layer: int) -> dict:
+def unit_activations(ctx, rows: np.ndarray, meta: dict, layer: int, n_random: int) -> dict:
     """``{unit_type: (acts [N, U], unit names, peak layers [U])}`` at model layer ``layer``, plus the
     relative error between the re-run residual and the stored one (``"resid_relerr"``)."""
     store = ctx.store("heldout")
     saes, cc = ctx.saes(), ctx.crosscoder()
-    if layer not in saes.layers or not set(cc.layers) <= set(store.layers):
-        raise CrosslayerError(f"the per-layer SAEs (layers {saes.layers}) must include layer {layer} and the held-out "
-                              f"store (layers {store.layers}) the crosscoder's layers {cc.layers}; harvest the "
-                              "held-out store with the dictionaries' layers")
-    sae_idx = saes.layers.index(layer)
-    sae, sae_factor = saes.saes[sae_idx], saes.norm_factors[sae_idx]  # only layer L's SAE (= its feature block)
+    check_compatible(saes, store)
+    check_compatible(cc, store)
+    if layer not in saes.layers:
+        raise CrosslayerError(f"the per-layer SAEs (layers {saes.layers}) must include layer {layer}; train them "
+                              "on every stored layer")
+    own_F = saes.writes_FL()[:, saes.layers.index(layer)]  # the latents of layer L's SAE
     resid, sae_f, cc_f = [], [], []
     with torch.no_grad():
         for s in range(0, len(rows), BATCH_ROWS):
             x_BLD = store.get(rows[s:s + BATCH_ROWS], layers=store.layers)
-            x_BD = x_BLD[:, store.layers.index(layer)]
-            resid.append(x_BD)
-            sae_f.append(sae.encode(x_BD * sae_factor))
-            cc_x = x_BLD[:, [store.layers.index(l) for l in cc.layers]]
-            cc_f.append(cc.encode(cc_x, normalized=False))
+            resid.append(x_BLD[:, store.layers.index(layer)])
+            sae_f.append(saes.encode(_layers_of(x_BLD, store, saes), normalized=False)[:, own_F])
+            cc_f.append(cc.encode(_layers_of(x_BLD, store, cc), normalized=False))
         peak = torch.tensor(cc.layers)[cc.decoder_norms().argmax(1)].numpy()
     resid = torch.cat(resid)
     post, rerun = mlp_post(ctx.model, store.window_tokens(), meta["window"], meta["position"], layer,
-                           batch_size=ctx.preset.batch_size)
+                           batch_size=ctx.sizes.batch_size)
     relerr = float((rerun - resid).norm() / resid.norm().clamp(min=1e-12))
     if not relerr < 0.05:
         raise CrosslayerError(f"the model re-run on the held-out windows differs from the store at layer {layer} "
@@ -314,14 +315,19 @@ def unit_activations(ctx, rows: np.ndarray, meta: dict, layer: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     neuron, neuron_names = _two_sided(post, "n")
     basis, basis_names = _two_sided(resid, "e")
+    n_sae = int(own_F.sum())
     return {"neuron": (neuron, neuron_names, np.full(neuron.shape[1], layer)),
             "basis": (basis, basis_names, np.full(basis.shape[1], layer)),
-            "sae": (torch.cat(sae_f), [f"s{j}" for j in range(saes.widths[sae_idx])],
-                    np.full(saes.widths[sae_idx], layer)),
+            "sae": (torch.cat(sae_f), [f"s{j}" for j in range(n_sae)], np.full(n_sae, layer)),
             "crosscoder": (torch.cat(cc_f), [f"c{j}" for j in range(cc.n_features)], peak),
-            NULL_TYPE: (torch.rand(len(rows), N_RANDOM, generator=gen), [f"r{j}" for j in range(N_RANDOM)],
-                        np.full(N_RANDOM, -1)),
+            NULL_TYPE: (torch.rand(len(rows), n_random, generator=gen), [f"r{j}" for j in range(n_random)],
+                        np.full(n_random, -1)),
             "resid_relerr": relerr}
+
+
+def _layers_of(x_BLD: torch.Tensor, store, dictionary) -> torch.Tensor:
+    """The dictionary's layers out of a batch of all the store's layers."""
+    return x_BLD[:, [store.layers.index(l) for l in dictionary.layers]]
 
 
 def score_units(acts: dict, concepts: dict, *, n_top: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -372,18 +378,18 @@ def summarise(units: pd.DataFrame, counts: pd.DataFrame, *, layer: int, n_tokens
     return summary[first + [c for c in summary.columns if c not in first]]
 
 
-def run(ctx) -> dict:
+def run(ctx, cfg: Config) -> dict:
     store = ctx.store("heldout")
-    rows = np.arange(min(ctx.preset.poly_tokens, store.n_rows))
+    rows = np.arange(min(cfg.tokens, store.n_rows))
     meta = store.meta(rows)
     ok = (meta["label"] >= 0) & (meta["doc_id"] >= 0)
     rows, meta = rows[ok], {k: v[ok] for k, v in meta.items()}
     layer = store.layers[len(store.layers) // 2]
-    n_top = max(MIN_TOP, round(TOP_FRACTION * len(rows)))
+    n_top = max(cfg.min_top, round(cfg.top_fraction * len(rows)))
     doc_lang = {d.key: d.lang for d in ctx.corpus.documents}
     concepts = concept_labels(meta, label_names=store.label_names, doc_keys=store.doc_keys, doc_lang=doc_lang,
-                              tokenizer=ctx.model.tokenizer)
-    acts = unit_activations(ctx, rows, meta, layer)
+                              tokenizer=ctx.model.tokenizer, lang_min_fraction=cfg.lang_min_fraction)
+    acts = unit_activations(ctx, rows, meta, layer, cfg.n_random)
     units, counts = score_units(acts, concepts, n_top=n_top)
     summary = summarise(units, counts, layer=layer, n_tokens=len(rows), n_top=n_top)
     tests = compare_types(units)
@@ -430,7 +436,7 @@ def _violins(units: pd.DataFrame, metric: str, ylabel: str, path: Path):
     return save_figure(fig, path)
 
 
-def figures(results, figures_dir) -> list:
+def figures(results, figures_dir, cfg: Config) -> list:
     units = read_csv(results, "units")
     summary = read_csv(results, "summary")
     s = summary[summary.rule == "top"].iloc[0]
@@ -448,7 +454,7 @@ def figures(results, figures_dir) -> list:
     return out
 
 
-def tables(results, tables_dir) -> list:
+def tables(results, tables_dir, cfg: Config) -> list:
     summary = read_csv(results, "summary")
     tests = read_csv(results, "tests")
     top = summary[summary.rule == "top"]
@@ -517,7 +523,7 @@ def _pair_text(rows: pd.DataFrame) -> str:
     return f"$r={rs}$ ({fams}; Holm-adjusted $p$: ${ps}$)"
 
 
-def answer(results) -> str:
+def answer(results, cfg: Config) -> str:
     summary = read_csv(results, "summary")
     tests = read_csv(results, "tests")
     units = read_csv(results, "units")
@@ -603,3 +609,9 @@ def answer(results) -> str:
                  "not the $p$-values, say how different the approaches are. The labels are coarse (source, "
                  "language, token class): a unit tracking a finer concept still spreads over several of them.")
     return "\n\n".join(lines)
+
+
+STUDY = Study(name=NAME, title="Polysemanticity of MLP neurons, residual basis directions, SAE and crosscoder features",
+              config=Config, run=run, figures=figures, tables=tables, answer=answer,
+              dictionaries=("saes", "crosscoder"), order=30,
+              presets={"micro": Config(tokens=1_024), "paper": Config(tokens=65_536)})

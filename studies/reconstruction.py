@@ -7,9 +7,9 @@ Question
     stored layer is spliced at once?
 
 Method
-    - Per-layer sae-lens TopK SAEs (``sae_width`` latents per layer) at each k of ``sweep_sae_k``,
+    - Per-layer sae-lens TopK SAEs (``sae_width`` latents per layer) at each k of ``Config.sae_k``,
       and acausal TopK crosscoders with ``sae_width * n_layers`` latents (the same total number of
-      latents, "matched total dictionary size") at each k of ``sweep_cc_k``; one weakly causal
+      latents, "matched total dictionary size") at each k of ``Config.cc_k``; one weakly causal
       crosscoder at the main k. All are trained on the same training store with the preset's token
       budgets (the main dictionaries are the sweep points at ``sae_k`` / ``cc_k``).
     - Each is evaluated on the held-out store with :func:`crosslayer.evals.evaluate`: FVU (mean of
@@ -22,60 +22,70 @@ Method
       every FVU both curves reach, the ratio L0_SAE / L0_crosscoder is reported (``headline.csv``).
       Where the curves do not overlap, the ratio at the nearest sweep points is reported and flagged.
 
-Answer (demo preset)
-    See ``paper/tables/reconstruction_answer.tex`` (generated from ``headline.csv``); the numbers of
-    the demo run are in the README and the paper.
+Answer
+    Generated from the CSVs by every run into ``paper/tables/reconstruction_answer.tex`` (numbers are never
+    typed here).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from crosslayer.io import write_csv
+from studies.base import Study
 from studies.common import fmt, latex_table, read_csv, save_figure, theme
 
 NAME = "reconstruction"
-TITLE = "Reconstruction against sparsity"
-NEEDS = ("harvest-train", "harvest-heldout", "train-saes", "train-crosscoder")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of the reconstruction study (defaults: the demo preset)."""
+
+    sae_k: tuple[int, ...] = (8, 16, 32)
+    """Per-layer k of the SAE sparsity sweep (the run's main ``sae_k`` is always added)."""
+    cc_k: tuple[int, ...] = (16, 32, 64)
+    """k of the crosscoder sparsity sweep at matched total dictionary size (main ``cc_k`` added)."""
 
 SAE, CC, WC = "per-layer SAEs", "crosscoder (acausal)", "crosscoder (weakly causal)"
 SWEEP_COLUMNS = ["approach", "dictionary", "k", "n_features", "l0_total", "l0_tuple", "fvu", "fvu_pooled", "mse",
                  "cos", "ce_clean", "ce_spliced", "ce_recovered", "kl", "dead_frac", "n_tokens", "n_predictions"]
 
 
-def _plan(ctx) -> list[tuple[str, str, int, str]]:
+def _plan(ctx, cfg: Config) -> list[tuple[str, str, int, str]]:
     """(approach, dictionary name, k, variant) of every sweep point."""
-    p = ctx.preset
-    plan = [(SAE, "saes" if k == p.sae_k else f"saes_k{k}", int(k), "") for k in sorted(set(p.sweep_sae_k) | {p.sae_k})]
+    p = ctx.sizes
+    plan = [(SAE, "saes" if k == p.sae_k else f"saes_k{k}", int(k), "") for k in sorted(set(cfg.sae_k) | {p.sae_k})]
     plan += [(CC, "crosscoder" if k == p.cc_k else f"crosscoder_k{k}", int(k), "acausal")
-             for k in sorted(set(p.sweep_cc_k) | {p.cc_k})]
+             for k in sorted(set(cfg.cc_k) | {p.cc_k})]
     if ctx.n_layers > 1:
         plan.append((WC, "crosscoder_wc", int(p.cc_k), "weakly_causal"))
     return plan
 
 
-def run(ctx) -> dict:
+def run(ctx, cfg: Config) -> dict:
     from crosslayer.evals import evaluate
 
     results = ctx.results(NAME)
     rows, layer_rows = [], []
-    for approach, name, k, variant in _plan(ctx):
+    for approach, name, k, variant in _plan(ctx, cfg):
         dictionary = ctx.saes(name, k=k) if approach == SAE else ctx.crosscoder(name, k=k, variant=variant)
         cached = results / f"eval_{name}.csv"
         if cached.is_file():
             table = pd.read_csv(cached)
         else:
-            table = evaluate(dictionary, ctx.store("heldout"), model=ctx.model, n_tokens=ctx.preset.eval_tokens,
-                             n_windows=ctx.preset.eval_windows, per_layer_downstream=False, out=cached,
+            table = evaluate(dictionary, ctx.store("heldout"), model=ctx.model, n_tokens=ctx.sizes.eval_tokens,
+                             n_windows=ctx.sizes.eval_windows, per_layer_downstream=False, out=cached,
                              progress=ctx.progress)
-        overall = table[table.layer.astype(str) == "all"].iloc[0]
+        overall = table[table.scope == "all"].iloc[0]
         rows.append({"approach": approach, "dictionary": name, "k": k, "n_features": int(overall["n_features"]),
                      "l0_total": float(overall["l0_feat"]), **{c: float(overall[c]) for c in SWEEP_COLUMNS[5:]
                                                                 if c in overall}})
-        per_layer = table[table.layer.astype(str) != "all"]
+        per_layer = table[table.scope == "layer"]
         layer_rows += [{"approach": approach, "dictionary": name, "k": k, "layer": int(r.layer), "fvu": r.fvu,
                         "l0": r.l0} for r in per_layer.itertuples()]
     sweep = pd.DataFrame(rows)[[c for c in SWEEP_COLUMNS if c in pd.DataFrame(rows).columns]]
@@ -125,7 +135,7 @@ def equal_fvu_ratios(sweep: pd.DataFrame, n: int = 9) -> pd.DataFrame:
                           "tuple_ratio": s.l0_total / c.l0_tuple, "interpolated": False}])
 
 
-def figures(results: Path, figures_dir: Path) -> list[tuple[Path, str]]:
+def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, str]]:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -153,7 +163,7 @@ def figures(results: Path, figures_dir: Path) -> list[tuple[Path, str]]:
     return paths
 
 
-def tables(results: Path, tables_dir: Path) -> list[Path]:
+def tables(results: Path, tables_dir: Path, cfg: Config) -> list[Path]:
     sweep = read_csv(results, "sweep")
     cols = {"approach": "approach", "k": "k", "n_features": "latents", "l0_total": "L0 (total)",
             "l0_tuple": "L0 (feature-layer)", "fvu": "FVU", "ce_recovered": "CE rec. (all layers)", "kl": "KL",
@@ -171,7 +181,7 @@ def tables(results: Path, tables_dir: Path) -> list[Path]:
     return [main, second]
 
 
-def answer(results: Path) -> str:
+def answer(results: Path, cfg: Config) -> str:
     sweep, head = read_csv(results, "sweep"), read_csv(results, "headline")
     sae, cc = sweep[sweep.approach == SAE], sweep[sweep.approach == CC]
     parts = []
@@ -200,3 +210,9 @@ def answer(results: Path) -> str:
                      f"recovered {fmt(w.ce_recovered, 2)}; {fmt(100 * w.dead_frac, 2)}\% of its latents never "
                      "fire on the held-out tokens.")
     return " ".join(parts)
+
+
+STUDY = Study(name=NAME, title="Reconstruction against sparsity", config=Config, run=run, figures=figures,
+              tables=tables, answer=answer, dictionaries=("saes", "crosscoder"), order=20,
+              presets={"micro": Config(sae_k=(2, 4), cc_k=(4, 8)),
+                       "paper": Config(sae_k=(8, 16, 32, 64), cc_k=(32, 64, 128, 256))})

@@ -9,9 +9,9 @@ Question
 Method
     - Concept tokens: the entries of ``CONCEPT_TOKENS`` that are one token for the model's tokenizer
       (``concept_tokens.csv`` also counts how often each occurs in the training store).
-    - Candidates: (a) per concept token the ``N_LOGIT`` features whose raw decoder direction most
+    - Candidates: (a) per concept token the ``Config.n_logit`` features whose raw decoder direction most
       raises its logit (:func:`crosslayer.features.find_features_for_token`, best layer per feature);
-      (b) the ``N_ACT`` features whose mean activation on concept sentences (``CONCEPT_TEXTS``) most
+      (b) the ``Config.n_act`` features whose mean activation on concept sentences (``CONCEPT_TEXTS``) most
       exceeds that on control sentences (``CONTROL_TEXTS``), position 0 excluded. For each candidate:
       ``logit_z``, the mean over concept tokens of the standardised logit effect (effect minus its
       vocabulary mean, over its vocabulary standard deviation; direct logit attribution through the
@@ -20,37 +20,32 @@ Method
       the held-out store its density, maximum activation and top examples. A candidate's ``layer`` is
       its own layer (per-layer SAEs) or, for a crosscoder, the layer of its largest concept logit
       effect (logit candidates) or of its largest decoder norm (activation candidates).
-    - Choice: features firing on more than ``MAX_DENSITY`` of held-out tokens are excluded (session 1
+    - Choice: features firing on more than ``Config.max_density`` of held-out tokens are excluded (session 1
       found that the top " scam" feature by logit effect was a dense one whose clamping lowered
       " scam"), as are features that never fire (a feature silent on the store but active on the
       sentences is scaled by its maximum there). Score = ``logit_z`` + activation contrast, each
       standardised over the candidate pool; the best-scoring eligible feature is chosen (if none is
       eligible, the best-scoring one that fires, flagged ``eligible`` False in ``candidates.csv``).
     - Clamp (:func:`crosslayer.interventions.run_with_edits`, error term kept, every position but the
-      first, every layer a crosscoder feature writes) to ``MULTIPLES`` of the feature's maximum
+      first, every layer a crosscoder feature writes) to ``Config.multiples`` of the feature's maximum
       held-out activation (0 = ablation; negative = pushed against) on ``STEER_PROMPTS``. Per concept
       token: p clean / steered and their ratio; per prompt: KL(clean || steered) and the top tokens up
       and down, and as a control the vocabulary ratio (geometric mean of p steered / p clean over the
       whole vocabulary: a flattened distribution raises rare tokens without any concept). The "best"
       multiple is the positive one with the largest concept ratio (geometric mean of p steered / p clean
       over concept tokens and prompts); the answer calls a feature steering when that ratio, and its
-      ratio to the vocabulary ratio, are both at least ``STEER_RATIO``. Generations: ``GEN_TOKENS`` tokens
-      sampled with one seed, clean and clamped at the best multiple, on the first ``GEN_PROMPTS``
+      ratio to the vocabulary ratio, are both at least ``Config.steer_ratio``. Generations: ``Config.gen_tokens`` tokens
+      sampled with one seed, clean and clamped at the best multiple, on the first ``Config.gen_prompts``
       prompt(s) (:func:`crosslayer.interventions.generate`).
 
-Answer (demo preset)
-    No true "scam" feature exists at this scale: the eight concept words (" scam", " fraud",
-    " suspicious", ...) occur 0 times in the 64k-token training store (the whole 2.75M-token corpus
-    holds " scams" once and " fraud" 6 times). The best SAE candidate (feature 2934, layer 13,
-    density 6.5%; it raises word-piece prefixes such as " dismant", " incarc") clamped at 2x its
-    maximum multiplies the concept tokens' probability by 6.0 at KL 1.11 nats, only 1.55x the
-    vocabulary-wide ratio; the best crosscoder candidate (feature 1031, density 1.6%) at 0.25x its
-    maximum gives 1.7x at KL 0.27. Neither passes the steering criterion (both ratios >= 2); at 8x
-    both break the model (KL 12.6 and 8.5 nats).
+Answer
+    Generated from the CSVs by every run into ``paper/tables/steering_answer.tex`` (numbers are never
+    typed here).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,12 +54,12 @@ import torch
 from torch import Tensor
 
 from crosslayer.errors import CrosslayerError
+from crosslayer.models import tokenize_padded
 from crosslayer.io import write_csv, write_text
+from studies.base import Study
 from studies.common import fmt, latex_escape, latex_table, read_csv, save_figure, theme, token_tex
 
 NAME = "steering"
-TITLE = "Steering with an SAE feature and a crosscoder feature"
-NEEDS = ("harvest-train", "harvest-heldout", "train-saes", "train-crosscoder")
 
 CONCEPT_TOKENS = (" scam", " fraud", " suspicious", " fake", " stolen", " scams", " fraudulent", " phishing")
 CONCEPT_TEXTS = (
@@ -86,18 +81,33 @@ STEER_PROMPTS = (
     "He offered me a deal that was",
     "The caller said I had won a prize, but it was clearly a",
 )
-MULTIPLES = (-1.0, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-"""Clamp values as multiples of the feature's maximum activation on the held-out store."""
-GEN_TOKENS = 12
-GEN_PROMPTS = 1
-GEN_TEMPERATURE = 0.7
-SEED = 0
-MAX_DENSITY = 0.10
-STEER_RATIO = 2.0
-"""A feature "steers" when its concept ratio, and that ratio over the vocabulary-wide one, reach this."""
-N_LOGIT = 8
-N_ACT = 16
-TOP_TOKENS = 5
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of the steering study (defaults: the demo preset)."""
+
+    multiples: tuple[float, ...] = (-1.0, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+    """Clamp values as multiples of the feature's maximum activation on the held-out store."""
+    gen_tokens: int = 12
+    """Tokens sampled per generation."""
+    gen_prompts: int = 1
+    """Prompts generated from (the first ones)."""
+    gen_temperature: float = 0.7
+    """Sampling temperature of the generations."""
+    seed: int = 0
+    """Sampling seed, shared by the clean and steered generations."""
+    max_density: float = 0.10
+    """Candidates firing on more of the held-out tokens than this are not chosen."""
+    steer_ratio: float = 2.0
+    """A feature "steers" when its concept ratio, and that ratio over the vocabulary-wide one, reach this."""
+    n_logit: int = 8
+    """Candidates per concept token by logit effect."""
+    n_act: int = 16
+    """Candidates by activation contrast (concept vs control sentences)."""
+    top_tokens: int = 5
+    """Tokens listed per direction (up / down) and per feature."""
+
 
 CANDIDATE_COLUMNS = ["dictionary", "feature", "layer", "source", "logit_effect", "logit_z", "concept_rank",
                      "concept_act", "control_act", "act_contrast", "density", "store_max", "scale", "eligible",
@@ -115,13 +125,9 @@ def concept_ids(tokenizer, tokens=CONCEPT_TOKENS) -> dict[str, int]:
 
 
 def _pad(model, texts) -> tuple[Tensor, Tensor]:
-    """Right-padded tokens ``[B, T]`` (no BOS) and each text's length (causal: padding never leaks back)."""
-    rows = [model.to_tokens(t, prepend_bos=False)[0] for t in texts]
-    lengths = torch.tensor([len(r) for r in rows])
-    tokens_BT = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long, device=rows[0].device)
-    for i, r in enumerate(rows):
-        tokens_BT[i, :len(r)] = r
-    return tokens_BT, lengths
+    """Right-padded tokens ``[B, T]`` (no BOS) and each text's length as a tensor."""
+    tokens_BT, lengths = tokenize_padded(model, list(texts))
+    return tokens_BT, torch.tensor(lengths)
 
 
 @torch.no_grad()
@@ -137,20 +143,21 @@ def text_features(model, dictionary, texts) -> Tensor:
 
 
 @torch.no_grad()
-def logit_table(dictionary, model, features: list[int], layers: list[int], ids: list[int]) -> pd.DataFrame:
+def logit_table(dictionary, model, features: list[int], layers: list[int], ids: list[int], *,
+                top_tokens: int = 5) -> pd.DataFrame:
     """Per feature, at the given layer: logit_effect (mean raw effect on ``ids``), logit_z, concept_rank
-    (best vocabulary rank of an ``ids`` token), top_logits (the ``TOP_TOKENS`` most raised, joined by "|")."""
-    from crosslayer.features import decoder_layer, unembed_matrix
+    (best vocabulary rank of an ``ids`` token), top_logits (the ``top_tokens`` most raised, joined by "|")."""
+    from crosslayer.features import unembed_matrix
 
     W_U = unembed_matrix(model)  # W_U scaled by the final norm's gain, as in features.logit_effects
     rows = []
     for layer in sorted(set(layers)):
         feats = [f for f, l in zip(features, layers) if l == layer]
-        effect_NV = decoder_layer(dictionary, dictionary.layers.index(layer))[feats] @ W_U
+        effect_NV = dictionary.decoder_vectors(layer, normalized=False)[feats] @ W_U
         concept_NC = effect_NV[:, ids]
         z_NC = (concept_NC - effect_NV.mean(1, keepdim=True)) / effect_NV.std(1, keepdim=True).clamp_min(1e-12)
         rank_N = ((effect_NV[:, None, :] > concept_NC[:, :, None]).sum(-1) + 1).min(1).values
-        top_NK = effect_NV.topk(TOP_TOKENS, dim=1).indices
+        top_NK = effect_NV.topk(top_tokens, dim=1).indices
         for j, f in enumerate(feats):
             rows.append({"feature": f, "layer": layer, "logit_effect": float(concept_NC[j].mean()),
                          "logit_z": float(z_NC[j].mean()), "concept_rank": int(rank_N[j]),
@@ -163,24 +170,25 @@ def _standardise(x: pd.Series) -> pd.Series:
     return (x - x.mean()) / sd if sd and sd == sd else x * 0.0
 
 
-def candidates(model, dictionary, store, ids: dict[str, int], *, name: str = "") -> pd.DataFrame:
+def candidates(model, dictionary, store, ids: dict[str, int], cfg: Config = Config(), *,
+               name: str = "") -> pd.DataFrame:
     """Candidate features of ``dictionary`` for the concept (see the module docstring), one row each."""
     from crosslayer.features import find_features_for_token, top_activations
 
-    found = pd.concat([find_features_for_token(dictionary, model, t, top=N_LOGIT) for t in ids])
+    found = pd.concat([find_features_for_token(dictionary, model, t, top=cfg.n_logit) for t in ids])
     best = found.sort_values("effect").drop_duplicates("feature", keep="last").set_index("feature")["layer"]
     concept_NF = text_features(model, dictionary, CONCEPT_TEXTS)
     control_MF = text_features(model, dictionary, CONTROL_TEXTS)
     contrast_F = concept_NF.mean(0) - control_MF.mean(0)
-    by_act = contrast_F.topk(min(N_ACT, dictionary.n_features)).indices.tolist()
+    by_act = contrast_F.topk(min(cfg.n_act, dictionary.n_features)).indices.tolist()
     pool = sorted(set(best.index) | set(by_act))
-    if hasattr(dictionary, "feature_layer"):  # per-layer SAEs: a feature writes only its own layer
-        own = dictionary.feature_layer()
-        layer_of = {f: dictionary.layers[int(own[f])] for f in pool}
-    else:
-        norms_FL = dictionary.decoder_norms().float().cpu()
-        layer_of = {f: int(best[f]) if f in best.index else dictionary.layers[int(norms_FL[f].argmax())] for f in pool}
-    table = logit_table(dictionary, model, pool, [layer_of[f] for f in pool], list(ids.values()))
+    writes_FL = dictionary.writes_FL().cpu()
+    norms_FL = dictionary.decoder_norms().float().cpu()
+    # a feature writing one layer is read there; otherwise where its logit effect is largest, else its peak
+    layer_of = {f: dictionary.layers[int(writes_FL[f].float().argmax())] if int(writes_FL[f].sum()) == 1
+                else int(best[f]) if f in best.index else dictionary.layers[int(norms_FL[f].argmax())] for f in pool}
+    table = logit_table(dictionary, model, pool, [layer_of[f] for f in pool], list(ids.values()),
+                        top_tokens=cfg.top_tokens)
     table["source"] = ["both" if f in best.index and f in by_act else "logit" if f in best.index else "activation"
                        for f in table["feature"]]
     table["concept_act"] = concept_NF.mean(0)[table["feature"]].numpy()
@@ -195,7 +203,7 @@ def candidates(model, dictionary, store, ids: dict[str, int], *, name: str = "")
     table["scale"] = np.where(table["store_max"] > 0, table["store_max"], prompt_max[table["feature"]].numpy())
     examples = acts.examples[acts.examples.kind == "top"].groupby("feature")["token"]
     table["top_examples"] = table["feature"].map(examples.apply(lambda s: "|".join(s))).fillna("")
-    table["eligible"] = (table["density"] <= MAX_DENSITY) & (table["scale"] > 0)
+    table["eligible"] = (table["density"] <= cfg.max_density) & (table["scale"] > 0)
     table["score"] = _standardise(table["logit_z"]) + _standardise(table["act_contrast"])
     pick = table[table["eligible"]] if table["eligible"].any() else table[table["scale"] > 0]
     if pick.empty:
@@ -207,7 +215,7 @@ def candidates(model, dictionary, store, ids: dict[str, int], *, name: str = "")
 
 @torch.no_grad()
 def clamp_effects(model, dictionary, feature: int, values: dict[float, float], prompts, ids: dict[str, int],
-                  *, top: int = TOP_TOKENS) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  *, top: int = 5) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Clamp ``feature`` at each ``{multiple: value}`` on ``prompts``; (effects, top tokens up/down) tables.
 
     Effects: one row per (multiple, prompt, concept token) with p_clean, p_steered, ratio, and the
@@ -248,7 +256,7 @@ def _store_counts(store, ids: dict[str, int]) -> dict[str, int]:
     return {t: int((token_ids == i).sum()) for t, i in ids.items()}
 
 
-def run(ctx) -> dict:
+def run(ctx, cfg: Config) -> dict:
     from crosslayer.interventions import Edit, generate
 
     model, heldout, results = ctx.model, ctx.store("heldout"), ctx.results(NAME)
@@ -260,26 +268,27 @@ def run(ctx) -> dict:
                             "n_train": [train_counts[t] for t in ids], "n_heldout": [heldout_counts[t] for t in ids]}),
               results / "concept_tokens.csv")
     cands, effects, tops, gens = [], [], [], []
-    for p, prompt in enumerate(STEER_PROMPTS[:GEN_PROMPTS]):
+    for p, prompt in enumerate(STEER_PROMPTS[:cfg.gen_prompts]):
         gens.append({"dictionary": "clean", "feature": -1, "multiple": float("nan"), "value": float("nan"),
                      "prompt_id": p, "prompt": prompt,
-                     "text": generate(model, None, prompt, max_new_tokens=GEN_TOKENS, seed=SEED,
-                                      temperature=GEN_TEMPERATURE)})
+                     "text": generate(model, None, prompt, max_new_tokens=cfg.gen_tokens, seed=cfg.seed,
+                                      temperature=cfg.gen_temperature)})
     for name, dictionary in (("SAE", ctx.saes()), ("crosscoder", ctx.crosscoder())):
-        table = candidates(model, dictionary, heldout, ids, name=name)
+        table = candidates(model, dictionary, heldout, ids, cfg, name=name)
         cands.append(table)
         chosen = table[table["chosen"]].iloc[0]
         feature, scale = int(chosen["feature"]), float(chosen["scale"])
-        eff, top = clamp_effects(model, dictionary, feature, {m: m * scale for m in MULTIPLES}, STEER_PROMPTS, ids)
+        eff, top = clamp_effects(model, dictionary, feature, {m: m * scale for m in cfg.multiples}, STEER_PROMPTS, ids,
+                                 top=cfg.top_tokens)
         effects.append(eff.assign(dictionary=name))
         tops.append(top.assign(dictionary=name))
         best = float(headline(eff.assign(dictionary=name)).iloc[0]["best_multiple"])
-        for p, prompt in enumerate(STEER_PROMPTS[:GEN_PROMPTS]):
+        for p, prompt in enumerate(STEER_PROMPTS[:cfg.gen_prompts]):
             edit = Edit(feature, "clamp", best * scale)
             gens.append({"dictionary": name, "feature": feature, "multiple": best, "value": edit.value,
                          "prompt_id": p, "prompt": prompt,
-                         "text": generate(model, dictionary, prompt, [edit], max_new_tokens=GEN_TOKENS, seed=SEED,
-                                          temperature=GEN_TEMPERATURE)})
+                         "text": generate(model, dictionary, prompt, [edit], max_new_tokens=cfg.gen_tokens, seed=cfg.seed,
+                                          temperature=cfg.gen_temperature)})
     write_csv(pd.concat(cands, ignore_index=True), results / "candidates.csv")
     effects = pd.concat(effects, ignore_index=True)[EFFECT_COLUMNS]
     write_csv(effects, results / "effects.csv")
@@ -335,7 +344,7 @@ def _clamp_axis(ax, multiples) -> None:
     ax.set_xlabel("clamp / max activation")
 
 
-def figures(results: Path, figures_dir: Path) -> list[tuple[Path, str]]:
+def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, str]]:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -393,7 +402,7 @@ def figures(results: Path, figures_dir: Path) -> list[tuple[Path, str]]:
     return paths
 
 
-def tables(results: Path, tables_dir: Path) -> list[Path]:
+def tables(results: Path, tables_dir: Path, cfg: Config) -> list[Path]:
     cands = read_csv(results, "candidates")
     head = headline(read_csv(results, "effects")).set_index("dictionary")
     chosen = cands[cands["chosen"].astype(str) == "True"].copy()
@@ -419,7 +428,7 @@ def tables(results: Path, tables_dir: Path) -> list[Path]:
                        raw_columns=("dict_tex", "feature_tex", "logits_tex", "examples_tex"))
     gens = read_csv(results, "generations")
     lines = ["% generated from CSV results; do not edit", "\\begin{table}[tbp]", "\\centering\\small",
-             f"\\caption{{Steering: {GEN_TOKENS} sampled tokens (temperature {fmt(GEN_TEMPERATURE)}, seed {SEED}, "
+             f"\\caption{{Steering: {cfg.gen_tokens} sampled tokens (temperature {fmt(cfg.gen_temperature)}, seed {cfg.seed}, "
              f"the same random draws in every row) after the prompt, clean and with the chosen feature clamped at "
              f"its best multiple of its maximum activation.}}", "\\label{tab:steering_generations}",
              "\\begin{tabular}{p{0.24\\linewidth}p{0.68\\linewidth}}", "\\toprule", "run & continuation \\\\"]
@@ -441,7 +450,7 @@ def _ascii(text) -> str:
     return latex_escape("".join(ch if 32 <= ord(ch) < 127 else ("\\n" if ch == "\n" else "?") for ch in str(text)))
 
 
-def answer(results: Path) -> str:
+def answer(results: Path, cfg: Config) -> str:
     cands = read_csv(results, "candidates")
     effects = read_csv(results, "effects")
     concept = read_csv(results, "concept_tokens")
@@ -453,13 +462,13 @@ def answer(results: Path) -> str:
     for r in head.itertuples():
         c = cands[(cands["dictionary"] == r.dictionary) & (cands["chosen"].astype(str) == "True")].iloc[0]
         mine = cands[cands["dictionary"] == r.dictionary]
-        n_dense = int((mine["density"] > MAX_DENSITY).sum())
+        n_dense = int((mine["density"] > cfg.max_density).sum())
         lift = r.concept_ratio_best / max(r.vocab_ratio_best, 1e-30)
-        works = r.concept_ratio_best >= STEER_RATIO and lift >= STEER_RATIO
+        works = r.concept_ratio_best >= cfg.steer_ratio and lift >= cfg.steer_ratio
         text.append(
             f"The chosen {latex_escape(r.dictionary)} feature {r.feature} (layer {int(c['layer'])}, density "
             f"{fmt(100 * float(c['density']))}\\%; {n_dense} of {len(mine)} candidates excluded as denser than "
-            f"{fmt(100 * MAX_DENSITY)}\\%) has its best-ranked concept token at rank {int(c['concept_rank'])} of "
+            f"{fmt(100 * cfg.max_density)}\\%) has its best-ranked concept token at rank {int(c['concept_rank'])} of "
             f"the vocabulary by logit effect. Clamped at {fmt(r.best_multiple)}$\\times$ its maximum activation "
             f"({fmt(float(c['scale']))}), the best of the grid, it multiplies the concept tokens' probabilities by "
             f"{fmt(r.concept_ratio_best)} (geometric mean over {n_tokens} tokens and {n_prompts} prompts; "
@@ -468,7 +477,7 @@ def answer(results: Path) -> str:
             f"{fmt(r.p_steered_best)}). "
             + ("It passes" if works else "It fails")
             + f" the steering criterion (concept ratio and its ratio to the vocabulary-wide one both at least "
-            f"{fmt(STEER_RATIO)})"
+            f"{fmt(cfg.steer_ratio)})"
             + (f"; at {fmt(r.max_multiple)}$\\times$ the KL is {fmt(r.kl_max)} nats (concept ratio "
                f"{fmt(r.concept_ratio_max)})" if r.max_multiple != r.best_multiple else "")
             + f"; ablating it gives a concept ratio of {fmt(r.concept_ratio_abl)}.")
@@ -478,3 +487,7 @@ def answer(results: Path) -> str:
         text.append(f"The {latex_escape(more.dictionary)} feature moves the concept more "
                     f"({fmt(more.concept_ratio_best)}$\\times$ against {fmt(less.concept_ratio_best)}$\\times$).")
     return " ".join(text)
+
+
+STUDY = Study(name=NAME, title="Steering with an SAE feature and a crosscoder feature", config=Config, run=run,
+              figures=figures, tables=tables, answer=answer, dictionaries=("saes", "crosscoder"), order=60)

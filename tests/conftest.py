@@ -67,29 +67,53 @@ def tiny_store(tmp_path_factory, tiny_model):
     return harvest(tiny_model, windows, out_dir=root / "store", batch_size=8, shard_mb=1, progress=False)
 
 
-def random_saes(store, width=96, k=6):
-    """Per-layer SAEs with random sae-lens TopK SAEs over ``store``'s layers (biased to fire often)."""
+def random_saes(store=None, *, width=96, k=6, widths=None, d=16, factors=(0.5, 2.0, 1.5), archs=("topk",),
+                scale=None):
+    """PerLayerSAEs of untrained sae-lens inference SAEs: the one test helper for both uses.
+
+    With ``store``: one SAE per store layer (its hooks, width and norm factors; meta records the
+    store's model). Without: layers 0..n-1 of width ``d`` with ``factors``. ``widths``: features per
+    layer (default ``width`` at every layer); ``archs`` (topk | jumprelu | standard) cycle over the
+    layers. ``scale=None``: sae-lens's init with b_enc ~ N(0, 0.5^2) so features fire often; a float:
+    every parameter ~ N(0, scale^2) and JumpReLU thresholds ~ U(0, 0.2).
+    """
     import sae_lens as sl
 
+    from crosslayer.hooks import hook_name
     from crosslayer.saes import PerLayerSAEs
 
+    makers = {"topk": lambda w: sl.TopKSAE(sl.TopKSAEConfig(d_in=d, d_sae=w, k=k)),
+              "jumprelu": lambda w: sl.JumpReLUSAE(sl.JumpReLUSAEConfig(d_in=d, d_sae=w)),
+              "standard": lambda w: sl.StandardSAE(sl.StandardSAEConfig(d_in=d, d_sae=w))}
+    if store is not None:
+        layers, hooks, factors, d = store.layers, store.hooks, store.norm_factors, store.width
+        meta = {"store": {"model": store.manifest["model"]}}
+    else:
+        layers = list(range(len(widths)))
+        hooks, factors, meta = [hook_name("resid_post", l) for l in layers], list(factors[:len(layers)]), {}
     saes = []
-    for _ in store.layers:
-        sae = sl.TopKSAE(sl.TopKSAEConfig(d_in=store.width, d_sae=width, k=k))
+    for i, w in enumerate(widths or [width] * len(layers)):
+        sae = makers[archs[i % len(archs)]](w)
         with torch.no_grad():
-            sae.b_enc.copy_(torch.randn(width) * 0.5)
+            if scale is None:
+                sae.b_enc.copy_(torch.randn(w) * 0.5)
+            else:
+                for p in sae.parameters():
+                    p.copy_(torch.randn_like(p) * scale)
+                if hasattr(sae, "threshold"):
+                    sae.threshold.copy_(torch.rand_like(sae.threshold) * 0.2)
         saes.append(sae)
-    return PerLayerSAEs(saes, layers=store.layers, hooks=store.hooks, norm_factors=store.norm_factors,
-                        meta={"store": {"model": store.manifest["model"]}})
+    return PerLayerSAEs(saes, layers=layers, hooks=hooks, norm_factors=factors, meta=meta)
 
 
 @pytest.fixture(scope="session")
 def micro_ctx(tmp_path_factory):
     """A micro reproduction (tiny model, builtin corpus) with stores, SAEs and crosscoder trained, but
-    no study run yet: the pipeline Context the studies receive. Its paper folder is a temporary one."""
-    from crosslayer.pipeline import PRESETS, STEP_NAMES, Context, reproduce
+    no study run yet: the RunContext the studies receive. Its paper folder is a temporary one."""
+    from studies.pipeline import RunContext, reproduce, step_names
+    from studies.presets import get_preset
 
     root = tmp_path_factory.mktemp("micro")
-    base = [s for s in STEP_NAMES if not s.startswith("study-") and s != "paper"]
+    base = [s for s in step_names() if not s.startswith("study-") and s != "paper"]
     out = reproduce("micro", out=root / "run", paper=root / "paper", only=base, progress=False)
-    return Context(PRESETS["micro"], out, "builtin", preset_name="micro", paper=root / "paper", progress=False)
+    return RunContext(get_preset("micro"), out, paper=root / "paper", progress=False)

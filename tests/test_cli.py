@@ -1,13 +1,15 @@
 """The CLI verbs end to end on a tiny model: harvest -> train-saes / train-crosscoder -> eval."""
 
 import pandas as pd
+import pytest
 
-from crosslayer.cli import main
+from crosslayer.cli import build_parser, main
 from crosslayer.dictionary import load_dictionary
 
 from conftest import make_toy_corpus
 
 
+@pytest.mark.slow
 def test_cli_pipeline_on_a_tiny_model(tmp_path, capsys):
     corpus = make_toy_corpus(tmp_path / "toy.jsonl", n_docs=200)
     for split, tokens in (("train", "4k"), ("heldout", "1k")):
@@ -30,9 +32,9 @@ def test_cli_pipeline_on_a_tiny_model(tmp_path, capsys):
                  "--value", "5", "--tokens", "4"]) == 0
     assert "steered:" in capsys.readouterr().out
     assert main(["features", "--dictionary", str(tmp_path / "saes"), "--store", str(tmp_path / "heldout"),
-                 "--feature", "3", "--k", "2"]) == 0
+                 "--feature", "3", "--examples", "2"]) == 0
     assert main(["features", "--dictionary", str(tmp_path / "saes"), "--store", str(tmp_path / "heldout"),
-                 "--search", " cat", "--k", "3"]) == 0
+                 "--search", " cat", "--top", "3"]) == 0
     assert main(["steer", "the cat", "--dictionary", str(tmp_path / "cc"), "--feature", "999"]) == 2
     # a dictionary evaluated on a store of another model is a one-line error, exit status 2
     assert main(["harvest", "--model", "tiny-4l-64d", "--corpus", str(corpus), "--split", "heldout",
@@ -52,3 +54,43 @@ def test_cli_lens_prints_a_table_and_writes_plot_and_csv(tmp_path, capsys):
     table = pd.read_csv(tmp_path / "lens.csv")
     assert {"layer", "position", "top1_token", "kl_final", "target_rank"} <= set(table.columns)
     assert main(["lens", "   ", "--model", "tiny-2l-64d"]) == 2
+
+
+def test_cli_defaults_come_from_the_config_dataclasses():
+    from crosslayer.crosscoder import CrosscoderConfig
+    from crosslayer.saes import SAETrainConfig
+    from crosslayer.training import TrainConfig
+
+    parser = build_parser()
+    base = ["--store", "s", "--out", "o", "--width", "8"]
+    saes = parser.parse_args(["train-saes", *base])
+    assert (saes.batch_size, saes.lr, saes.k, saes.arch, saes.seed) == (
+        SAETrainConfig.batch_size, SAETrainConfig.lr, SAETrainConfig.k, SAETrainConfig.arch, SAETrainConfig.seed)
+    cc = parser.parse_args(["train-crosscoder", *base])
+    assert (cc.batch_size, cc.lr, cc.checkpoint_every, cc.seed) == (
+        TrainConfig.batch_size, TrainConfig.lr, TrainConfig.checkpoint_every, TrainConfig.seed)
+    assert (cc.k, cc.variant, cc.activation, cc.sparsity, cc.window) == (
+        CrosscoderConfig.k, CrosscoderConfig.variant, CrosscoderConfig.activation, CrosscoderConfig.sparsity,
+        CrosscoderConfig.window)
+
+
+def test_cli_options_have_one_name_each(capsys):
+    parser = build_parser()
+    assert parser.parse_args(["lens", "x", "--model-dtype", "float32"]).model_dtype == "float32"
+    assert parser.parse_args(["inspect", "--model-dtype", "float32"]).model_dtype == "float32"
+    assert parser.parse_args(["harvest", "--out", "o", "--store-dtype", "float16"]).store_dtype == "float16"
+    for old in (["lens", "x", "--dtype", "float32"], ["harvest", "--out", "o", "--dtype", "float16"],
+                ["train-saes", "--store", "s", "--out", "o", "--width", "8", "--sparsity-coefficient", "1"],
+                ["features", "--dictionary", "d", "--store", "s", "--feature", "1", "--k", "3"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(old)
+    assert parser.parse_args(["train-saes", "--store", "s", "--out", "o", "--width", "8",
+                              "--sparsity-coef", "2"]).sparsity_coef == 2.0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("count", ["inf", "nan", "-5", "1.5", "abc"])
+def test_bad_counts_are_one_line_errors(count, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["harvest", "--out", "o", "--tokens", count])
+    assert exit_info.value.code == 2 and "--tokens" in capsys.readouterr().err

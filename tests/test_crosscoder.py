@@ -265,7 +265,7 @@ def test_evaluate_reports_l0_feat_and_tuple(tmp_path, tiny_model):
                     meta={"store": {"model": store.manifest["model"]}})
     cc.calibrate_(next(store.iter_batches(256, normalized=True)))
     table = evaluate(cc, store, n_tokens=store.n_rows, batch_size=128)
-    row = table[table.layer == "all"].iloc[0]
+    row = table[table.scope == "all"].iloc[0]
     assert row["kind"] == "crosscoder" and row["n_tokens"] == store.n_rows
     x = store.get(np.arange(store.n_rows), normalized=True)
     fires = (cc.encode(x) != 0).float()

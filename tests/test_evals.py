@@ -12,14 +12,15 @@ from hypothesis import strategies as st
 from conftest import random_saes
 from crosslayer.dictionary import Dictionary
 from crosslayer.errors import CrosslayerError
-from crosslayer.evals import ReconstructionStats, evaluate, kept_mask
+from crosslayer.evals import ReconstructionStats, downstream, evaluate, kept_mask
 
 
 class ScaleDictionary(Dictionary):
     """Ground-truth dictionary: features = the normalised activations, recon_l = scale_l * x_l.
 
     scale 1 reconstructs perfectly; scale 0 reconstructs zeros (decoder norms 0 at that layer).
-    Written outside the package, it also checks that the interface is implementable as documented.
+    Written outside the package, it also checks that the interface is implementable as documented
+    (a scale-0 layer's features read it but write nowhere).
     """
 
     kind = "test_scale"
@@ -41,6 +42,17 @@ class ScaleDictionary(Dictionary):
 
     def decoder_norms(self):
         return torch.block_diag(*[s.abs().repeat(self.d_model, 1) for s in self.scales])
+
+    def writes_FL(self):
+        return self.decoder_norms() > 0
+
+    def reads_FL(self):
+        return torch.block_diag(*[torch.ones(self.d_model, 1, dtype=torch.bool) for _ in self.scales])
+
+    def decoder_vectors_normalized(self, index):
+        W_FD = torch.zeros(self.n_features, self.d_model)
+        W_FD[index * self.d_model:(index + 1) * self.d_model] = torch.eye(self.d_model) * self.scales[index]
+        return W_FD
 
     def save(self, path):
         raise NotImplementedError
@@ -113,7 +125,7 @@ def test_evaluate_matches_direct_computation(tiny, tmp_path):
         feats, recon = saes(x, normalized=False)
     assert table.n_tokens.iloc[0] == store.n_rows
     for i, layer in enumerate(store.layers):
-        row = table[table.layer == layer].iloc[0]
+        row = by_layer(table)[0].loc[layer]
         err = (x[:, i] - recon[:, i]).double().pow(2).sum(-1)
         var = torch.var(x[:, i].double(), dim=0, unbiased=False).sum()
         assert row.fvu == pytest.approx(float(err.mean() / var), rel=1e-5)
@@ -127,10 +139,22 @@ def test_evaluate_matches_direct_computation(tiny, tmp_path):
         freq = (block != 0).double().mean(0)
         assert row.dead_frac == pytest.approx(float((freq == 0).double().mean()))
         assert row.dense_frac == pytest.approx(float((freq > 0.1).double().mean()))
-    total = table[table.layer == "all"].iloc[0]
+    total = table[table.scope == "all"].iloc[0]
     assert total.l0 == pytest.approx(12.0) and total.l0_tuple == pytest.approx(12.0)
     assert total.n_features == 192
     assert pd.read_csv(tmp_path / "eval.csv").shape == table.shape
+
+
+def test_table_columns_are_typed(tiny, tmp_path):
+    _, store = tiny
+    table = evaluate(random_saes(store), store, n_tokens=256, out=tmp_path / "eval.csv")
+    assert list(table.columns[:4]) == ["kind", "scope", "layer", "hook"]
+    assert str(table.layer.dtype) == "Int64"
+    assert table.scope.tolist() == ["layer"] * store.n_layers + ["all"]
+    assert table.layer.iloc[:-1].tolist() == store.layers and table.layer.isna().tolist()[-1]
+    back = pd.read_csv(tmp_path / "eval.csv")
+    assert back.scope.tolist() == table.scope.tolist() and back.layer.iloc[:-1].tolist() == store.layers
+    assert np.isnan(back.layer.iloc[-1])
 
 
 def test_evaluate_ground_truth_dictionaries(tiny):
@@ -138,30 +162,35 @@ def test_evaluate_ground_truth_dictionaries(tiny):
     perfect = evaluate(ScaleDictionary(store, [1.0, 1.0]), store, n_tokens=2000, batch_size=512)
     assert perfect.fvu.abs().max() < 1e-6 and (perfect.cos > 0.999999).all()
     half = evaluate(ScaleDictionary(store, [1.0, 0.0]), store, n_tokens=10**9, batch_size=512)
-    rows = half.set_index("layer")
+    rows, overall = by_layer(half)
     x = store.get(list(range(store.n_rows)), layers=[1])[:, 0].double()
     fvu_zero = float(x.pow(2).sum(-1).mean() / torch.var(x, dim=0, unbiased=False).sum())
     assert rows.loc[1, "fvu"] == pytest.approx(fvu_zero, rel=1e-6) and fvu_zero > 1
     # L0 accounting of a general dictionary: every feature of layer 1 fires but writes nowhere.
     d = store.width
-    assert rows.loc["all", "l0_feat"] == pytest.approx(2 * d, rel=1e-3)
-    assert rows.loc["all", "l0_tuple"] == pytest.approx(d, rel=1e-3)
+    assert overall.l0_feat == pytest.approx(2 * d, rel=1e-3)
+    assert overall.l0_tuple == pytest.approx(d, rel=1e-3)
     assert rows.loc[0, "l0"] == pytest.approx(d, rel=1e-3) and rows.loc[1, "l0"] == 0
 
 
+def by_layer(table):
+    """(per-layer rows indexed by model layer, the whole-dictionary row)."""
+    return table[table.scope == "layer"].set_index("layer"), table[table.scope == "all"].iloc[0]
+
+
 def test_layer_mismatch_raises(tiny):
-    model, store = tiny
+    _, store = tiny
     saes = random_saes(store)
     saes.layers = [0, 5]
-    with pytest.raises(CrosslayerError, match="lacks"):
-        evaluate(saes, store)
-    saes = random_saes(store)
-    saes.hooks = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
-    with pytest.raises(CrosslayerError, match="hooks"):
+    with pytest.raises(CrosslayerError, match=r"lacks \[5\]"):
         evaluate(saes, store)
     saes = random_saes(store)
     saes.meta["store"]["model"] = "smollm2-135m"
-    with pytest.raises(CrosslayerError, match="trained on model"):
+    with pytest.raises(CrosslayerError, match="trained on model 'smollm2-135m'"):
+        evaluate(saes, store)
+    saes = random_saes(store)
+    saes.meta["store"]["weights_id"] = "other-weights"
+    with pytest.raises(CrosslayerError, match="trained on weights_id 'other-weights'"):
         evaluate(saes, store)
 
 
@@ -193,13 +222,14 @@ def test_downstream_ground_truth(tiny):
     model, store = tiny
     n_windows = 6
     tokens, mask = store.window_tokens()[:n_windows], kept_mask(store, n_windows)
-    identity = evaluate(ScaleDictionary(store, [1.0, 1.0]), store, model=model, n_tokens=256,
-                        n_windows=n_windows, window_batch_size=4).set_index("layer")
+    table = evaluate(ScaleDictionary(store, [1.0, 1.0]), store, model=model, n_tokens=256,
+                     n_windows=n_windows, window_batch_size=4)
+    identity, overall = by_layer(table)
     ce_clean = direct_ce(model, tokens, mask)
-    assert identity.ce_clean.to_numpy() == pytest.approx([ce_clean] * 3, rel=1e-5)
-    assert identity.ce_recovered.to_numpy() == pytest.approx([1.0] * 3, abs=1e-3)
-    assert identity.kl.abs().max() < 1e-5
-    assert identity.ce_spliced.to_numpy() == pytest.approx([ce_clean] * 3, abs=1e-4)
+    assert table.ce_clean.to_numpy() == pytest.approx([ce_clean] * 3, rel=1e-5)
+    assert table.ce_recovered.to_numpy() == pytest.approx([1.0] * 3, abs=1e-3)
+    assert table.kl.abs().max() < 1e-5
+    assert table.ce_spliced.to_numpy() == pytest.approx([ce_clean] * 3, abs=1e-4)
 
     def zero_kept(act, hook):
         return torch.where(mask[..., None], torch.zeros_like(act), act)
@@ -207,11 +237,11 @@ def test_downstream_ground_truth(tiny):
     ce_zero_l1 = direct_ce(model, tokens, mask, [("blocks.1.hook_resid_post", zero_kept)])
     ce_zero_all = direct_ce(model, tokens, mask, [(h, zero_kept) for h in store.hooks])
     assert identity.loc[1, "ce_zero"] == pytest.approx(ce_zero_l1, rel=1e-5)
-    assert identity.loc["all", "ce_zero"] == pytest.approx(ce_zero_all, rel=1e-5)
+    assert overall.ce_zero == pytest.approx(ce_zero_all, rel=1e-5)
     assert abs(ce_zero_l1 - ce_clean) > 1e-3  # the denominator of CE recovered is not degenerate
 
-    mixed = evaluate(ScaleDictionary(store, [1.0, 0.0]), store, model=model, n_tokens=256,
-                     n_windows=n_windows).set_index("layer")
+    mixed, _ = by_layer(evaluate(ScaleDictionary(store, [1.0, 0.0]), store, model=model, n_tokens=256,
+                                 n_windows=n_windows))
     assert mixed.loc[0, "ce_recovered"] == pytest.approx(1.0, abs=1e-3) and mixed.loc[0, "kl"] < 1e-5
     assert mixed.loc[1, "ce_recovered"] == pytest.approx(0.0, abs=1e-6)
     assert mixed.loc[1, "kl"] == pytest.approx(mixed.loc[1, "kl_zero"], rel=1e-6)
@@ -251,15 +281,21 @@ def test_all_layer_splice_is_sequential_for_layerwise_dictionaries(tiny):
     last_only = direct_ce(model, tokens, mask, [(store.hooks[1], scale_kept(1))])
     assert abs(sequential - last_only) > 1e-4  # the two definitions really differ here
     got = evaluate(LayerwiseScale(store, scales), store, model=model, n_tokens=256, n_windows=n_windows)
-    assert got.set_index("layer").loc["all", "ce_spliced"] == pytest.approx(sequential, rel=1e-5)
+    assert by_layer(got)[1].ce_spliced == pytest.approx(sequential, rel=1e-5)
     from_clean = evaluate(ScaleDictionary(store, scales), store, model=model, n_tokens=256, n_windows=n_windows)
-    assert from_clean.set_index("layer").loc["all", "ce_spliced"] == pytest.approx(last_only, rel=1e-5)
+    assert by_layer(from_clean)[1].ce_spliced == pytest.approx(last_only, rel=1e-5)
 
 
-def test_reconstruct_layer_matches_full_reconstruction(tiny):
-    _, store = tiny
-    saes = random_saes(store)
-    x = store.get(np.arange(32))
-    full = saes.reconstruct(x, normalized=False)
-    for i in range(saes.n_layers):
-        assert torch.allclose(saes.reconstruct_layer(x[:, i], i, normalized=False), full[:, i], atol=1e-5)
+def test_zero_cache_is_used_and_changes_no_number(tiny):
+    model, store = tiny
+    kw = dict(n_windows=2, batch_size=1, per_layer=False)
+    plain = downstream(ScaleDictionary(store, [0.5, 0.8]), store, model, **kw)["all"]
+    cache = {}
+    assert downstream(ScaleDictionary(store, [0.5, 0.8]), store, model, zero_cache=cache, **kw)["all"] == plain
+    assert len(cache) == 2  # one entry per batch of windows
+    other = downstream(ScaleDictionary(store, [0.9, 0.1]), store, model, zero_cache=cache, **kw)["all"]
+    assert len(cache) == 2 and (other["ce_zero"], other["kl_zero"]) == (plain["ce_zero"], plain["kl_zero"])
+    for key in cache:  # a poisoned cache shows that the entries are read, not recomputed
+        cache[key] = (0.0, 0.0)
+    poisoned = downstream(ScaleDictionary(store, [0.5, 0.8]), store, model, zero_cache=cache, **kw)["all"]
+    assert poisoned["ce_zero"] == 0 and poisoned["ce_spliced"] == plain["ce_spliced"]

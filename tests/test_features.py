@@ -1,15 +1,11 @@
 import pytest
 import torch
-from conftest import random_saes as shared_random_saes
+from conftest import random_saes
 
 from crosslayer.crosscoder import Crosscoder, CrosscoderConfig
 from crosslayer.errors import CrosslayerError
 from crosslayer.features import (FOCUS_MARK, HIST_BINS, HIST_LOG10_RANGE, dashboard, decoder_profile,
                                  find_features_for_token, logit_effects, top_activations)
-
-
-def random_saes(store, width=48, k=6):
-    return shared_random_saes(store, width=width, k=k)
 
 
 def random_crosscoder(store, width=64, k=8):
@@ -19,7 +15,7 @@ def random_crosscoder(store, width=64, k=8):
 
 @pytest.fixture(params=["saes", "crosscoder"])
 def dictionary(request, tiny_store):
-    return random_saes(tiny_store) if request.param == "saes" else random_crosscoder(tiny_store)
+    return random_saes(tiny_store, width=48) if request.param == "saes" else random_crosscoder(tiny_store)
 
 
 def brute_force(dictionary, store):
@@ -79,18 +75,13 @@ def test_logit_effects_equal_direct_computation(dictionary, tiny_model):
     f = 5
     table = logit_effects(dictionary, tiny_model, f, k=4)
     W_U = tiny_model.W_U.detach() * tiny_model.ln_final.w.detach()[:, None]
-    norms = dictionary.decoder_norms()[f]
-    writes = [l for i, l in enumerate(dictionary.layers) if norms[i] > 0]
+    writes = [l for i, l in enumerate(dictionary.layers) if dictionary.writes_FL()[f, i]]
+    assert writes == (dictionary.layers if isinstance(dictionary, Crosscoder) else [dictionary.layers[0]])
     assert sorted(set(table.layer)) == writes
     assert table[table.is_last].layer.unique().tolist() == [writes[-1]]
     for layer in writes:
         i = dictionary.layers.index(layer)
-        if hasattr(dictionary, "W_dec_masked"):
-            d = dictionary.W_dec_masked()[f, i].detach()
-        else:
-            start = sum(dictionary.widths[:i])
-            d = dictionary.saes[i].W_dec[f - start].detach()
-        effect = (d / dictionary.norm_factors[i]) @ W_U
+        effect = (dictionary.decoder_vectors(layer)[f] / dictionary.norm_factors[i]) @ W_U
         up = table[(table.layer == layer) & (table.direction == "up")].sort_values("rank")
         down = table[(table.layer == layer) & (table.direction == "down")].sort_values("rank")
         assert up.token_id.tolist() == effect.topk(4).indices.tolist()
@@ -124,7 +115,7 @@ def test_find_features_for_token_finds_planted_feature(dictionary, tiny_model):
     u = tiny_model.W_U.detach()[:, tok[0]] * tiny_model.ln_final.w.detach()
     i = dictionary.n_layers - 1
     with torch.no_grad():
-        if hasattr(dictionary, "W_dec_masked"):
+        if isinstance(dictionary, Crosscoder):
             f = 17
             dictionary.W_dec[f, i] = u / u.norm() * 3.0
         else:
@@ -140,9 +131,17 @@ def test_find_features_for_token_finds_planted_feature(dictionary, tiny_model):
 def test_dashboard_text(tiny_store, tiny_model):
     cc = random_crosscoder(tiny_store)
     text = dashboard(cc, tiny_store, tiny_model, 3, k=3, n_logits=3)
-    for part in ("density", "top activations (tokens shaded", "quantile examples", "logits   up", "decoder profile"):
-        assert part in text
-    assert "█" in text  # the top example's own token is shaded at the maximum
+    col = brute_force(cc, tiny_store)[:, 3]
+    n_fire = int((col > 0).sum())
+    assert f"({n_fire:,} of {tiny_store.n_rows:,} rows), max {float(col.max()):.4g}" in text
+    top_lines = text.split("top activations")[1].split("quantile examples")[0].strip().splitlines()[1:]
+    assert [float(line.split()[0]) for line in top_lines] == pytest.approx(col.topk(3).values.tolist(), abs=1e-3)
+    assert "[[█" in top_lines[0]  # the top example's own token is shaded at the maximum
+    W_U = tiny_model.W_U.detach() * tiny_model.ln_final.w.detach()[:, None]
+    last = tiny_store.layers[-1]
+    best = int(((cc.decoder_vectors(last, normalized=False)[3]) @ W_U).argmax())
+    up_last = [line for line in text.splitlines() if line.startswith(f"logits   up @ layer {last}")]
+    assert up_last and up_last[0].split(": ", 1)[1].startswith(repr(tiny_model.tokenizer.decode([best])))
 
 
 def test_shade_context():

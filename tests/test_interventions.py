@@ -67,20 +67,39 @@ def test_clamp_at_the_last_layer_moves_logits_by_the_predicted_amount(tiny_model
     assert torch.allclose(got, predicted, atol=1e-4)
 
 
-def test_steer_table_generation_and_per_layer_saes(tiny_model, tiny_store):
+def test_steer_table_with_per_layer_saes(tiny_model, tiny_store):
     from conftest import random_saes
 
     saes = random_saes(tiny_store)
     prompt = "the cat sat on a mat while rivers flow"
-    table, summary = steer(tiny_model, saes, prompt, [Edit(100, "clamp", 8.0)], top=5)
+    edits = [Edit(100, "clamp", 8.0)]
+    table, summary = steer(tiny_model, saes, prompt, edits, top=5)
     assert list(table.direction.unique()) == ["up", "down"] and len(table) == 10
-    assert (table[table.direction == "up"].delta_p >= 0).all() and summary["kl"] >= 0
     assert np.isclose(table.p_steered - table.p_clean, table.delta_p, atol=1e-6).all()
+    tokens = tiny_model.to_tokens(prompt, prepend_bos=False)
+    with torch.no_grad():
+        clean = torch.log_softmax(tiny_model(tokens)[0, -1].float(), -1)
+        steered = torch.log_softmax(run_with_edits(tiny_model, saes, tokens, edits)[0, -1].float(), -1)
+        cached = tiny_model.run_with_cache(tokens)[1]
+        feats = saes.encode(torch.stack([cached[h][0, -1] for h in saes.hooks])[None], normalized=False)
+    diff = steered.exp() - clean.exp()
+    assert table[table.direction == "up"].token_id.tolist() == diff.topk(5).indices.tolist()
+    assert summary["kl"] == pytest.approx(float((clean.exp() * (clean - steered)).sum()), rel=1e-5)
+    assert summary["kl"] > 1e-6  # the clamp changes the prediction
+    assert summary["clean_activation"][100] == pytest.approx(float(feats[0, 100]), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_generation_is_seeded_and_steerable(tiny_model, tiny_store):
+    from conftest import random_saes
+
+    saes = random_saes(tiny_store)
+    prompt = "the cat sat on a mat while rivers flow"
     clean_a = generate(tiny_model, None, prompt, max_new_tokens=6, seed=3)
     clean_b = generate(tiny_model, saes, prompt, [], max_new_tokens=6, seed=3)
     assert clean_a == clean_b  # same seed, no edit -> same continuation
-    steered = generate(tiny_model, saes, prompt, [Edit(100, "clamp", 50.0)], max_new_tokens=6, seed=3)
-    assert isinstance(steered, str)
+    steered_text = generate(tiny_model, saes, prompt, [Edit(100, "clamp", 50.0)], max_new_tokens=6, seed=3)
+    assert steered_text != clean_a  # a strong clamp changes the sampled continuation
 
 
 def test_bad_input(tiny_model, tiny_store, tokens):
@@ -91,7 +110,7 @@ def test_bad_input(tiny_model, tiny_store, tokens):
         run_with_edits(tiny_model, cc, tokens, [Edit(10_000, "clamp", 1.0)])
     with pytest.raises(CrosslayerError, match="unknown intervention"):
         Edit(1, "boost", 1.0)
-    with pytest.raises(CrosslayerError, match="does not fit model"):
+    with pytest.raises(CrosslayerError, match="has d_model 32, the dictionary 64"):
         run_with_edits(load_model("tiny-2l-32d"), cc, tokens, [Edit(1, "clamp", 1.0)])
     with pytest.raises(CrosslayerError, match="no features"):
         run_with_edits(tiny_model, cc, tokens, [])

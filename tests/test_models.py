@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from crosslayer import CrosslayerError
-from crosslayer.models import load_model, load_tokenizer
+from crosslayer.models import load_model, load_tokenizer, tokenize_padded
 
 PARAGRAPH = (
     "The history of the city goes back to Roman times, when a small settlement was founded on the "
@@ -30,6 +30,7 @@ def test_hub_model_offline_names_the_default(monkeypatch):
         load_model("gpt2")
 
 
+@pytest.mark.slow
 def test_cli_unknown_model_exits_nonzero_with_one_line():
     proc = subprocess.run([sys.executable, "-m", "crosslayer.cli", "inspect", "--model", "nope"],
                           capture_output=True, text=True)
@@ -45,13 +46,14 @@ def test_bad_tiny_name_and_dtype():
         load_model("tiny-2l-64d", dtype="int8")
 
 
-def test_tiny_model_is_deterministic_and_runs_in_both_dtypes():
-    a, b = load_model("tiny-2l-64d"), load_model("tiny-2l-64d")
+def test_tiny_model_is_deterministic_and_runs_in_both_dtypes(tiny_model):
+    a, b = tiny_model, load_model("tiny-2l-64d")
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
     tokens = torch.randint(3, 1000, (2, 16))
-    logits32 = a(tokens)
-    logits16 = load_model("tiny-2l-64d", dtype="bfloat16")(tokens)
+    with torch.no_grad():
+        logits32 = a(tokens)
+        logits16 = load_model("tiny-2l-64d", dtype="bfloat16")(tokens)
     assert logits32.shape == (2, 16, a.cfg.d_vocab) and logits16.dtype == torch.bfloat16
     assert torch.allclose(logits32, logits16.float(), atol=0.1)
     assert a.cfg.n_layers == 2 and a.cfg.d_model == 64
@@ -65,6 +67,18 @@ def test_tokenizer_round_trips_and_adds_no_bos():
     assert ids[0] not in (0, 1, 2)
     assert tok.decode(ids) == text
     assert tok.convert_ids_to_tokens([0, 1, 2]) == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def test_tokenize_padded_right_pads_without_bos(tiny_model):
+    texts = ["one", "The capital of France is", "a b"]
+    tokens_BT, lengths = tokenize_padded(tiny_model, texts)
+    singles = [tiny_model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert lengths == [len(ids) for ids in singles] and tokens_BT.shape == (3, max(lengths))
+    for row, ids in zip(tokens_BT.tolist(), singles):
+        assert row == ids + [0] * (tokens_BT.shape[1] - len(ids))
+    for bad in ([], ["fine", ""], ["  "], [None]):
+        with pytest.raises(CrosslayerError):
+            tokenize_padded(tiny_model, bad)
 
 
 @pytest.mark.slow

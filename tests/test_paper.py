@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from crosslayer.pipeline import reproduce
+from studies.pipeline import reproduce
 
 PAPER = Path(__file__).resolve().parents[1] / "paper" / "main.tex"
 

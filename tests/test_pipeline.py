@@ -1,61 +1,173 @@
-"""The reproduction pipeline at the micro preset: every step runs, writes its results and the
-paper's generated files, and a rerun skips finished steps."""
+"""The reproduction machinery: the layering (library below the experiments), the study registry, typed
+presets and contexts, and the pipeline at the micro preset (every step runs, writes its results and
+the paper's generated files, and a rerun skips finished steps)."""
 
+import ast
 import json
+import textwrap
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from crosslayer.cli import main
+import studies
+from crosslayer.cli import build_parser, main
 from crosslayer.corpus import load_corpus
 from crosslayer.errors import CrosslayerError
-from crosslayer.pipeline import STEP_NAMES, reproduce, study
 from crosslayer.store import ActivationStore
-from studies import STUDY_NAMES
+from studies.pipeline import RunContext, reproduce, step_names, study
+from studies.presets import SIZES, get_preset
+
+LIBRARY = Path(__file__).resolve().parents[1] / "crosslayer"
 
 
+def _imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+def test_the_library_never_imports_the_experiments():
+    files = sorted(LIBRARY.glob("*.py"))
+    assert len(files) > 10
+    offenders = {p.name: sorted(m for m in _imported_modules(p) if m.split(".")[0] == "studies") for p in files}
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_every_preset_has_a_typed_frozen_config_for_every_study():
+    names = studies.study_names()
+    assert names[0] == "logit_lens" and len(names) == len(set(names)) >= 6
+    for preset in SIZES:
+        p = get_preset(preset)
+        assert set(p.studies) == set(names)
+        for name, cfg in p.studies.items():
+            assert isinstance(cfg, studies.get_study(name).config)
+            with pytest.raises(Exception):
+                cfg.__setattr__("anything", 1)  # frozen
+        json.dumps(p.record())  # the record is plain JSON
+    assert get_preset("micro").config("logit_lens").prompts < get_preset("demo").config("logit_lens").prompts
+
+
+TOY_STUDY = '''
+from dataclasses import dataclass
+
+from crosslayer.io import write_csv
+from studies.base import Study
+
+
+@dataclass(frozen=True)
+class Config:
+    n: int = 3
+
+
+def run(ctx, cfg):
+    import pandas as pd
+
+    write_csv(pd.DataFrame({"i": range(cfg.n)}), ctx.results("toy_study") / "numbers.csv")
+    return {"n": cfg.n}
+
+
+def figures(results, figures_dir, cfg):
+    return []
+
+
+def tables(results, tables_dir, cfg):
+    return []
+
+
+def answer(results, cfg):
+    import pandas as pd
+
+    return f"{len(pd.read_csv(results / 'numbers.csv'))} numbers (n={cfg.n})."
+
+
+STUDY = Study(name="toy_study", title="Toy", config=Config, run=run, figures=figures, tables=tables,
+              answer=answer, presets={"micro": Config(n=5)}, order=999)
+'''
+
+
+def test_adding_a_study_is_adding_one_file(tmp_path, monkeypatch):
+    """A module that defines STUDY, found on the package path, becomes a study, a step, a preset config and a
+    CLI choice, with nothing else edited."""
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "toy_study.py").write_text(textwrap.dedent(TOY_STUDY))
+    monkeypatch.setattr(studies, "__path__", [*studies.__path__, str(extra)])
+    studies._registry.cache_clear()
+    try:
+        assert studies.study_names()[-1] == "toy_study"
+        assert "study-toy_study" in step_names() and get_preset("micro").config("toy_study").n == 5
+        parser = build_parser()
+        assert parser.parse_args(["study", "toy_study", "--preset", "micro"]).name == "toy_study"
+        out = study("toy_study", "micro", out=tmp_path / "run", paper=tmp_path / "paper", progress=False)
+        assert len(pd.read_csv(out / "results" / "toy_study" / "numbers.csv")) == 5
+        assert (tmp_path / "paper" / "tables" / "toy_study_answer.tex").read_text() == "5 numbers (n=5).\n"
+        assert json.loads((out / "results" / "toy_study" / "config.json").read_text()) == {"n": 5}
+    finally:
+        studies._registry.cache_clear()
+
+
+def test_a_run_context_is_built_directly(tmp_path, tiny_model):
+    ctx = RunContext(get_preset("micro"), tmp_path, model=tiny_model, progress=False)
+    assert ctx.model is tiny_model and ctx.sizes.sae_k == SIZES["micro"].sae_k
+    assert ctx.results("x") == tmp_path / "results" / "x" and ctx.results("x").is_dir()
+    with pytest.raises(CrosslayerError, match="harvest-train"):
+        ctx.store("train")
+
+
+@pytest.mark.slow
 def test_micro_reproduce_runs_everything_and_skips_finished_steps(micro_ctx, capsys, tmp_path):
     out, paper = micro_ctx.out, micro_ctx.paper
     reproduce("micro", out=out, paper=paper, progress=False)
-    assert sorted(p.stem for p in (out / "done").glob("*.json")) == sorted(STEP_NAMES)
+    names = studies.study_names()
+    assert sorted(p.stem for p in (out / "done").glob("*.json")) == sorted(step_names())
     loss = pd.read_csv(out / "results" / "heldout_loss.csv")
     assert list(loss.columns) == ["label", "tokens", "ce_loss"] and (loss.ce_loss > 0).all()
     assert set(loss.label) == set(load_corpus("builtin").label_names) | {"all"}  # every label scored
     norms = pd.read_csv(out / "results" / "residual_norms.csv")
-    assert set(norms.layer) == {0, 1, 2, 3}
+    n_layers = micro_ctx.model.cfg.n_layers
+    assert set(norms.layer) == set(range(n_layers))
     train, held = ActivationStore(out / "stores" / "train"), ActivationStore(out / "stores" / "heldout")
     assert train.manifest["split"] == "train" and held.manifest["split"] == "heldout"
-    assert train.n_layers == 4 and train.n_rows > 3000
+    assert train.n_layers == n_layers and train.n_rows > 0.7 * micro_ctx.sizes.train_tokens
     for name in ("saes", "crosscoder"):
         table = pd.read_csv(out / "results" / f"eval_{name}.csv")
-        assert set(table.layer.astype(str)) == {"0", "1", "2", "3", "all"}
-        per_layer = table[table.layer.astype(str) != "all"]
-        assert (per_layer.fvu < 1.0).all() and (per_layer.l0 <= 8 + 1e-6).all()
+        per_layer, overall = table[table.scope == "layer"], table[table.scope == "all"]
+        assert per_layer.layer.tolist() == train.layers and len(overall) == 1 and overall.layer.isna().all()
+        assert (per_layer.fvu < 1.0).all() and (per_layer.l0 <= micro_ctx.sizes.sae_k + 1e-6).all()
         assert table.ce_recovered.notna().all()
     # the paper's generated files: every study's table, answer and figure list, and the setup macros
     tables = paper / "tables"
-    for name in STUDY_NAMES:
+    for name in names:
         for suffix in ("", "_answer", "_figures"):
             assert (tables / f"{name}{suffix}.tex").stat().st_size > 0, (name, suffix)
-        assert json.loads((out / "results" / name / "summary.json").read_text())["study"] == name
+        summary = json.loads((out / "results" / name / "summary.json").read_text())
+        assert summary["study"] == name and summary["preset"] == "micro"
+        saved = json.loads((out / "results" / name / "config.json").read_text())
+        assert saved == json.loads(json.dumps(get_preset("micro").record()["studies"][name]))
     setup = (tables / "setup.tex").read_text()
     assert "\\newcommand{\\clpresetname}{micro}" in setup and "\\clsteptimes" in setup
     figures = list((paper / "figures").glob("*.png"))
-    assert len(figures) >= len(STUDY_NAMES)
+    assert len(figures) >= len(names)
     capsys.readouterr()
     reproduce("micro", out=out, paper=paper, progress=False)
-    assert capsys.readouterr().out.count("done already") == len(STEP_NAMES)
+    assert capsys.readouterr().out.count("done already") == len(step_names())
     # `crosslayer figures` redraws every study's figures, tables and answers from the CSVs alone
     redrawn = tmp_path / "redrawn"
     assert main(["figures", "--results", str(out / "results"), "--paper", str(redrawn)]) == 0
-    for name in STUDY_NAMES:
+    for name in names:
         answer = (redrawn / "tables" / f"{name}_answer.tex").read_text()
         assert answer == (tables / f"{name}_answer.tex").read_text(), name
     assert sorted(p.name for p in (redrawn / "figures").glob("*.png")) == sorted(p.name for p in figures)
     assert main(["figures", "astrology", "--results", str(out / "results")]) == 2
 
 
-def test_reproduce_rejects_bad_input(tmp_path, micro_ctx):
+def test_reproduce_rejects_bad_input(tmp_path):
     with pytest.raises(CrosslayerError, match="unknown preset"):
         reproduce("huge", out=tmp_path)
     with pytest.raises(CrosslayerError, match="unknown step"):
@@ -64,5 +176,11 @@ def test_reproduce_rejects_bad_input(tmp_path, micro_ctx):
         study("astrology", "micro", out=tmp_path)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "preset.json").write_text(json.dumps({"preset": "micro", "layers": "0"}))
-    with pytest.raises(CrosslayerError, match="other settings"):
+    with pytest.raises(CrosslayerError, match="different reproduction"):
         reproduce("micro", out=tmp_path / "other")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    with pytest.raises(CrosslayerError, match="not a reproduction folder"):
+        reproduce("micro", out=tmp_path / "full")
+    (tmp_path / "a_file").write_text("x")
+    assert main(["reproduce", "--preset", "micro", "--out", str(tmp_path / "a_file")]) == 2

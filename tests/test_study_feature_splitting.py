@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from studies import feature_splitting as fs
-from studies import render, run_study
+from studies.pipeline import render, run_study
+
+CFG = fs.Config()
 
 
 def _planted(n_children=(0, 1, 2, 3, 1, 2, 0, 4), D=256, noise=0.25, n_filler=20, N=3000, seed=0):
@@ -40,8 +42,8 @@ def _planted(n_children=(0, 1, 2, 3, 1, 2, 0, 4), D=256, noise=0.25, n_filler=20
 def test_planted_split_counts_fidelity_and_activation_correlation():
     planted = (0, 1, 2, 3, 1, 2, 0, 4)
     small, big, f_small, f_big, owner = _planted(planted)
-    matches = fs.decoder_matches(small, big, chunk=3)  # blocks smaller than F exercise the chunking
-    fam = fs.families(matches, fs.TAU, f_small=f_small, f_big=f_big)
+    matches = fs.decoder_matches(small, big, min_cos=0.5, chunk=3)  # blocks smaller than F exercise the chunking
+    fam = fs.families(matches, CFG.tau, f_small=f_small, f_big=f_big)
     assert fam["n_children"].tolist() == list(planted)
     assert torch.equal(fam["has_parent"][:len(owner)], torch.ones(len(owner), dtype=torch.bool))
     assert not fam["has_parent"][len(owner):].any()  # random fillers are nobody's child
@@ -59,12 +61,12 @@ def test_planted_split_counts_fidelity_and_activation_correlation():
 def test_analyse_pair_summary_and_table():
     planted = (0, 1, 2, 3)
     small, big, f_small, f_big, _ = _planted(planted)
-    table, rows = fs.analyse_pair(fs.SAE, "layer", 4, big.shape[0], fs.ADJACENT, 1, small, big, f_small, f_big)
+    table, rows = fs.analyse_pair(fs.SAE, "layer", 4, big.shape[0], fs.ADJACENT, 1, small, big, f_small, f_big, CFG)
     assert list(table.columns) == fs.FAMILY_COLUMNS[:len(table.columns)] and len(table) == 4
     assert table.n_children.tolist() == list(planted)
     assert [len(c.split()) for c in table.children] == list(planted)
-    assert [r["tau"] for r in rows] == list(fs.TAUS)
-    main = next(r for r in rows if r["tau"] == fs.TAU)
+    assert [r["tau"] for r in rows] == list(CFG.taus)
+    main = next(r for r in rows if r["tau"] == CFG.tau)
     assert main["frac_split"] == 0.5 and main["frac_kept"] == 0.25 and main["frac_unmatched"] == 0.25
     assert main["mean_children_matched"] == pytest.approx(2.0)
     assert set(rows[0]) == set(fs.SUMMARY_COLUMNS)
@@ -95,7 +97,7 @@ def _fixture_results(folder):
         for step, (w, kind) in enumerate([(8, fs.ADJACENT), (8, fs.ADJACENT), (8, fs.OVERALL)], start=1):
             small, big, f_small, f_big, _ = _planted(seed=seed + step, N=500)
             table, srows = fs.analyse_pair(approach, space, w * step, 2 * w * step, kind, step, small, big,
-                                           f_small, f_big)
+                                           f_small, f_big, CFG)
             rows += srows
             if space != "layer 1":
                 tables.append(table)
@@ -124,10 +126,11 @@ def test_figures_tables_answer_from_fixture_csvs(tmp_path):
     assert r"\texttt{\textvisiblespace{}the}" in example and r"\$\_\{x\}" in example
 
 
+@pytest.mark.slow
 def test_feature_splitting_study_micro(micro_ctx):
     run_study(fs.NAME, micro_ctx)
     results = micro_ctx.results(fs.NAME)
-    p = micro_ctx.preset
+    cfg = micro_ctx.preset.config(fs.NAME)
     fam = pd.read_csv(results / "families.csv")
     summ = pd.read_csv(results / "summary.csv")
     ex = pd.read_csv(results / "example.csv", keep_default_na=False)
@@ -135,22 +138,22 @@ def test_feature_splitting_study_micro(micro_ctx):
     assert list(ex.columns) == fs.EXAMPLE_COLUMNS
     # every parent of every pair listed once; widths are the preset's
     sae, cc = fam[fam.approach == fs.SAE], fam[fam.approach == fs.CC]
-    assert sorted(set(sae.width_small) | set(sae.width_big)) == sorted(p.split_widths)
-    assert sorted(set(cc.width_small) | set(cc.width_big)) == sorted(p.split_cc_widths)
+    assert sorted(set(sae.width_small) | set(sae.width_big)) == sorted(cfg.sae_widths)
+    assert sorted(set(cc.width_small) | set(cc.width_big)) == sorted(cfg.cc_widths)
     counts = fam.groupby(["approach", "pair"]).size()
     assert all(counts[(a, pr)] == int(pr.split("->")[0]) for a, pr in counts.index)
     assert fam.fidelity.between(-1, 1 + 1e-5).all() and (fam.n_children >= 0).all()
-    assert (fam[fam.n_children > 0].fidelity > fs.TAU).all() and (fam[fam.n_children == 0].fidelity <= fs.TAU).all()
+    assert (fam[fam.n_children > 0].fidelity > cfg.tau).all() and (fam[fam.n_children == 0].fidelity <= cfg.tau).all()
     assert fam.act_corr.dropna().between(-1 - 1e-5, 1 + 1e-5).all()
     fractions = summ.frac_split + summ.frac_kept + summ.frac_unmatched
     assert np.allclose(fractions, 1.0)
     mid = micro_ctx.store("train").layers[micro_ctx.n_layers // 2]
-    assert set(summ.tau) == set(fs.TAUS) and set(summ.space) == {"layer", "concat", f"layer {mid}"}
+    assert set(summ.tau) == set(cfg.taus) and set(summ.space) == {"layer", "concat", f"layer {mid}"}
     # more children at a looser threshold
     for _, grp in summ.groupby(["approach", "space", "pair"]):
         assert grp.sort_values("tau").mean_children.is_monotonic_decreasing
     assert set(ex.role) <= {"parent", "child"} and (ex.role == "parent").sum() == ex.approach.nunique()
-    assert (micro_ctx.out / "dicts" / "split_sae_w16").is_dir()
+    assert (micro_ctx.dicts / f"split_sae_w{min(cfg.sae_widths)}").is_dir()
     tables = micro_ctx.paper / "tables"
     for name in (f"{fs.NAME}.tex", f"{fs.NAME}_answer.tex", f"{fs.NAME}_figures.tex"):
         assert (tables / name).stat().st_size > 0

@@ -107,19 +107,20 @@ def _hand_made(results):
 
 def test_figures_tables_answer_from_csvs(tmp_path):
     _hand_made(tmp_path)
-    figs = poly.figures(tmp_path, tmp_path / "figures")
+    figs = poly.figures(tmp_path, tmp_path / "figures", poly.Config())
     assert len(figs) == 2 and all(p.is_file() and p.stat().st_size > 1000 for p, _ in figs)
-    tables = poly.tables(tmp_path, tmp_path / "tables")
+    tables = poly.tables(tmp_path, tmp_path / "tables", poly.Config())
     assert all(p.is_file() for p in tables)
     assert "per-layer SAE" in tables[0].read_text()
-    text = poly.answer(tmp_path)
+    text = poly.answer(tmp_path, poly.Config())
     assert "layer 2" in text and "Holm" in text and "per-layer SAE" in text
 
 
 # ----------------------------------------------------------------------------- the study on the micro reproduction
 
+@pytest.mark.slow
 def test_study_on_micro(micro_ctx):
-    from studies import run_study
+    from studies.pipeline import run_study
 
     info = run_study("polysemanticity", micro_ctx)
     assert info["resid_relerr"] < 0.05

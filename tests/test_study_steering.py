@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from crosslayer.crosscoder import Crosscoder, CrosscoderConfig
-from studies import run_study
+from studies.pipeline import run_study
 from studies import steering as study
 
 TOKEN = " fraud"
@@ -52,7 +52,7 @@ def test_clamping_to_the_clean_value_changes_nothing(tiny_model, planted):
     # a feature that never fires is unchanged by ablation too
     effects, _ = study.clamp_effects(tiny_model, cc, 6, {0.0: 0.0}, PROMPTS, ids)
     assert (effects.clean_activation == 0).all() and np.allclose(effects.ratio, 1.0, atol=1e-4)
-    assert set(tops.direction) == {"up", "down"} and len(tops) == 2 * len(PROMPTS) * study.TOP_TOKENS
+    assert set(tops.direction) == {"up", "down"} and len(tops) == 2 * len(PROMPTS) * 5  # clamp_effects default top=5
 
 
 def test_clamping_up_a_last_layer_feature_raises_its_token(tiny_model, planted):
@@ -82,8 +82,10 @@ def test_candidates_rank_the_planted_feature_first_by_logit_effect(tiny_model, t
     assert chosen.scale > 0 and (chosen.eligible or not table.eligible.any())
 
 
+@pytest.mark.slow
 def test_steering_study_micro(micro_ctx):
     info = run_study("steering", micro_ctx)
+    cfg = micro_ctx.preset.config("steering")
     results = micro_ctx.results("steering")
     cands = pd.read_csv(results / "candidates.csv")
     effects = pd.read_csv(results / "effects.csv")
@@ -93,7 +95,7 @@ def test_steering_study_micro(micro_ctx):
     for name, part in effects.groupby("dictionary"):
         chosen = cands[(cands.dictionary == name) & cands.chosen].iloc[0]
         assert (part.feature == chosen.feature).all() and chosen.scale > 0
-        assert sorted(part.multiple.unique()) == sorted(study.MULTIPLES)
+        assert sorted(part.multiple.unique()) == sorted(cfg.multiples)
         np.testing.assert_allclose(part.value, part.multiple * chosen.scale, rtol=1e-5)
         assert info[f"{name}_feature"] == chosen.feature
     assert effects.p_clean.between(0, 1).all() and effects.p_steered.between(0, 1).all()
@@ -102,20 +104,23 @@ def test_steering_study_micro(micro_ctx):
     assert set(effects.token) <= set(study.CONCEPT_TOKENS) and effects.prompt_id.nunique() == len(study.STEER_PROMPTS)
     # every (dictionary, prompt) sees the same clean distribution
     assert effects.groupby(["prompt_id", "token"]).p_clean.nunique().max() == 1
-    assert list(gens.dictionary) == ["clean"] * study.GEN_PROMPTS + ["SAE"] * study.GEN_PROMPTS + \
-        ["crosscoder"] * study.GEN_PROMPTS and gens.text.notna().all()
+    assert list(gens.dictionary) == ["clean"] * cfg.gen_prompts + ["SAE"] * cfg.gen_prompts + \
+        ["crosscoder"] * cfg.gen_prompts and gens.text.notna().all()
     tops = pd.read_csv(results / "top_tokens.csv", keep_default_na=False)
     assert set(tops.direction) == {"up", "down"}
     tables = micro_ctx.paper / "tables"
     for name in ("steering.tex", "steering_generations.tex", "steering_answer.tex", "steering_figures.tex"):
         assert (tables / name).stat().st_size > 0
-    assert "concept" in (tables / "steering_answer.tex").read_text()
+    answer = (tables / "steering_answer.tex").read_text()
+    for name in ("SAE", "crosscoder"):  # the answer names the features chosen in the CSV
+        chosen = cands[(cands.dictionary == name) & cands.chosen].iloc[0]
+        assert f"{name} feature {int(chosen.feature)} (layer {int(chosen.layer)}" in answer
 
 
 def _fixture_csvs(results):
     rows = []
     for name, feature, scale, gain in (("SAE", 7, 2.0, 3.0), ("crosscoder", 11, 10.0, 0.5)):
-        for m in study.MULTIPLES:
+        for m in study.Config().multiples:
             for pid, prompt in enumerate(("a 50% deal & $5", "b_c")):
                 for token, p0 in ((" scam", 0.01), (" fake", 0.002)):
                     ratio = gain ** m if m > 0 else 0.5 if m < 0 else 1.0
@@ -148,14 +153,14 @@ def test_figures_tables_and_answer_from_csvs(tmp_path):
     head = study.headline(pd.read_csv(results / "effects.csv")).set_index("dictionary")
     assert head.loc["SAE", "best_multiple"] == 8.0 and head.loc["crosscoder", "best_multiple"] == 0.25
     assert head.loc["SAE", "concept_ratio_abl"] == pytest.approx(1.0)
-    figs = study.figures(results, paper)
+    figs = study.figures(results, paper, study.Config())
     assert [p.name for p, _ in figs] == ["steering_concept_prob.png", "steering_concept_ratio.png", "steering_kl.png"]
     assert all(p.stat().st_size > 1000 for p, _ in figs)
-    main, gens = study.tables(results, paper)
+    main, gens = study.tables(results, paper, study.Config())
     assert main.name == "steering.tex"
     tex = main.read_text() + gens.read_text()
     assert "\\_x" in tex and "100\\%" in tex and "money \\& \\$ ?\\_\\#" in tex
-    text = study.answer(results)
+    text = study.answer(results, study.Config())
     assert "SAE feature 7" in text and "crosscoder feature 11" in text and "It passes the steering criterion" in text
     # the crosscoder's gain 0.5 < 1: even its best positive clamp lowers the concept
     assert "It fails the steering criterion" in text

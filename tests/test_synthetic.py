@@ -76,6 +76,7 @@ def _stream(acts, bs, seed):
     return make
 
 
+@pytest.mark.slow
 def test_crosscoder_recovers_multilayer_features_as_one_latent(tmp_path):
     """Crosscoder: multi-layer features recovered at every layer (cos >= 0.9), one latent each.
     Per-layer dictionaries (one-layer crosscoders) on the same data recover them too, but need one
@@ -85,7 +86,7 @@ def test_crosscoder_recovers_multilayer_features_as_one_latent(tmp_path):
     often = (truth.frequencies_G >= 0.02).numpy()
     multi = (truth.span_len_G > 1).numpy() & often
     assert multi.sum() >= 8
-    train = TrainConfig(steps=steps, lr=3e-3, dead_after_tokens=20000, log_every=steps)
+    train = TrainConfig(tokens=steps * 256, batch_size=256, lr=3e-3, dead_after_tokens=20000, log_every=steps)
     cc = train_crosscoder(train, CrosscoderConfig(layers=tuple(range(L)), d_model=d, n_features=128, k=4),
                           _stream(acts, 256, 0), out_dir=tmp_path / "cc", progress=False)
     cross = recovery(cc.W_dec, truth)

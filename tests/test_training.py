@@ -2,8 +2,11 @@
 kill, NaN handling, finished-run reuse, and training from an activation store.
 """
 
+import json
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from crosslayer.crosscoder import Crosscoder, CrosscoderConfig
 from crosslayer.dictionary import load_dictionary
@@ -43,20 +46,30 @@ def model_cfg(activation="topk", **kw):
 
 
 def test_schedules():
-    cfg = TrainConfig(steps=100, lr=1.0, lr_warm_up_steps=10, lr_decay_steps=20, sparsity_coef=2.0,
-                      sparsity_warm_up_steps=50)
+    cfg = TrainConfig(tokens=100 * 64, batch_size=64, lr=1.0, lr_warm_up_steps=10, lr_decay_steps=20,
+                      sparsity_coef=2.0, sparsity_warm_up_steps=50)
     assert cfg.lr_at(0) == pytest.approx(0.1) and cfg.lr_at(9) == 1.0 and cfg.lr_at(50) == 1.0
     assert cfg.lr_at(90) == pytest.approx(0.5) and cfg.lr_at(99) == pytest.approx(0.05)
     assert cfg.sparsity_at(24, "relu") == pytest.approx(1.0) and cfg.sparsity_at(80, "relu") == 2.0
-    assert TrainConfig(steps=10).sparsity_at(5, "relu") == 5.0  # default lambda, no warm-up at 10 steps
-    with pytest.raises(CrosslayerError):
-        TrainConfig(steps=0)
+    assert cfg.steps == 100 and TrainConfig(tokens=64 * 100 + 63, batch_size=64).steps == 100
+    assert TrainConfig(tokens=640, batch_size=64).sparsity_at(5, "relu") == 5.0  # default lambda, no warm-up
+    # the dead-latent window: the value given, else a tenth of the budget (at least a batch, at most 10M)
+    assert TrainConfig(tokens=640, batch_size=64, dead_after_tokens=7).dead_after == 7
+    assert TrainConfig(tokens=6400, batch_size=64).dead_after == 640
+    assert TrainConfig(tokens=320, batch_size=64).dead_after == 64
+    assert TrainConfig(tokens=10**9).dead_after == 10_000_000
+    for bad in ({"tokens": 63, "batch_size": 64}, {"tokens": 64, "batch_size": 0}, {"tokens": 64, "lr": 0.0},
+                {"tokens": 64, "lr": float("nan")}, {"tokens": 64, "lr": float("inf")},
+                {"tokens": 64, "dead_after_tokens": 0}):
+        with pytest.raises(CrosslayerError):
+            TrainConfig(**({"batch_size": 64} | bad))
 
 
 @pytest.mark.parametrize("activation", ["relu", "topk", "batchtopk", "jumprelu"])
 def test_training_reduces_loss_and_writes_artifacts(tmp_path, activation):
     acts = data()
-    cfg = TrainConfig(steps=120, lr=3e-3, log_every=20, dead_after_tokens=640, sparsity_coef=0.1)
+    cfg = TrainConfig(tokens=120 * 64, batch_size=64, lr=3e-3, log_every=20, dead_after_tokens=640,
+                      sparsity_coef=0.1)
     cc = train_crosscoder(cfg, model_cfg(activation), make_batches(acts), out_dir=tmp_path / "cc", progress=False)
     import pandas as pd
 
@@ -66,23 +79,25 @@ def test_training_reduces_loss_and_writes_artifacts(tmp_path, activation):
     assert set(log.columns) >= {"loss", "mse", "sparsity", "aux", "fvu", "l0", "dead_frac", "lr"}
     assert not (tmp_path / "cc" / CHECKPOINT).exists()
     back = load_dictionary(tmp_path / "cc")
-    assert back.meta["status"] == "complete" and back.meta["training"]["steps"] == 120
+    assert json.loads((tmp_path / "cc" / "cfg.json").read_text())["status"] == "complete"
+    assert back.meta["steps"] == 120
+    assert back.meta["training"]["tokens"] == 120 * 64
     assert torch.equal(back.W_dec, cc.W_dec)
     if activation == "batchtopk":
         assert float(back.threshold) > 0
     # a rerun of a finished run loads it; a different run in the same folder is refused
     again = train_crosscoder(cfg, model_cfg(activation), make_batches(acts), out_dir=tmp_path / "cc", progress=False)
     assert torch.equal(again.W_enc, cc.W_enc)
-    with pytest.raises(CrosslayerError, match="different crosscoder"):
-        train_crosscoder(TrainConfig(steps=7), model_cfg(activation), make_batches(acts), out_dir=tmp_path / "cc",
-                         progress=False)
+    with pytest.raises(CrosslayerError, match="holds a different crosscoder training \\(training: "):
+        train_crosscoder(TrainConfig(tokens=7 * 64, batch_size=64), model_cfg(activation), make_batches(acts),
+                         out_dir=tmp_path / "cc", progress=False)
 
 
 @pytest.mark.parametrize("activation,factory", [("topk", True), ("topk", False), ("batchtopk", True),
                                                 ("relu", True), ("jumprelu", True)])
 def test_resume_after_kill_gives_identical_weights(tmp_path, activation, factory):
     acts = data()
-    cfg = TrainConfig(steps=40, lr=3e-3, lr_warm_up_steps=5, checkpoint_every=10, log_every=5,
+    cfg = TrainConfig(tokens=40 * 64, batch_size=64, lr=3e-3, lr_warm_up_steps=5, checkpoint_every=10, log_every=5,
                       dead_after_tokens=256, sparsity_coef=0.1)
     full = train_crosscoder(cfg, model_cfg(activation), make_batches(acts), out_dir=tmp_path / "full", progress=False)
 
@@ -101,12 +116,14 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, activation, factory
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     acts = data()
-    cfg = TrainConfig(steps=30, lr=3e-3, checkpoint_every=5)
+    cfg = TrainConfig(tokens=30 * 64, batch_size=64, lr=3e-3, checkpoint_every=5)
     with pytest.raises(CrosslayerError, match=r"nan at step 7; the last good checkpoint \(step 5\)"):
         train_crosscoder(cfg, model_cfg(), make_batches(acts, nan_at=7), out_dir=tmp_path / "cc", progress=False)
     ckpt = torch.load(tmp_path / "cc" / CHECKPOINT, weights_only=False)
     assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-    assert not (tmp_path / "cc" / "cfg.json").exists()
+    assert json.loads((tmp_path / "cc" / "cfg.json").read_text())["status"] == "training"
+    with pytest.raises(CrosslayerError):
+        load_dictionary(tmp_path / "cc")  # an unfinished run is not a dictionary
     with pytest.raises(CrosslayerError, match="no checkpoint was written yet"):
         train_crosscoder(cfg, model_cfg(), make_batches(acts, nan_at=2), out_dir=tmp_path / "cc2", progress=False)
 
@@ -114,34 +131,67 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_iterator_errors(tmp_path):
     acts = data(256)
     with pytest.raises(CrosslayerError, match="ran out after 2 of 5"):
-        train_crosscoder(TrainConfig(steps=5), model_cfg(), iter([acts[:64], acts[64:128]]), out_dir=tmp_path / "a",
-                         progress=False)
+        train_crosscoder(TrainConfig(tokens=5 * 64, batch_size=64), model_cfg(), iter([acts[:64], acts[64:128]]),
+                         out_dir=tmp_path / "a", progress=False)
     with pytest.raises(CrosslayerError, match="reads"):
-        train_crosscoder(TrainConfig(steps=5), model_cfg(), iter([acts[:64, :2]]), out_dir=tmp_path / "b",
-                         progress=False)
+        train_crosscoder(TrainConfig(tokens=5 * 64, batch_size=64), model_cfg(), iter([acts[:64, :2]]),
+                         out_dir=tmp_path / "b", progress=False)
 
 
-def test_bf16_autocast_runs(tmp_path):
-    cc = train_crosscoder(TrainConfig(steps=3, bf16=True), model_cfg(), make_batches(data(256)),
-                          out_dir=tmp_path / "cc", progress=False)
-    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in cc.parameters())
+class MatmulDtypes(TorchDispatchMode):
+    """Records the input dtype of every matrix multiply that actually runs (after autocast)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm):
+            self.seen.add(args[0].dtype)
+        return func(*args, **(kwargs or {}))
 
 
-def test_train_from_store(tmp_path, tiny_model):
-    from conftest import make_toy_corpus
-    from crosslayer.corpus import load_corpus, make_windows
-    from crosslayer.evals import evaluate
-    from crosslayer.harvest import harvest
+def test_bf16_autocast_runs_the_matmuls_in_bfloat16(tmp_path):
+    """bf16=True runs the forward matmuls in bfloat16 (the float32 run none), keeps float32 parameters,
+    and lands near, but not exactly on, the float32 weights."""
+    acts, runs = data(256), {}
+    for bf16 in (False, True):
+        with MatmulDtypes() as mode:
+            runs[bf16] = train_crosscoder(TrainConfig(tokens=3 * 64, batch_size=64, lr=3e-3, bf16=bf16), model_cfg(),
+                                          make_batches(acts), out_dir=tmp_path / str(bf16), progress=False)
+        assert (torch.bfloat16 in mode.seen) == bf16
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in runs[True].parameters())
+    assert not torch.equal(runs[True].W_dec, runs[False].W_dec)
+    for name, value in runs[False].state_dict().items():
+        torch.testing.assert_close(runs[True].state_dict()[name], value, atol=0.02, rtol=0)
+
+
+def test_train_from_store(tmp_path, tiny_store):
+    import numpy as np
+
+    from crosslayer.evals import fvu
     from crosslayer.training import train_crosscoder_from_store
 
-    windows = make_windows(load_corpus(make_toy_corpus(tmp_path / "toy.jsonl", n_docs=40)), tiny_model.tokenizer,
-                           seq_len=16, n_tokens=600)
-    store = harvest(tiny_model, windows, out_dir=tmp_path / "store", batch_size=8, shard_mb=1, progress=False)
-    cc = train_crosscoder_from_store(store, out_dir=tmp_path / "cc", width=64, k=4, tokens=64 * 40, batch_size=64,
-                                     lr=3e-3, variant="weakly_causal", progress=False)
+    store = tiny_store
+    arch = CrosscoderConfig(layers=tuple(store.layers), d_model=store.width, n_features=64, k=4,
+                            variant="weakly_causal")
+    cc = train_crosscoder_from_store(store, arch, TrainConfig(tokens=64 * 40, batch_size=64, lr=3e-3),
+                                     out_dir=tmp_path / "cc", progress=False)
     assert isinstance(cc, Crosscoder) and cc.layers == store.layers and cc.hooks == store.hooks
     assert cc.meta["store"]["model"] == store.manifest["model"]
     torch.testing.assert_close(cc.norm_factors, store.norm_factors.float())
-    table = evaluate(load_dictionary(tmp_path / "cc"), store, n_tokens=300)
-    row = table[table.layer == "all"].iloc[0]
-    assert row["fvu"] < 1.0 and row["l0_feat"] <= 4.0 + 1e-9 and row["l0_tuple"] > row["l0_feat"]
+    x = store.get(np.arange(store.n_rows), normalized=True)
+    back = load_dictionary(tmp_path / "cc")
+    assert float(fvu(x, back.reconstruct(x)).mean()) < 0.9 and (back.encode(x) != 0).sum(1).max() <= 4
+    # one layer of the store: its hook and factor; a layer or width the store lacks is refused
+    one = train_crosscoder_from_store(store, CrosscoderConfig(layers=(1,), d_model=store.width, n_features=16, k=2),
+                                      TrainConfig(tokens=64 * 3, batch_size=64), out_dir=tmp_path / "one",
+                                      progress=False)
+    assert one.hooks == [store.hooks[1]] and torch.equal(one.norm_factors, store.norm_factors[1:].float())
+    with pytest.raises(CrosslayerError, match="not in store"):
+        train_crosscoder_from_store(store, CrosscoderConfig(layers=(0, 5), d_model=store.width, n_features=16, k=2),
+                                    TrainConfig(tokens=64, batch_size=64), out_dir=tmp_path / "bad", progress=False)
+    with pytest.raises(CrosslayerError, match="d_model 32 != store width 64"):
+        train_crosscoder_from_store(store, CrosscoderConfig(layers=(0,), d_model=32, n_features=16, k=2),
+                                    TrainConfig(tokens=64, batch_size=64), out_dir=tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()

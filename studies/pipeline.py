@@ -1,0 +1,336 @@
+"""``crosslayer reproduce --preset NAME``: the end-to-end job, resumable step by step.
+
+Method:
+1. A preset (:mod:`studies.presets`) fixes the model, layers, token counts and sizes, and each
+   study's settings; all of it is recorded in ``<out>/preset.json`` (a different preset in the same
+   folder is refused, :func:`crosslayer.io.claim_folder`).
+2. Steps run in order into ``<out>/`` (default ``runs/<preset>``). A step that finished writes
+   ``<out>/done/<step>.json`` (atomically, with its wall time); a rerun skips it. Long steps (the
+   harvests, the training runs) are themselves resumable, so a kill at any moment loses little work.
+3. Steps: ``score`` (held-out loss per source label and per-layer residual norms of the model, as
+   CSV), ``harvest-train`` and ``harvest-heldout`` (activation stores of every chosen layer, see
+   :mod:`crosslayer.harvest`), ``train-saes`` (one sae-lens TopK SAE per layer, see
+   :mod:`crosslayer.saes`), ``eval-saes`` (FVU, L0, dead fraction, CE recovered and KL on the
+   held-out store), ``train-crosscoder`` / ``eval-crosscoder`` (the acausal TopK crosscoder of
+   matched total size, :mod:`crosslayer.training`), ``study-<name>`` for each registered study
+   (:class:`RunContext` trains further dictionaries on first use, under ``<out>/dicts``), and
+   ``paper`` (``paper/tables/setup.tex``: the preset's sizes and every step's wall time).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from crosslayer.errors import CrosslayerError
+from crosslayer.io import claim_folder, write_csv, write_json, write_text
+
+from studies import all_studies, get_study
+from studies.base import CONFIG_FILE
+from studies.presets import Preset, get_preset
+
+
+class RunContext:
+    """What the steps and studies share (implements :class:`studies.base.StudyContext`): the
+    preset, the folders, and lazily loaded model, corpus, stores and dictionaries. Dictionaries are
+    trained on first use (resumably) and cached on disk, so studies that need the same one share it.
+    ``model`` may be given (tests pass a loaded model instead of the preset's)."""
+
+    def __init__(self, preset: Preset, out: str | Path, *, corpus: str = "builtin", paper: str | Path = "paper",
+                 progress: bool = True, model=None):
+        self.preset, self.out, self.corpus_spec = preset, Path(out), corpus
+        self.preset_name, self.paper, self.progress = preset.name, Path(paper), progress
+        self._model, self._corpus, self._stores = model, None, {}
+
+    @property
+    def sizes(self):
+        return self.preset.sizes
+
+    @property
+    def model(self):
+        if self._model is None:
+            from crosslayer.models import load_model
+
+            self._model = load_model(self.sizes.model, dtype=self.sizes.model_dtype)
+        return self._model
+
+    @property
+    def corpus(self):
+        if self._corpus is None:
+            from crosslayer.corpus import load_corpus
+
+            self._corpus = load_corpus(self.corpus_spec)
+        return self._corpus
+
+    def windows(self, split: str, n_tokens: int):
+        from crosslayer.corpus import make_windows
+
+        return make_windows(self.corpus, self.model.tokenizer, split=split, seq_len=self.sizes.seq_len,
+                            n_tokens=n_tokens, seed=0)
+
+    # -- folders
+    def results(self, study: str | None = None) -> Path:
+        """``<out>/results`` or ``<out>/results/<study>`` (created)."""
+        path = self.out / "results" / study if study else self.out / "results"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def dicts(self) -> Path:
+        return self.out / "dicts"
+
+    # -- data
+    def store(self, split: str):
+        """The activation store of ``split`` ("train" or "heldout"); run the harvest step first."""
+        from crosslayer.store import ActivationStore
+
+        if split not in self._stores:
+            path = self.out / "stores" / split
+            if not (path / "manifest.json").is_file():
+                raise CrosslayerError(f"no {split} store in {path}; run `crosslayer reproduce --preset "
+                                      f"{self.preset_name} --only harvest-{split}` first")
+            self._stores[split] = ActivationStore(path)
+        return self._stores[split]
+
+    def forget_store(self, split: str) -> None:
+        self._stores.pop(split, None)
+
+    @property
+    def n_layers(self) -> int:
+        return self.store("train").n_layers
+
+    @property
+    def cc_width(self) -> int:
+        """Crosscoder width matched to the per-layer SAEs' total number of latents."""
+        return self.sizes.sae_width * self.n_layers
+
+    def saes(self, name: str = "saes", *, width: int | None = None, k: int | None = None,
+             layers: list[int] | None = None):
+        """Per-layer sae-lens TopK SAEs at ``<out>/dicts/<name>`` (trained if missing, resumably)."""
+        from crosslayer.saes import SAETrainConfig, train_per_layer_saes
+
+        s = self.sizes
+        cfg = SAETrainConfig(width=width or s.sae_width, k=k or s.sae_k, tokens=s.sae_tokens,
+                             batch_size=s.sae_batch, lr=s.sae_lr)
+        return train_per_layer_saes(self.store("train"), cfg, out_dir=self.dicts / name, layers=layers,
+                                    progress=self.progress)
+
+    def crosscoder(self, name: str = "crosscoder", *, width: int | None = None, k: int | None = None,
+                   variant: str = "acausal"):
+        """A TopK crosscoder over every stored layer at ``<out>/dicts/<name>`` (trained if missing, resumably)."""
+        from crosslayer.crosscoder import CrosscoderConfig
+        from crosslayer.training import TrainConfig, train_crosscoder_from_store
+
+        s, store = self.sizes, self.store("train")
+        arch = CrosscoderConfig(layers=tuple(store.layers), d_model=store.width, n_features=width or self.cc_width,
+                                variant=variant, k=k or s.cc_k)
+        cfg = TrainConfig(tokens=s.cc_tokens, batch_size=s.cc_batch, lr=s.cc_lr, checkpoint_every=50)
+        return train_crosscoder_from_store(store, arch, cfg, out_dir=self.dicts / name, progress=self.progress)
+
+
+# ----------------------------------------------------------------------------- steps
+
+def step_score(ctx: RunContext) -> dict:
+    """Held-out loss with an equal token budget per source label, and residual norms."""
+    from crosslayer.corpus import TokenWindows, make_windows
+    from crosslayer.scoring import score
+
+    s, labels = ctx.sizes, ctx.corpus.label_names
+    per_label = max(s.seq_len, s.score_tokens // len(labels))
+    windows = TokenWindows.concat([
+        make_windows(ctx.corpus, ctx.model.tokenizer, split="heldout", labels=[label], seq_len=s.seq_len,
+                     n_tokens=per_label, seed=0) for label in labels])
+    losses, norms = score(ctx.model, windows, batch_size=s.batch_size)
+    write_csv(losses, ctx.results() / "heldout_loss.csv")
+    write_csv(norms, ctx.results() / "residual_norms.csv")
+    print(losses.to_string(index=False, float_format="%.3f"))
+    return {"ce_loss_all": float(losses.loc[losses.label == "all", "ce_loss"].iloc[0])}
+
+
+def _harvest_step(split: str):
+    def step(ctx: RunContext) -> dict:
+        from crosslayer.harvest import harvest
+
+        ctx.forget_store(split)
+        s = ctx.sizes
+        n_tokens = s.train_tokens if split == "train" else s.heldout_tokens
+        store = harvest(ctx.model, ctx.windows(split, n_tokens), out_dir=ctx.out / "stores" / split,
+                        layers=s.layers, batch_size=s.batch_size)
+        print(store)
+        return {"rows": store.n_rows, "excluded": store.manifest["excluded"]}
+
+    return step
+
+
+def step_train_saes(ctx: RunContext) -> dict:
+    stats = ctx.saes().meta["layer_stats"]
+    return {"tokens_per_s_mean": sum(s["tokens_per_s"] for s in stats) / len(stats)}
+
+
+def step_train_crosscoder(ctx: RunContext) -> dict:
+    cc = ctx.crosscoder()
+    return {"n_features": cc.n_features, "k": cc.cfg.k}
+
+
+def _eval_step(name: str):
+    def step(ctx: RunContext) -> dict:
+        from crosslayer.dictionary import load_dictionary
+        from crosslayer.evals import evaluate
+
+        table = evaluate(load_dictionary(ctx.dicts / name), ctx.store("heldout"), model=ctx.model,
+                         n_tokens=ctx.sizes.eval_tokens, n_windows=ctx.sizes.eval_windows,
+                         out=ctx.results() / f"eval_{name}.csv", progress=ctx.progress)
+        cols = [c for c in ("scope", "layer", "fvu", "l0", "dead_frac", "ce_recovered", "kl") if c in table.columns]
+        print(table[cols].to_string(index=False, float_format="%.3f"))
+        overall = table[table.scope == "all"].iloc[0]
+        return {"fvu_all": float(overall["fvu"]), "l0_all": float(overall["l0"])}
+
+    return step
+
+
+def _study_step(name: str):
+    return lambda ctx: run_study(name, ctx)
+
+
+def step_paper(ctx: RunContext) -> dict:
+    """The setup macros of the paper (preset sizes, model, wall times of every step)."""
+    return {"files": [str(p) for p in write_setup_tables(ctx)]}
+
+
+def steps() -> list[tuple[str, object]]:
+    """``[(name, step function)]`` of a reproduction, in order."""
+    base = [("score", step_score), ("harvest-train", _harvest_step("train")),
+            ("harvest-heldout", _harvest_step("heldout")), ("train-saes", step_train_saes),
+            ("eval-saes", _eval_step("saes")), ("train-crosscoder", step_train_crosscoder),
+            ("eval-crosscoder", _eval_step("crosscoder"))]
+    return base + [(f"study-{s.name}", _study_step(s.name)) for s in all_studies()] + [("paper", step_paper)]
+
+
+def step_names() -> list[str]:
+    return [name for name, _ in steps()]
+
+
+def needed_steps(study) -> list[str]:
+    """The steps study ``study`` needs finished before it runs."""
+    need = ["harvest-train", "harvest-heldout"] if study.stores or study.dictionaries else []
+    return need + [f"train-{d}" for d in study.dictionaries]
+
+
+# ----------------------------------------------------------------------------- running
+
+def reproduce(preset: str = "demo", *, out: str | Path | None = None, corpus: str = "builtin",
+              only: list[str] | None = None, paper: str | Path = "paper", redo: list[str] | None = None,
+              progress: bool = True) -> Path:
+    """Run every step of ``preset`` that has not finished yet (or only those in ``only``); return the
+    output folder. Steps in ``redo`` run again even if finished. Figures and LaTeX tables go to
+    ``<paper>/figures`` and ``<paper>/tables``."""
+    chosen = get_preset(preset)
+    names = step_names()
+    unknown = sorted(set(only or []) - set(names))
+    if unknown:
+        raise CrosslayerError(f"unknown step(s) {unknown}; steps are {', '.join(names)}")
+    out = Path(out or Path("runs") / preset)
+    claim_folder(out, {**chosen.record(), "corpus": corpus}, record="preset.json", what="reproduction")
+    ctx = RunContext(chosen, out, corpus=corpus, paper=paper, progress=progress)
+    total = time.time()
+    for name, step in steps():
+        if only and name not in only:
+            continue
+        _run_step(ctx, name, step, redo=name in (redo or []))
+    print(f"reproduce --preset {preset}: {time.time() - total:.0f}s in this run; results in {out}", flush=True)
+    return out
+
+
+def _run_step(ctx: RunContext, name: str, step, *, redo: bool) -> None:
+    marker = ctx.out / "done" / f"{name}.json"
+    if marker.is_file() and not redo:
+        print(f"[{name}] done already ({marker})")
+        return
+    print(f"[{name}] running", flush=True)
+    start = time.time()
+    info = step(ctx)
+    write_json({"step": name, "seconds": round(time.time() - start, 1), **(info or {})}, marker)
+    print(f"[{name}] finished in {time.time() - start:.0f}s", flush=True)
+
+
+def study(name: str, preset: str = "demo", *, out: str | Path | None = None, corpus: str = "builtin",
+          paper: str | Path = "paper", progress: bool = True) -> Path:
+    """Run one study (again), first running whatever steps it needs that have not finished."""
+    needs = needed_steps(get_study(name))
+    return reproduce(preset, out=out, corpus=corpus, only=needs + [f"study-{name}"], paper=paper,
+                     redo=[f"study-{name}"], progress=progress)
+
+
+def run_study(name: str, ctx: RunContext) -> dict:
+    """Run study ``name`` in ``ctx`` with the preset's config; write its CSVs, config, figures, tables, answer."""
+    st = get_study(name)
+    cfg = ctx.preset.config(name)
+    start = time.time()
+    results = ctx.results(name)
+    write_json(st.config_record(cfg), results / CONFIG_FILE)
+    info = st.run(ctx, cfg) or {}
+    rendered = render(name, results, ctx.paper)
+    summary = {"study": name, "preset": ctx.preset_name, "seconds": round(time.time() - start, 1), **info}
+    write_json(summary, results / "summary.json")
+    print(f"[study {name}] " + json.dumps(info, default=str)[:400], flush=True)
+    return {**info, **rendered}
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def figure_environments(name: str, figures: list) -> str:
+    """LaTeX figure environments for ``[(path, caption), ...]`` (paths relative to the paper folder)."""
+    parts = []
+    for i, (path, caption) in enumerate(figures):
+        rel = f"figures/{Path(path).name}"
+        parts.append("\\begin{figure}[tbp]\n\\centering\n"
+                     f"\\includegraphics[width=\\linewidth,height=0.42\\textheight,keepaspectratio]{{{rel}}}\n"
+                     f"\\caption{{{caption}}}\n\\label{{fig:{name}:{i}}}\n\\end{{figure}}\n")
+    return "\n".join(parts) if parts else "% no figures\n"
+
+
+def render(name: str, results: Path, paper: Path) -> dict:
+    """Figures, tables and the answer of study ``name`` from its CSVs (and saved config) in ``results``."""
+    st = get_study(name)
+    cfg = st.load_config(results)
+    paper = Path(paper)
+    (paper / "figures").mkdir(parents=True, exist_ok=True)
+    (paper / "tables").mkdir(parents=True, exist_ok=True)
+    figs = st.figures(results, paper / "figures", cfg)
+    tables = st.tables(results, paper / "tables", cfg)
+    write_text(st.answer(results, cfg).rstrip() + "\n", paper / "tables" / f"{name}_answer.tex")
+    write_text(figure_environments(name, figs), paper / "tables" / f"{name}_figures.tex")
+    return {"figures": [str(p) for p, _ in figs], "tables": [str(p) for p in tables]}
+
+
+def _layer_list(layers: list[int]) -> str:
+    contiguous = layers == list(range(layers[0], layers[-1] + 1))
+    return f"{layers[0]}--{layers[-1]}" if contiguous else ", ".join(map(str, layers))
+
+
+def write_setup_tables(ctx: RunContext) -> list[Path]:
+    """``tables/setup.tex``: macros with the preset's sizes and the wall time of every finished step."""
+    from studies.common import latex_escape
+
+    s = ctx.sizes
+    steps_s = {m.stem: json.loads(m.read_text()).get("seconds", float("nan"))
+               for m in sorted((ctx.out / "done").glob("*.json"))}
+    store = ctx.store("train")
+    macros = {
+        "presetname": ctx.preset_name, "modelname": s.model, "nlayers": store.n_layers,
+        "layerlist": _layer_list(store.layers), "dmodel": store.width, "traintokens": f"{store.n_rows:,}",
+        "heldouttokens": f"{ctx.store('heldout').n_rows:,}", "saewidth": s.sae_width, "saek": s.sae_k,
+        "saetokens": f"{s.sae_tokens:,}", "ccwidth": ctx.cc_width, "cck": s.cc_k, "cctokens": f"{s.cc_tokens:,}",
+        "evaltokens": f"{s.eval_tokens:,}", "evalwindows": s.eval_windows, "seqlen": s.seq_len,
+        "totalminutes": f"{sum(v for v in steps_s.values() if v == v) / 60:.1f}",
+    }
+    lines = ["% generated by `crosslayer reproduce` (step paper); do not edit"]
+    lines += [f"\\newcommand{{\\cl{key}}}{{{latex_escape(str(value))}}}" for key, value in macros.items()]
+    rows = "\n".join(f"{latex_escape(k)} & {v:.0f} \\\\" for k, v in steps_s.items() if k != "paper")
+    lines.append("\\newcommand{\\clsteptimes}{\\begin{tabular}{lr}\\toprule step & seconds \\\\ \\midrule\n"
+                 + rows + "\n\\bottomrule\\end{tabular}}")
+    (ctx.paper / "tables").mkdir(parents=True, exist_ok=True)
+    path = ctx.paper / "tables" / "setup.tex"
+    write_text("\n".join(lines) + "\n", path)
+    return [path]

@@ -1,0 +1,95 @@
+"""Presets: the shared sizes of a reproduction plus every study's own settings.
+
+A preset is :class:`Sizes` (model, layers, token budgets, dictionary widths and training settings
+shared by every step) and, for each registered study, that study's frozen config for the preset
+(declared in the study's own module, see :class:`studies.base.Study`). Adding a preset adds one
+entry to :data:`SIZES`; a study whose settings should differ at that preset lists it in its
+``presets`` mapping, the others use their config's defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+from crosslayer.errors import CrosslayerError
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The sizes every step shares (recorded in ``<out>/preset.json``)."""
+
+    model: str
+    layers: str
+    """Layers harvested (``all``, ``8-15``, ...)."""
+    train_tokens: int
+    heldout_tokens: int
+    score_tokens: int
+    """Held-out tokens of the ``score`` step (equal budget per source label)."""
+    sae_width: int
+    """Latents per layer of the per-layer SAEs (the baseline)."""
+    sae_k: int
+    sae_tokens: int
+    sae_batch: int
+    sae_lr: float
+    eval_tokens: int
+    eval_windows: int
+    cc_k: int = 32
+    """TopK of the main crosscoder. Its width is ``sae_width * n_layers`` (matched total dictionary size)."""
+    cc_tokens: int = 65_536
+    """Training tokens of every crosscoder of the run."""
+    cc_batch: int = 1024
+    cc_lr: float = 1e-3
+    seq_len: int = 128
+    """Tokens per harvested window."""
+    batch_size: int = 8
+    """Windows per forward pass (harvest, scoring)."""
+    model_dtype: str = "auto"
+
+
+SIZES: dict[str, Sizes] = {
+    "micro": Sizes(model="tiny-4l-64d", layers="all", train_tokens=4_096, heldout_tokens=1_024, score_tokens=1_024,
+                   sae_width=32, sae_k=8, sae_tokens=8_192, sae_batch=128, sae_lr=3e-3, eval_tokens=1_024,
+                   eval_windows=4, cc_k=8, cc_tokens=8_192, cc_batch=128, cc_lr=3e-3, seq_len=64),
+    "demo": Sizes(model="smollm2-135m", layers="8-15", train_tokens=64_000, heldout_tokens=8_192, score_tokens=8_192,
+                  sae_width=512, sae_k=32, sae_tokens=61_440, sae_batch=256, sae_lr=3e-3, eval_tokens=8_192,
+                  eval_windows=4, cc_k=32, cc_tokens=65_536, cc_batch=512, cc_lr=1e-3),
+    "paper": Sizes(model="smollm2-135m", layers="all", train_tokens=1_000_000, heldout_tokens=65_536,
+                   score_tokens=65_536, sae_width=1152, sae_k=32, sae_tokens=2_000_000, sae_batch=4096, sae_lr=4e-4,
+                   eval_tokens=65_536, eval_windows=64, cc_k=64, cc_tokens=2_000_000, cc_batch=4096, cc_lr=3e-4),
+}
+"""The presets' shared sizes, by preset name."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named reproduction: shared sizes plus each study's config."""
+
+    name: str
+    sizes: Sizes
+    studies: Mapping[str, Any] = field(default_factory=dict)
+    """study name -> that study's frozen config at this preset."""
+
+    def config(self, study: str):
+        """The config of ``study`` at this preset."""
+        if study not in self.studies:
+            raise CrosslayerError(f"preset {self.name!r} has no config for study {study!r}")
+        return self.studies[study]
+
+    def record(self) -> dict:
+        """What ``<out>/preset.json`` holds (JSON types only)."""
+        return {"preset": self.name, **asdict(self.sizes),
+                "studies": {name: asdict(cfg) for name, cfg in self.studies.items()}}
+
+
+def preset_names() -> list[str]:
+    return list(SIZES)
+
+
+def get_preset(name: str) -> Preset:
+    """The preset ``name``: its sizes and every registered study's config for it."""
+    from studies import all_studies
+
+    if name not in SIZES:
+        raise CrosslayerError(f"unknown preset {name!r}; use one of {', '.join(SIZES)}")
+    return Preset(name, SIZES[name], {s.name: s.config_for(name) for s in all_studies()})
