@@ -354,13 +354,16 @@ def cmd_lens(args):
 
 
 def _add_steer(p):
-    from crosslayer.interventions import MODES
+    from crosslayer.interventions import AT, DEFAULT_AT, MODES
 
     p.add_argument("prompt", help="prompt text")
     shared(p, "dictionary", "model_dtype")
     p.add_argument("--feature", type=int, required=True, action="append", help="feature index (repeatable)")
     p.add_argument("--value", type=float, default=0.0, help="clamp/add value or scale factor")
     p.add_argument("--mode", default="clamp", choices=MODES, help="how to edit the feature(s)")
+    p.add_argument("--at", default=DEFAULT_AT, choices=AT,
+                   help="which layers a multi-layer feature is edited at: each (every layer it writes, pinned to "
+                        "clean + its change) | first | peak (one layer; the model carries it on)")
     p.add_argument("--model", default=None, help="model (default: the one the dictionary was trained on)")
     p.add_argument("--top", type=int, default=10, help="tokens shown rising / falling")
     p.add_argument("--tokens", type=int, default=20, help="tokens generated (0: no generation)")
@@ -381,14 +384,15 @@ def cmd_steer(args):
         raise CrosslayerError("the dictionary does not record its model; pass --model")
     model = load_model(name, dtype=args.model_dtype)
     edits = [Edit(f, args.mode, args.value) for f in args.feature]
-    table, summary = steer(model, dictionary, args.prompt, edits, top=args.top)
+    table, summary = steer(model, dictionary, args.prompt, edits, top=args.top, at=args.at)
     acts = ", ".join(f"{f}: {a:.3g}" for f, a in summary["clean_activation"].items())
-    print(f"prompt {args.prompt!r}; {args.mode} {args.feature} value {args.value}; clean activation at the "
-          f"last token {acts}; KL(clean || steered) = {summary['kl']:.4f}")
+    layers = "; ".join(f"{f}: {ls}" for f, ls in summary["layers"].items())
+    print(f"prompt {args.prompt!r}; {args.mode} {args.feature} value {args.value} at {summary['at']} (layers "
+          f"{layers}); clean activation at the last token {acts}; KL(clean || steered) = {summary['kl']:.4f}")
     print(table.to_string(index=False, float_format="%.4f"))
     if args.tokens:
         runs = {"clean": [], "steered": edits}
-        text = {k: generate(model, dictionary, args.prompt, e, max_new_tokens=args.tokens, seed=args.seed,
+        text = {k: generate(model, dictionary, args.prompt, e, at=args.at, max_new_tokens=args.tokens, seed=args.seed,
                             temperature=args.temperature) for k, e in runs.items()}
         print(f"\nclean:   {args.prompt}{text['clean']}\nsteered: {args.prompt}{text['steered']}")
 

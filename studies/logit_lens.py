@@ -172,15 +172,20 @@ def _num(x):
 
 
 def summarize(first: pd.DataFrame) -> pd.DataFrame:
-    """Per category (and "all"): prompts, final accuracy, reach counts and median milestone layers."""
+    """Per category (and "all"): prompts, final accuracy, reach counts and median milestone layers.
+
+    Both milestone medians are taken over the SAME prompts, those whose answer becomes the top-1 at
+    some layer (``n_reach_top1``; reaching the top-1 implies reaching the top-k), so that they can be
+    compared; ``n_reach_topk`` counts the prompts that ever reach the top-k."""
     def one(part: pd.DataFrame, category: str) -> dict:
+        both = part.dropna(subset=["first_topk_layer", "first_top1_layer"])
         return {"category": category, "n_prompts": len(part),
                 "final_accuracy": float(part["final_correct"].astype(bool).mean()),
                 "median_final_rank": float(part["final_rank"].median()),
                 "n_reach_topk": int(part["first_topk_layer"].notna().sum()),
-                "median_first_topk": part["first_topk_layer"].median(),
-                "n_reach_top1": int(part["first_top1_layer"].notna().sum()),
-                "median_first_top1": part["first_top1_layer"].median(),
+                "n_reach_top1": len(both),
+                "median_first_topk": both["first_topk_layer"].median(),
+                "median_first_top1": both["first_top1_layer"].median(),
                 "median_kl_settle": part["kl_settle_layer"].median()}
 
     rows = [one(part, str(cat)) for cat, part in first.groupby("category", sort=True)]
@@ -263,13 +268,14 @@ def tables(results: Path, tables_dir: Path, cfg: Config) -> list[Path]:
     summary["category_tex"] = summary["category"].map(latex_escape)
     path = latex_table(summary, tables_dir / f"{NAME}.tex", label="tab:logit_lens",
                        caption=(f"Logit lens by prompt category: final top-1 accuracy, median final rank of the "
-                                f"answer, and the median first layer at which the answer enters the top-{cfg.top_k} / "
-                                f"becomes top-1 (over the prompts that ever do; reach counts given) and after "
-                                f"which KL to the final distribution stays below {fmt(cfg.kl_nats)} nat. Layer -1 "
-                                f"is the embedding."),
+                                f"answer, how many prompts' answers ever enter the top-{cfg.top_k} and become top-1 "
+                                f"(n), and, over those n prompts that become top-1 (the same prompts for both "
+                                f"columns), the median first layer at which the answer enters the top-{cfg.top_k} "
+                                f"and becomes top-1; and the layer after which KL to the final distribution stays "
+                                f"below {fmt(cfg.kl_nats)} nat. Layer -1 is the embedding."),
                        columns={"category_tex": "category", "n_prompts": "prompts", "final_accuracy": "top-1 acc.",
                                 "median_final_rank": "final rank", "n_reach_topk": f"reach top-{cfg.top_k}",
-                                "median_first_topk": f"top-{cfg.top_k} layer", "n_reach_top1": "reach top-1",
+                                "n_reach_top1": "reach top-1 (n)", "median_first_topk": f"top-{cfg.top_k} layer",
                                 "median_first_top1": "top-1 layer", "median_kl_settle": "KL settled"},
                        raw_columns=("category_tex",))
     return [path]
@@ -282,18 +288,22 @@ def answer(results: Path, cfg: Config) -> str:
     summary = summarize(first).set_index("category")
     n, n_layers = len(first), int(by_layer["layer"].max()) + 1
     acc = int(first["final_correct"].astype(bool).sum())
-    topk, top1 = first["first_topk_layer"].dropna(), first["first_top1_layer"].dropna()
+    n_topk = int(first["first_topk_layer"].notna().sum())
+    both = first.dropna(subset=["first_topk_layer", "first_top1_layer"])
+    topk, top1 = both["first_topk_layer"], both["first_top1_layer"]
     text = [f"Over {n} known-answer prompts" + (f" ({len(skipped)} more skipped: multi-token answers)"
                                                   if len(skipped) else "")
             + f", the model's own top-1 next token is the answer for {acc} ({fmt(100 * acc / n, 3)}\\%)."]
-    if len(topk):
-        text.append(f"Read through the logit lens, the answer first enters the top-{cfg.top_k} at "
-                    f"{_layer_name(topk.median())} on median (interquartile {fmt(topk.quantile(0.25))}--"
-                    f"{fmt(topk.quantile(0.75))}, {len(topk)} of {n} prompts ever reach it)")
-        text[-1] += (f" and becomes the top-1 at {_layer_name(top1.median())} on median ({len(top1)} of {n} prompts)."
-                     if len(top1) else ", but it never becomes the top-1 at any layer.")
+    if len(both):
+        text.append(f"Read through the logit lens, the answer of {n_topk} prompts enters the top-{cfg.top_k} at "
+                    f"some layer and that of {len(both)} becomes the top-1. Over those {len(both)} prompts, it first "
+                    f"enters the top-{cfg.top_k} at {_layer_name(topk.median())} on median (interquartile "
+                    f"{fmt(topk.quantile(0.25))}--{fmt(topk.quantile(0.75))}) and becomes the top-1 at "
+                    f"{_layer_name(top1.median())} (interquartile {fmt(top1.quantile(0.25))}--"
+                    f"{fmt(top1.quantile(0.75))}).")
     else:
-        text.append(f"The answer never enters the top-{cfg.top_k} at any layer.")
+        text.append(f"The answer of {n_topk} of {n} prompts enters the top-{cfg.top_k} at some layer; none becomes "
+                    "the top-1 at any layer.")
     settle = first["kl_settle_layer"]
     kl_mean = by_layer.groupby("layer")["kl_to_final"].mean()
     mid = int(kl_mean.index[len(kl_mean) // 2])
@@ -302,12 +312,16 @@ def answer(results: Path, cfg: Config) -> str:
                 f"{fmt(float(kl_mean.loc[mid]))} at layer {mid}): the final prediction takes shape "
                 f"{_depth(settle.median(), n_layers)}.")
     cats = summary.drop(index="all")
-    cats = cats[cats["n_reach_topk"] > 0]
-    if len(cats) > 1:
+    cats = cats[cats["n_reach_top1"] > 0]
+    if len(cats) > 1 and cats["median_first_topk"].nunique() == 1:
+        text.append(f"By category (same prompts), answers enter the top-{cfg.top_k} at the same median layer in all "
+                    f"{len(cats)} categories that reach the top-1 ({', '.join(map(latex_escape, cats.index))}).")
+    elif len(cats) > 1:
         early, late = cats["median_first_topk"].idxmin(), cats["median_first_topk"].idxmax()
-        text.append(f"By category, answers enter the top-{cfg.top_k} earliest for {latex_escape(early)} "
-                    f"({_layer_name(cats.loc[early, 'median_first_topk'])}) and latest for {latex_escape(late)} "
-                    f"({_layer_name(cats.loc[late, 'median_first_topk'])}).")
+        text.append(f"By category (same prompts), answers enter the top-{cfg.top_k} earliest for "
+                    f"{latex_escape(early)} ({_layer_name(cats.loc[early, 'median_first_topk'])}, n = "
+                    f"{int(cats.loc[early, 'n_reach_top1'])}) and latest for {latex_escape(late)} "
+                    f"({_layer_name(cats.loc[late, 'median_first_topk'])}, n = {int(cats.loc[late, 'n_reach_top1'])}).")
     return " ".join(text)
 
 

@@ -27,7 +27,9 @@ Method
       standardised over the candidate pool; the best-scoring eligible feature is chosen (if none is
       eligible, the best-scoring one that fires, flagged ``eligible`` False in ``candidates.csv``).
     - Clamp (:func:`crosslayer.interventions.run_with_edits`, error term kept, every position but the
-      first, every layer a crosscoder feature writes) to ``Config.multiples`` of the feature's maximum
+      first; a crosscoder feature edited as ``Config.at`` says: ``each`` pins every layer it writes to
+      the clean run plus its intended change, ``first`` / ``peak`` edit one layer and let the model carry
+      it) to ``Config.multiples`` of the feature's maximum
       held-out activation (0 = ablation; negative = pushed against) on ``STEER_PROMPTS``. Per concept
       token: p clean / steered and their ratio; per prompt: KL(clean || steered) and the top tokens up
       and down, and as a control the vocabulary ratio (geometric mean of p steered / p clean over the
@@ -97,6 +99,8 @@ class Config:
     """Sampling temperature of the generations."""
     seed: int = 0
     """Sampling seed, shared by the clean and steered generations."""
+    at: str = "each"
+    """Where a multi-layer feature is edited (:data:`crosslayer.interventions.AT`): first | peak | each."""
     max_density: float = 0.10
     """Candidates firing on more of the held-out tokens than this are not chosen."""
     steer_ratio: float = 2.0
@@ -112,7 +116,7 @@ class Config:
 CANDIDATE_COLUMNS = ["dictionary", "feature", "layer", "source", "logit_effect", "logit_z", "concept_rank",
                      "concept_act", "control_act", "act_contrast", "density", "store_max", "scale", "eligible",
                      "score", "chosen", "top_logits", "top_examples"]
-EFFECT_COLUMNS = ["dictionary", "feature", "multiple", "value", "prompt_id", "prompt", "clean_activation", "token",
+EFFECT_COLUMNS = ["dictionary", "feature", "at", "multiple", "value", "prompt_id", "prompt", "clean_activation", "token",
                   "p_clean", "p_steered", "ratio", "vocab_ratio", "kl"]
 
 
@@ -215,7 +219,7 @@ def candidates(model, dictionary, store, ids: dict[str, int], cfg: Config = Conf
 
 @torch.no_grad()
 def clamp_effects(model, dictionary, feature: int, values: dict[float, float], prompts, ids: dict[str, int],
-                  *, top: int = 5) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  *, top: int = 5, at: str = "each") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Clamp ``feature`` at each ``{multiple: value}`` on ``prompts``; (effects, top tokens up/down) tables.
 
     Effects: one row per (multiple, prompt, concept token) with p_clean, p_steered, ratio, and the
@@ -233,13 +237,14 @@ def clamp_effects(model, dictionary, feature: int, values: dict[float, float], p
     tok_names, tok_ids = list(ids), torch.tensor(list(ids.values()), dtype=torch.long)
     effects, tops = [], []
     for multiple, value in values.items():
-        logits = run_with_edits(model, dictionary, tokens_BT, [Edit(feature, "clamp", float(value))])
+        logits = run_with_edits(model, dictionary, tokens_BT, [Edit(feature, "clamp", float(value))], at=at)
         steered_BV = torch.log_softmax(logits.float().cpu()[batch_B, last_B], -1)
         kl_B = (clean_BV.exp() * (clean_BV - steered_BV)).sum(-1).clamp_min(0.0)
         vocab_B = (steered_BV - clean_BV).mean(-1).exp()  # geometric-mean ratio over the whole vocabulary
         p0_BC, p1_BC = clean_BV[:, tok_ids].exp(), steered_BV[:, tok_ids].exp()
         for b, prompt in enumerate(prompts):
-            base = {"feature": feature, "multiple": multiple, "value": float(value), "prompt_id": b, "prompt": prompt}
+            base = {"feature": feature, "at": at, "multiple": multiple, "value": float(value), "prompt_id": b,
+                    "prompt": prompt}
             effects += [{**base, "clean_activation": float(clean_act_B[b]), "token": t, "p_clean": float(p0_BC[b, c]),
                          "p_steered": float(p1_BC[b, c]), "ratio": float(p1_BC[b, c] / p0_BC[b, c].clamp_min(1e-30)),
                          "vocab_ratio": float(vocab_B[b]), "kl": float(kl_B[b])} for c, t in enumerate(tok_names)]
@@ -251,14 +256,26 @@ def clamp_effects(model, dictionary, feature: int, values: dict[float, float], p
     return pd.DataFrame(effects), pd.DataFrame(tops)
 
 
+def _generations(model, dictionary, feature: int, multiple: float, value: float, cfg: Config) -> pd.DataFrame:
+    """Seeded generations on the first ``cfg.gen_prompts`` prompts, clean (``dictionary`` None) or with
+    ``feature`` clamped at ``value`` (edited ``cfg.at``)."""
+    from crosslayer.interventions import Edit, generate
+
+    edits = [] if dictionary is None else [Edit(feature, "clamp", value)]
+    rows = [{"dictionary": "clean", "feature": feature, "multiple": multiple, "value": value, "prompt_id": p,
+             "prompt": prompt, "at": cfg.at if edits else "",
+             "text": generate(model, dictionary, prompt, edits, at=cfg.at, max_new_tokens=cfg.gen_tokens,
+                              seed=cfg.seed, temperature=cfg.gen_temperature)}
+            for p, prompt in enumerate(STEER_PROMPTS[:cfg.gen_prompts])]
+    return pd.DataFrame(rows)
+
+
 def _store_counts(store, ids: dict[str, int]) -> dict[str, int]:
     token_ids = store.meta()["token_id"]
     return {t: int((token_ids == i).sum()) for t, i in ids.items()}
 
 
 def run(ctx, cfg: Config) -> dict:
-    from crosslayer.interventions import Edit, generate
-
     model, heldout, results = ctx.model, ctx.store("heldout"), ctx.results(NAME)
     ids = concept_ids(model.tokenizer)
     if not ids:
@@ -267,35 +284,25 @@ def run(ctx, cfg: Config) -> dict:
     write_csv(pd.DataFrame({"token": list(ids), "token_id": list(ids.values()),
                             "n_train": [train_counts[t] for t in ids], "n_heldout": [heldout_counts[t] for t in ids]}),
               results / "concept_tokens.csv")
-    cands, effects, tops, gens = [], [], [], []
-    for p, prompt in enumerate(STEER_PROMPTS[:cfg.gen_prompts]):
-        gens.append({"dictionary": "clean", "feature": -1, "multiple": float("nan"), "value": float("nan"),
-                     "prompt_id": p, "prompt": prompt,
-                     "text": generate(model, None, prompt, max_new_tokens=cfg.gen_tokens, seed=cfg.seed,
-                                      temperature=cfg.gen_temperature)})
+    cands, effects, tops, gens = [], [], [], [_generations(model, None, -1, float("nan"), float("nan"), cfg)]
     for name, dictionary in (("SAE", ctx.saes()), ("crosscoder", ctx.crosscoder())):
         table = candidates(model, dictionary, heldout, ids, cfg, name=name)
         cands.append(table)
         chosen = table[table["chosen"]].iloc[0]
         feature, scale = int(chosen["feature"]), float(chosen["scale"])
         eff, top = clamp_effects(model, dictionary, feature, {m: m * scale for m in cfg.multiples}, STEER_PROMPTS, ids,
-                                 top=cfg.top_tokens)
+                                 top=cfg.top_tokens, at=cfg.at)
         effects.append(eff.assign(dictionary=name))
         tops.append(top.assign(dictionary=name))
         best = float(headline(eff.assign(dictionary=name)).iloc[0]["best_multiple"])
-        for p, prompt in enumerate(STEER_PROMPTS[:cfg.gen_prompts]):
-            edit = Edit(feature, "clamp", best * scale)
-            gens.append({"dictionary": name, "feature": feature, "multiple": best, "value": edit.value,
-                         "prompt_id": p, "prompt": prompt,
-                         "text": generate(model, dictionary, prompt, [edit], max_new_tokens=cfg.gen_tokens, seed=cfg.seed,
-                                          temperature=cfg.gen_temperature)})
+        gens.append(_generations(model, dictionary, feature, best, best * scale, cfg).assign(dictionary=name))
     write_csv(pd.concat(cands, ignore_index=True), results / "candidates.csv")
     effects = pd.concat(effects, ignore_index=True)[EFFECT_COLUMNS]
     write_csv(effects, results / "effects.csv")
     write_csv(pd.concat(tops, ignore_index=True)[["dictionary", "feature", "multiple", "value", "prompt_id", "prompt",
                                                   "direction", "rank", "token", "p_clean", "p_steered"]],
               results / "top_tokens.csv")
-    write_csv(pd.DataFrame(gens), results / "generations.csv")
+    write_csv(pd.concat(gens, ignore_index=True), results / "generations.csv")
     head = headline(effects)
     return {f"{r.dictionary}_{k}": float(getattr(r, k)) for r in head.itertuples()
             for k in ("feature", "best_multiple", "concept_ratio_best", "kl_best")}
@@ -307,10 +314,8 @@ def _gmean(x: pd.Series) -> float:
 
 def headline(effects: pd.DataFrame) -> pd.DataFrame:
     """Per dictionary: feature; the best positive multiple (largest concept ratio: geometric mean of p steered /
-    p clean over concept tokens and prompts) with its concept ratio, the first concept token's mean p clean /
-    steered, ratio and number of prompts where it rose, the vocabulary ratio and the mean KL; the concept
-    ratio when ablated (0) and the concept ratio and KL at the largest multiple."""
-    token = effects["token"].iloc[0]
+    p clean over concept tokens and prompts) with its concept ratio, the vocabulary ratio and the mean KL; the
+    concept ratio when ablated (0) and the concept ratio and KL at the largest multiple."""
     rows = []
     for name, part in effects.groupby("dictionary", sort=False):
         ratio = part.groupby("multiple")["ratio"].apply(_gmean)
@@ -318,17 +323,30 @@ def headline(effects: pd.DataFrame) -> pd.DataFrame:
         kl, vocab = per_prompt["kl"].mean(), per_prompt["vocab_ratio"].apply(_gmean)
         positive = ratio[ratio.index > 0]
         best = float(positive.idxmax() if len(positive) else ratio.idxmax())
-        first = part[(part["token"] == token) & np.isclose(part["multiple"], best)]
         top = float(ratio.index.max())
-        rows.append({"dictionary": name, "feature": int(part["feature"].iloc[0]), "token": token,
+        rows.append({"dictionary": name, "feature": int(part["feature"].iloc[0]),
                      "best_multiple": best, "concept_ratio_best": float(ratio.loc[best]),
                      "kl_best": float(kl.loc[best]),
-                     "p_clean": float(first["p_clean"].mean()), "p_steered_best": float(first["p_steered"].mean()),
-                     "token_ratio_best": _gmean(first["ratio"]), "n_token_up": int((first["ratio"] > 1).sum()),
                      "vocab_ratio_best": float(vocab.loc[best]),
                      "concept_ratio_abl": float(ratio.loc[0.0]) if 0.0 in ratio.index else float("nan"),
                      "max_multiple": top, "concept_ratio_max": float(ratio.loc[top]), "kl_max": float(kl.loc[top])})
     return pd.DataFrame(rows)
+
+
+def concept_mass(effects: pd.DataFrame, dictionary: str, multiple: float) -> pd.DataFrame:
+    """Per prompt: the concept tokens' total probability clean and steered at ``multiple`` (``p_clean``,
+    ``p_steered``, ``prompt_id``): a number not dominated by tokens whose probability is ~0."""
+    part = effects[(effects["dictionary"] == dictionary) & np.isclose(effects["multiple"], multiple)]
+    return part.groupby("prompt_id", sort=True)[["p_clean", "p_steered"]].sum().reset_index()
+
+
+def _mass_text(mass: pd.DataFrame) -> str:
+    """``p 0.01 -> 0.03 (rises) on prompt 1, ...``: each prompt's direction read from its numbers."""
+    parts = [f"{fmt(r.p_clean)} $\\to$ {fmt(r.p_steered)} on prompt {int(r.prompt_id) + 1} ("
+             + ("rises" if r.p_steered > r.p_clean else "falls" if r.p_steered < r.p_clean else "unchanged") + ")"
+             for r in mass.itertuples()]
+    n_up = int((mass["p_steered"] > mass["p_clean"]).sum())
+    return f"{'; '.join(parts)}: it rises on {n_up} of {len(mass)} prompts"
 
 
 # ----------------------------------------------------------------------------- rendering (CSVs only)
@@ -450,15 +468,21 @@ def _ascii(text) -> str:
     return latex_escape("".join(ch if 32 <= ord(ch) < 127 else ("\\n" if ch == "\n" else "?") for ch in str(text)))
 
 
+_AT_TEXT = {"each": "every layer the feature writes is set to the clean run plus its intended change",
+            "first": "only the first layer it writes is edited; the model carries the change on",
+            "peak": "only its peak layer is edited; the model carries the change on"}
+
+
 def answer(results: Path, cfg: Config) -> str:
     cands = read_csv(results, "candidates")
     effects = read_csv(results, "effects")
     concept = read_csv(results, "concept_tokens")
     head = headline(effects)
-    token = head["token"].iloc[0]
     n_prompts, n_tokens = effects["prompt_id"].nunique(), effects["token"].nunique()
+    at = str(effects["at"].iloc[0]) if "at" in effects else cfg.at
     text = [f"The {len(concept)} one-token concept words ({', '.join(token_tex(t) for t in concept['token'])}) "
-            f"occur {int(concept['n_train'].sum())} times in the training store."]
+            f"occur {int(concept['n_train'].sum())} times in the training store. Features are clamped in mode "
+            f"\\texttt{{{at}}} ({_AT_TEXT.get(at, 'see crosslayer.interventions')})."]
     for r in head.itertuples():
         c = cands[(cands["dictionary"] == r.dictionary) & (cands["chosen"].astype(str) == "True")].iloc[0]
         mine = cands[cands["dictionary"] == r.dictionary]
@@ -472,9 +496,8 @@ def answer(results: Path, cfg: Config) -> str:
             f"the vocabulary by logit effect. Clamped at {fmt(r.best_multiple)}$\\times$ its maximum activation "
             f"({fmt(float(c['scale']))}), the best of the grid, it multiplies the concept tokens' probabilities by "
             f"{fmt(r.concept_ratio_best)} (geometric mean over {n_tokens} tokens and {n_prompts} prompts; "
-            f"{fmt(lift)} times the vocabulary-wide ratio) at a KL of {fmt(r.kl_best)} nats; "
-            f"p({token_tex(token)}) rises on {r.n_token_up} of {n_prompts} prompts (mean {fmt(r.p_clean)} $\\to$ "
-            f"{fmt(r.p_steered_best)}). "
+            f"{fmt(lift)} times the vocabulary-wide ratio) at a KL of {fmt(r.kl_best)} nats. The concept words' "
+            f"total probability goes {_mass_text(concept_mass(effects, r.dictionary, r.best_multiple))}. "
             + ("It passes" if works else "It fails")
             + f" the steering criterion (concept ratio and its ratio to the vocabulary-wide one both at least "
             f"{fmt(cfg.steer_ratio)})"

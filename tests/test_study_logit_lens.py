@@ -133,3 +133,15 @@ def test_figures_tables_and_answer_from_csvs(tmp_path):
     text = study.answer(results, CFG)
     assert "1 more skipped" in text and "top-5 at layer" in text and "c\\_d" in text
     assert "_" not in text.replace("\\_", "")
+
+
+def test_milestone_medians_use_the_same_prompts():
+    """A prompt that enters the top-k but never becomes top-1 must not pull the top-k median earlier than the
+    top-1 median's prompts (the arithmetic category once showed top-1 at 24 before top-5 at 25)."""
+    first = pd.DataFrame({"category": ["a", "a", "a"], "final_correct": [True, False, False],
+                          "final_rank": [1, 9, 30], "first_topk_layer": [5.0, 1.0, np.nan],
+                          "first_top1_layer": [10.0, np.nan, np.nan], "kl_settle_layer": [10, 12, 12]})
+    row = study.summarize(first).set_index("category").loc["all"]
+    assert row.n_reach_topk == 2 and row.n_reach_top1 == 1
+    assert row.median_first_topk == 5.0 and row.median_first_top1 == 10.0  # both over the one prompt reaching top-1
+    assert row.median_first_topk <= row.median_first_top1

@@ -165,3 +165,9 @@ def test_figures_tables_and_answer_from_csvs(tmp_path):
     # the crosscoder's gain 0.5 < 1: even its best positive clamp lowers the concept
     assert "It fails the steering criterion" in text
     assert "3 times in the training store" in text
+    # per-prompt concept mass, direction read from the numbers (the SAE's gain 3 raises it, the crosscoder's 0.5 lowers it)
+    sae_text, cc_text = text.split("crosscoder feature 11")
+    assert "it rises on 2 of 2 prompts" in sae_text and "(falls)" not in sae_text
+    assert "it rises on 0 of 2 prompts" in cc_text and cc_text.count("(falls)") == 2
+    mass = study.concept_mass(pd.read_csv(results / "effects.csv"), "crosscoder", 0.25)
+    np.testing.assert_allclose(mass.p_clean, 0.012) and np.testing.assert_allclose(mass.p_steered, 0.012 * 0.5 ** 0.25)
