@@ -48,11 +48,12 @@ Method (research-notes §4):
      and layer l of its reconstruction replaces a_l. a_j is the activation that arrived at hook j in
      this pass (before its replacement; computed from the spliced stream below j, never from the clean
      run); the later layers do not exist yet and are filled with the store's per-layer mean m_j. A
-     feature that writes l reads only a_0..a_l, so its activation is exact and the same at every hook
-     after its read layers; but in TopK / BatchTopK selection the features that read a later layer
-     compete with the score they have on the mean activation there, so the features selected among
+     feature that writes l reads only a_0..a_l, so its pre-activation is exact, the same at every hook
+     after its read layers, and with a per-feature rule (ReLU, JumpReLU, BatchTopK's inference
+     threshold) so is its activation. Under TopK the features that read a later layer still compete for
+     the k slots, with the score they have on the mean activation there, so the features selected among
      those writing l can differ from an encode of the full stream (a later feature's mean-input score
-     can take a slot, or free one). For a layerwise dictionary this is the sequential splice.
+     can take a slot, or leave one free). For a layerwise dictionary this is the sequential splice.
    - ``"none"`` (all row of any other dictionary: acausal, window > 1): no multi-layer run; its
      downstream columns are NaN. Replacing every resid_post at once with a reconstruction of the clean
      activations is the last layer's splice alone (at the replaced positions a later resid_post
