@@ -89,6 +89,7 @@ class ActivationStore:
         self._acts: dict[int, np.ndarray] = {}
         self._rows: dict[int, np.ndarray] = {}
         self._windows = None
+        self._means: dict[tuple[int, ...], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -318,6 +319,24 @@ class ActivationStore:
     def window_tokens(self) -> torch.Tensor:
         """All harvested windows' token ids ``[n_windows, seq_len]`` (for re-running the model)."""
         return torch.from_numpy(np.asarray(self._window_arrays()["windows"], dtype=np.int64))
+
+    def window_docs(self) -> torch.Tensor:
+        """All harvested windows' document indices ``[n_windows, seq_len]`` int64 (-1 = separator)."""
+        return torch.from_numpy(np.asarray(self._window_arrays()["windows_doc"], dtype=np.int64))
+
+    def mean(self, layers: list[int] | None = None, *, batch_rows: int = 8192) -> torch.Tensor:
+        """Mean raw activation per layer ``[n_layers, width]`` float32 over every stored row (positions excluded
+        at harvest are not stored, so not counted), from float64 sums read in row order; memoised per selection."""
+        chosen = tuple(self.select(layers).layers)
+        if chosen not in self._means:
+            if self.n_rows == 0:
+                raise CrosslayerError(f"store {self.path} has no rows; harvest some before taking its mean")
+            total = torch.zeros(len(chosen), self.width, dtype=torch.float64)
+            for start in range(0, self.n_rows, batch_rows):
+                rows = np.arange(start, min(start + batch_rows, self.n_rows))
+                total += self.get(rows, layers=list(chosen)).double().sum(0)
+            self._means[chosen] = (total / self.n_rows).float()
+        return self._means[chosen].clone()
 
 
 def _drop_mapped_pages(array: np.ndarray) -> None:

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from conftest import random_saes
 from crosslayer.dictionary import Dictionary
 from crosslayer.errors import CrosslayerError
-from crosslayer.evals import ReconstructionStats, downstream, evaluate, kept_mask
+from crosslayer.crosscoder import Crosscoder, CrosscoderConfig
+from crosslayer.evals import (DOWNSTREAM_COLUMNS, TABLE_COLUMNS, ReconstructionStats, choose_windows, downstream,
+                              eval_windows, evaluate, kept_mask, l0_pairs, multi_layer_splice)
 
 
 class ScaleDictionary(Dictionary):
@@ -148,7 +150,10 @@ def test_evaluate_matches_direct_computation(tiny, tmp_path):
 def test_table_columns_are_typed(tiny, tmp_path):
     _, store = tiny
     table = evaluate(random_saes(store), store, n_tokens=256, out=tmp_path / "eval.csv")
-    assert list(table.columns[:4]) == ["kind", "scope", "layer", "hook"]
+    assert list(table.columns[:5]) == ["kind", "scope", "layer", "hook", "splice"]
+    assert list(table.columns) == TABLE_COLUMNS  # no model: no downstream columns
+    assert table.splice.tolist() == ["layer"] * store.n_layers + ["sequential"]
+    assert table.prefix_fvu.isna().all() and (table.l0_frac == 0.1).all()
     assert str(table.layer.dtype) == "Int64"
     assert table.scope.tolist() == ["layer"] * store.n_layers + ["all"]
     assert table.layer.iloc[:-1].tolist() == store.layers and table.layer.isna().tolist()[-1]
@@ -196,56 +201,171 @@ def test_layer_mismatch_raises(tiny):
 
 def test_kept_mask_matches_store_and_policy(tiny):
     _, store = tiny
-    mask = kept_mask(store, 10)
-    tokens = store.window_tokens()[:10]
-    assert not mask[:, 0].any()
-    special = torch.tensor(store.manifest["exclusion_policy"]["special_token_ids"])
-    assert not mask[torch.isin(tokens, special)].any()
     meta = store.meta()
-    in_windows = meta["window"] < 10
-    assert int(mask.sum()) == int(in_windows.sum())
-    assert mask[torch.from_numpy(meta["window"][in_windows]), torch.from_numpy(meta["position"][in_windows])].all()
+    special = torch.tensor(store.manifest["exclusion_policy"]["special_token_ids"])
+    for windows in (10, np.array([3, 17, 40, 99])):
+        index = np.arange(windows) if isinstance(windows, int) else windows
+        mask = kept_mask(store, windows)
+        tokens = store.window_tokens()[index]
+        assert mask.shape == (len(index), store.seq_len) and not mask[:, 0].any()
+        assert not mask[torch.isin(tokens, special)].any()
+        rows = np.isin(meta["window"], index)
+        assert int(mask.sum()) == int(rows.sum())
+        where = torch.from_numpy(np.searchsorted(index, meta["window"][rows]))
+        assert mask[where, torch.from_numpy(meta["position"][rows])].all()
+
+
+def test_eval_windows_spread_and_stay_inside_documents(tiny):
+    _, store = tiny
+    N = store.manifest["n_windows"]
+    index = choose_windows(store, 10)
+    assert len(set(index.tolist())) == 10 and index[0] == 0 and index[-1] >= N - N // 10 - 1
+    assert choose_windows(store, 10**6).tolist() == list(range(N))
+    win = eval_windows(store, 10)
+    docs = store.window_docs()[index]
+    src, tgt = docs[:, :-1], docs[:, 1:]
+    assert win.pred.any() and (src[win.pred] == tgt[win.pred]).all() and (src[win.pred] >= 0).all()
+    assert (win.pred <= win.kept[:, :-1]).all()
+    crossing = win.kept[:, :-1] & (src != tgt)  # kept inputs whose target is a separator / another document
+    assert crossing.any() and not win.pred[crossing].any()
+    assert win.n_docs == len(torch.unique(src[win.pred])) and int(win.doc.max()) == win.n_docs - 1
+    first = store.window_docs()[:10, :-1]
+    assert win.n_docs > len(torch.unique(first[first >= 0]))  # spread windows reach more documents
+
+
+def test_store_mean_is_the_mean_of_every_row(tiny):
+    _, store = tiny
+    x = store.get(np.arange(store.n_rows), layers=[1]).double()
+    mean = store.mean([1], batch_rows=1000)
+    assert mean.shape == (1, store.width) and mean.dtype == torch.float32
+    assert torch.allclose(mean.double(), x.mean(0), rtol=1e-6, atol=1e-7)
+    assert torch.allclose(store.mean()[1], mean[0], rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- downstream ground truth
 
+def scored(store, n_windows):
+    """(tokens, kept, pred, doc of each scored prediction) by hand: kept input, same document as the target."""
+    index = choose_windows(store, n_windows)
+    tokens, docs = store.window_tokens()[index], store.window_docs()[index]
+    kept = kept_mask(store, index)
+    pred = kept[:, :-1] & (docs[:, :-1] >= 0) & (docs[:, :-1] == docs[:, 1:])
+    return tokens, kept, pred, docs[:, :-1][pred]
+
+
 @torch.no_grad()
-def direct_ce(model, tokens, mask, fwd_hooks=()):
-    """Mean next-token CE at kept positions, straight from the model."""
+def logp_at(model, tokens, pred, fwd_hooks=()):
     logits = model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks))
-    logp = torch.log_softmax(logits[:, :-1].float(), -1)
-    ce = -logp.gather(-1, tokens[:, 1:, None])[..., 0]
-    return float(ce[mask[:, :-1]].mean())
+    return torch.log_softmax(logits[:, :-1].float(), -1)[pred]
+
+
+def ce_of(logp, tokens, pred):
+    """Per-prediction CE."""
+    return -logp.gather(-1, tokens[:, 1:][pred][:, None])[:, 0].double()
+
+
+def kl_of(logp_clean, logp):
+    return (logp_clean.exp() * (logp_clean - logp)).sum(-1).double()
+
+
+def put_kept(kept, values):
+    """A hook writing ``values`` (broadcastable to the activation) at the kept positions."""
+    return lambda act, hook: torch.where(kept[..., None], values.to(act).expand_as(act), act)
+
+
+def scale_kept(kept, scale):
+    return lambda act, hook: torch.where(kept[..., None], act * scale, act)
 
 
 def test_downstream_ground_truth(tiny):
     model, store = tiny
-    n_windows = 6
-    tokens, mask = store.window_tokens()[:n_windows], kept_mask(store, n_windows)
-    table = evaluate(ScaleDictionary(store, [1.0, 1.0]), store, model=model, n_tokens=256,
-                     n_windows=n_windows, window_batch_size=4)
+    tokens, kept, pred, _ = scored(store, 6)
+    cache = {}
+    table = evaluate(ScaleDictionary(store, [1.0, 1.0]), store, model=model, n_tokens=256, n_windows=6,
+                     window_batch_size=6, n_boot=100, zero_cache=cache)
+    assert list(table.columns) == TABLE_COLUMNS + DOWNSTREAM_COLUMNS
     identity, overall = by_layer(table)
-    ce_clean = direct_ce(model, tokens, mask)
+    assert overall.splice == "causal"  # each feature reads and writes one layer
+    logp_clean = logp_at(model, tokens, pred)
+    ce_clean = float(ce_of(logp_clean, tokens, pred).mean())
+    assert table.n_predictions.tolist() == [int(pred.sum())] * 3
     assert table.ce_clean.to_numpy() == pytest.approx([ce_clean] * 3, rel=1e-5)
-    assert table.ce_recovered.to_numpy() == pytest.approx([1.0] * 3, abs=1e-3)
-    assert table.kl.abs().max() < 1e-5
     assert table.ce_spliced.to_numpy() == pytest.approx([ce_clean] * 3, abs=1e-4)
+    for col in ("ce_recovered", "ce_recovered_lo", "ce_recovered_hi", "ce_recovered_zero"):
+        assert table[col].to_numpy() == pytest.approx([1.0] * 3, abs=1e-3), col  # zero-width interval at 1
+    assert table.kl.abs().max() < 1e-5 and table.kl_hi.abs().max() < 1e-5
 
-    def zero_kept(act, hook):
-        return torch.where(mask[..., None], torch.zeros_like(act), act)
-
-    ce_zero_l1 = direct_ce(model, tokens, mask, [("blocks.1.hook_resid_post", zero_kept)])
-    ce_zero_all = direct_ce(model, tokens, mask, [(h, zero_kept) for h in store.hooks])
-    assert identity.loc[1, "ce_zero"] == pytest.approx(ce_zero_l1, rel=1e-5)
-    assert overall.ce_zero == pytest.approx(ce_zero_all, rel=1e-5)
-    assert abs(ce_zero_l1 - ce_clean) > 1e-3  # the denominator of CE recovered is not degenerate
+    mean = store.mean()
+    runs = {"ce_zero_l1": [(store.hooks[1], put_kept(kept, torch.zeros(1)))],
+            "ce_zero_all": [(h, put_kept(kept, torch.zeros(1))) for h in store.hooks],
+            "ce_mean_l1": [(store.hooks[1], put_kept(kept, mean[1]))],
+            "ce_mean_all": [(h, put_kept(kept, mean[i])) for i, h in enumerate(store.hooks)]}
+    ce = {k: float(ce_of(logp_at(model, tokens, pred, hooks), tokens, pred).mean()) for k, hooks in runs.items()}
+    assert identity.loc[1, "ce_zero"] == pytest.approx(ce["ce_zero_l1"], rel=1e-5)
+    assert overall.ce_zero == pytest.approx(ce["ce_zero_all"], rel=1e-5)
+    assert identity.loc[1, "ce_mean"] == pytest.approx(ce["ce_mean_l1"], rel=1e-5)
+    assert overall.ce_mean == pytest.approx(ce["ce_mean_all"], rel=1e-5)
+    assert min(abs(ce["ce_zero_l1"] - ce_clean), abs(ce["ce_mean_l1"] - ce_clean)) > 1e-3  # not degenerate
 
     mixed, _ = by_layer(evaluate(ScaleDictionary(store, [1.0, 0.0]), store, model=model, n_tokens=256,
-                                 n_windows=n_windows))
+                                 n_windows=6, window_batch_size=6, n_boot=100, zero_cache=cache))
     assert mixed.loc[0, "ce_recovered"] == pytest.approx(1.0, abs=1e-3) and mixed.loc[0, "kl"] < 1e-5
-    assert mixed.loc[1, "ce_recovered"] == pytest.approx(0.0, abs=1e-6)
-    assert mixed.loc[1, "kl"] == pytest.approx(mixed.loc[1, "kl_zero"], rel=1e-6)
-    assert mixed.loc[1, "kl"] > 1e-3
+    assert mixed.loc[1, "ce_recovered_zero"] == pytest.approx(0.0, abs=1e-6)  # scale 0 is zero ablation
+    assert mixed.loc[1, "kl"] == pytest.approx(mixed.loc[1, "kl_zero"], rel=1e-6) and mixed.loc[1, "kl"] > 1e-3
+
+
+class MeanDictionary(ScaleDictionary):
+    """Reconstructs every token as the store's mean: the mean-ablation "dictionary"."""
+
+    def __init__(self, store):
+        super().__init__(store, [0.0] * store.n_layers)
+        self.mean_LD = store.mean() * store.norm_factors[:, None]  # normalised units
+
+    def decode_normalized(self, feats_BF):
+        return super().decode_normalized(feats_BF) + self.mean_LD
+
+
+def test_intervals_contain_estimates_and_mean_ablation_recovers_nothing(tiny):
+    model, store = tiny
+    cache = {}
+    table = evaluate(ScaleDictionary(store, [0.5, 0.8]), store, model=model, n_tokens=256, n_windows=8,
+                     window_batch_size=8, n_boot=200, zero_cache=cache)
+    for name in ("ce_spliced", "ce_recovered", "ce_recovered_zero", "kl"):
+        assert (table[f"{name}_lo"] <= table[name]).all() and (table[name] <= table[f"{name}_hi"]).all(), name
+        assert (table[f"{name}_lo"] < table[f"{name}_hi"]).all(), name  # a real spread across documents
+    assert (table.n_docs >= 5).all() and table.prefix_ce_spliced.isna().all()
+    mean = evaluate(MeanDictionary(store), store, model=model, n_tokens=256, n_windows=8, window_batch_size=8,
+                    n_boot=200, zero_cache=cache)
+    assert mean.splice.iloc[-1] == "causal"
+    assert mean.ce_recovered.to_numpy() == pytest.approx([0.0] * 3, abs=1e-4)
+    assert mean.kl.to_numpy() == pytest.approx(mean.kl_mean.to_numpy(), rel=1e-4)
+
+
+def test_bootstrap_over_documents_matches_brute_force(tiny):
+    model, store = tiny
+    n_boot, seed, scale = 50, 3, 0.8
+    tokens, kept, pred, doc_P = scored(store, 8)
+    logp_clean = logp_at(model, tokens, pred)
+    per_pred = {"ce_clean": ce_of(logp_clean, tokens, pred), "n": torch.ones(len(doc_P), dtype=torch.float64)}
+    for name, hook in (("ce_spliced", scale_kept(kept, scale)), ("ce_mean", put_kept(kept, store.mean()[1]))):
+        per_pred[name] = ce_of(logp_at(model, tokens, pred, [(store.hooks[1], hook)]), tokens, pred)
+    docs = sorted(set(doc_P.tolist()))
+    per_doc = {k: np.array([float(v[doc_P == d].sum()) for d in docs]) for k, v in per_pred.items()}
+
+    def recovered(t):
+        return (t["ce_mean"] - t["ce_spliced"]) / (t["ce_mean"] - t["ce_clean"])
+
+    draws = np.random.default_rng(seed).integers(0, len(docs), size=(n_boot, len(docs)))
+    boot = [recovered({k: v[b].sum() for k, v in per_doc.items()}) for b in draws]
+    spliced = [per_doc["ce_spliced"][b].sum() / per_doc["n"][b].sum() for b in draws]
+    row = downstream(ScaleDictionary(store, [1.0, scale]), store, model, n_windows=8, batch_size=8,
+                     n_boot=n_boot, seed=seed)[1]
+    assert row["n_docs"] == len(docs) and row["n_predictions"] == len(doc_P)
+    assert row["ce_recovered"] == pytest.approx(recovered({k: v.sum() for k, v in per_doc.items()}), rel=1e-4)
+    assert [row["ce_recovered_lo"], row["ce_recovered_hi"]] == pytest.approx(np.percentile(boot, [2.5, 97.5]),
+                                                                                rel=1e-4)
+    assert [row["ce_spliced_lo"], row["ce_spliced_hi"]] == pytest.approx(np.percentile(spliced, [2.5, 97.5]),
+                                                                          rel=1e-5)
 
 
 def test_downstream_rejects_other_weights(tiny):
@@ -268,34 +388,170 @@ class LayerwiseScale(ScaleDictionary):
         return acts_ND * self.scales[index]
 
 
-def test_all_layer_splice_is_sequential_for_layerwise_dictionaries(tiny):
+def test_sequential_and_causal_splices_compound(tiny):
     model, store = tiny
-    n_windows = 6
-    tokens, mask = store.window_tokens()[:n_windows], kept_mask(store, n_windows)
+    tokens, kept, pred, _ = scored(store, 6)
     scales = [0.5, 0.8]
-
-    def scale_kept(i):
-        return lambda act, hook: torch.where(mask[..., None], act * scales[i], act)
-
-    sequential = direct_ce(model, tokens, mask, [(h, scale_kept(i)) for i, h in enumerate(store.hooks)])
-    last_only = direct_ce(model, tokens, mask, [(store.hooks[1], scale_kept(1))])
+    sequential = float(ce_of(logp_at(model, tokens, pred, [(h, scale_kept(kept, scales[i]))
+                                                           for i, h in enumerate(store.hooks)]), tokens, pred).mean())
+    last_only = float(ce_of(logp_at(model, tokens, pred, [(store.hooks[1], scale_kept(kept, scales[1]))]),
+                            tokens, pred).mean())
     assert abs(sequential - last_only) > 1e-4  # the two definitions really differ here
-    got = evaluate(LayerwiseScale(store, scales), store, model=model, n_tokens=256, n_windows=n_windows)
-    assert by_layer(got)[1].ce_spliced == pytest.approx(sequential, rel=1e-5)
-    from_clean = evaluate(ScaleDictionary(store, scales), store, model=model, n_tokens=256, n_windows=n_windows)
-    assert by_layer(from_clean)[1].ce_spliced == pytest.approx(last_only, rel=1e-5)
+    kw = dict(n_windows=6, batch_size=6, per_layer=False, n_boot=10)
+    assert multi_layer_splice(LayerwiseScale(store, scales)) == "sequential"
+    assert downstream(LayerwiseScale(store, scales), store, model, **kw)["all"]["ce_spliced"] == \
+        pytest.approx(sequential, rel=1e-5)
+    # the same reconstruction, not declared layerwise, is causal: the same run
+    assert downstream(ScaleDictionary(store, scales), store, model, **kw)["all"]["ce_spliced"] == \
+        pytest.approx(sequential, rel=1e-5)
+
+
+def tiny_crosscoder(store, variant, *, n_features=64, k=4, seed=0):
+    cfg = CrosscoderConfig(layers=tuple(store.layers), d_model=store.width, n_features=n_features, k=k,
+                           variant=variant)
+    cc = Crosscoder(cfg, hooks=store.hooks, norm_factors=store.norm_factors,
+                    meta={"store": {"model": store.manifest["model"]}}, seed=seed)
+    cc.calibrate_(next(store.iter_batches(256, normalized=True, seed=seed)))
+    return cc
+
+
+@torch.no_grad()
+def test_causal_splice_matches_brute_force(tiny):
+    model, store = tiny
+    cc = tiny_crosscoder(store, "weakly_causal")
+    assert multi_layer_splice(cc) == "causal"
+    tokens, kept, pred, _ = scored(store, 8)
+    mean = store.mean()
+    arrived, fixed = [], []
+    for i, hook in enumerate(store.hooks):  # layer by layer: each splice from the prefix spliced by hand
+        seen = {}
+        capture = [(hook, lambda act, hook: seen.setdefault("act", act.clone()))]
+        model.run_with_hooks(tokens, fwd_hooks=[(store.hooks[j], put_kept(kept, fixed[j])) for j in range(i)] + capture)
+        arrived.append(seen["act"])
+        inputs = torch.stack([a[kept] for a in arrived] + [mean[j].expand(int(kept.sum()), -1)
+                                                           for j in range(i + 1, store.n_layers)], dim=1)
+        recon = torch.zeros_like(seen["act"])
+        recon[kept] = cc.reconstruct(inputs, normalized=False)[:, i]
+        fixed.append(recon)
+    hooks = [(h, put_kept(kept, fixed[j])) for j, h in enumerate(store.hooks)]
+    logp_clean, logp = logp_at(model, tokens, pred), logp_at(model, tokens, pred, hooks)
+    row = downstream(cc, store, model, n_windows=8, batch_size=8, per_layer=False, n_boot=10)["all"]
+    assert row["ce_spliced"] == pytest.approx(float(ce_of(logp, tokens, pred).mean()), rel=1e-5)
+    assert row["kl"] == pytest.approx(float(kl_of(logp_clean, logp).mean()), rel=1e-4)
+    clean = model.run_with_cache(tokens, names_filter=lambda n: n in store.hooks)[1]
+    last = torch.zeros_like(arrived[-1])
+    last[kept] = cc.reconstruct(torch.stack([clean[h][kept] for h in store.hooks], 1), normalized=False)[:, -1]
+    last_only = ce_of(logp_at(model, tokens, pred, [(store.hooks[-1], put_kept(kept, last))]), tokens, pred)
+    assert abs(row["ce_spliced"] - float(last_only.mean())) > 1e-4  # not the last layer's splice from clean
+
+
+def test_acausal_crosscoder_has_no_all_row_but_a_prefix_splice(tiny):
+    model, store = tiny
+    cc = tiny_crosscoder(store, "acausal")
+    table = evaluate(cc, store, model=model, n_tokens=10**9, n_windows=4, window_batch_size=4, n_boot=50)
+    rows, overall = by_layer(table)
+    assert overall.splice == "none" and overall[DOWNSTREAM_COLUMNS].isna().all()
+    assert rows[["prefix_ce_spliced", "prefix_ce_recovered", "prefix_kl", "prefix_fvu"]].notna().all().all()
+    # the last layer has no future: its prefix splice is the plain one
+    last = rows.loc[store.layers[-1]]
+    assert last.prefix_ce_spliced == pytest.approx(last.ce_spliced, rel=1e-6)
+    assert last.prefix_fvu == pytest.approx(last.fvu, rel=1e-6)
+    # layer 0 by hand: reconstructed from [x_0, mean_1], spliced at layer 0 alone
+    tokens, kept, pred, _ = scored(store, 4)
+    mean = store.mean()
+    with torch.no_grad():
+        x = model.run_with_cache(tokens, names_filter=store.hooks[0])[1][store.hooks[0]]
+        inputs = torch.stack([x[kept], mean[1].expand(int(kept.sum()), -1)], dim=1)
+        recon = torch.zeros_like(x)
+        recon[kept] = cc.reconstruct(inputs, normalized=False)[:, 0]
+        x_all = store.get(np.arange(store.n_rows), normalized=False)
+        prefix_all = cc.reconstruct(torch.stack([x_all[:, 0], mean[1].expand(len(x_all), -1)], 1), normalized=False)
+    ce = ce_of(logp_at(model, tokens, pred, [(store.hooks[0], put_kept(kept, recon))]), tokens, pred)
+    assert rows.loc[0, "prefix_ce_spliced"] == pytest.approx(float(ce.mean()), rel=1e-5)
+    err = (x_all[:, 0] - prefix_all[:, 0]).double().pow(2).sum(-1).mean()
+    assert rows.loc[0, "prefix_fvu"] == pytest.approx(float(err / x_all[:, 0].double().var(0, unbiased=False).sum()),
+                                                      rel=1e-4)
+
+
+def test_prefix_splice_of_a_crosscoder_reading_one_layer_is_its_layer_splice(tiny):
+    model, store = tiny
+    cc = tiny_crosscoder(store, "acausal")
+    with torch.no_grad():
+        cc.W_enc[1:] = 0  # every feature reads layer 0 only (the masks still say acausal)
+    table = evaluate(cc, store, model=model, n_tokens=1024, n_windows=4, window_batch_size=4, n_boot=20)
+    row = by_layer(table)[0].loc[0]
+    assert table.splice.iloc[-1] == "none"
+    for plain, prefix in (("ce_spliced", "prefix_ce_spliced"), ("kl", "prefix_kl"), ("fvu", "prefix_fvu"),
+                          ("ce_recovered", "prefix_ce_recovered")):
+        assert row[prefix] == pytest.approx(row[plain], rel=1e-5, abs=1e-7), prefix
+
+
+class ProfileDictionary(ScaleDictionary):
+    """Features that always fire, with a given decoder-norm profile ``[F, L]``."""
+
+    def __init__(self, store, norms_FL):
+        super().__init__(store, [1.0] * store.n_layers)
+        self.norms_FL = torch.tensor(norms_FL)
+
+    @property
+    def n_features(self):
+        return self.norms_FL.shape[0]
+
+    def encode_normalized(self, acts_BLD):
+        return torch.ones(acts_BLD.shape[0], self.n_features)
+
+    def decode_normalized(self, feats_BF):
+        return torch.zeros(feats_BF.shape[0], self.n_layers, self.d_model)
+
+    def decoder_norms(self):
+        return self.norms_FL
+
+    def writes_FL(self):
+        return self.norms_FL > 0
+
+    def reads_FL(self):
+        return torch.ones_like(self.norms_FL, dtype=torch.bool)
+
+
+def test_l0_counts_pairs_above_a_fraction_of_the_peak_norm(tiny):
+    _, store = tiny
+    norms = [[1.0, 0.05], [0.5, 1.0], [0.0, 0.2], [0.25, 1.0], [0.0, 0.0]]
+    # 0.1:  f0 -> layer 0; f1 -> both; f2 -> layer 1; f3 -> both; f4 writes nothing
+    # 0.25: f3's 0.25 is exactly a quarter of its peak and still counts; 0.5: it no longer does
+    expected = {0.1: ([3, 3], 6), 0.25: ([3, 3], 6), 0.5: ([2, 3], 5), 0.0: ([3, 4], 7), 1.0: ([1, 3], 4)}
+    for frac, (per_layer, total) in expected.items():
+        assert l0_pairs(torch.tensor(norms), torch.tensor(norms) > 0, frac).sum(0).tolist() == per_layer
+        table = evaluate(ProfileDictionary(store, norms), store, n_tokens=100, l0_frac=frac)
+        rows, overall = by_layer(table)
+        assert rows.l0.tolist() == per_layer and overall.l0_tuple == total and overall.l0_feat == 5
+        assert (table.l0_frac == frac).all()
+    with pytest.raises(CrosslayerError, match="l0_frac"):
+        evaluate(ProfileDictionary(store, norms), store, n_tokens=100, l0_frac=1.5)
 
 
 def test_zero_cache_is_used_and_changes_no_number(tiny):
     model, store = tiny
-    kw = dict(n_windows=2, batch_size=1, per_layer=False)
+    kw = dict(n_windows=2, batch_size=2, per_layer=False, n_boot=10)
     plain = downstream(ScaleDictionary(store, [0.5, 0.8]), store, model, **kw)["all"]
     cache = {}
     assert downstream(ScaleDictionary(store, [0.5, 0.8]), store, model, zero_cache=cache, **kw)["all"] == plain
-    assert len(cache) == 2  # one entry per batch of windows
+    assert len(cache) == 2  # mean and zero ablation per batch of windows
     other = downstream(ScaleDictionary(store, [0.9, 0.1]), store, model, zero_cache=cache, **kw)["all"]
-    assert len(cache) == 2 and (other["ce_zero"], other["kl_zero"]) == (plain["ce_zero"], plain["kl_zero"])
+    assert len(cache) == 2 and all(other[c] == plain[c] for c in ("ce_zero", "kl_zero", "ce_mean", "kl_mean"))
+    # other windows (3 spread windows share only window 0 with these 2): new keys, no collision
+    three = {**kw, "n_windows": 3, "batch_size": 3}
+    assert downstream(ScaleDictionary(store, [0.5, 0.8]), store, model, zero_cache=cache, **three)["all"] == \
+        downstream(ScaleDictionary(store, [0.5, 0.8]), store, model, **three)["all"]
+    assert len(cache) == 4
     for key in cache:  # a poisoned cache shows that the entries are read, not recomputed
-        cache[key] = (0.0, 0.0)
+        cache[key] = torch.zeros_like(cache[key])
     poisoned = downstream(ScaleDictionary(store, [0.5, 0.8]), store, model, zero_cache=cache, **kw)["all"]
-    assert poisoned["ce_zero"] == 0 and poisoned["ce_spliced"] == plain["ce_spliced"]
+    assert poisoned["ce_zero"] == poisoned["ce_mean"] == 0 and poisoned["ce_spliced"] == plain["ce_spliced"]
+
+
+@pytest.mark.parametrize("variant, window, splice", [("acausal", 2, "none"), ("weakly_causal", 2, "causal"),
+                                                     ("window", 2, "none"), ("window", 1, "causal")])
+def test_multi_layer_splice_follows_the_read_write_masks(variant, window, splice):
+    cfg = CrosscoderConfig(layers=(3, 4, 5), d_model=8, n_features=12, k=2, variant=variant, window=window)
+    assert multi_layer_splice(Crosscoder(cfg)) == splice
+    assert multi_layer_splice(random_saes(widths=[4, 4])) == "sequential"
