@@ -272,15 +272,16 @@ def _add_eval(p):
     shared(p, "dictionary", "store", "model_dtype")
     p.add_argument("--tokens", type=parse_count, default=parse_count("50k"), help="rows for reconstruction metrics")
     p.add_argument("--windows", type=int, default=32, help="windows for the downstream CE/KL evaluation (0: skip)")
+    p.add_argument("--l0-frac", type=float, default=0.1,
+                   help="a (feature, layer) pair counts in L0 when its decoder norm is >= this x the feature's largest")
+    p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples (over documents) for the 95%% intervals")
     p.add_argument("--out", default=None, help="CSV path for the table")
 
 
 @verb("eval", "evaluate a dictionary: FVU, MSE, L0, dead/dense, CE loss recovered and KL when spliced", _add_eval)
 def cmd_eval(args):
-    import pandas as pd
-
     from crosslayer.dictionary import load_dictionary
-    from crosslayer.evals import evaluate
+    from crosslayer.evals import evaluate, summary_lines
     from crosslayer.models import load_model
     from crosslayer.store import ActivationStore
 
@@ -288,9 +289,8 @@ def cmd_eval(args):
     dictionary = load_dictionary(args.dictionary)
     model = load_model(store.manifest["model"], dtype=args.model_dtype) if args.windows else None
     table = evaluate(dictionary, store, model=model, n_tokens=args.tokens, n_windows=args.windows or 1,
-                     out=args.out, progress=True)
-    with pd.option_context("display.width", 200, "display.max_columns", 30):
-        print(table.to_string(index=False, float_format="%.4g"))
+                     l0_frac=args.l0_frac, n_boot=args.boot, out=args.out, progress=True)
+    print("\n".join(summary_lines(table)))
 
 
 def _add_features(p):

@@ -618,3 +618,39 @@ def evaluate(dictionary: Dictionary, store, *, model=None, n_tokens: int = 100_0
     if out is not None:
         write_csv(table, out)
     return table
+
+
+SPLICE_MEANING = {
+    "layer": "that layer alone replaced by its reconstruction from clean inputs",
+    "sequential": "every layer replaced in one pass, each SAE reading the stream spliced below it",
+    "causal": "every layer replaced in one pass, each from the spliced stream at layers <= it",
+    "none": "no multi-layer splice with a causal meaning (the dictionary reads later layers)",
+}
+"""What each value of the ``splice`` column means (printed under evaluation tables)."""
+
+SUMMARY_COLUMNS = ("scope", "layer", "splice", "fvu", "prefix_fvu", "l0", "l0_tuple", "dead_frac", "n_predictions",
+                   "n_docs", "ce_clean", "ce_mean", "ce_recovered", "ce_recovered_zero", "kl", "prefix_ce_recovered")
+
+
+def _with_interval(table: pd.DataFrame, name: str) -> pd.Series:
+    """``"x [lo, hi]"`` strings of column ``name`` and its bootstrap interval (blank where NaN)."""
+    def one(x, lo, hi) -> str:
+        return "" if pd.isna(x) else f"{x:.4g} [{lo:.4g}, {hi:.4g}]"
+
+    return pd.Series([one(*v) for v in zip(table[name], table[f"{name}_lo"], table[f"{name}_hi"])],
+                     index=table.index)
+
+
+def summary_lines(table: pd.DataFrame) -> list[str]:
+    """A readable summary of an :func:`evaluate` table: its main columns (downstream ones as ``x [lo, hi]``,
+    95 % document-bootstrap intervals), the L0 fraction, and what each splice in it means."""
+    view = table[[c for c in SUMMARY_COLUMNS if c in table.columns]].copy()
+    for name in CI_COLUMNS:
+        if name in view.columns and f"{name}_lo" in table.columns:
+            view[name] = _with_interval(table, name)
+    with pd.option_context("display.width", 250, "display.max_columns", 40):
+        lines = view.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="").splitlines()
+    lines.append(f"l0: active (feature, layer) pairs whose decoder norm at the layer is >= "
+                 f"{float(table['l0_frac'].iloc[0]):g} x the feature's largest; intervals: 95 % bootstrap over documents")
+    lines += [f"splice {s}: {SPLICE_MEANING[s]}" for s in dict.fromkeys(table["splice"]) if s in SPLICE_MEANING]
+    return lines

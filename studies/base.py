@@ -51,6 +51,9 @@ class StudyContext(Protocol):
 
     def results(self, study: str) -> Path: ...
 
+    def evaluation(self, name: str, *, folder: Path | None = None, downstream: bool = True): ...
+    """The (cached) :func:`crosslayer.evals.evaluate` table of dictionary ``name`` on the held-out store."""
+
 
 @dataclass(frozen=True)
 class Study:

@@ -42,6 +42,8 @@ class RunContext:
         self.preset, self.out, self.corpus_spec = preset, Path(out), corpus
         self.preset_name, self.paper, self.progress = preset.name, Path(paper), progress
         self._model, self._corpus, self._stores = model, None, {}
+        self.zero_cache: dict = {}
+        """Dictionary-independent downstream runs (clean, mean and zero ablations), shared by evaluations."""
 
     @property
     def sizes(self):
@@ -129,6 +131,27 @@ class RunContext:
         return train_crosscoder_from_store(store, arch, cfg, out_dir=self.dicts / name, progress=self.progress)
 
 
+    def evaluation(self, name: str, *, folder: Path | None = None, downstream: bool = True):
+        """The evaluation table of dictionary ``<out>/dicts/<name>`` on the held-out store
+        (:func:`crosslayer.evals.evaluate`; with ``downstream`` the per-layer splices through the model),
+        cached as ``<folder or results>/eval_<name>.csv`` and recomputed when the cache lacks a column."""
+        import pandas as pd
+
+        from crosslayer.dictionary import load_dictionary
+        from crosslayer.evals import evaluate
+
+        path = (folder or self.results()) / f"eval_{name}.csv"
+        wanted = {"splice", "l0_frac"} | ({"ce_recovered_lo"} if downstream else set())
+        if path.is_file():
+            table = pd.read_csv(path)
+            if wanted <= set(table.columns):
+                return table
+        return evaluate(load_dictionary(self.dicts / name), self.store("heldout"),
+                        model=self.model if downstream else None, n_tokens=self.sizes.eval_tokens,
+                        n_windows=self.sizes.eval_windows, zero_cache=self.zero_cache, out=path,
+                        progress=self.progress)
+
+
 # ----------------------------------------------------------------------------- steps
 
 def step_score(ctx: RunContext) -> dict:
@@ -175,16 +198,13 @@ def step_train_crosscoder(ctx: RunContext) -> dict:
 
 def _eval_step(name: str):
     def step(ctx: RunContext) -> dict:
-        from crosslayer.dictionary import load_dictionary
-        from crosslayer.evals import evaluate
+        from crosslayer.evals import summary_lines
 
-        table = evaluate(load_dictionary(ctx.dicts / name), ctx.store("heldout"), model=ctx.model,
-                         n_tokens=ctx.sizes.eval_tokens, n_windows=ctx.sizes.eval_windows,
-                         out=ctx.results() / f"eval_{name}.csv", progress=ctx.progress)
-        cols = [c for c in ("scope", "layer", "fvu", "l0", "dead_frac", "ce_recovered", "kl") if c in table.columns]
-        print(table[cols].to_string(index=False, float_format="%.3f"))
+        table = ctx.evaluation(name)
+        print("\n".join(summary_lines(table)))
         overall = table[table.scope == "all"].iloc[0]
-        return {"fvu_all": float(overall["fvu"]), "l0_all": float(overall["l0"])}
+        return {"fvu_all": float(overall["fvu"]), "l0_tuple": float(overall["l0_tuple"]),
+                "ce_recovered_layers": [round(float(v), 4) for v in table[table.scope == "layer"].ce_recovered]}
 
     return step
 

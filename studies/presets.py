@@ -33,7 +33,9 @@ class Sizes:
     sae_batch: int
     sae_lr: float
     eval_tokens: int
+    """Held-out rows of the reconstruction metrics."""
     eval_windows: int
+    """Held-out windows of the downstream metrics (spread over the store; >= 20,000 predictions at demo)."""
     cc_k: int = 32
     """TopK of the main crosscoder. Its width is ``sae_width * n_layers`` (matched total dictionary size)."""
     cc_tokens: int = 65_536
@@ -51,12 +53,12 @@ SIZES: dict[str, Sizes] = {
     "micro": Sizes(model="tiny-4l-64d", layers="all", train_tokens=4_096, heldout_tokens=1_024, score_tokens=1_024,
                    sae_width=32, sae_k=8, sae_tokens=8_192, sae_batch=128, sae_lr=3e-3, eval_tokens=1_024,
                    eval_windows=4, cc_k=8, cc_tokens=8_192, cc_batch=128, cc_lr=3e-3, seq_len=64),
-    "demo": Sizes(model="smollm2-135m", layers="8-15", train_tokens=64_000, heldout_tokens=8_192, score_tokens=8_192,
-                  sae_width=512, sae_k=32, sae_tokens=61_440, sae_batch=256, sae_lr=3e-3, eval_tokens=8_192,
-                  eval_windows=4, cc_k=32, cc_tokens=65_536, cc_batch=512, cc_lr=1e-3),
+    "demo": Sizes(model="smollm2-135m", layers="8-15", train_tokens=64_000, heldout_tokens=90_112, score_tokens=8_192,
+                  sae_width=512, sae_k=32, sae_tokens=61_440, sae_batch=256, sae_lr=3e-3, eval_tokens=32_768,
+                  eval_windows=176, cc_k=32, cc_tokens=65_536, cc_batch=512, cc_lr=1e-3),
     "paper": Sizes(model="smollm2-135m", layers="all", train_tokens=1_000_000, heldout_tokens=65_536,
                    score_tokens=65_536, sae_width=1152, sae_k=32, sae_tokens=2_000_000, sae_batch=4096, sae_lr=4e-4,
-                   eval_tokens=65_536, eval_windows=64, cc_k=64, cc_tokens=2_000_000, cc_batch=4096, cc_lr=3e-4),
+                   eval_tokens=65_536, eval_windows=176, cc_k=64, cc_tokens=2_000_000, cc_batch=4096, cc_lr=3e-4),
 }
 """The presets' shared sizes, by preset name."""
 
