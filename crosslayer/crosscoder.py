@@ -6,7 +6,11 @@ Transformer Circuits, Oct 2024; research-notes §3):
    activation f = act(pre): ReLU; TopK or BatchTopK selecting on the score
    f_i * ||W_dec,i|| (Gao et al. 2024; Bussmann et al. 2024); or JumpReLU f_i = pre_i * H(pre_i - theta_i)
    (Rajamanoharan et al. 2024). ||W_dec,i|| is sum_l ||W_dec,i^l|| ("l1_norms", the paper's
-   choice) or sqrt(sum_l ||W_dec,i^l||^2) ("l2_norms").
+   choice) or sqrt(sum_l ||W_dec,i^l||^2) ("l2_norms"). BatchTopK keeps a training batch's B * k
+   largest scores; at inference a feature fires when its score exceeds one threshold, set after
+   training with the final weights so that inference L0 = k (:meth:`Crosscoder.calibrate_threshold_`;
+   on synthetic data, L 4, d 32, F 128, k 4, the former EMA from 0 gave held-out L0 31 / 6.8 / 3.7
+   after 30 / 100 / 300 steps, the calibrated threshold 4.0 / 4.05 / 3.96: tests/test_synthetic.py).
 2. Decode: a_hat^l = sum_i f_i W_dec,i^l + b_dec^l. TopK decodes sparsely: only the k active
    rows of W_dec are gathered (``embedding_bag``), so decoding costs O(B k L d), not O(B F L d).
 3. Loss = sum_l ||a^l - a_hat^l||^2 (mean over the batch) plus, by activation:
@@ -14,7 +18,8 @@ Transformer Circuits, Oct 2024; research-notes §3):
    k_aux dead latents with the largest scores reconstruct the detached residual, coefficient
    aux_coef * min(n_dead / k_aux, 1); JumpReLU (Anthropic, Jan 2025 update): lambda * sum_i
    tanh(c f_i ||W_dec,i||) with c = 4, plus 3e-6 * sum_i ReLU(theta_i - pre_i) ||W_dec,i||, and
-   rectangle-kernel straight-through gradients for theta and the pre-activations.
+   rectangle-kernel straight-through gradients for theta and the pre-activations (``_JumpReLU``:
+   Anthropic's choice, sae-lens's ``jumprelu_ste_to_input=True``).
 4. Layer masks: ``read_FL`` / ``write_FL`` say which layers feature i reads / writes. Acausal:
    all. Weakly causal: feature i has a home layer h_i (spread evenly), reads h_i, writes l >= h_i.
    Window: reads and writes h_i .. h_i + window - 1. The weights are multiplied by the masks in
@@ -32,6 +37,30 @@ b_dec before encoding (sae-lens's ``apply_b_dec_to_input``; fold ``-b_dec @ W_en
 convert); the reconstruction loss is summed over dimensions and averaged over tokens; AuxK uses
 the dead latents' raw (not ReLU'd) pre-activations and k_aux = d_model // 2 by default. Our
 ``feats`` are pre-activations, sae-lens's TopK training SAE reports them times ||W_dec,i||.
+
+k_aux = d_model // 2, not scaled with the input width L * d, by measurement (issue 12;
+``experiments/auxk_k_aux.py``, acausal TopK crosscoders on synthetic truth, d = 32, 1500 steps of
+256, 3 seeds; dead = the trainer's dead fraction at the end, FVU held out):
+
+=====================  ===  ======  ======  ======  ======  ======  ========
+setting                 L   no AuxK  d/4     d/2     Ld/4    Ld/2    Ld
+=====================  ===  ======  ======  ======  ======  ======  ========
+G 256, F 512: FVU       4   0.116   0.0765  0.0765  0.0765  0.0765  0.0771
+G 256, F 512: dead      4   0.248   0.020   0.029   0.032   0.035   0.034
+G 256, F 512: FVU       6   0.081   0.0670  0.0669  0.0669  0.0676  0.0671
+G 256, F 512: dead      6   0.152   0.012   0.008   0.007   0.014   0.020
+G 64, F 256: dead       4   0.494   0.066   0.098   0.125   0.171   0.181
+G 64, F 256: dead       6   0.522   0.072   0.089   0.111   0.135   0.203
+=====================  ===  ======  ======  ======  ======  ======  ========
+
+(G ground-truth features, k = 4; with G 64 the FVU is 0.0111 / 0.0131 whatever k_aux, AuxK or
+not.) AuxK matters (without it 15-50 % of the latents die and, where the dictionary needs them,
+FVU rises by 20-50 %), but k_aux from d/4 to L d/2 gives the same FVU within seed noise
+(s.d. 0.001-0.002), and larger k_aux leaves more latents dead: the coefficient min(n_dead / k_aux, 1)
+and each dead latent's share of the residual shrink once k_aux exceeds the number of dead latents.
+d/4 was marginally better on dead fraction in three of four cells; d/2 is kept (no FVU difference,
+Gao et al.'s value, sae-lens parity). ``tests/test_crosscoder.py::test_auxk_default_k_aux_not_worse``
+reruns a cheap version.
 """
 
 from __future__ import annotations
@@ -79,11 +108,13 @@ class CrosscoderConfig:
     init_dec_norm: float = 0.08
     """Initial decoder norm of each feature at each layer it writes."""
     k_aux: int | None = None
-    """Dead latents in the AuxK loss; None = d_model // 2."""
+    """Dead latents in the AuxK loss; None = d_model // 2 (Gao et al.), not L * d_model // 2: on synthetic
+    truth scaling with the input width gave no lower FVU and more dead latents (module docstring)."""
     aux_coef: float = 1 / 32
     """AuxK loss coefficient (Gao et al.)."""
     threshold_lr: float = 0.01
-    """BatchTopK: EMA rate of the inference threshold (min selected score per batch)."""
+    """BatchTopK: EMA rate of the running threshold during training (min selected score per batch, started
+    at the first batch's); the trainer replaces it at the end by :meth:`Crosscoder.calibrate_threshold_`."""
     jump_bandwidth: float = 2.0
     """JumpReLU rectangle-kernel width epsilon."""
     jump_init_threshold: float = 0.1
@@ -133,7 +164,25 @@ def layer_masks(cfg: CrosscoderConfig) -> tuple[Tensor, Tensor]:
 
 
 class _JumpReLU(torch.autograd.Function):
-    """pre * H(pre - theta) with rectangle-kernel straight-through gradients (Anthropic, Jan 2025)."""
+    """pre * H(pre - theta) with rectangle-kernel straight-through gradients (Anthropic, Jan 2025).
+
+    Backward, with K = 1[|pre - theta| < eps / 2] and g the incoming gradient:
+    d/dtheta = -(theta / eps) K g (Rajamanoharan et al. 2024, summed over the batch) and
+    d/dpre = H(pre - theta) g + (theta / eps) K g. The second term is the same straight-through
+    estimate of the jump with the opposite sign (the jump depends on pre - theta only). DeepMind
+    gives it to theta alone; the Anthropic January 2025 update (transformer-circuits.pub/2025/
+    january-update: "unlike Rajamanoharan et al. we allow the gradient to flow through
+    straight-through estimator to all model parameters, not just the JumpReLU thresholds") also
+    gives it to the pre-activations, hence the encoder. We follow Anthropic because our JumpReLU loss
+    is theirs: the tanh penalty saturates for active features (tanh' < 0.08 once c f ||W_dec|| > 2), so
+    the penalty's pull on the encoder comes almost only through the jump; without the term the
+    encoder never learns that switching a feature off would save lambda tanh(c theta ||W_dec||).
+    sae-lens 6.54's ``JumpReLU`` equals this with ``jumprelu_ste_to_input=True`` (its docs: "True
+    matches Anthropic's setup"); its default ``False`` (DeepMind) has the same theta gradient and
+    d/dpre = H g. tests/test_crosscoder.py::test_jumprelu_gradients_match_sae_lens checks both.
+    (theta = exp(log_threshold), so autograd gives d/dlog_threshold = theta * d/dtheta, where the update
+    writes -(exp(t) / eps) K for d/dt; Adam's per-parameter scaling makes that factor minor.)
+    """
 
     @staticmethod
     def forward(ctx, pre_BF, theta_F, bandwidth):
@@ -348,12 +397,25 @@ class Crosscoder(Dictionary):
 
     @torch.no_grad()
     def update_threshold_(self, feats_BF: Tensor) -> None:
-        """BatchTopK: EMA of the smallest selected score of a training batch (the inference threshold)."""
+        """BatchTopK during training: EMA (rate ``threshold_lr``) of each batch's smallest selected score,
+        started at the first batch's value (an EMA from 0 stays biased low for ~1 / rate steps). A running
+        estimate that lags the moving weights; :meth:`calibrate_threshold_` replaces it at the end."""
         score_BF = feats_BF * self._norm_F(self.W_dec_masked())
         positive = score_BF[score_BF > 0]
         if positive.numel():
-            lr = self.cfg.threshold_lr
+            lr = torch.where(self.threshold > 0, self.cfg.threshold_lr, 1.0)
             self.threshold.copy_((1 - lr) * self.threshold + lr * positive.min())
+
+    @torch.no_grad()
+    def calibrate_threshold_(self, acts_BLD: Tensor) -> None:
+        """BatchTopK: set the inference threshold so that, on ``acts_BLD`` and with the current weights,
+        inference keeps exactly what training's batch selection keeps (mean L0 = k): midway between the
+        (B k)-th and (B k + 1)-th largest scores relu(pre_i) ||W_dec,i|| (0 if fewer are positive)."""
+        score_N = (self.pre_acts(acts_BLD).relu() * self._norm_F(self.W_dec_masked())).reshape(-1)
+        n = self.cfg.k * acts_BLD.shape[0]
+        top = score_N.topk(min(n + 1, score_N.numel())).values
+        below = top[n] if n < top.numel() else top.new_zeros(())
+        self.threshold.copy_((top[n - 1] + below) / 2)
 
     # ---------------------------------------------------------------- save / load
     def save(self, path: str | Path) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from crosslayer.crosscoder import ACTIVATIONS, VARIANTS, Crosscoder, CrosscoderConfig, layer_masks
+from crosslayer.crosscoder import ACTIVATIONS, VARIANTS, Crosscoder, CrosscoderConfig, _JumpReLU, layer_masks
 from crosslayer.dictionary import load_dictionary
 from crosslayer.errors import CrosslayerError
 
@@ -89,6 +89,64 @@ def test_parity_topk_training_sae_loss(n_dead):
                                rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.loss.detach(), ref.loss.detach(), rtol=1e-5, atol=1e-6)
     assert (out.losses["aux"] > 0) == (n_dead > 0)
+
+
+@pytest.mark.parametrize("ste_to_input", [True, False])
+def test_jumprelu_gradients_match_sae_lens(ste_to_input):
+    """Our JumpReLU vs sae-lens's (``sae_lens.saes.jumprelu_sae.JumpReLU``) on the same inputs, at our
+    default bandwidth. Same forward and same threshold gradient -(theta / eps) K g summed over the batch.
+    Pre-activation gradient: equal to sae-lens's with ``ste_to_input=True`` (Anthropic, Jan 2025: the
+    estimator reaches all parameters; our choice, see ``_JumpReLU``); sae-lens's default ``False``
+    (DeepMind: threshold only) lacks exactly the kernel term +(theta / eps) K g that we add."""
+    from sae_lens.saes.jumprelu_sae import JumpReLU
+
+    eps = CrosscoderConfig(layers=(0,), d_model=D, n_features=F, activation="jumprelu").jump_bandwidth
+    gen = torch.Generator().manual_seed(0)
+    theta_F = 0.05 + torch.rand(F, generator=gen)
+    pre_BF = theta_F + (torch.rand(64, F, generator=gen) - 0.5) * 3 * eps  # a third inside the kernel
+    g_BF = torch.randn(64, F, generator=gen)
+
+    def grads(fn):
+        pre, theta = pre_BF.clone().requires_grad_(), theta_F.clone().requires_grad_()
+        out = fn(pre, theta)
+        out.backward(g_BF)
+        return out.detach(), pre.grad, theta.grad
+
+    ours = grads(lambda pre, theta: _JumpReLU.apply(pre, theta, eps))
+    theirs = grads(lambda pre, theta: JumpReLU.apply(pre, theta, eps, ste_to_input))
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=0)
+    torch.testing.assert_close(ours[2], theirs[2], rtol=1e-6, atol=1e-6)
+    inside_BF = (pre_BF - theta_F).abs() < eps / 2
+    assert 0.2 < inside_BF.float().mean() < 0.5 and (ours[2] != 0).all()
+    kernel_BF = theta_F / eps * inside_BF * g_BF
+    torch.testing.assert_close(ours[1], theirs[1] + (0 if ste_to_input else kernel_BF), rtol=1e-6, atol=1e-6)
+    if not ste_to_input:
+        torch.testing.assert_close(theirs[1], (pre_BF > theta_F) * g_BF, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_auxk_default_k_aux_not_worse():
+    """A cheap rerun of experiments/auxk_k_aux.py (issue 12): on synthetic truth where AuxK matters (no
+    AuxK doubles the FVU), the default k_aux = d_model // 2 is not worse than scaling with the input
+    width (L * d / 2) in held-out FVU (within 3 %) or dead fraction (within 5 points), two seeds."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "auxk_k_aux.py"
+    spec = importlib.util.spec_from_file_location("auxk_k_aux", path)
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    L, d = 4, 32
+    small = {"n_layers": L, "d_model": d, "n_truth": 256, "n_features": 512, "k": 4, "steps": 600,
+             "n_tokens": 20000, "n_heldout": 8192}
+    runs = {name: [experiment.run_one(seed=seed, k_aux=k_aux, aux_coef=coef, **small) for seed in (0, 1)]
+            for name, k_aux, coef in (("default", None, 1 / 32), ("scaled", L * d // 2, 1 / 32), ("off", None, 0.0))}
+    mean = {name: {key: np.mean([r[key] for r in rows]) for key in ("fvu", "dead_train")}
+            for name, rows in runs.items()}
+    print(f"\n{mean}")
+    assert mean["off"]["fvu"] > 1.5 * mean["default"]["fvu"]  # AuxK matters here
+    assert mean["default"]["fvu"] <= 1.03 * mean["scaled"]["fvu"]
+    assert mean["default"]["dead_train"] <= mean["scaled"]["dead_train"] + 0.05
 
 
 # ----------------------------------------------------------------------------- masks

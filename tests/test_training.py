@@ -65,6 +65,62 @@ def test_schedules():
             TrainConfig(**({"batch_size": 64} | bad))
 
 
+def test_sparsity_ramp_schedules():
+    """lambda's linear ramp: by default over the first 5 % of steps for ReLU (Anthropic, April 2024) and
+    over the whole run for JumpReLU (Anthropic, January 2025); ``sparsity_warm_up_frac`` picks either for
+    any activation, ``sparsity_warm_up_steps`` overrides both."""
+    base = {"tokens": 200 * 64, "batch_size": 64, "sparsity_coef": 2.0}
+    default = TrainConfig(**base)
+    assert default.sparsity_warm_up("relu") == 10 and default.sparsity_warm_up("jumprelu") == 200
+    assert default.sparsity_at(4, "relu") == pytest.approx(1.0) and default.sparsity_at(9, "relu") == 2.0
+    assert default.sparsity_at(99, "jumprelu") == pytest.approx(1.0) and default.sparsity_at(199, "jumprelu") == 2.0
+    whole = TrainConfig(**base, sparsity_warm_up_frac=1.0)  # Anthropic's schedule for ReLU too
+    assert [whole.sparsity_at(s, "relu") for s in (0, 49, 199)] == pytest.approx([0.01, 0.5, 2.0])
+    early = TrainConfig(**base, sparsity_warm_up_frac=0.05)  # the 5 % ramp for JumpReLU too
+    assert early.sparsity_at(4, "jumprelu") == pytest.approx(1.0) and early.sparsity_at(10, "jumprelu") == 2.0
+    assert TrainConfig(**base, sparsity_warm_up_frac=0.0).sparsity_at(0, "jumprelu") == 2.0
+    steps = TrainConfig(**base, sparsity_warm_up_frac=1.0, sparsity_warm_up_steps=20)
+    assert steps.sparsity_warm_up("relu") == 20 and steps.sparsity_at(9, "relu") == pytest.approx(1.0)
+    assert TrainConfig(**base).sparsity_at(0, "topk") == 2.0  # unused by TopK (no lambda)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(CrosslayerError, match="sparsity_warm_up_frac"):
+            TrainConfig(**base, sparsity_warm_up_frac=bad)
+
+
+@pytest.mark.parametrize("frac", [None, 0.05])
+def test_jumprelu_training_logs_the_ramp(tmp_path, frac):
+    """The log's lambda follows the chosen schedule during a JumpReLU run."""
+    cfg = TrainConfig(tokens=40 * 64, batch_size=64, lr=3e-3, log_every=10, sparsity_coef=0.1,
+                      sparsity_warm_up_frac=frac)
+    train_crosscoder(cfg, model_cfg("jumprelu"), make_batches(data(512)), out_dir=tmp_path / "cc", progress=False)
+    import pandas as pd
+
+    logged = pd.read_csv(tmp_path / "cc" / "train_log.csv").sparsity_coef.tolist()
+    assert logged == pytest.approx([0.025, 0.05, 0.075, 0.1] if frac is None else [0.1] * 4)
+
+
+@pytest.mark.parametrize("steps", [30, 300])
+def test_batchtopk_inference_l0_matches_training(tmp_path, steps):
+    """BatchTopK: the inference threshold is calibrated at the end of training, so inference L0 on
+    held-out rows is within 10 % of k (training's mean L0) after short and longer runs; the meta
+    reports both L0s on the calibration rows and what the running EMA estimate would have given
+    (the old estimate, an EMA from 0, gave 6.8 at k = 4 after 100 steps: crosslayer.crosscoder's docstring)."""
+    acts = data(8192 + 4096, seed=1)
+    k, bs = 4, 256
+    cfg = TrainConfig(tokens=steps * bs, batch_size=bs, lr=3e-3, log_every=steps)
+    cc = train_crosscoder(cfg, model_cfg("batchtopk"), make_batches(acts[:8192], bs=bs), out_dir=tmp_path / "cc",
+                          progress=False)
+    with torch.no_grad():
+        heldout_l0 = float((cc.encode(acts[8192:]) != 0).sum(1).float().mean())
+    meta = load_dictionary(tmp_path / "cc").meta["batchtopk"]
+    print(f"steps {steps}: held-out inference L0 {heldout_l0:.3f}, k {k}, meta {meta}")
+    assert abs(heldout_l0 - k) <= 0.1 * k
+    assert meta["k"] == k and meta["rows"] == 4096 and meta["heldout"]
+    assert meta["train_l0"] == pytest.approx(k, abs=0.05)
+    assert meta["inference_l0"] == pytest.approx(meta["train_l0"], abs=1.5 / bs)  # exact up to ties
+    assert meta["threshold"] == pytest.approx(float(cc.threshold)) and meta["threshold_ema"] > 0
+
+
 @pytest.mark.parametrize("activation", ["relu", "topk", "batchtopk", "jumprelu"])
 def test_training_reduces_loss_and_writes_artifacts(tmp_path, activation):
     acts = data()
