@@ -161,6 +161,19 @@ def cmd_harvest(args):
           f"({store.disk_bytes() / max(1, store.n_rows) / 1024:.1f} KB per stored token)")
 
 
+def _add_verify(p):
+    p.add_argument("dir", help="activation store folder")
+
+
+@verb("verify", "check an activation store: manifest, every shard's sidecar and SHA-256", _add_verify)
+def cmd_verify(args):
+    from crosslayer.store import ActivationStore
+
+    store = ActivationStore(args.dir)
+    store.verify()
+    print(f"OK: {store.path}: {len(store.shards)} shards, {store.n_rows:,} rows, every checksum matches")
+
+
 def _add_bench(p):
     p.add_argument("what", choices=["harvest", "crosscoder", "reader"], help="which benchmark")
     p.add_argument("--stores", default="runs/demo/stores/train,runs/demo/stores/heldout",

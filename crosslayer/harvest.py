@@ -13,8 +13,10 @@ Method:
 4. Each shard is written under temporary names and renamed when complete, then a sidecar JSON with
    its row count, checksums and per-layer norm sums is renamed into place; a shard counts as done
    only once its sidecar exists. Writes happen on a background thread while the next shard runs.
-5. A rerun of the same harvest skips finished shards, so a run killed at any moment (kill -9)
-   resumes and ends with a store identical to an uninterrupted one. The manifest is finalised with
+5. A rerun of the same harvest skips finished shards whose files still match their sidecar's
+   SHA-256s and recomputes the others (missing, unreadable sidecar, corrupted files), so a run killed at
+   any moment (kill -9) resumes and ends with a store identical to an uninterrupted one, and a rerun
+   over a finished store that fails its checks rewrites only the bad shards. The manifest is finalised with
    the per-layer normalisation factors (sqrt(width) / mean norm).
 """
 
@@ -121,11 +123,15 @@ def harvest(model, windows: TokenWindows, *, out_dir: str | Path, hook: str = "r
     out = Path(out_dir)
     claimed = claim_folder(out, plan, record="manifest.json", what="activation store",
                            extra={"status": "harvesting", "package_version": crosslayer.__version__})
+    todo = _bad_shards(out, plan)
     if claimed is not None and claimed.get("status") == "complete":
-        return ActivationStore(out)
+        if not todo:
+            return ActivationStore(out)
+        write_json({**plan, "status": "harvesting", "package_version": crosslayer.__version__},
+                   out / "manifest.json")  # readers refuse the store until the repair finishes
     try:
         _write_windows(out, windows)
-        _run_shards(model, windows, out, plan, progress)
+        _run_shards(model, windows, out, plan, todo, progress)
     except NonFiniteActivations:
         shutil.rmtree(out, ignore_errors=True)  # this harvest can never succeed: leave nothing behind
         raise
@@ -148,23 +154,37 @@ def _write_windows(out: Path, windows: TokenWindows) -> None:
         write_json({"label_names": windows.label_names, "doc_keys": windows.doc_keys}, out / "docs.json")
 
 
-def _shard_done(out: Path, index: int) -> dict | None:
+def _shard_done(out: Path, index: int, *, check: bool = True) -> dict | None:
+    """Shard ``index``'s sidecar if the shard is finished: sidecar readable, both files present and (with
+    ``check``) matching the sidecar's SHA-256s; None if it must be (re)computed."""
     sidecar = out / "shards" / f"shard-{index:05d}.json"
-    if not sidecar.is_file():
+    try:
+        info = json.loads(sidecar.read_text())
+        files = [(out / "shards" / info[f"{k}_file"], info[f"{k}_sha256"]) for k in ("acts", "rows")]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    info = json.loads(sidecar.read_text())
-    if all((out / "shards" / info[k]).is_file() for k in ("acts_file", "rows_file")):
+    if all(path.is_file() and (not check or sha256_file(path) == sha) for path, sha in files):
         return info
     return None
 
 
-def _run_shards(model, windows: TokenWindows, out: Path, plan: dict, progress: bool) -> None:
+def _n_shards(plan: dict) -> int:
+    return -(-plan["n_windows"] // plan["windows_per_shard"])
+
+
+def _bad_shards(out: Path, plan: dict) -> list[int]:
+    """Indices of the shards of ``out`` that must be recomputed."""
+    return [i for i in range(_n_shards(plan)) if _shard_done(out, i) is None]
+
+
+def _run_shards(model, windows: TokenWindows, out: Path, plan: dict, todo: list[int], progress: bool) -> None:
     (out / "shards").mkdir(exist_ok=True)
     for stale in (out / "shards").glob(".*.tmp"):  # partial files of a killed run
         stale.unlink()
     per_shard, n_windows = plan["windows_per_shard"], plan["n_windows"]
-    n_shards = -(-n_windows // per_shard)
-    todo = [i for i in range(n_shards) if _shard_done(out, i) is None]
+    n_shards = _n_shards(plan)
+    for index in todo:  # a bad shard counts as unfinished until its new sidecar is written
+        (out / "shards" / f"shard-{index:05d}.json").unlink(missing_ok=True)
     done_tokens = (n_shards - len(todo)) * per_shard * plan["seq_len"]
     bar = tqdm(total=n_windows * plan["seq_len"], initial=min(done_tokens, n_windows * plan["seq_len"]),
                unit="tok", unit_scale=True, desc="harvest", disable=not progress, smoothing=0.1)
@@ -248,9 +268,7 @@ def _write_shard(out: Path, index: int, acts: np.ndarray, rows: np.ndarray, stat
 
 
 def _finalise(out: Path, plan: dict) -> ActivationStore:
-    per_shard = plan["windows_per_shard"]
-    n_shards = -(-plan["n_windows"] // per_shard)
-    infos = [_shard_done(out, i) for i in range(n_shards)]
+    infos = [_shard_done(out, i, check=False) for i in range(_n_shards(plan))]
     if any(info is None for info in infos):
         raise CrosslayerError(f"harvest in {out} is missing shards; run the same command again")
     totals = {k: sum(info[k] for info in infos) for k in

@@ -14,6 +14,14 @@ Layout of a store folder (format 1)::
 Only kept rows are stored (attention-sink positions, separators and norm outliers are excluded
 at harvest time); ``windows*.npy`` keep every token so any row's context can be rebuilt.
 
+Integrity: opening a store refuses it when a shard's sidecar is missing (an incomplete store), and
+the first time a process maps a shard (:meth:`ActivationStore._shard_arrays`) the shard's files are
+hashed and checked against the SHA-256s of the manifest and the sidecar, so corrupted data is never
+used silently. Cost: that hash reads each shard once per process (sequential reads, cheap relative
+to an epoch, which reads every shard anyway; a process reading a few rows of a shard pays for the
+whole shard once). A shard that fails is refused with one line naming it and the fix: rerun the
+harvest command, which recomputes only the bad shards.
+
 Readers memory-map the shards. :meth:`ActivationStore.iter_batches` gives a seeded, exact
 token-level shuffle with bounded RAM: each epoch draws a permutation of all rows and serves it in
 blocks of ``buffer_rows`` rows; a block's rows are gathered from the memory maps in sorted order
@@ -39,6 +47,10 @@ from crosslayer.errors import CrosslayerError
 from crosslayer.io import sha256_file
 
 FORMAT_VERSION = 1
+REPAIR = "rerun the harvest command, which rewrites only the bad shards"
+"""The fix every integrity error names."""
+_VERIFIED: set[tuple] = set()
+"""(path, size, mtime, sha256) of shard files already hashed in this process."""
 STORE_DTYPES = {"bfloat16": np.uint16, "float16": np.float16}
 
 
@@ -77,7 +89,7 @@ class ActivationStore:
         if not manifest_path.is_file():
             raise CrosslayerError(f"{self.path} is not an activation store (no manifest.json); "
                                   "create one with `crosslayer harvest --out DIR`")
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = _read_manifest(manifest_path)
         if self.manifest.get("format") != FORMAT_VERSION:
             raise CrosslayerError(f"{self.path} has store format {self.manifest.get('format')}, this "
                                   f"crosslayer reads format {FORMAT_VERSION}; harvest it again")
@@ -85,6 +97,10 @@ class ActivationStore:
             raise CrosslayerError(f"{self.path} is an unfinished harvest; run the same `crosslayer "
                                   "harvest` command again to finish it")
         self.shards = self.manifest["shards"]
+        for shard in self.shards:
+            if not self._sidecar_path(shard).is_file():
+                raise CrosslayerError(f"store {self.path} is incomplete: sidecar shards/{self._sidecar_path(shard).name} "
+                                      f"is missing; {REPAIR}")
         self.offsets = np.cumsum([0] + [s["rows"] for s in self.shards])
         self._acts: dict[int, np.ndarray] = {}
         self._rows: dict[int, np.ndarray] = {}
@@ -140,18 +156,34 @@ class ActivationStore:
     # ------------------------------------------------------------------ checks
     def verify(self) -> None:
         """Recompute every shard's checksums; raise naming the first shard that does not match."""
-        for i, shard in enumerate(self.shards):
-            for key in ("acts", "rows"):
-                path = self.path / "shards" / shard[f"{key}_file"]
-                if not path.is_file():
-                    raise CrosslayerError(f"shard file {path} is missing; harvest the store again")
-                if sha256_file(path) != shard[f"{key}_sha256"]:
-                    raise CrosslayerError(f"shard {path.name} is corrupted (checksum mismatch); "
-                                          "delete the store and harvest it again")
+        for i in range(len(self.shards)):
+            self._check_shard(i)
+
+    def _sidecar_path(self, shard: dict) -> Path:
+        return self.path / "shards" / shard["acts_file"].replace(".acts.npy", ".json")
+
+    def _check_shard(self, i: int) -> None:
+        """Shard ``i``'s files exist and match the SHA-256s of the manifest and of its sidecar."""
+        shard, sidecar = self.shards[i], self._sidecar_path(self.shards[i])
+        try:
+            info = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            raise CrosslayerError(f"store {self.path} is incomplete: sidecar shards/{sidecar.name} is missing or "
+                                  f"unreadable; {REPAIR}") from None
+        for key in ("acts", "rows"):
+            path = self.path / "shards" / shard[f"{key}_file"]
+            if not path.is_file():
+                raise CrosslayerError(f"shard file {path} is missing; {REPAIR}")
+            if info.get(f"{key}_sha256") != shard[f"{key}_sha256"]:
+                raise CrosslayerError(f"shard {path.name} is inconsistent (sidecar {sidecar.name} and manifest.json "
+                                      f"disagree on its checksum) in {self.path}; {REPAIR}")
+            if not _hash_matches(path, shard[f"{key}_sha256"]):
+                raise CrosslayerError(f"shard {path.name} is corrupted (SHA-256 mismatch) in {self.path}; {REPAIR}")
 
     # ------------------------------------------------------------------ raw access
     def _shard_arrays(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         if i not in self._acts:
+            self._check_shard(i)
             shard = self.shards[i]
             acts_path = self.path / "shards" / shard["acts_file"]
             rows_path = self.path / "shards" / shard["rows_file"]
@@ -159,11 +191,10 @@ class ActivationStore:
                 acts = np.load(acts_path, mmap_mode="r")
                 rows = np.load(rows_path, mmap_mode="r")
             except (OSError, ValueError) as err:
-                raise CrosslayerError(f"shard {acts_path.name} cannot be read ({err}); delete the store "
-                                      "and harvest it again") from None
+                raise CrosslayerError(f"shard {acts_path.name} cannot be read ({err}); {REPAIR}") from None
             if acts.shape != (shard["rows"], self.n_layers, self.width) or rows.shape != (shard["rows"],):
                 raise CrosslayerError(f"shard {acts_path.name} is corrupted (shape {acts.shape}, expected "
-                                      f"{(shard['rows'], self.n_layers, self.width)}); harvest the store again")
+                                      f"{(shard['rows'], self.n_layers, self.width)}); {REPAIR}")
             self._acts[i], self._rows[i] = acts, rows
         return self._acts[i], self._rows[i]
 
@@ -337,6 +368,32 @@ class ActivationStore:
                 total += self.get(rows, layers=list(chosen)).double().sum(0)
             self._means[chosen] = (total / self.n_rows).float()
         return self._means[chosen].clone()
+
+
+def _read_manifest(path: Path) -> dict:
+    """``manifest.json`` as a dict; unreadable or invalid JSON is a one-line error."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CrosslayerError(f"{path} cannot be read ({type(err).__name__}); rerun the harvest command "
+                              "into a new folder, or restore the file") from None
+    if not isinstance(manifest, dict):
+        raise CrosslayerError(f"{path} is not a store manifest (not a JSON object); rerun the harvest command "
+                              "into a new folder, or restore the file")
+    return manifest
+
+
+def _hash_matches(path: Path, expected: str) -> bool:
+    """Whether ``path`` hashes to ``expected``; a file unchanged since it last matched in this process
+    (same size and mtime) is not hashed again."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, expected)
+    if key in _VERIFIED:
+        return True
+    if sha256_file(path) != expected:
+        return False
+    _VERIFIED.add(key)
+    return True
 
 
 def _drop_mapped_pages(array: np.ndarray) -> None:

@@ -1,0 +1,112 @@
+"""Corrupted stores are refused by every reader with one line naming the shard and the fix, and a rerun
+of the harvest command rewrites only the bad shards."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from crosslayer.cli import main
+from crosslayer.errors import CrosslayerError
+from crosslayer.store import ActivationStore
+
+from conftest import make_toy_corpus, random_saes
+
+HARVEST = dict(batch_size=8, shard_mb=0.05, progress=False)  # 32 windows in shards of 6
+
+
+def _flip(path, offset, mask):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= mask
+    path.write_bytes(bytes(data))
+
+
+def _acts(store, i=1):
+    return store.path / "shards" / store.shards[i]["acts_file"]
+
+
+# each case corrupts a copy of the store and returns what the error must name
+CASES = {
+    "acts_low_bit": lambda s: (_flip(_acts(s), -2, 0x01), _acts(s).name)[1],  # low bit of the last value
+    "acts_high_bit": lambda s: (_flip(_acts(s), 200, 0x80), _acts(s).name)[1],  # sign bit early in the data
+    "rows_byte": lambda s: (_flip(s.path / "shards" / s.shards[0]["rows_file"], -3, 0x10), s.shards[0]["rows_file"])[1],
+    "sidecar_missing": lambda s: ((s.path / "shards" / "shard-00001.json").unlink(), "shard-00001.json")[1],
+    "manifest_invalid": lambda s: ((s.path / "manifest.json").write_text('{"format": 1, "shards": ['),
+                                   "manifest.json")[1],
+}
+
+
+def _windows(model, corpus):
+    from crosslayer.corpus import load_corpus, make_windows
+
+    return make_windows(load_corpus(corpus), model.tokenizer, seq_len=32, n_tokens=1000)
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tiny_model, tmp_path_factory):
+    """A store of the tiny model in several shards (the shared fixture has one)."""
+    from crosslayer.harvest import harvest
+
+    root = tmp_path_factory.mktemp("integrity")
+    corpus = make_toy_corpus(root / "toy.jsonl", n_docs=60)
+    store = harvest(tiny_model, _windows(tiny_model, corpus), out_dir=root / "store", **HARVEST)
+    assert len(store.shards) >= 3
+    return store
+
+
+@pytest.fixture
+def copy(tiny_store, tmp_path):
+    shutil.copytree(tiny_store.path, tmp_path / "store")
+    return ActivationStore(tmp_path / "store")
+
+
+def _one_line_error(capsys, name):
+    """The one ``error:`` line of stderr (progress bars aside), naming ``name``."""
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(err) == 1 and "error: " in err[0] and name in err[0], err
+    return err[0]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_corruption_is_refused_by_every_reader(case, copy, tiny_store, tmp_path, capsys):
+    dictionary = tmp_path / "dict"
+    random_saes(tiny_store, width=32, k=4).save(dictionary)
+    name = CASES[case](copy)
+    with pytest.raises(CrosslayerError, match=name) as info:
+        ActivationStore(copy.path).get(np.arange(copy.n_rows))
+    assert "\n" not in str(info.value)
+    with pytest.raises(CrosslayerError, match=name):
+        list(ActivationStore(copy.path).iter_batches(64))
+    capsys.readouterr()
+    assert main(["verify", str(copy.path)]) == 2
+    line = _one_line_error(capsys, name)
+    if case != "manifest_invalid":
+        assert "rerun the harvest command" in line
+    assert main(["eval", "--dictionary", str(dictionary), "--store", str(copy.path), "--windows", "0",
+                 "--tokens", "500", "--boot", "10"]) == 2
+    _one_line_error(capsys, name)
+
+
+def test_intact_store_verifies_and_evaluates(copy, tiny_store, tmp_path, capsys):
+    random_saes(tiny_store, width=32, k=4).save(tmp_path / "dict")
+    assert main(["verify", str(copy.path)]) == 0
+    assert capsys.readouterr().out.startswith("OK: ")
+    assert main(["eval", "--dictionary", str(tmp_path / "dict"), "--store", str(copy.path), "--windows", "0",
+                 "--tokens", "500", "--boot", "10"]) == 0
+
+
+@pytest.mark.parametrize("case", ["acts_low_bit", "rows_byte", "sidecar_missing"])
+def test_harvest_rerun_rewrites_only_the_bad_shards(case, copy, tiny_store, tiny_model):
+    from crosslayer.harvest import harvest
+
+    CASES[case](copy)
+    shards = sorted((copy.path / "shards").iterdir())
+    before = {p.name: p.stat().st_mtime_ns for p in shards}
+    windows = _windows(tiny_model, tiny_store.path.parent / "toy.jsonl")
+    repaired = harvest(tiny_model, windows, out_dir=copy.path, **HARVEST)
+    repaired.verify()
+    for name in sorted(p.name for p in (tiny_store.path / "shards").iterdir()):
+        assert (copy.path / "shards" / name).read_bytes() == (tiny_store.path / "shards" / name).read_bytes()
+    rewritten = {p.name for p in shards if p.stat().st_mtime_ns != before[p.name]}
+    bad = {"rows_byte": "shard-00000", "acts_low_bit": "shard-00001", "sidecar_missing": "shard-00001"}[case]
+    assert rewritten and all(n.startswith(bad) for n in rewritten), rewritten
