@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from typing import Callable, NamedTuple
 
@@ -59,6 +60,47 @@ def parse_count(text: str) -> int:
     return int(value)
 
 
+def _number(text: str, kind: type, *, zero_ok: bool):
+    """``text`` as a finite ``kind`` that is > 0 (or >= 0 with ``zero_ok``); else an argparse error."""
+    want = f"{'a non-negative' if zero_ok else 'a positive'} {'whole number' if kind is int else 'number'}"
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {want}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise argparse.ArgumentTypeError(f"{text!r} must be {want}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=``: a whole number >= 1."""
+    return _number(text, int, zero_ok=False)
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse ``type=``: a whole number >= 0."""
+    return _number(text, int, zero_ok=True)
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type=``: a finite number > 0 (not nan, not inf)."""
+    return _number(text, float, zero_ok=False)
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse ``type=``: a finite number >= 0."""
+    return _number(text, float, zero_ok=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line ``error: ...`` (exit status 2), like every other
+    user error; the subcommand parsers inherit it."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message}; see `{self.prog} --help`", file=sys.stderr)
+        self.exit(2)
+
+
 # ----------------------------------------------------------------------------- verbs
 
 SHARED_OPTIONS = {
@@ -66,7 +108,7 @@ SHARED_OPTIONS = {
     "model_dtype": ("--model-dtype", dict(default="auto", help="model dtype: auto (bfloat16 where fast) | float32 | "
                                                                  "bfloat16")),
     "corpus": ("--corpus", dict(default="builtin", help="'builtin', a text file/folder, a .jsonl, or hf:NAME")),
-    "seq_len": ("--seq-len", dict(type=int, default=128, help="window length in tokens")),
+    "seq_len": ("--seq-len", dict(type=positive_int, default=128, help="window length in tokens")),
     "dictionary": ("--dictionary", dict(required=True, help="dictionary folder (per-layer SAEs or crosscoder)")),
     "store": ("--store", dict(required=True, help="activation store of the same model and hooks")),
 }
@@ -138,20 +180,21 @@ def _add_harvest(p):
     p.add_argument("--seed", type=int, default=0, help="document-order seed")
     p.add_argument("--out", required=True, help="store folder (created; a rerun resumes it)")
     p.add_argument("--store-dtype", default="bfloat16", help="store dtype: bfloat16 | float16")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--outlier-factor", type=float, default=10.0,
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
+    p.add_argument("--outlier-factor", type=nonnegative_float, default=10.0,
                    help="drop rows whose norm exceeds this x the layer median (0 keeps them)")
 
 
 @verb("harvest", "run a model over the corpus once and store every chosen layer's activations", _add_harvest)
 def cmd_harvest(args):
     from crosslayer.corpus import load_corpus, make_windows
-    from crosslayer.harvest import harvest, hook_names, parse_layers
+    from crosslayer.harvest import check_seq_len, harvest, hook_names, parse_layers
     from crosslayer.models import load_model
 
     corpus = load_corpus(args.corpus)
     model = load_model(args.model, dtype=args.model_dtype)
     hook_names(model, args.hook, parse_layers(args.layers, model.cfg.n_layers))  # fail fast
+    check_seq_len(model, args.seq_len)
     windows = make_windows(corpus, model.tokenizer, split=args.split, seq_len=args.seq_len,
                            n_tokens=args.tokens, seed=args.seed)
     store = harvest(model, windows, out_dir=args.out, hook=args.hook, layers=args.layers,
@@ -178,14 +221,14 @@ def _add_bench(p):
     p.add_argument("what", choices=["harvest", "crosscoder", "reader"], help="which benchmark")
     p.add_argument("--stores", default="runs/demo/stores/train,runs/demo/stores/heldout",
                    help="comma-separated stores for the reader benchmark")
-    p.add_argument("--buffer-rows", type=int, default=2048, help="reader buffer for the reader benchmark")
+    p.add_argument("--buffer-rows", type=positive_int, default=2048, help="reader buffer for the reader benchmark")
     p.add_argument("--store", default="runs/demo/stores/train", help="store for the crosscoder benchmark")
-    p.add_argument("--width", type=int, default=4096, help="crosscoder features for the crosscoder benchmark")
-    p.add_argument("--k", type=int, default=32, help="TopK k for the crosscoder benchmark")
+    p.add_argument("--width", type=positive_int, default=4096, help="crosscoder features for the crosscoder benchmark")
+    p.add_argument("--k", type=positive_int, default=32, help="TopK k for the crosscoder benchmark")
     shared(p, "model", "model_dtype")
     p.add_argument("--tokens", default="50k,200k", help="comma-separated token counts")
     p.add_argument("--layers", default="all", help="layers to harvest")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="windows per forward pass (harvest, default 8) / tokens per step (crosscoder, default 1024)")
 
 
@@ -207,15 +250,15 @@ def cmd_bench(args):
 def _add_training_common(p, train_cfg: type, arch_cfg: type, *, out_help: str, width_help: str):
     p.add_argument("--store", required=True, help="activation store folder (crosslayer harvest)")
     p.add_argument("--out", required=True, help=out_help)
-    p.add_argument("--width", type=int, required=True, help=width_help)
-    p.add_argument("--k", type=int, default=default(arch_cfg, "k"),
+    p.add_argument("--width", type=positive_int, required=True, help=width_help)
+    p.add_argument("--k", type=positive_int, default=default(arch_cfg, "k"),
                    help="active features per token (topk/batchtopk; jumprelu target L0)")
     p.add_argument("--tokens", type=parse_count, default=None, help="training tokens (default: the store's rows)")
-    p.add_argument("--batch-size", type=int, default=default(train_cfg, "batch_size"), help="tokens per step")
-    p.add_argument("--lr", type=float, default=default(train_cfg, "lr"), help="Adam learning rate")
+    p.add_argument("--batch-size", type=positive_int, default=default(train_cfg, "batch_size"), help="tokens per step")
+    p.add_argument("--lr", type=positive_float, default=default(train_cfg, "lr"), help="Adam learning rate")
     p.add_argument("--layers", default=None, help="subset of the store's layers, e.g. 0-5 (default: all)")
     p.add_argument("--seed", type=int, default=default(train_cfg, "seed"), help="init and data-order seed")
-    p.add_argument("--sparsity-coef", type=float, default=None,
+    p.add_argument("--sparsity-coef", type=nonnegative_float, default=None,
                    help="L1 (relu/standard) or L0/tanh (jumprelu) sparsity coefficient (default by activation)")
 
 
@@ -255,9 +298,9 @@ def _add_train_crosscoder(p):
                                 ("activation", ACTIVATIONS, "activation function"),
                                 ("sparsity", SPARSITIES, "how per-layer decoder norms combine (penalty, TopK score)")):
         p.add_argument(f"--{name}", default=default(CrosscoderConfig, name), choices=choices, help=text)
-    p.add_argument("--window", type=int, default=default(CrosscoderConfig, "window"),
+    p.add_argument("--window", type=positive_int, default=default(CrosscoderConfig, "window"),
                    help="layers per feature for --variant window")
-    p.add_argument("--checkpoint-every", type=int, default=default(TrainConfig, "checkpoint_every"),
+    p.add_argument("--checkpoint-every", type=positive_int, default=default(TrainConfig, "checkpoint_every"),
                    help="steps between checkpoints")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast only with AVX512-BF16 or a GPU)")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
@@ -284,10 +327,10 @@ def cmd_train_crosscoder(args):
 def _add_eval(p):
     shared(p, "dictionary", "store", "model_dtype")
     p.add_argument("--tokens", type=parse_count, default=parse_count("50k"), help="rows for reconstruction metrics")
-    p.add_argument("--windows", type=int, default=32, help="windows for the downstream CE/KL evaluation (0: skip)")
-    p.add_argument("--l0-frac", type=float, default=0.1,
+    p.add_argument("--windows", type=nonnegative_int, default=32, help="windows for the downstream CE/KL evaluation (0: skip)")
+    p.add_argument("--l0-frac", type=positive_float, default=0.1,
                    help="a (feature, layer) pair counts in L0 when its decoder norm is >= this x the feature's largest")
-    p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples (over documents) for the 95%% intervals")
+    p.add_argument("--boot", type=positive_int, default=1000, help="bootstrap resamples (over documents) for the 95%% intervals")
     p.add_argument("--out", default=None, help="CSV path for the table")
 
 
@@ -308,12 +351,12 @@ def cmd_eval(args):
 
 def _add_features(p):
     shared(p, "dictionary", "store", "model_dtype")
-    p.add_argument("--feature", type=int, default=None, help="feature index (0..F-1) for the dashboard")
+    p.add_argument("--feature", type=nonnegative_int, default=None, help="feature index (0..F-1) for the dashboard")
     p.add_argument("--search", default=None, help="instead: list features whose logit effect most raises this token")
-    p.add_argument("--examples", type=int, default=10, help="top-activating examples to show")
-    p.add_argument("--top", type=int, default=10, help="features listed by --search")
-    p.add_argument("--logits", type=int, default=8, help="tokens pushed up / down to show per layer")
-    p.add_argument("--batch-size", type=int, default=1024, help="rows encoded per batch while streaming")
+    p.add_argument("--examples", type=positive_int, default=10, help="top-activating examples to show")
+    p.add_argument("--top", type=positive_int, default=10, help="features listed by --search")
+    p.add_argument("--logits", type=positive_int, default=8, help="tokens pushed up / down to show per layer")
+    p.add_argument("--batch-size", type=positive_int, default=1024, help="rows encoded per batch while streaming")
 
 
 @verb("features", "text dashboard of one feature: density, top/quantile examples, logit effects, decoder profile",
@@ -341,7 +384,7 @@ def _add_lens(p):
     p.add_argument("prompt", nargs="+", help="prompt text (several prompts: one table each)")
     p.add_argument("--target", default=None, help="token whose rank and probability to follow, e.g. ' Paris'")
     shared(p, "model", "model_dtype")
-    p.add_argument("--top-k", type=int, default=5, help="top tokens kept per layer and position")
+    p.add_argument("--top-k", type=positive_int, default=5, help="top tokens kept per layer and position")
     p.add_argument("--position", type=int, default=-1, help="position printed (default: the last token)")
     p.add_argument("--plot", default=None, help="save a layer x position heatmap (PNG/PDF/SVG) of the first prompt")
     p.add_argument("--out", default=None, help="optional CSV path for the full table")
@@ -371,17 +414,17 @@ def _add_steer(p):
 
     p.add_argument("prompt", help="prompt text")
     shared(p, "dictionary", "model_dtype")
-    p.add_argument("--feature", type=int, required=True, action="append", help="feature index (repeatable)")
+    p.add_argument("--feature", type=nonnegative_int, required=True, action="append", help="feature index (repeatable)")
     p.add_argument("--value", type=float, default=0.0, help="clamp/add value or scale factor")
     p.add_argument("--mode", default="clamp", choices=MODES, help="how to edit the feature(s)")
     p.add_argument("--at", default=DEFAULT_AT, choices=AT,
                    help="which layers a multi-layer feature is edited at: each (every layer it writes, pinned to "
                         "clean + its change) | first | peak (one layer; the model carries it on)")
     p.add_argument("--model", default=None, help="model (default: the one the dictionary was trained on)")
-    p.add_argument("--top", type=int, default=10, help="tokens shown rising / falling")
-    p.add_argument("--tokens", type=int, default=20, help="tokens generated (0: no generation)")
+    p.add_argument("--top", type=positive_int, default=10, help="tokens shown rising / falling")
+    p.add_argument("--tokens", type=nonnegative_int, default=20, help="tokens generated (0: no generation)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, shared by the clean and steered runs")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--temperature", type=nonnegative_float, default=1.0, help="sampling temperature (0: greedy)")
 
 
 @verb("steer", "clamp / scale / ablate features and show how the next-token distribution and generation move",
@@ -422,7 +465,7 @@ def load_plugins() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     load_plugins()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="crosslayer",
         description="Per-layer SAEs vs sparse crosscoders on the residual stream of every layer.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -435,7 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a usage error, already printed as one line (2)
+        return stop.code if isinstance(stop.code, int) else 2
     try:
         args.func(args)
     except CrosslayerError as err:

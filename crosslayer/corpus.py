@@ -136,6 +136,14 @@ def _open_text(path: Path):
 
 
 def _read_jsonl(path: Path, default_label: str) -> list[Document]:
+    try:
+        return _read_jsonl_lines(path, default_label)
+    except (UnicodeDecodeError, EOFError, lzma.LZMAError, gzip.BadGzipFile) as err:
+        raise CrosslayerError(f"{path} is not UTF-8 JSONL text ({type(err).__name__}); point --corpus at a "
+                              ".jsonl[.xz|.gz] of UTF-8 text") from None
+
+
+def _read_jsonl_lines(path: Path, default_label: str) -> list[Document]:
     docs = []
     with _open_text(path) as fh:
         for line_no, line in enumerate(fh, 1):
@@ -165,9 +173,25 @@ def _read_text_files(path: Path) -> list[Document]:
     for file in files:
         label = file.parent.name if path.is_dir() and file.parent != path else "user"
         key = str(file.relative_to(path) if path.is_dir() else file.name)
-        docs.append(Document(text=file.read_text(encoding="utf-8", errors="replace"), label=label,
+        docs.append(Document(text=_read_text(file), label=label,
                              key=key, split=_hash_split(key), source=file.name))
     return docs
+
+
+MAX_INVALID_UTF8 = 0.01
+"""Largest share of characters that may be invalid UTF-8 in a text file of the corpus."""
+
+
+def _read_text(file: Path) -> str:
+    """The text of ``file``, refusing binary data: a NUL byte or more than :data:`MAX_INVALID_UTF8` of
+    the characters invalid UTF-8 (a few invalid bytes are replaced)."""
+    data = file.read_bytes()
+    text = data.decode("utf-8", errors="replace")
+    invalid = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+    if b"\0" in data or invalid > MAX_INVALID_UTF8 * max(len(text), 1):
+        raise CrosslayerError(f"{file} is not text (NUL bytes or over {MAX_INVALID_UTF8:.0%} invalid UTF-8); "
+                              "point --corpus at UTF-8 text files, a folder of them or a .jsonl")
+    return text
 
 
 def _read_hf(spec: str) -> list[Document]:

@@ -61,7 +61,17 @@ def parse_layers(spec: str | list[int], n_layers: int) -> list[int]:
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad or not layers:
         raise CrosslayerError(f"layer(s) {bad or spec} out of range: the model has layers 0..{n_layers - 1}")
-    return sorted(set(layers))
+    repeated = sorted({l for l in layers if layers.count(l) > 1})
+    if repeated:
+        raise CrosslayerError(f"layer {repeated[0]} is repeated in layers {spec!r}; name each layer once")
+    return sorted(layers)
+
+
+def check_seq_len(model, seq_len: int) -> None:
+    """Refuse windows longer than the model's context (``model.cfg.n_ctx``)."""
+    if seq_len > model.cfg.n_ctx:
+        raise CrosslayerError(f"--seq-len {seq_len} is longer than the context of model {model.cfg.model_name} "
+                              f"({model.cfg.n_ctx} tokens); use --seq-len {model.cfg.n_ctx} or less")
 
 
 def hook_names(model, kind: str, layers: list[int]) -> tuple[list[str], int]:
@@ -114,6 +124,7 @@ def harvest(model, windows: TokenWindows, *, out_dir: str | Path, hook: str = "r
         raise CrosslayerError(f"store dtype must be bfloat16 or float16, got {dtype!r}")
     if batch_size < 1:
         raise CrosslayerError(f"batch_size must be >= 1, got {batch_size}")
+    check_seq_len(model, windows.seq_len)
     layer_list = parse_layers(layers, model.cfg.n_layers)
     names, width = hook_names(model, hook, layer_list)
     special_ids = sorted(int(i) for i in (model.tokenizer.all_special_ids if model.tokenizer else []))

@@ -251,8 +251,12 @@ def reproduce(preset: str = "demo", *, out: str | Path | None = None, corpus: st
     if unknown:
         raise CrosslayerError(f"unknown step(s) {unknown}; steps are {', '.join(names)}")
     out = Path(out or Path("runs") / preset)
+    from crosslayer.corpus import load_corpus
+
+    documents = load_corpus(corpus)  # a bad corpus fails before preset.json is written
     claim_folder(out, {**chosen.record(), "corpus": corpus}, record="preset.json", what="reproduction")
     ctx = RunContext(chosen, out, corpus=corpus, paper=paper, progress=progress)
+    ctx._corpus = documents
     total = time.time()
     for name, step in steps():
         if only and name not in only:
