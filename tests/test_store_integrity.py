@@ -85,6 +85,9 @@ def test_corruption_is_refused_by_every_reader(case, copy, tiny_store, tmp_path,
     assert main(["eval", "--dictionary", str(dictionary), "--store", str(copy.path), "--windows", "0",
                  "--tokens", "500", "--boot", "10"]) == 2
     _one_line_error(capsys, name)
+    assert main(["features", "--dictionary", str(dictionary), "--store", str(copy.path), "--feature", "0",
+                 "--examples", "2"]) == 2
+    _one_line_error(capsys, name)
 
 
 def test_intact_store_verifies_and_evaluates(copy, tiny_store, tmp_path, capsys):
