@@ -124,6 +124,8 @@ def harvest(model, windows: TokenWindows, *, out_dir: str | Path, hook: str = "r
         raise CrosslayerError(f"store dtype must be bfloat16 or float16, got {dtype!r}")
     if batch_size < 1:
         raise CrosslayerError(f"batch_size must be >= 1, got {batch_size}")
+    if outlier_factor is not None and not outlier_factor > 0:
+        raise CrosslayerError(f"outlier_factor must be > 0 (or None to keep outliers), got {outlier_factor}")
     check_seq_len(model, windows.seq_len)
     layer_list = parse_layers(layers, model.cfg.n_layers)
     names, width = hook_names(model, hook, layer_list)

@@ -303,6 +303,7 @@ def train_per_layer_saes(store, cfg: SAETrainConfig, *, out_dir: str | Path, lay
     sel = store.select(layers)
     if store.n_rows < cfg.batch_size:
         raise CrosslayerError(f"store {store.path} has {store.n_rows} rows, fewer than one batch of {cfg.batch_size}")
+    store.verify()  # a corrupted store fails before out_dir is created (shards are hashed once per process)
     factors = torch.tensor(sel.norm_factors, dtype=torch.float32).tolist()  # as the dictionary keeps them
     provenance = {k: v for k, v in store_provenance(store).items() if k != "path"}
     plan = {"kind": "per_layer_saes", "layers": sel.layers, "hooks": sel.hooks, "norm_factors": factors,

@@ -330,6 +330,7 @@ def train_crosscoder_from_store(store, model_cfg: CrosscoderConfig, cfg: TrainCo
     if model_cfg.d_model != store.width:
         raise CrosslayerError(f"crosscoder d_model {model_cfg.d_model} != store width {store.width} ({store.path}); "
                               "set d_model to the store's width")
+    store.verify()  # a corrupted store fails before out_dir is created (shards are hashed once per process)
     buffer = max(2 * cfg.batch_size, 8192)
 
     def make_batches(start_step: int) -> Iterator[Tensor]:

@@ -111,3 +111,14 @@ def test_reproduce_with_a_bad_corpus_leaves_the_folder_usable(corpus, tmp_path):
     plan = {**get_preset("micro").record(), "corpus": corpus}
     assert claim_folder(tmp_path / "run", plan, record="preset.json", what="reproduction") is None
 
+
+
+def test_library_harvest_refuses_a_negative_outlier_factor(tiny_model, corpus, tmp_path):
+    from crosslayer.corpus import load_corpus, make_windows
+    from crosslayer.errors import CrosslayerError
+    from crosslayer.harvest import harvest
+
+    windows = make_windows(load_corpus(corpus), tiny_model.tokenizer, seq_len=32, n_tokens=256)
+    with pytest.raises(CrosslayerError, match="outlier_factor must be > 0"):
+        harvest(tiny_model, windows, out_dir=tmp_path / "s", outlier_factor=-1, progress=False)
+    assert not (tmp_path / "s").exists()

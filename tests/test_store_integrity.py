@@ -90,6 +90,16 @@ def test_corruption_is_refused_by_every_reader(case, copy, tiny_store, tmp_path,
     _one_line_error(capsys, name)
 
 
+@pytest.mark.parametrize("verb", ["train-saes", "train-crosscoder"])
+def test_training_on_a_corrupted_store_creates_nothing(verb, copy, tmp_path, capsys):
+    name = CASES["acts_low_bit"](copy)
+    capsys.readouterr()
+    assert main([verb, "--store", str(copy.path), "--out", str(tmp_path / "out"), "--width", "16", "--k", "2",
+                 "--batch-size", "64"]) == 2
+    _one_line_error(capsys, name)
+    assert not (tmp_path / "out").exists()
+
+
 def test_intact_store_verifies_and_evaluates(copy, tiny_store, tmp_path, capsys):
     random_saes(tiny_store, width=32, k=4).save(tmp_path / "dict")
     assert main(["verify", str(copy.path)]) == 0
