@@ -139,6 +139,7 @@ def harvest(model, windows: TokenWindows, *, out_dir: str | Path, hook: str = "r
     todo = _bad_shards(out, plan)
     if claimed is not None and claimed.get("status") == "complete":
         if not todo:
+            _write_windows(out, windows)  # restores only window files that were deleted or damaged
             return ActivationStore(out)
         write_json({**plan, "status": "harvesting", "package_version": crosslayer.__version__},
                    out / "manifest.json")  # readers refuse the store until the repair finishes
@@ -159,12 +160,21 @@ def _write_windows(out: Path, windows: TokenWindows) -> None:
     arrays = {"windows": windows.tokens.to(torch.int32), "windows_doc": windows.doc_ids.to(torch.int32),
               "windows_label": windows.labels.to(torch.int16)}
     for name, tensor in arrays.items():
-        if not (out / f"{name}.npy").is_file():
+        if not _same_array(out / f"{name}.npy", tensor.numpy()):
             with atomic_path(out / f"{name}.npy") as tmp:
                 with open(tmp, "wb") as fh:
                     np.save(fh, tensor.numpy())
     if not (out / "docs.json").is_file():
         write_json({"label_names": windows.label_names, "doc_keys": windows.doc_keys}, out / "docs.json")
+
+
+def _same_array(path: Path, array: np.ndarray) -> bool:
+    """Whether ``path`` holds exactly ``array`` (False if missing or unreadable)."""
+    try:
+        saved = np.load(path)
+    except (OSError, ValueError):
+        return False
+    return saved.dtype == array.dtype and np.array_equal(saved, array)
 
 
 def _shard_done(out: Path, index: int, *, check: bool = True) -> dict | None:

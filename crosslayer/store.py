@@ -19,7 +19,8 @@ the first time a process maps a shard (:meth:`ActivationStore._shard_arrays`) th
 hashed and checked against the SHA-256s of the manifest and the sidecar, so corrupted data is never
 used silently. Cost: that hash reads each shard once per process (sequential reads, cheap relative
 to an epoch, which reads every shard anyway; a process reading a few rows of a shard pays for the
-whole shard once). A shard that fails is refused with one line naming it and the fix: rerun the
+whole shard once). ``windows.npy`` is checked against the manifest's ``windows_sha256`` when first
+read (``windows_doc.npy`` and ``windows_label.npy`` have no checksum). A shard that fails is refused with one line naming it and the fix: rerun the
 harvest command, which recomputes only the bad shards.
 
 Readers memory-map the shards. :meth:`ActivationStore.iter_batches` gives a seeded, exact
@@ -34,6 +35,7 @@ have mean norm sqrt(width) at every layer; ``normalized=True`` applies it, raw u
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import mmap
@@ -155,9 +157,10 @@ class ActivationStore:
 
     # ------------------------------------------------------------------ checks
     def verify(self) -> None:
-        """Recompute every shard's checksums; raise naming the first shard that does not match."""
+        """Recompute every shard's checksums and the windows'; raise naming the first file that does not match."""
         for i in range(len(self.shards)):
             self._check_shard(i)
+        self._window_arrays()
 
     def _sidecar_path(self, shard: dict) -> Path:
         return self.path / "shards" / shard["acts_file"].replace(".acts.npy", ".json")
@@ -284,10 +287,23 @@ class ActivationStore:
     # ------------------------------------------------------------------ metadata and context
     def _window_arrays(self):
         if self._windows is None:
-            self._windows = {name: np.load(self.path / f"{name}.npy", mmap_mode="r")
-                             for name in ("windows", "windows_doc", "windows_label")}
-            self._docs = json.loads((self.path / "docs.json").read_text())
+            try:
+                windows = {name: np.load(self.path / f"{name}.npy", mmap_mode="r")
+                           for name in ("windows", "windows_doc", "windows_label")}
+                self._docs = json.loads((self.path / "docs.json").read_text())
+            except (OSError, ValueError) as err:
+                raise CrosslayerError(f"the windows of store {self.path} cannot be read ({type(err).__name__}); "
+                                      f"{REPAIR}") from None
+            self._check_windows(windows["windows"])
+            self._windows = windows
         return self._windows
+
+    def _check_windows(self, tokens: np.ndarray) -> None:
+        """windows.npy matches the manifest's ``windows_sha256`` (of the tokens as int64)."""
+        expected = self.manifest.get("windows_sha256")
+        digest = hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int64).tobytes()).hexdigest()
+        if expected is not None and digest != expected:
+            raise CrosslayerError(f"windows.npy of store {self.path} is corrupted (SHA-256 mismatch); {REPAIR}")
 
     @property
     def label_names(self) -> list[str]:

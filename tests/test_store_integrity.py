@@ -123,3 +123,18 @@ def test_harvest_rerun_rewrites_only_the_bad_shards(case, copy, tiny_store, tiny
     rewritten = {p.name for p in shards if p.stat().st_mtime_ns != before[p.name]}
     bad = {"rows_byte": "shard-00000", "acts_low_bit": "shard-00001", "sidecar_missing": "shard-00001"}[case]
     assert rewritten and all(n.startswith(bad) for n in rewritten), rewritten
+
+
+def test_corrupted_windows_are_refused_and_repaired(copy, tiny_store, tiny_model, capsys):
+    from crosslayer.harvest import harvest
+
+    _flip(copy.path / "windows.npy", -1, 0x04)
+    with pytest.raises(CrosslayerError, match="windows.npy .* is corrupted"):
+        ActivationStore(copy.path).context(0)
+    capsys.readouterr()
+    assert main(["verify", str(copy.path)]) == 2
+    _one_line_error(capsys, "windows.npy")
+    windows = _windows(tiny_model, tiny_store.path.parent / "toy.jsonl")
+    harvest(tiny_model, windows, out_dir=copy.path, **HARVEST)
+    assert (copy.path / "windows.npy").read_bytes() == (tiny_store.path / "windows.npy").read_bytes()
+    ActivationStore(copy.path).verify()
