@@ -439,6 +439,10 @@ def cmd_steer(args):
     if name is None:
         raise CrosslayerError("the dictionary does not record its model; pass --model")
     model = load_model(name, dtype=args.model_dtype)
+    n_prompt = len(model.tokenizer(args.prompt, add_special_tokens=False)["input_ids"])  # to_tokens truncates
+    if n_prompt + args.tokens > model.cfg.n_ctx:
+        raise CrosslayerError(f"the prompt ({n_prompt} tokens) plus --tokens {args.tokens} exceeds the context of "
+                              f"{name} ({model.cfg.n_ctx} tokens); shorten the prompt or lower --tokens")
     edits = [Edit(f, args.mode, args.value) for f in args.feature]
     table, summary = steer(model, dictionary, args.prompt, edits, top=args.top, at=args.at)
     acts = ", ".join(f"{f}: {a:.3g}" for f, a in summary["clean_activation"].items())

@@ -146,10 +146,13 @@ def harvest(model, windows: TokenWindows, *, out_dir: str | Path, hook: str = "r
     try:
         _write_windows(out, windows)
         _run_shards(model, windows, out, plan, todo, progress)
+        return _finalise(out, plan)
     except NonFiniteActivations:
         shutil.rmtree(out, ignore_errors=True)  # this harvest can never succeed: leave nothing behind
         raise
-    return _finalise(out, plan)
+    except OSError as err:  # a full disk, a folder made read-only: finished shards are kept
+        raise CrosslayerError(f"cannot write the store in {out} ({err.strerror or err}); free space or fix the "
+                              "folder, then rerun the harvest command to resume") from None
 
 
 class NonFiniteActivations(CrosslayerError):

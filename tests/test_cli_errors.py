@@ -7,7 +7,7 @@ import pytest
 
 from crosslayer.cli import main
 
-from conftest import make_toy_corpus
+from conftest import make_toy_corpus, random_saes
 
 HARVEST = ["harvest", "--model", "tiny-2l-64d", "--tokens", "1k", "--seq-len", "32"]
 
@@ -122,3 +122,12 @@ def test_library_harvest_refuses_a_negative_outlier_factor(tiny_model, corpus, t
     with pytest.raises(CrosslayerError, match="outlier_factor must be > 0"):
         harvest(tiny_model, windows, out_dir=tmp_path / "s", outlier_factor=-1, progress=False)
     assert not (tmp_path / "s").exists()
+
+
+def test_steer_refuses_a_prompt_longer_than_the_context(tiny_store, tmp_path, capsys):
+    random_saes(tiny_store, width=32, k=4).save(tmp_path / "dict")
+    capsys.readouterr()
+    assert main(["steer", "the cat " * 600, "--dictionary", str(tmp_path / "dict"), "--feature", "0",
+                 "--value", "1", "--tokens", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "exceeds the context" in err[0], err

@@ -138,3 +138,29 @@ def test_corrupted_windows_are_refused_and_repaired(copy, tiny_store, tiny_model
     harvest(tiny_model, windows, out_dir=copy.path, **HARVEST)
     assert (copy.path / "windows.npy").read_bytes() == (tiny_store.path / "windows.npy").read_bytes()
     ActivationStore(copy.path).verify()
+
+
+def test_a_full_disk_is_a_one_line_error_and_the_harvest_resumes(tiny_store, tiny_model, tmp_path, monkeypatch):
+    import errno
+
+    from crosslayer.harvest import harvest
+
+    real_save, calls = np.save, []
+
+    def save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 5:  # the three window files and the first shard are written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    windows = _windows(tiny_model, tiny_store.path.parent / "toy.jsonl")
+    monkeypatch.setattr(np, "save", save)
+    with pytest.raises(CrosslayerError, match="No space left on device.*rerun the harvest command") as info:
+        harvest(tiny_model, windows, out_dir=tmp_path / "s", **HARVEST)
+    assert "\n" not in str(info.value)
+    monkeypatch.setattr(np, "save", real_save)
+    assert not list((tmp_path / "s").rglob("*.tmp"))
+    harvest(tiny_model, windows, out_dir=tmp_path / "s", **HARVEST).verify()
+    for name in sorted(p.name for p in (tiny_store.path / "shards").iterdir()):
+        assert (tmp_path / "s" / "shards" / name).read_bytes() == (tiny_store.path / "shards" / name).read_bytes()
+
