@@ -184,14 +184,14 @@ MAX_INVALID_UTF8 = 0.01
 
 def _read_text(file: Path) -> str:
     """The text of ``file``, refusing binary data: a NUL byte or more than :data:`MAX_INVALID_UTF8` of
-    the characters invalid UTF-8 (a few invalid bytes are replaced)."""
+    the characters invalid UTF-8 (a few invalid bytes are replaced); read as ``Path.read_text`` would."""
     data = file.read_bytes()
     text = data.decode("utf-8", errors="replace")
     invalid = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
     if b"\0" in data or invalid > MAX_INVALID_UTF8 * max(len(text), 1):
         raise CrosslayerError(f"{file} is not text (NUL bytes or over {MAX_INVALID_UTF8:.0%} invalid UTF-8); "
                               "point --corpus at UTF-8 text files, a folder of them or a .jsonl")
-    return text
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text-mode reading gives
 
 
 def _read_hf(spec: str) -> list[Document]:

@@ -167,8 +167,13 @@ def _write_windows(out: Path, windows: TokenWindows) -> None:
             with atomic_path(out / f"{name}.npy") as tmp:
                 with open(tmp, "wb") as fh:
                     np.save(fh, tensor.numpy())
-    if not (out / "docs.json").is_file():
-        write_json({"label_names": windows.label_names, "doc_keys": windows.doc_keys}, out / "docs.json")
+    docs = {"label_names": windows.label_names, "doc_keys": windows.doc_keys}
+    try:
+        same = json.loads((out / "docs.json").read_text()) == docs
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        write_json(docs, out / "docs.json")
 
 
 def _same_array(path: Path, array: np.ndarray) -> bool:
