@@ -294,10 +294,10 @@ def _prefix_text(down: pd.DataFrame) -> str:
     prefix = down[(down.approach == CC) & (down.splice == "layer (causal prefix)")].set_index("layer").ce_recovered
     if prefix.empty:
         return ""
-    gap = (plain - prefix).dropna()
-    return (f"Without the later layers (their inputs replaced by the mean), the crosscoder's per-layer recovery "
-            f"changes by {fmt(-gap.max(), 3)} to {fmt(-gap.min(), 3)} (mean {fmt(-gap.mean(), 3)}): what it gains "
-            f"from reading the future.")
+    gap = (plain - prefix).dropna() + 0.0  # + 0.0: no "-0"
+    return (f"Without the later layers (their inputs replaced by the mean), the acausal crosscoder's per-layer "
+            f"recovery falls by {fmt(gap.min(), 3)} to {fmt(gap.max(), 3)} (mean {fmt(gap.mean(), 3)}; negative: "
+            f"rises): what it gains from reading the future.")
 
 
 def _sweep_text(sweep: pd.DataFrame, head: pd.DataFrame) -> list[str]:

@@ -342,9 +342,10 @@ def concept_mass(effects: pd.DataFrame, dictionary: str, multiple: float) -> pd.
 
 def _mass_text(mass: pd.DataFrame) -> str:
     """``p 0.01 -> 0.03 (rises) on prompt 1, ...``: each prompt's direction read from its numbers."""
-    parts = [f"{fmt(r.p_clean)} $\\to$ {fmt(r.p_steered)} on prompt {int(r.prompt_id) + 1} ("
+    digits = [3 if fmt(r.p_clean) != fmt(r.p_steered) else 6 for r in mass.itertuples()]
+    parts = [f"{fmt(r.p_clean, d)} $\\to$ {fmt(r.p_steered, d)} on prompt {int(r.prompt_id) + 1} ("
              + ("rises" if r.p_steered > r.p_clean else "falls" if r.p_steered < r.p_clean else "unchanged") + ")"
-             for r in mass.itertuples()]
+             for r, d in zip(mass.itertuples(), digits)]
     n_up = int((mass["p_steered"] > mass["p_clean"]).sum())
     return f"{'; '.join(parts)}: it rises on {n_up} of {len(mass)} prompts"
 

@@ -119,4 +119,4 @@ def test_reconstruction_figures_tables_answer_from_fixture_csvs(tmp_path):
     text = (tmp_path / "paper" / "tables" / "reconstruction_answer.tex").read_text()
     # SAEs 0.5 [0.4, 0.6] vs crosscoder 0.8 [0.7, 0.9] at both layers: intervals separate, crosscoder higher
     assert "separate in 2 of 2 layers (2 with the crosscoder higher, 0 with the SAEs higher)" in text
-    assert "changes by -0.5 to -0.5" in text  # prefix 0.3 vs plain 0.8
+    assert "falls by 0.5 to 0.5" in text  # prefix 0.3 vs plain 0.8
