@@ -409,6 +409,12 @@ def cmd_lens(args):
         print(f"table: {args.out}")
 
 
+def _add_generation(g):
+    g.add_argument("--tokens", type=nonnegative_int, default=20, help="tokens generated (0: no generation)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed, shared by the clean and steered runs")
+    g.add_argument("--temperature", type=nonnegative_float, default=1.0, help="sampling temperature (0: greedy)")
+
+
 def _add_steer(p):
     from crosslayer.interventions import AT, DEFAULT_AT, MODES
 
@@ -422,9 +428,7 @@ def _add_steer(p):
                         "clean + its change) | first | peak (one layer; the model carries it on)")
     p.add_argument("--model", default=None, help="model (default: the one the dictionary was trained on)")
     p.add_argument("--top", type=positive_int, default=10, help="tokens shown rising / falling")
-    p.add_argument("--tokens", type=nonnegative_int, default=20, help="tokens generated (0: no generation)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed, shared by the clean and steered runs")
-    p.add_argument("--temperature", type=nonnegative_float, default=1.0, help="sampling temperature (0: greedy)")
+    _add_generation(p.add_argument_group("generation (clean and steered, same seed)"))
 
 
 @verb("steer", "clamp / scale / ablate features and show how the next-token distribution and generation move",

@@ -69,6 +69,11 @@ def from_torch16(tensor: torch.Tensor, dtype: str) -> np.ndarray:
     return tensor.to(torch.float16).contiguous().numpy()
 
 
+def _manifest_field(key: str, cast, doc: str) -> property:
+    """A read-only property of :class:`ActivationStore` that returns ``cast(manifest[key])``."""
+    return property(lambda self: cast(self.manifest[key]), doc=doc)
+
+
 class LayerSelection(NamedTuple):
     """A subset of a store's layers (what :meth:`ActivationStore.select` returns)."""
 
@@ -114,29 +119,15 @@ class ActivationStore:
     def n_rows(self) -> int:
         return int(self.offsets[-1])
 
-    @property
-    def layers(self) -> list[int]:
-        return list(self.manifest["layers"])
+    layers = _manifest_field("layers", list, "Model layer indices stored, ascending.")
+    hooks = _manifest_field("hooks", list, "Hook name of each stored layer.")
+    width = _manifest_field("width", int, "Width of each stored row at each layer.")
+    dtype = _manifest_field("dtype", str, "Storage dtype: bfloat16 | float16.")
+    seq_len = _manifest_field("seq_len", int, "Tokens per harvested window.")
 
     @property
     def n_layers(self) -> int:
         return len(self.manifest["layers"])
-
-    @property
-    def hooks(self) -> list[str]:
-        return list(self.manifest["hooks"])
-
-    @property
-    def width(self) -> int:
-        return int(self.manifest["width"])
-
-    @property
-    def dtype(self) -> str:
-        return self.manifest["dtype"]
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.manifest["seq_len"])
 
     @property
     def norm_factors(self) -> torch.Tensor:

@@ -76,20 +76,16 @@ class Config:
     """Held-out rows sampled to find live features and activation correlations."""
     synthetic_tokens: int = 30_000
     """Rows of the synthetic ground-truth data."""
+    # The synthetic benchmark: layers, width of each layer, true features G (the crosscoder gets 2G
+    # latents, each single-layer dictionary G), and its training runs' batch size, learning rate and
+    # epochs over the rows (at least syn_min_steps steps).
     syn_layers: int = 6
-    """Layers of the synthetic data."""
     syn_d: int = 32
-    """Width of each synthetic layer."""
     syn_features: int = 64
-    """True features G (the crosscoder gets 2G latents, each single-layer dictionary G)."""
     syn_batch: int = 256
-    """Batch size of the synthetic training runs."""
     syn_lr: float = 3e-3
-    """Their learning rate."""
     syn_epochs: int = 3
-    """Epochs over the synthetic rows ..."""
     syn_min_steps: int = 300
-    """... but at least this many steps."""
     often: float = 0.02
     """Synthetic features firing at least this often count as learnable at these token budgets."""
 

@@ -42,11 +42,12 @@ class Sizes:
     """Training tokens of every crosscoder of the run."""
     cc_batch: int = 1024
     cc_lr: float = 1e-3
+    model_dtype: str = "auto"
+    """Compute dtype of the model (auto: bfloat16 only where it is fast)."""
     seq_len: int = 128
     """Tokens per harvested window."""
     batch_size: int = 8
     """Windows per forward pass (harvest, scoring)."""
-    model_dtype: str = "auto"
 
 
 SIZES: dict[str, Sizes] = {
