@@ -325,10 +325,12 @@ def cmd_train_crosscoder(args):
 
 
 def _add_eval(p):
+    from crosslayer.dictionary import WRITE_FRACTION
+
     shared(p, "dictionary", "store", "model_dtype")
     p.add_argument("--tokens", type=parse_count, default=parse_count("50k"), help="rows for reconstruction metrics")
     p.add_argument("--windows", type=nonnegative_int, default=32, help="windows for the downstream CE/KL evaluation (0: skip)")
-    p.add_argument("--l0-frac", type=positive_float, default=0.1,
+    p.add_argument("--l0-frac", type=positive_float, default=WRITE_FRACTION,
                    help="a (feature, layer) pair counts in L0 when its decoder norm is >= this x the feature's largest")
     p.add_argument("--boot", type=positive_int, default=1000, help="bootstrap resamples (over documents) for the 95%% intervals")
     p.add_argument("--out", default=None, help="CSV path for the table")

@@ -238,6 +238,19 @@ class Dictionary(nn.Module, ABC):
                 f"d_model={self.d_model}, n_features={self.n_features})")
 
 
+WRITE_FRACTION = 0.1
+"""Default share of a feature's largest layer decoder norm above which it counts as writing a layer."""
+
+
+def written_pairs(decoder_norms_FL: Tensor, writes_FL: Tensor, fraction: float = WRITE_FRACTION) -> Tensor:
+    """``[F, L]`` bool: the (feature, layer) pairs where the feature writes the layer with a decoder norm > 0 and
+    >= ``fraction`` x its largest layer norm. The one rule behind L0 per (feature, layer) in
+    :mod:`crosslayer.evals` and the layers an intervention edits in :mod:`crosslayer.interventions`."""
+    norms_FL = decoder_norms_FL.detach().float().cpu()
+    peak_F1 = norms_FL.max(dim=1, keepdim=True).values
+    return writes_FL.bool().cpu() & (norms_FL > 0) & (norms_FL >= fraction * peak_F1)
+
+
 def store_provenance(store) -> dict:
     """What a dictionary records about the activation store it was trained on."""
     m = store.manifest

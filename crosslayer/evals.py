@@ -99,7 +99,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from crosslayer.dictionary import Dictionary, check_compatible
+from crosslayer.dictionary import WRITE_FRACTION, Dictionary, check_compatible, written_pairs
 from crosslayer.errors import CrosslayerError
 from crosslayer.hooks import block_index
 from crosslayer.io import write_csv
@@ -186,12 +186,8 @@ def fvu(x_BLD: Tensor, recon_BLD: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- what is counted and spliced
 
-def l0_pairs(decoder_norms_FL: Tensor, writes_FL: Tensor, l0_frac: float) -> Tensor:
-    """``[F, L]`` bool, the (feature, layer) pairs L0 counts (module docstring, step 2): the feature writes the
-    layer with a decoder norm > 0 and >= ``l0_frac`` x its largest layer norm."""
-    norms_FL = decoder_norms_FL.detach().float().cpu()
-    peak_F1 = norms_FL.max(dim=1, keepdim=True).values
-    return writes_FL.bool().cpu() & (norms_FL > 0) & (norms_FL >= l0_frac * peak_F1)
+l0_pairs = written_pairs
+"""The (feature, layer) pairs L0 counts (module docstring, step 2): :func:`crosslayer.dictionary.written_pairs`."""
 
 
 def is_causal(reads_FL: Tensor, writes_FL: Tensor) -> bool:
@@ -581,7 +577,7 @@ def _reconstruction_stats(dictionary: Dictionary, store, *, n_tokens: int, batch
 @torch.no_grad()
 def evaluate(dictionary: Dictionary, store, *, model=None, n_tokens: int = 100_000, batch_size: int = 512,
              n_windows: int = 32, window_batch_size: int = 4, per_layer_downstream: bool = True,
-             l0_frac: float = 0.1, n_boot: int = 1000, dense_threshold: float = 0.1, seed: int = 0,
+             l0_frac: float = WRITE_FRACTION, n_boot: int = 1000, dense_threshold: float = 0.1, seed: int = 0,
              zero_cache: ZeroCache | None = None, out: str | Path | None = None,
              progress: bool = False) -> pd.DataFrame:
     """Metrics of ``dictionary`` on ``store`` (and ``model``): one row per layer plus a whole-dictionary row.

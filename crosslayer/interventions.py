@@ -47,15 +47,13 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from crosslayer.dictionary import Dictionary, check_compatible
+from crosslayer.dictionary import WRITE_FRACTION, Dictionary, check_compatible, written_pairs
 from crosslayer.errors import CrosslayerError
 
 MODES = ("clamp", "scale", "ablate", "add")
 AT = ("first", "peak", "each")
 """Where a feature's delta goes (module docstring, step 5)."""
 DEFAULT_AT = "each"
-WRITE_FRACTION = 0.1
-"""A feature writes a layer when its decoder norm there is at least this fraction of its largest."""
 
 
 @dataclass(frozen=True)
@@ -100,9 +98,7 @@ def edit_features(feats_NF: Tensor, edits: list[Edit]) -> Tensor:
 @torch.no_grad()
 def written_layers(dictionary: Dictionary, features: list[int], fraction: float = WRITE_FRACTION) -> Tensor:
     """``[E, L]`` bool: the layers each of ``features`` writes (mask, and norm >= ``fraction`` of its largest)."""
-    norms_EL = dictionary.decoder_norms().detach().float().cpu()[features]
-    big_EL = (norms_EL > 0) & (norms_EL >= fraction * norms_EL.amax(-1, keepdim=True))
-    return dictionary.writes_FL()[features] & big_EL
+    return written_pairs(dictionary.decoder_norms()[features], dictionary.writes_FL()[features], fraction)
 
 
 @torch.no_grad()

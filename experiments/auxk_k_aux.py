@@ -89,10 +89,15 @@ def main() -> None:
     p.add_argument("--features", type=int, default=256, help="crosscoder width F")
     p.add_argument("--truth", type=int, default=64, help="ground-truth features G")
     p.add_argument("--k", type=int, default=4, help="TopK k")
+    p.add_argument("--out", default=None, help="CSV of every run (layers, k_aux, seed, dead_train, dead_heldout, fvu)")
     args = p.parse_args()
     torch.set_num_threads(1)
     table = sweep(tuple(int(x) for x in args.layers.split(",")), tuple(int(x) for x in args.seeds.split(",")),
                   steps=args.steps, n_features=args.features, n_truth=args.truth, k=args.k)
+    if args.out:
+        from crosslayer.io import write_csv
+
+        write_csv(table.assign(truth=args.truth, features=args.features, steps=args.steps, k=args.k), args.out)
     summary = table.groupby(["layers", "k_aux"])[["dead_train", "dead_heldout", "fvu"]].agg(["mean", "std"])
     print(summary.round(4).to_string())
 
