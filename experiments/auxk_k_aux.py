@@ -7,14 +7,15 @@ as means over seeds: ``dead_train`` (latents silent for the trainer's dead windo
 set AuxK trains), ``dead_heldout`` (latents that never fire on the held-out rows) and ``fvu``
 (held-out FVU, mean over layers, :func:`crosslayer.evals.fvu`).
 
-    python experiments/auxk_k_aux.py                                  # G 64, F 256 (~15 min on 1 core)
-    python experiments/auxk_k_aux.py --truth 256 --features 512       # G 256, F 512: AuxK matters for FVU
-    python experiments/auxk_k_aux.py --layers 4 --seeds 0 --steps 300  # a quick look
+    python experiments/auxk_k_aux.py --out experiments/results/auxk_k_aux_G64_F256.csv     # ~3 min here
+    python experiments/auxk_k_aux.py --truth 256 --features 512 \
+        --out experiments/results/auxk_k_aux_G256_F512.csv                                  # AuxK matters for FVU
+    python experiments/auxk_k_aux.py --layers 4 --seeds 0 --steps 300                        # a quick look
 
-The results (issue 12) are tabulated in the :mod:`crosslayer.crosscoder` docstring: k_aux from d/4
-to L d/2 gives the same held-out FVU, larger k_aux leaves more latents dead, so the default stays
-d_model // 2. ``tests/test_crosscoder.py::test_auxk_default_k_aux_not_worse`` reruns a cheap version
-(slow marker).
+The committed CSVs are these two runs; ``tests/test_crosscoder.py::test_auxk_measurement_supports_the_default``
+checks the :mod:`crosslayer.crosscoder` docstring's statements against them (k_aux from d/4 to L d gives
+the same held-out FVU within seed noise, larger k_aux leaves more latents dead, so the default stays
+d_model // 2), and ``test_auxk_default_k_aux_not_worse`` reruns a cheap version (slow marker).
 """
 
 from __future__ import annotations

@@ -332,3 +332,27 @@ def test_evaluate_reports_l0_feat_and_tuple(tmp_path, tiny_model):
     assert row["l0_feat"] == pytest.approx(5.0)  # TopK: k per token
     assert row["l0_tuple"] == pytest.approx(float((fires @ writes).sum(1).mean()), rel=1e-6)
     assert row["l0_feat"] < row["l0_tuple"] < row["l0_feat"] * store.n_layers  # weakly causal: partial writes
+
+
+def test_auxk_measurement_supports_the_default():
+    """The statements of the crosscoder docstring about k_aux, read from the committed measurement
+    (experiments/auxk_k_aux.py, 3 seeds per cell)."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    folder = Path(__file__).resolve().parents[1] / "experiments" / "results"
+    d = 32
+    for name, fvu_worse_without in (("auxk_k_aux_G64_F256.csv", False), ("auxk_k_aux_G256_F512.csv", True)):
+        runs = pd.read_csv(folder / name)
+        assert runs.seed.nunique() == 3 and set(runs.layers) == {4, 6}
+        for L, part in runs.groupby("layers"):
+            cell = part.groupby("k_aux")[["dead_train", "fvu"]].agg(["mean", "std"])
+            half = cell.loc[d // 2]
+            assert cell.loc[0, ("dead_train", "mean")] > 2 * half[("dead_train", "mean")]  # AuxK keeps latents alive
+            if fvu_worse_without:
+                assert cell.loc[0, ("fvu", "mean")] > 1.1 * half[("fvu", "mean")]
+            on = cell.drop(index=0)
+            sd = max(float(on[("fvu", "std")].max()), 1e-12)
+            assert ((on[("fvu", "mean")] - half[("fvu", "mean")]).abs() <= 2 * sd).all()  # k_aux barely matters
+            assert cell.loc[L * d, ("dead_train", "mean")] > half[("dead_train", "mean")]
