@@ -51,6 +51,7 @@ nothing, and d/2 (Gao et al.'s value, sae-lens parity) is kept.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -184,6 +185,76 @@ class _JumpReLU(torch.autograd.Function):
         return (pre_BF > theta_F) * grad_BF + ste_BF, -ste_BF.sum(0), None
 
 
+def _sorted_csr(idx_BK: Tensor, vals_BK: Tensor, n_rows: int) -> Tensor:
+    """The sparse ``[n_rows, B]`` matrix S with S[idx[b, j], b] = vals[b, j] (CSR, rows sorted by feature)."""
+    B, K = idx_BK.shape
+    flat = idx_BK.reshape(-1)
+    order = flat.argsort()
+    crow = flat.new_zeros(n_rows + 1)
+    crow[1:] = torch.bincount(flat, minlength=n_rows).cumsum(0)
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, order // K, vals_BK.reshape(-1)[order], (n_rows, B), check_invariants=False)
+
+
+class _SparseTopKEncode(torch.autograd.Function):
+    """TopK encoder with a sparse backward: ``(vals_BK, idx_BK, aux_vals_BA, aux_idx_BA)`` of
+    pre = x @ W + b, selecting on pre * scale (the TopK score; scale = detached decoder norms).
+
+    vals = relu(pre) at the k best scores; the AuxK selection (``dead_F`` given) is the ``k_aux``
+    best scores among dead latents, with their raw pre-activations. Forward: one dense GEMM. Backward:
+    only the k + k_aux selected entries per row carry gradient, so dL/dW = x^T G is one sparse-dense
+    product over B (k + k_aux) entries (O(B k L d), EleutherAI sparsify's fused encoder does the same),
+    never the dense [L d, B] x [B, F] GEMM that autograd would run; dL/db = the column sums of G and
+    dL/dx = G W^T (gathered rows of W^T, only when x requires grad).
+    """
+
+    @staticmethod
+    def forward(ctx, x_BI, W_IF, b_F, scale_F, k: int, dead_F: Tensor | None, k_aux: int):
+        pre_BF = torch.addmm(b_F, x_BI, W_IF)
+        score_BF = pre_BF * scale_F
+        idx_BK = score_BF.topk(k, dim=-1, sorted=False).indices
+        vals_BK = pre_BF.gather(1, idx_BK).relu_()
+        aux_idx = idx_BK.new_zeros(x_BI.shape[0], 0)
+        if dead_F is not None and k_aux > 0:
+            aux_idx = score_BF.masked_fill_(~dead_F, -torch.inf).topk(k_aux, dim=-1, sorted=False).indices
+        aux_vals = pre_BF.gather(1, aux_idx)
+        ctx.save_for_backward(x_BI, W_IF, idx_BK, vals_BK, aux_idx)
+        ctx.mark_non_differentiable(idx_BK, aux_idx)
+        return vals_BK, idx_BK, aux_vals, aux_idx
+
+    @staticmethod
+    def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):
+        x_BI, W_IF, idx_BK, vals_BK, aux_idx = ctx.saved_tensors
+        # in the weights' dtype (float32 under bf16 autocast: the CPU's sparse kernels have no bfloat16)
+        g_BK = torch.cat([g_vals * (vals_BK > 0), g_aux], 1).to(W_IF.dtype)
+        idx_BK = torch.cat([idx_BK, aux_idx], 1)
+        n_feats = W_IF.shape[1]
+        g_x = g_W = g_b = None
+        if ctx.needs_input_grad[1]:
+            g_W = (_sorted_csr(idx_BK, g_BK, n_feats) @ x_BI.to(W_IF.dtype)).t()
+        if ctx.needs_input_grad[2]:
+            g_b = g_BK.new_zeros(n_feats).index_add_(0, idx_BK.reshape(-1), g_BK.reshape(-1))
+        if ctx.needs_input_grad[0]:
+            g_x = F_.embedding_bag(idx_BK, W_IF.t(), mode="sum", per_sample_weights=g_BK)
+        return g_x, g_W, g_b, None, None, None, None
+
+
+class _SumSquaredError(torch.autograd.Function):
+    """sum((a - b)^2) / n_rows in one pass each way (the reconstruction loss; b is data, no gradient)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        diff = a - b
+        ctx.save_for_backward(diff)
+        return torch.linalg.vector_norm(diff).square() / a.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (diff,) = ctx.saved_tensors
+        return diff.mul_(2 * grad / diff.shape[0]), None
+
+
 class CrosscoderOutput(NamedTuple):
     """What :meth:`Crosscoder.loss` returns."""
 
@@ -277,19 +348,26 @@ class Crosscoder(Dictionary):
             return f_BF * keep.reshape(score_BF.shape)
         return f_BF * (score_BF > self.threshold)
 
-    def _topk(self, pre_BF: Tensor, norm_F: Tensor) -> tuple[Tensor, Tensor]:
-        """TopK on the score relu(pre_i) * ||W_dec,i||: ``(values_BK, indices_BK)``."""
-        f_BF = pre_BF.relu()
-        idx_BK = (f_BF * norm_F.detach()).topk(self.cfg.k, dim=-1, sorted=False).indices
-        return f_BF.gather(1, idx_BK), idx_BK
+    def _topk(self, acts_BLD: Tensor, norm_F: Tensor, dead_F: Tensor | None = None) -> tuple[Tensor, ...]:
+        """TopK on the score pre_i * ||W_dec,i|| (= relu(pre_i) * ||W_dec,i|| wherever a value is non-zero):
+        ``(values_BK, indices_BK, aux_values_BA, aux_indices_BA)`` with a sparse backward
+        (:class:`_SparseTopKEncode`); the AuxK part is empty unless ``dead_F`` marks dead latents."""
+        L, d = self.n_layers, self.d_model
+        k_aux = min(self.k_aux, int(dead_F.sum())) if dead_F is not None else 0
+        return _SparseTopKEncode.apply(acts_BLD.reshape(-1, L * d), self.W_enc_masked().reshape(L * d, -1),
+                                       self.b_enc, norm_F.detach(), self.cfg.k, dead_F, k_aux)
+
+    @property
+    def k_aux(self) -> int:
+        """Dead latents in the AuxK loss (``cfg.k_aux``, default d_model // 2)."""
+        return self.cfg.k_aux or max(1, self.d_model // 2)
 
     def encode_normalized(self, acts_BLD: Float[Tensor, "batch layer d_model"]) -> Float[Tensor, "batch feat"]:
-        pre_BF = self.pre_acts(acts_BLD)
         norm_F = self._norm_F(self.W_dec_masked())
         if self.cfg.activation == "topk":
-            vals_BK, idx_BK = self._topk(pre_BF, norm_F)
-            return torch.zeros_like(pre_BF).scatter_(1, idx_BK, vals_BK)
-        return self._activate(pre_BF, norm_F, training=False)
+            vals_BK, idx_BK = self._topk(acts_BLD, norm_F)[:2]
+            return vals_BK.new_zeros(vals_BK.shape[0], self.n_features).scatter(1, idx_BK, vals_BK)
+        return self._activate(self.pre_acts(acts_BLD), norm_F, training=False)
 
     def decode_normalized(self, feats_BF: Float[Tensor, "batch feat"]) -> Float[Tensor, "batch layer d_model"]:
         W_dec_FLD = self.W_dec_masked()
@@ -309,10 +387,10 @@ class Crosscoder(Dictionary):
         if self.cfg.activation != "topk":
             return super().forward(acts_BLD, normalized=normalized)
         self.check_acts(acts_BLD)
-        pre_BF = self.pre_acts(acts_BLD if normalized else self.normalize(acts_BLD))
-        vals_BK, idx_BK = self._topk(pre_BF, self._norm_F(self.W_dec_masked()))
+        x_BLD = acts_BLD if normalized else self.normalize(acts_BLD)
+        vals_BK, idx_BK = self._topk(x_BLD, self._norm_F(self.W_dec_masked()))[:2]
         recon_BLD = self.decode_sparse(vals_BK, idx_BK)
-        feats_BF = torch.zeros_like(pre_BF).scatter_(1, idx_BK, vals_BK)
+        feats_BF = vals_BK.new_zeros(vals_BK.shape[0], self.n_features).scatter(1, idx_BK, vals_BK)
         return DictionaryOutput(feats_BF, recon_BLD if normalized else self.denormalize(recon_BLD))
 
     # ---------------------------------------------------------------- training loss
@@ -325,40 +403,44 @@ class Crosscoder(Dictionary):
         cfg = self.cfg
         W_dec_FLD = self.W_dec_masked()
         norm_F = self._norm_F(W_dec_FLD)
-        pre_BF = self.pre_acts(acts_BLD)
-        zero = pre_BF.new_zeros(())
-        losses = {"sparsity": zero, "aux": zero, "pre_act": zero}
+        losses = {name: norm_F.new_zeros(()) for name in ("sparsity", "aux", "pre_act")}
         if cfg.activation == "topk":
-            vals_BK, idx_BK = self._topk(pre_BF, norm_F)
+            dead_F = dead_F if dead_F is not None and bool(dead_F.any()) else None
+            vals_BK, idx_BK, aux_vals, aux_idx = self._topk(acts_BLD, norm_F, dead_F)
             recon_BLD = self.decode_sparse(vals_BK, idx_BK, W_dec_FLD=W_dec_FLD)
-            feats_BF = torch.zeros_like(pre_BF, requires_grad=False).scatter_(1, idx_BK, vals_BK.detach())
+            feats_BF = vals_BK.new_zeros(vals_BK.shape[0], cfg.n_features).scatter_(1, idx_BK, vals_BK.detach())
+            if dead_F is not None:
+                resid_BLD = (acts_BLD - recon_BLD).detach()
+                aux_BLD = self.decode_sparse(aux_vals, aux_idx, bias=False, W_dec_FLD=W_dec_FLD)
+                scale = min(int(dead_F.sum()) / self.k_aux, 1.0)
+                losses["aux"] = cfg.aux_coef * scale * _SumSquaredError.apply(aux_BLD, resid_BLD)
         else:
+            pre_BF = self.pre_acts(acts_BLD)
             f_BF = self._activate(pre_BF, norm_F, training=True)
             recon_BLD = (f_BF @ W_dec_FLD.reshape(cfg.n_features, -1)).reshape(acts_BLD.shape) + self.b_dec
             feats_BF = f_BF.detach()
-        mse = (recon_BLD - acts_BLD).pow(2).sum(dim=(1, 2)).mean()
-        if cfg.activation == "relu":
-            losses["sparsity"] = sparsity_coef * (f_BF * norm_F).sum(-1).mean()
-        elif cfg.activation == "jumprelu":
-            losses["sparsity"] = sparsity_coef * torch.tanh(cfg.tanh_scale * f_BF * norm_F).sum(-1).mean()
-            theta_F = self.log_threshold.exp()
-            losses["pre_act"] = cfg.pre_act_coef * ((theta_F - pre_BF).relu() * norm_F).sum(-1).mean()
-        elif dead_F is not None and bool(dead_F.any()):
-            losses["aux"] = self._aux_loss(acts_BLD, recon_BLD, pre_BF, norm_F, W_dec_FLD, dead_F)
+            if cfg.activation == "relu":
+                losses["sparsity"] = sparsity_coef * (f_BF * norm_F).sum(-1).mean()
+            elif cfg.activation == "jumprelu":
+                losses["sparsity"] = sparsity_coef * torch.tanh(cfg.tanh_scale * f_BF * norm_F).sum(-1).mean()
+                theta_F = self.log_threshold.exp()
+                losses["pre_act"] = cfg.pre_act_coef * ((theta_F - pre_BF).relu() * norm_F).sum(-1).mean()
+            elif dead_F is not None and bool(dead_F.any()):  # BatchTopK
+                losses["aux"] = self._aux_loss(acts_BLD, recon_BLD, pre_BF, norm_F, W_dec_FLD, dead_F)
+        mse = _SumSquaredError.apply(recon_BLD, acts_BLD)
         total = mse + losses["sparsity"] + losses["aux"] + losses["pre_act"]
         detached = {"mse": mse.detach(), **{k: v.detach() for k, v in losses.items()}}
         return CrosscoderOutput(feats_BF, recon_BLD, total, detached)
 
     def _aux_loss(self, acts_BLD, recon_BLD, pre_BF, norm_F, W_dec_FLD, dead_F) -> Tensor:
-        """AuxK: top-k_aux dead latents (by pre_i * ||W_dec,i||) reconstruct the detached residual."""
-        k_aux = self.cfg.k_aux or max(1, self.d_model // 2)
+        """AuxK on dense pre-activations (BatchTopK; TopK selects these in :class:`_SparseTopKEncode`): the
+        top-k_aux dead latents (by pre_i * ||W_dec,i||) reconstruct the detached residual."""
         n_dead = int(dead_F.sum())
-        scale = min(n_dead / k_aux, 1.0)
         score_BF = torch.where(dead_F[None], pre_BF * norm_F.detach(), -torch.inf)
-        idx_BK = score_BF.topk(min(k_aux, n_dead), dim=-1, sorted=False).indices
+        idx_BK = score_BF.topk(min(self.k_aux, n_dead), dim=-1, sorted=False).indices
         resid_BLD = (acts_BLD - recon_BLD).detach()
         aux_BLD = self.decode_sparse(pre_BF.gather(1, idx_BK), idx_BK, bias=False, W_dec_FLD=W_dec_FLD)
-        return self.cfg.aux_coef * scale * (aux_BLD - resid_BLD).pow(2).sum(dim=(1, 2)).mean()
+        return self.cfg.aux_coef * min(n_dead / self.k_aux, 1.0) * _SumSquaredError.apply(aux_BLD, resid_BLD)
 
     # ---------------------------------------------------------------- init and in-place helpers
     @torch.no_grad()

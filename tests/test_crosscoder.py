@@ -194,13 +194,36 @@ def test_masks_exact_zero_weights_and_grads(variant, activation):
 
 
 # ----------------------------------------------------------------------------- invariants
+@pytest.mark.parametrize("variant", ["acausal", "weakly_causal"])
+def test_sparse_topk_backward_equals_dense_autograd(variant):
+    """The sparse TopK encoder (_SparseTopKEncode) gives autograd's dense gradients: for W_enc, b_enc, the
+    input and, with dead latents, through the AuxK selection (brute force: pre-activations from a dense
+    matmul, the same selections gathered, autograd)."""
+    torch.manual_seed(0)
+    cc = Crosscoder(CrosscoderConfig(layers=(0, 1, 2), d_model=D, n_features=F, k=K, variant=variant, k_aux=5))
+    x = torch.randn(40, 3, D, requires_grad=True)
+    dead_F = torch.rand(F) < 0.3
+    norm_F = cc._norm_F(cc.W_dec_masked())
+    vals, idx, aux_vals, aux_idx = cc._topk(x, norm_F, dead_F)
+    g1, g2 = torch.randn_like(vals), torch.randn_like(aux_vals)
+    grads = torch.autograd.grad((vals * g1).sum() + (aux_vals * g2).sum(), (cc.W_enc, cc.b_enc, x))
+    pre = cc.pre_acts(x)
+    score = pre * norm_F.detach()
+    assert torch.equal(idx.sort(1).values, score.topk(K, dim=1).indices.sort(1).values)
+    dead_score = score.masked_fill(~dead_F, -torch.inf)
+    assert torch.equal(aux_idx.sort(1).values, dead_score.topk(5, dim=1).indices.sort(1).values)
+    ref = (pre.gather(1, idx).relu() * g1).sum() + (pre.gather(1, aux_idx) * g2).sum()
+    for got, want in zip(grads, torch.autograd.grad(ref, (cc.W_enc, cc.b_enc, x))):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_sparse_and_dense_decoding_agree():
     cc = Crosscoder(CrosscoderConfig(layers=(0, 1, 2), d_model=D, n_features=F, k=K))
     with torch.no_grad():
         cc.b_dec.normal_()
     x = torch.randn(32, 3, D)
     pre = cc.pre_acts(x)
-    vals, idx = cc._topk(pre, cc._norm_F(cc.W_dec))
+    vals, idx = cc._topk(x, cc._norm_F(cc.W_dec))[:2]
     dense = torch.zeros_like(pre).scatter(1, idx, vals)
     sparse_out = cc.decode_sparse(vals, idx)
     dense_out = cc.decode_normalized(dense)
