@@ -198,46 +198,59 @@ def _sorted_csr(idx_BK: Tensor, vals_BK: Tensor, n_rows: int) -> Tensor:
 
 
 class _SparseTopKEncode(torch.autograd.Function):
-    """TopK encoder with a sparse backward: ``(vals_BK, idx_BK, aux_vals_BA, aux_idx_BA)`` of
-    pre = x @ W + b, selecting on pre * scale (the TopK score; scale = detached decoder norms).
+    """TopK encoder of G independent groups with a sparse backward (the crosscoder is G = 1 over the
+    concatenated layers; a stack of per-layer SAEs is G = L, one group per layer).
 
-    vals = relu(pre) at the k best scores; the AuxK selection (``dead_F`` given) is the ``k_aux``
-    best scores among dead latents, with their raw pre-activations. Forward: one dense GEMM. Backward:
-    only the k + k_aux selected entries per row carry gradient, so dL/dW = x^T G is one sparse-dense
-    product over B (k + k_aux) entries (O(B k L d), EleutherAI sparsify's fused encoder does the same),
-    never the dense [L d, B] x [B, F] GEMM that autograd would run; dL/db = the column sums of G and
+    Forward: pre = x @ W + b (one batched GEMM, [G, B, I] x [G, I, F]), TopK on the score
+    pre * scale (scale = the detached decoder norms), vals = relu(pre) there; with ``dead_GF``, the
+    AuxK selection: the ``k_aux`` best scores among each group's dead latents, with their raw
+    pre-activations (0 where a group has fewer dead latents). Returns
+    ``(vals_GBK, idx_GBK, aux_vals_GBA, aux_idx_GBA)``.
+    Backward: only the k + k_aux selected entries per row carry gradient, so dL/dW = x^T G is one
+    sparse-dense product over G B (k + k_aux) entries (O(B k I), as EleutherAI sparsify's fused
+    encoder), never the dense [I, B] x [B, F] GEMM autograd would run; dL/db = column sums of G;
     dL/dx = G W^T (gathered rows of W^T, only when x requires grad).
     """
 
     @staticmethod
-    def forward(ctx, x_BI, W_IF, b_F, scale_F, k: int, dead_F: Tensor | None, k_aux: int):
-        pre_BF = torch.addmm(b_F, x_BI, W_IF)
-        score_BF = pre_BF * scale_F
-        idx_BK = score_BF.topk(k, dim=-1, sorted=False).indices
-        vals_BK = pre_BF.gather(1, idx_BK).relu_()
-        aux_idx = idx_BK.new_zeros(x_BI.shape[0], 0)
-        if dead_F is not None and k_aux > 0:
-            aux_idx = score_BF.masked_fill_(~dead_F, -torch.inf).topk(k_aux, dim=-1, sorted=False).indices
-        aux_vals = pre_BF.gather(1, aux_idx)
-        ctx.save_for_backward(x_BI, W_IF, idx_BK, vals_BK, aux_idx)
-        ctx.mark_non_differentiable(idx_BK, aux_idx)
-        return vals_BK, idx_BK, aux_vals, aux_idx
+    def forward(ctx, x_GBI, W_GIF, b_GF, scale_GF, k: int, dead_GF: Tensor | None, k_aux: int):
+        pre_GBF = torch.baddbmm(b_GF[:, None], x_GBI, W_GIF)
+        score_GBF = pre_GBF * scale_GF[:, None]
+        idx = score_GBF.topk(k, dim=-1, sorted=False).indices
+        vals = pre_GBF.gather(-1, idx).relu_()
+        aux_idx, aux_on = idx[..., :0], vals[..., :0]
+        if dead_GF is not None and k_aux > 0:
+            aux_idx = score_GBF.masked_fill_(~dead_GF[:, None], -torch.inf).topk(k_aux, dim=-1, sorted=False).indices
+            aux_on = dead_GF[:, None].expand_as(pre_GBF).gather(-1, aux_idx).to(pre_GBF.dtype)
+        aux_vals = pre_GBF.gather(-1, aux_idx) * aux_on
+        ctx.save_for_backward(x_GBI, W_GIF, idx, vals, aux_idx, aux_on)
+        ctx.mark_non_differentiable(idx, aux_idx)
+        return vals, idx, aux_vals, aux_idx
 
     @staticmethod
     def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):
-        x_BI, W_IF, idx_BK, vals_BK, aux_idx = ctx.saved_tensors
+        x_GBI, W_GIF, idx, vals, aux_idx, aux_on = ctx.saved_tensors
+        (G, B, I), n_feats = x_GBI.shape, W_GIF.shape[-1]
         # in the weights' dtype (float32 under bf16 autocast: the CPU's sparse kernels have no bfloat16)
-        g_BK = torch.cat([g_vals * (vals_BK > 0), g_aux], 1).to(W_IF.dtype)
-        idx_BK = torch.cat([idx_BK, aux_idx], 1)
-        n_feats = W_IF.shape[1]
+        g_NK = torch.cat([g_vals * (vals > 0), g_aux * aux_on], -1).to(W_GIF.dtype).reshape(G * B, -1)
+        offset_G = torch.arange(G, device=idx.device)[:, None, None] * n_feats
+        gid_NK = (torch.cat([idx, aux_idx], -1) + offset_G).reshape(G * B, -1)  # feature ids over all groups
         g_x = g_W = g_b = None
         if ctx.needs_input_grad[1]:
-            g_W = (_sorted_csr(idx_BK, g_BK, n_feats) @ x_BI.to(W_IF.dtype)).t()
+            g_FI = _sorted_csr(gid_NK, g_NK, G * n_feats) @ x_GBI.reshape(G * B, I).to(W_GIF.dtype)
+            g_W = g_FI.reshape(G, n_feats, I).transpose(1, 2)
         if ctx.needs_input_grad[2]:
-            g_b = g_BK.new_zeros(n_feats).index_add_(0, idx_BK.reshape(-1), g_BK.reshape(-1))
+            g_b = g_NK.new_zeros(G * n_feats).index_add_(0, gid_NK.reshape(-1), g_NK.reshape(-1)).reshape(G, n_feats)
         if ctx.needs_input_grad[0]:
-            g_x = F_.embedding_bag(idx_BK, W_IF.t(), mode="sum", per_sample_weights=g_BK)
+            W_FI = W_GIF.transpose(1, 2).reshape(G * n_feats, I)
+            g_x = F_.embedding_bag(gid_NK, W_FI, mode="sum", per_sample_weights=g_NK).reshape(G, B, I)
         return g_x, g_W, g_b, None, None, None, None
+
+
+def sparse_topk(x_GBI: Tensor, W_GIF: Tensor, b_GF: Tensor, scale_GF: Tensor, k: int,
+                dead_GF: Tensor | None = None, k_aux: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:class:`_SparseTopKEncode` (TopK of G groups, sparse backward): ``(vals, idx, aux_vals, aux_idx)``."""
+    return _SparseTopKEncode.apply(x_GBI, W_GIF, b_GF, scale_GF.detach(), k, dead_GF, k_aux)
 
 
 class _SumSquaredError(torch.autograd.Function):
@@ -255,17 +268,34 @@ class _SumSquaredError(torch.autograd.Function):
         return diff.mul_(2 * grad / diff.shape[0]), None
 
 
+def _output(feats_BF: Tensor | None, recon_BLD: Tensor, acts_BLD: Tensor, losses: dict, *,
+            fired_F: Tensor | None = None, l0: float | None = None) -> "CrosscoderOutput":
+    """The training output: total loss = squared error + the ``losses`` terms; firing statistics from
+    ``feats_BF`` unless given (sparse encoders pass them without a dense ``[B, F]`` tensor)."""
+    mse = _SumSquaredError.apply(recon_BLD, acts_BLD)
+    total = mse + sum(losses.values())
+    detached = {"mse": mse.detach(), **{k: v.detach() for k, v in losses.items()}}
+    if fired_F is None:
+        active_BF = feats_BF != 0
+        fired_F, l0 = active_BF.any(0), float(active_BF.sum(1).float().mean())
+    return CrosscoderOutput(feats_BF, recon_BLD, total, detached, fired_F, l0)
+
+
 class CrosscoderOutput(NamedTuple):
     """What :meth:`Crosscoder.loss` returns."""
 
-    feats_BF: Tensor
-    """Feature activations ``[batch, F]`` (detached; 0 = not firing)."""
+    feats_BF: Tensor | None
+    """Feature activations ``[batch, F]`` (detached; 0 = not firing); None where a sparse encoder skips them."""
     recon_BLD: Tensor
     """Reconstruction ``[batch, L, d]`` in normalised units."""
     loss: Tensor
     """Scalar total loss (differentiable)."""
     losses: dict[str, Tensor]
     """Detached terms: ``mse`` (sum over layers and dims, mean over tokens), ``sparsity``, ``aux``, ``pre_act``."""
+    fired_F: Tensor
+    """``[F]`` bool: the features that fired on some row of the batch."""
+    l0: float
+    """Mean active features per row."""
 
 
 @register_dictionary("crosscoder")
@@ -354,8 +384,9 @@ class Crosscoder(Dictionary):
         (:class:`_SparseTopKEncode`); the AuxK part is empty unless ``dead_F`` marks dead latents."""
         L, d = self.n_layers, self.d_model
         k_aux = min(self.k_aux, int(dead_F.sum())) if dead_F is not None else 0
-        return _SparseTopKEncode.apply(acts_BLD.reshape(-1, L * d), self.W_enc_masked().reshape(L * d, -1),
-                                       self.b_enc, norm_F.detach(), self.cfg.k, dead_F, k_aux)
+        out = sparse_topk(acts_BLD.reshape(1, -1, L * d), self.W_enc_masked().reshape(1, L * d, -1), self.b_enc[None],
+                          norm_F[None], self.cfg.k, None if dead_F is None else dead_F[None], k_aux)
+        return tuple(t[0] for t in out)
 
     @property
     def k_aux(self) -> int:
@@ -427,10 +458,7 @@ class Crosscoder(Dictionary):
                 losses["pre_act"] = cfg.pre_act_coef * ((theta_F - pre_BF).relu() * norm_F).sum(-1).mean()
             elif dead_F is not None and bool(dead_F.any()):  # BatchTopK
                 losses["aux"] = self._aux_loss(acts_BLD, recon_BLD, pre_BF, norm_F, W_dec_FLD, dead_F)
-        mse = _SumSquaredError.apply(recon_BLD, acts_BLD)
-        total = mse + losses["sparsity"] + losses["aux"] + losses["pre_act"]
-        detached = {"mse": mse.detach(), **{k: v.detach() for k, v in losses.items()}}
-        return CrosscoderOutput(feats_BF, recon_BLD, total, detached)
+        return _output(feats_BF, recon_BLD, acts_BLD, losses)
 
     def _aux_loss(self, acts_BLD, recon_BLD, pre_BF, norm_F, W_dec_FLD, dead_F) -> Tensor:
         """AuxK on dense pre-activations (BatchTopK; TopK selects these in :class:`_SparseTopKEncode`): the

@@ -144,7 +144,7 @@ def test_training_reduces_loss_and_writes_artifacts(tmp_path, activation):
     # a rerun of a finished run loads it; a different run in the same folder is refused
     again = train_crosscoder(cfg, model_cfg(activation), make_batches(acts), out_dir=tmp_path / "cc", progress=False)
     assert torch.equal(again.W_enc, cc.W_enc)
-    with pytest.raises(CrosslayerError, match="holds a different crosscoder training \\(training: "):
+    with pytest.raises(CrosslayerError, match="holds a different dictionary training \\(training: "):
         train_crosscoder(TrainConfig(tokens=7 * 64, batch_size=64), model_cfg(activation), make_batches(acts),
                          out_dir=tmp_path / "cc", progress=False)
 
@@ -202,7 +202,7 @@ class MatmulDtypes(TorchDispatchMode):
         self.seen = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm):
             self.seen.add(args[0].dtype)
         return func(*args, **(kwargs or {}))
 
