@@ -229,7 +229,7 @@ def _add_bench(p):
     p.add_argument("--tokens", default="50k,200k", help="comma-separated token counts")
     p.add_argument("--layers", default="all", help="layers to harvest")
     p.add_argument("--batch-size", type=positive_int, default=None,
-                   help="windows per forward pass (harvest, default 8) / tokens per step (crosscoder, default 1024)")
+                   help="windows per forward pass (harvest, default 8) / tokens per step (crosscoder, default 4096)")
 
 
 @verb("bench", "print speed and memory benchmarks (ratios against a baseline from the same run)", _add_bench)
@@ -240,7 +240,7 @@ def cmd_bench(args):
         bench_reader(args.stores.split(","), buffer_rows=args.buffer_rows)
         return
     if args.what == "crosscoder":
-        bench_crosscoder(args.store, width=args.width, k=args.k, batch_size=args.batch_size or 1024)
+        bench_crosscoder(args.store, width=args.width, k=args.k, batch_size=args.batch_size or 4096)
         return
     counts = tuple(parse_count(c) for c in args.tokens.split(","))
     bench_harvest(model_name=args.model, counts=counts, layers=args.layers, model_dtype=args.model_dtype,
