@@ -44,6 +44,8 @@ class RunContext:
         self._model, self._corpus, self._stores = model, None, {}
         self.zero_cache: dict = {}
         """Dictionary-independent downstream runs (clean, mean and zero ablations), shared by evaluations."""
+        self.used: dict[str, bool | None] = {}
+        """Dictionaries trained or loaded through this context -> converged (None: no curve to judge by)."""
 
     @property
     def sizes(self):
@@ -107,29 +109,57 @@ class RunContext:
         """Crosscoder width matched to the per-layer SAEs' total number of latents."""
         return self.sizes.sae_width * self.n_layers
 
-    def saes(self, name: str = "saes", *, width: int | None = None, k: int | None = None,
-             layers: list[int] | None = None):
-        """Per-layer sae-lens TopK SAEs at ``<out>/dicts/<name>`` (trained if missing, resumably)."""
-        from crosslayer.saes import SAETrainConfig, train_per_layer_saes
+    def _train(self, arch, name: str, *, lr: float, seed: int, sparsity_coef: float | None = None,
+               tokens: int | None = None):
+        """Train (or load) dictionary ``<out>/dicts/<name>`` with the run's one trainer and budget."""
+        from crosslayer.training import TrainConfig, train_crosscoder_from_store
 
         s = self.sizes
-        cfg = SAETrainConfig(width=width or s.sae_width, k=k or s.sae_k, tokens=s.sae_tokens,
-                             batch_size=s.sae_batch, lr=s.sae_lr)
-        return train_per_layer_saes(self.store("train"), cfg, out_dir=self.dicts / name, layers=layers,
-                                    progress=self.progress)
+        cfg = TrainConfig(tokens=tokens or s.dict_tokens, batch_size=s.dict_batch, lr=lr, seed=seed,
+                          sparsity_coef=sparsity_coef, checkpoint_every=50)
+        trained = train_crosscoder_from_store(self.store("train"), arch, cfg, out_dir=self.dicts / name,
+                                              heldout_store=self.store("heldout"), progress=self.progress)
+        self.used[name] = trained.meta.get("convergence", {}).get("converged")
+        return trained
+
+    def saes(self, name: str = "saes", *, width: int | None = None, k: int | None = None,
+             layers: list[int] | None = None, seed: int = 0):
+        """Per-layer TopK SAEs at ``<out>/dicts/<name>`` (trained if missing, resumably): by the crosscoders'
+        trainer (an SAE stack, :mod:`crosslayer.sae_stack`) or, with the preset's ``sae_trainer="sae-lens"``,
+        by sae-lens's ``SAETrainer``; same token budget, batch and schedule either way."""
+        from crosslayer.sae_stack import SAEStackConfig
+
+        s, store = self.sizes, self.store("train")
+        width, k = width or s.sae_width, k or s.sae_k
+        if s.sae_trainer == "sae-lens":
+            from crosslayer.saes import SAETrainConfig, train_per_layer_saes
+
+            cfg = SAETrainConfig(width=width, k=k, tokens=s.dict_tokens, batch_size=s.dict_batch,
+                                 lr=self.lr("saes"), seed=seed)
+            self.used[name] = None
+            return train_per_layer_saes(store, cfg, out_dir=self.dicts / name, layers=layers, progress=self.progress)
+        arch = SAEStackConfig(layers=tuple(store.select(layers).layers), d_model=store.width, width=width, k=k)
+        return self._train(arch, name, lr=self.lr("saes"), seed=seed)
 
     def crosscoder(self, name: str = "crosscoder", *, width: int | None = None, k: int | None = None,
-                   variant: str = "acausal"):
-        """A TopK crosscoder over every stored layer at ``<out>/dicts/<name>`` (trained if missing, resumably)."""
+                   variant: str = "acausal", activation: str = "topk", seed: int = 0):
+        """A crosscoder over every stored layer at ``<out>/dicts/<name>`` (trained if missing, resumably);
+        ReLU crosscoders use the L1-of-norms penalty with the preset's ``relu_coef``."""
         from crosslayer.crosscoder import CrosscoderConfig
-        from crosslayer.training import TrainConfig, train_crosscoder_from_store
 
         s, store = self.sizes, self.store("train")
         arch = CrosscoderConfig(layers=tuple(store.layers), d_model=store.width, n_features=width or self.cc_width,
-                                variant=variant, k=k or s.cc_k)
-        cfg = TrainConfig(tokens=s.cc_tokens, batch_size=s.cc_batch, lr=s.cc_lr, checkpoint_every=50)
-        return train_crosscoder_from_store(store, arch, cfg, out_dir=self.dicts / name, progress=self.progress)
+                                variant=variant, activation=activation, k=k or s.cc_k)
+        coef = s.relu_coef if activation == "relu" else None
+        return self._train(arch, name, lr=self.lr("crosscoders"), seed=seed, sparsity_coef=coef)
 
+    def lr(self, approach: str) -> float:
+        """The peak learning rate of ``approach`` ("saes" or "crosscoders"): the preset's only candidate, or the
+        best by held-out FVU of the sweep (``results/lr_sweep.csv``, run on first use)."""
+        if len(self.sizes.lr_grid) == 1:
+            return float(self.sizes.lr_grid[0])
+        sweep = lr_sweep(self)
+        return float(sweep[(sweep.approach == approach) & sweep.chosen].lr.iloc[0])
 
     def evaluation(self, name: str, *, folder: Path | None = None, downstream: bool = True):
         """The evaluation table of dictionary ``<out>/dicts/<name>`` on the held-out store
@@ -150,6 +180,37 @@ class RunContext:
                         model=self.model if downstream else None, n_tokens=self.sizes.eval_tokens,
                         n_windows=self.sizes.eval_windows, zero_cache=self.zero_cache, out=path,
                         progress=self.progress)
+
+
+# ----------------------------------------------------------------------------- learning-rate sweep
+
+def lr_sweep(ctx: RunContext):
+    """``results/lr_sweep.csv``: for each approach (the main per-layer SAEs, the main crosscoder) and each
+    candidate of the preset's ``lr_grid``, a run of ``sweep_tokens`` (same trainer, batch and seed 0) and its
+    held-out FVU at the end; ``chosen`` marks each approach's lowest. Computed once, then read back."""
+    import pandas as pd
+
+    from crosslayer.crosscoder import CrosscoderConfig
+    from crosslayer.sae_stack import SAEStackConfig
+
+    path = ctx.results() / "lr_sweep.csv"
+    if path.is_file():
+        return pd.read_csv(path)
+    s, store = ctx.sizes, ctx.store("train")
+    archs = {"saes": SAEStackConfig(layers=tuple(store.layers), d_model=store.width, width=s.sae_width, k=s.sae_k),
+             "crosscoders": CrosscoderConfig(layers=tuple(store.layers), d_model=store.width,
+                                             n_features=ctx.cc_width, k=s.cc_k)}
+    rows = []
+    for approach, arch in archs.items():
+        for lr in s.lr_grid:
+            trained = ctx._train(arch, f"sweep/{approach}_lr{lr:g}", lr=lr, seed=0, tokens=s.sweep_tokens)
+            rows.append({"approach": approach, "lr": lr, "tokens": s.sweep_tokens,
+                         "heldout_fvu": trained.meta["convergence"]["final_fvu"]})
+    table = pd.DataFrame(rows)
+    table["chosen"] = table.heldout_fvu == table.groupby("approach").heldout_fvu.transform("min")
+    table["chosen"] &= ~table.duplicated(["approach", "chosen"]) | ~table.chosen  # one per approach on ties
+    write_csv(table, path)
+    return table
 
 
 # ----------------------------------------------------------------------------- steps
@@ -186,25 +247,41 @@ def _harvest_step(split: str):
     return step
 
 
-def step_train_saes(ctx: RunContext) -> dict:
-    stats = ctx.saes().meta["layer_stats"]
-    return {"tokens_per_s_mean": sum(s["tokens_per_s"] for s in stats) / len(stats)}
+def seed_name(base: str, seed: int) -> str:
+    """Name of the main dictionary ``base`` ("saes", "crosscoder") trained with ``seed`` (seed 0: ``base``)."""
+    return base if seed == 0 else f"{base}_seed{seed}"
 
 
-def step_train_crosscoder(ctx: RunContext) -> dict:
-    cc = ctx.crosscoder()
-    return {"n_features": cc.n_features, "k": cc.cfg.k}
+def step_sweep_lr(ctx: RunContext) -> dict:
+    if len(ctx.sizes.lr_grid) == 1:
+        return {"lr": ctx.sizes.lr_grid[0]}
+    table = lr_sweep(ctx)
+    return {a: float(table[(table.approach == a) & table.chosen].lr.iloc[0]) for a in ("saes", "crosscoders")}
 
 
-def _eval_step(name: str):
+def _train_step(base: str):
+    def step(ctx: RunContext) -> dict:
+        train = ctx.saes if base == "saes" else ctx.crosscoder
+        trained = [train(seed_name(base, seed), seed=seed) for seed in range(ctx.sizes.seeds)]
+        return {"n_features": trained[0].n_features, "seeds": len(trained),
+                "converged": [t.meta.get("convergence", {}).get("converged") for t in trained]}
+
+    return step
+
+
+def _eval_step(base: str):
     def step(ctx: RunContext) -> dict:
         from crosslayer.evals import summary_lines
 
-        table = ctx.evaluation(name)
-        print("\n".join(summary_lines(table)))
-        overall = table[table.scope == "all"].iloc[0]
-        return {"fvu_all": float(overall["fvu"]), "l0_tuple": float(overall["l0_tuple"]),
-                "ce_recovered_layers": [round(float(v), 4) for v in table[table.scope == "layer"].ce_recovered]}
+        info = {}
+        for seed in range(ctx.sizes.seeds):
+            table = ctx.evaluation(seed_name(base, seed))
+            print(f"{seed_name(base, seed)}:\n" + "\n".join(summary_lines(table)))
+            overall = table[table.scope == "all"].iloc[0]
+            info[f"seed{seed}"] = {"fvu_all": float(overall["fvu"]), "l0_tuple": float(overall["l0_tuple"]),
+                                   "ce_recovered_layers": [round(float(v), 4)
+                                                           for v in table[table.scope == "layer"].ce_recovered]}
+        return info
 
     return step
 
@@ -221,9 +298,9 @@ def step_paper(ctx: RunContext) -> dict:
 def steps() -> list[tuple[str, object]]:
     """``[(name, step function)]`` of a reproduction, in order."""
     base = [("score", step_score), ("harvest-train", _harvest_step("train")),
-            ("harvest-heldout", _harvest_step("heldout")), ("train-saes", step_train_saes),
-            ("eval-saes", _eval_step("saes")), ("train-crosscoder", step_train_crosscoder),
-            ("eval-crosscoder", _eval_step("crosscoder"))]
+            ("harvest-heldout", _harvest_step("heldout")), ("sweep-lr", step_sweep_lr),
+            ("train-saes", _train_step("saes")), ("eval-saes", _eval_step("saes")),
+            ("train-crosscoder", _train_step("crosscoder")), ("eval-crosscoder", _eval_step("crosscoder"))]
     return base + [(f"study-{s.name}", _study_step(s.name)) for s in all_studies()] + [("paper", step_paper)]
 
 
@@ -234,7 +311,7 @@ def step_names() -> list[str]:
 def needed_steps(study) -> list[str]:
     """The steps study ``study`` needs finished before it runs."""
     need = ["harvest-train", "harvest-heldout"] if study.stores or study.dictionaries else []
-    return need + [f"train-{d}" for d in study.dictionaries]
+    return need + (["sweep-lr"] if study.dictionaries else []) + [f"train-{d}" for d in study.dictionaries]
 
 
 # ----------------------------------------------------------------------------- running
@@ -293,7 +370,10 @@ def run_study(name: str, ctx: RunContext) -> dict:
     start = time.time()
     results = ctx.results(name)
     write_json(st.config_record(cfg), results / CONFIG_FILE)
+    ctx.used = {}
     info = st.run(ctx, cfg) or {}
+    write_json({name: ok for name, ok in ctx.used.items() if not name.startswith("sweep/")},
+               results / USED_DICTIONARIES)
     rendered = render(name, results, ctx.paper)
     summary = {"study": name, "preset": ctx.preset_name, "seconds": round(time.time() - start, 1), **info}
     write_json(summary, results / "summary.json")
@@ -314,6 +394,28 @@ def figure_environments(name: str, figures: list) -> str:
     return "\n".join(parts) if parts else "% no figures\n"
 
 
+USED_DICTIONARIES = "dictionaries.json"
+"""A study's results file: every dictionary it used -> converged (True, False, or None: no curve)."""
+
+
+def convergence_note(results: Path) -> str:
+    """The sentence a study's answer ends with when it used dictionaries that did not converge (or whose
+    convergence is unknown); empty when all converged."""
+    from studies.common import latex_escape
+
+    path = results / USED_DICTIONARIES
+    used = json.loads(path.read_text()) if path.is_file() else {}
+    unconverged = sorted(n for n, ok in used.items() if ok is False)
+    unknown = sorted(n for n, ok in used.items() if ok is None)
+    parts = []
+    if unconverged:
+        parts.append(f"Not converged (held-out FVU still fell by 2\\% or more over the last quarter of training): "
+                     f"{latex_escape(', '.join(unconverged))}.")
+    if unknown:
+        parts.append(f"Convergence not measured (no held-out curve): {latex_escape(', '.join(unknown))}.")
+    return (" " + " ".join(parts)) if parts else ""
+
+
 def render(name: str, results: Path, paper: Path) -> dict:
     """Figures, tables and the answer of study ``name`` from its CSVs (and saved config) in ``results``."""
     st = get_study(name)
@@ -323,7 +425,8 @@ def render(name: str, results: Path, paper: Path) -> dict:
     (paper / "tables").mkdir(parents=True, exist_ok=True)
     figs = st.figures(results, paper / "figures", cfg)
     tables = st.tables(results, paper / "tables", cfg)
-    write_text(st.answer(results, cfg).rstrip() + "\n", paper / "tables" / f"{name}_answer.tex")
+    write_text(st.answer(results, cfg).rstrip() + convergence_note(results) + "\n",
+               paper / "tables" / f"{name}_answer.tex")
     write_text(figure_environments(name, figs), paper / "tables" / f"{name}_figures.tex")
     return {"figures": [str(p) for p, _ in figs], "tables": [str(p) for p in tables]}
 
@@ -333,8 +436,49 @@ def _layer_list(layers: list[int]) -> str:
     return f"{layers[0]}--{layers[-1]}" if contiguous else ", ".join(map(str, layers))
 
 
+def dictionary_table(ctx: RunContext):
+    """``results/dictionaries.csv``: every trained dictionary of the run (not the sweep's runs) with its
+    training (lr, tokens, seed), the last curve row's L0 and dead fraction, and the convergence verdict
+    (:func:`crosslayer.training.convergence`; empty for sae-lens-trained SAEs, which have no curve)."""
+    import pandas as pd
+
+    rows = []
+    for cfg_path in sorted(ctx.dicts.glob("*/cfg.json")):
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.get("status") != "complete":
+            continue
+        train, conv = cfg.get("training", {}), cfg.get("convergence") or {}
+        log_path = cfg_path.parent / "train_log.csv"
+        last = pd.read_csv(log_path).iloc[-1] if log_path.is_file() else {}
+        rows.append({"dictionary": cfg_path.parent.name, "kind": cfg["kind"], "n_features": cfg["n_features"],
+                     "lr": train.get("lr"), "tokens": train.get("tokens"), "seed": train.get("seed"),
+                     "heldout_fvu": conv.get("final_fvu"), "rel_gain_last_quarter": conv.get("rel_gain_last_quarter"),
+                     "l0": last.get("l0"), "dead_frac": last.get("dead_frac"), "converged": conv.get("converged")})
+    table = pd.DataFrame(rows)
+    write_csv(table, ctx.results() / "dictionaries.csv")
+    return table
+
+
+def _tabular(table, columns: dict[str, str]) -> str:
+    """A booktabs tabular of ``table``'s ``columns`` (name -> header), numbers to 3 significant digits."""
+    from studies.common import latex_escape
+
+    def cell(v):
+        if isinstance(v, float):
+            return "--" if v != v else f"{v:.3g}"
+        return latex_escape(str(v))
+
+    head = " & ".join(columns.values())
+    body = "\n".join(" & ".join(cell(r[c]) for c in columns) + " \\\\" for _, r in table.iterrows())
+    return (f"\\begin{{tabular}}{{l{'r' * (len(columns) - 1)}}}\\toprule {head} \\\\ \\midrule\n"
+            f"{body}\n\\bottomrule\\end{{tabular}}")
+
+
 def write_setup_tables(ctx: RunContext) -> list[Path]:
-    """``tables/setup.tex``: macros with the preset's sizes and the wall time of every finished step."""
+    """``tables/setup.tex``: macros with the preset's sizes, the wall time of every finished step, every
+    dictionary with its convergence, and the learning-rate sweep."""
+    import pandas as pd
+
     from studies.common import latex_escape
 
     s = ctx.sizes
@@ -345,15 +489,25 @@ def write_setup_tables(ctx: RunContext) -> list[Path]:
         "presetname": ctx.preset_name, "modelname": s.model, "nlayers": store.n_layers,
         "layerlist": _layer_list(store.layers), "dmodel": store.width, "traintokens": f"{store.n_rows:,}",
         "heldouttokens": f"{ctx.store('heldout').n_rows:,}", "saewidth": s.sae_width, "saek": s.sae_k,
-        "saetokens": f"{s.sae_tokens:,}", "ccwidth": ctx.cc_width, "cck": s.cc_k, "cctokens": f"{s.cc_tokens:,}",
-        "evaltokens": f"{s.eval_tokens:,}", "evalwindows": s.eval_windows, "seqlen": s.seq_len,
-        "totalminutes": f"{sum(v for v in steps_s.values() if v == v) / 60:.1f}",
+        "dicttokens": f"{s.dict_tokens:,}", "dictbatch": s.dict_batch, "seeds": s.seeds, "saetrainer": s.sae_trainer,
+        "ccwidth": ctx.cc_width, "cck": s.cc_k, "evaltokens": f"{s.eval_tokens:,}", "evalwindows": s.eval_windows,
+        "seqlen": s.seq_len, "totalminutes": f"{sum(v for v in steps_s.values() if v == v) / 60:.1f}",
     }
     lines = ["% generated by `crosslayer reproduce` (step paper); do not edit"]
     lines += [f"\\newcommand{{\\cl{key}}}{{{latex_escape(str(value))}}}" for key, value in macros.items()]
-    rows = "\n".join(f"{latex_escape(k)} & {v:.0f} \\\\" for k, v in steps_s.items() if k != "paper")
-    lines.append("\\newcommand{\\clsteptimes}{\\begin{tabular}{lr}\\toprule step & seconds \\\\ \\midrule\n"
-                 + rows + "\n\\bottomrule\\end{tabular}}")
+    times = pd.DataFrame({"step": [k for k in steps_s if k != "paper"],
+                          "seconds": [float(v) for k, v in steps_s.items() if k != "paper"]})
+    lines.append("\\newcommand{\\clsteptimes}{" + _tabular(times, {"step": "step", "seconds": "seconds"}) + "}")
+    dicts = dictionary_table(ctx)
+    if len(dicts):
+        cols = {"dictionary": "dictionary", "n_features": "latents", "lr": "lr", "seed": "seed",
+                "heldout_fvu": "held-out FVU", "l0": "L0", "dead_frac": "dead", "rel_gain_last_quarter": "last-quarter gain",
+                "converged": "converged"}
+        lines.append("\\newcommand{\\cldictionaries}{" + _tabular(dicts, cols) + "}")
+    sweep = ctx.results() / "lr_sweep.csv"
+    if sweep.is_file():
+        cols = {"approach": "approach", "lr": "lr", "tokens": "tokens", "heldout_fvu": "held-out FVU", "chosen": "chosen"}
+        lines.append("\\newcommand{\\cllrsweep}{" + _tabular(pd.read_csv(sweep), cols) + "}")
     (ctx.paper / "tables").mkdir(parents=True, exist_ok=True)
     path = ctx.paper / "tables" / "setup.tex"
     write_text("\n".join(lines) + "\n", path)

@@ -29,19 +29,31 @@ class Sizes:
     sae_width: int
     """Latents per layer of the per-layer SAEs (the baseline)."""
     sae_k: int
-    sae_tokens: int
-    sae_batch: int
-    sae_lr: float
+    """Active latents per token of each layer's SAE."""
     eval_tokens: int
     """Held-out rows of the reconstruction metrics."""
     eval_windows: int
     """Held-out windows of the downstream metrics (spread over the store; >= 20,000 predictions at demo)."""
     cc_k: int = 32
     """TopK of the main crosscoder. Its width is ``sae_width * n_layers`` (matched total dictionary size)."""
-    cc_tokens: int = 65_536
-    """Training tokens of every crosscoder of the run."""
-    cc_batch: int = 1024
-    cc_lr: float = 1e-3
+    dict_tokens: int = 65_536
+    """Training tokens of every dictionary of the run, per-layer SAEs and crosscoders alike."""
+    dict_batch: int = 512
+    """Rows per optimiser step of every dictionary."""
+    lr_grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    """Candidate peak learning rates; each approach (per-layer SAEs, crosscoders) gets the one with the best
+    held-out FVU after ``sweep_tokens`` (``results/lr_sweep.csv``). One value: no sweep."""
+    sweep_tokens: int = 16_384
+    """Training tokens of each learning-rate sweep run."""
+    seeds: int = 1
+    """Seeds of the main per-layer SAEs and crosscoder (the headline comparison)."""
+    sae_trainer: str = "crosslayer"
+    """Trainer of the per-layer SAEs: ``crosslayer`` (the crosscoders' trainer, :mod:`crosslayer.sae_stack`)
+    or ``sae-lens`` (its ``SAETrainer``, the reference implementation; not like for like)."""
+    relu_crosscoder: bool = False
+    """Also train a ReLU crosscoder with the L1-of-norms penalty (Anthropic's recipe)."""
+    relu_coef: float = 5.0
+    """Its sparsity coefficient lambda."""
     model_dtype: str = "auto"
     """Compute dtype of the model (auto: bfloat16 only where it is fast)."""
     seq_len: int = 128
@@ -49,17 +61,23 @@ class Sizes:
     batch_size: int = 8
     """Windows per forward pass (harvest, scoring)."""
 
+    def __post_init__(self):
+        if self.sae_trainer not in ("crosslayer", "sae-lens"):
+            raise CrosslayerError(f"unknown SAE trainer {self.sae_trainer!r}; use crosslayer or sae-lens")
+        if not self.lr_grid or self.seeds < 1:
+            raise CrosslayerError("a preset needs at least one learning rate and one seed")
+
 
 SIZES: dict[str, Sizes] = {
     "micro": Sizes(model="tiny-4l-64d", layers="all", train_tokens=4_096, heldout_tokens=1_024, score_tokens=1_024,
-                   sae_width=32, sae_k=8, sae_tokens=8_192, sae_batch=128, sae_lr=3e-3, eval_tokens=1_024,
-                   eval_windows=4, cc_k=8, cc_tokens=8_192, cc_batch=128, cc_lr=3e-3, seq_len=64),
+                   sae_width=32, sae_k=8, eval_tokens=1_024, eval_windows=4, cc_k=8, dict_tokens=8_192,
+                   dict_batch=128, lr_grid=(1e-3, 3e-3), sweep_tokens=2_048, seq_len=64),
     "demo": Sizes(model="smollm2-135m", layers="8-15", train_tokens=64_000, heldout_tokens=90_112, score_tokens=8_192,
-                  sae_width=512, sae_k=32, sae_tokens=61_440, sae_batch=256, sae_lr=3e-3, eval_tokens=32_768,
-                  eval_windows=176, cc_k=32, cc_tokens=65_536, cc_batch=512, cc_lr=1e-3),
+                  sae_width=512, sae_k=32, eval_tokens=32_768, eval_windows=176, cc_k=32, dict_tokens=65_536,
+                  dict_batch=512),
     "paper": Sizes(model="smollm2-135m", layers="all", train_tokens=1_000_000, heldout_tokens=65_536,
-                   score_tokens=65_536, sae_width=1152, sae_k=32, sae_tokens=2_000_000, sae_batch=4096, sae_lr=4e-4,
-                   eval_tokens=65_536, eval_windows=176, cc_k=64, cc_tokens=2_000_000, cc_batch=4096, cc_lr=3e-4),
+                   score_tokens=65_536, sae_width=2304, sae_k=32, eval_tokens=65_536, eval_windows=176, cc_k=64,
+                   dict_tokens=4_000_000, dict_batch=4096, sweep_tokens=500_000, seeds=3, relu_crosscoder=True),
 }
 """The presets' shared sizes, by preset name."""
 

@@ -9,11 +9,12 @@ Question
     each recover, and how much of an acausal crosscoder's recovery comes from reading later layers?
 
 Method
-    - Per-layer sae-lens TopK SAEs (``sae_width`` latents per layer) at each k of ``Config.sae_k``,
-      and acausal TopK crosscoders with ``sae_width * n_layers`` latents (the same total number of
-      latents, "matched total dictionary size") at each k of ``Config.cc_k``; one weakly causal
-      crosscoder at the main k. All are trained on the same training store with the preset's token
-      budgets (the main dictionaries are the sweep points at ``sae_k`` / ``cc_k``).
+    - Per-layer TopK SAEs (``sae_width`` latents per layer) at each k of ``Config.sae_k``, and acausal
+      TopK crosscoders with ``sae_width * n_layers`` latents (the same total number of latents, "matched
+      total dictionary size") at each k of ``Config.cc_k``; one weakly causal crosscoder at the main k;
+      two capacity controls (``CCP``, ``RELU``). All are trained by the same trainer, on the same
+      training store, batch and token budget, each approach at its swept learning rate (the main
+      dictionaries are the sweep points at ``sae_k`` / ``cc_k``).
     - Sweep (``sweep.csv``): :func:`crosslayer.evals.evaluate` on the held-out store, reconstruction
       only: FVU (mean of the per-layer FVUs) and L0. The primary L0 counts active (feature, layer)
       pairs whose decoder norm at the layer is at least ``l0_frac`` of the feature's largest
@@ -60,6 +61,10 @@ class Config:
 
 
 SAE, CC, WC = "per-layer SAEs", "crosscoder (acausal)", "crosscoder (weakly causal)"
+CCP, RELU = "crosscoder (matched parameters)", "crosscoder (ReLU, L1 of norms)"
+"""Capacity controls: an acausal TopK crosscoder with ``sae_width`` latents (the per-layer SAE set's parameter
+count and encoder FLOPs; the main crosscoder matches its total number of latents), and a ReLU crosscoder
+with Anthropic's L1-of-decoder-norms penalty at the main width (presets with ``relu_crosscoder``)."""
 MAIN = {SAE: "saes", CC: "crosscoder", WC: "crosscoder_wc"}
 """The main dictionary of each approach (the one whose downstream splices are measured)."""
 SWEEP_COLUMNS = ["approach", "dictionary", "k", "n_features", "l0_frac", "l0_tuple", "l0_feat", "fvu", "fvu_pooled",
@@ -69,25 +74,33 @@ DOWNSTREAM_COLUMNS = ["approach", "dictionary", "splice", "layer", "n_prediction
                       "ce_zero", "ce_spliced"] + [f"{c}{s}" for c in CI for s in ("", "_lo", "_hi")]
 
 
-def _plan(ctx, cfg: Config) -> list[tuple[str, str, int, str]]:
-    """(approach, dictionary name, k, variant) of every sweep point."""
+def _plan(ctx, cfg: Config) -> list[dict]:
+    """Every sweep point: approach, dictionary name, k and how to train it."""
     p = ctx.sizes
-    plan = [(SAE, "saes" if k == p.sae_k else f"saes_k{k}", int(k), "") for k in sorted(set(cfg.sae_k) | {p.sae_k})]
-    plan += [(CC, "crosscoder" if k == p.cc_k else f"crosscoder_k{k}", int(k), "acausal")
+    plan = [{"approach": SAE, "dictionary": "saes" if k == p.sae_k else f"saes_k{k}", "k": int(k)}
+            for k in sorted(set(cfg.sae_k) | {p.sae_k})]
+    plan += [{"approach": CC, "dictionary": "crosscoder" if k == p.cc_k else f"crosscoder_k{k}", "k": int(k)}
              for k in sorted(set(cfg.cc_k) | {p.cc_k})]
+    plan.append({"approach": CCP, "dictionary": "crosscoder_params", "k": int(p.cc_k), "width": p.sae_width})
     if ctx.n_layers > 1:
-        plan.append((WC, "crosscoder_wc", int(p.cc_k), "weakly_causal"))
+        plan.append({"approach": WC, "dictionary": "crosscoder_wc", "k": int(p.cc_k), "variant": "weakly_causal"})
+    if p.relu_crosscoder:
+        plan.append({"approach": RELU, "dictionary": "crosscoder_relu", "k": int(p.cc_k), "activation": "relu"})
     return plan
 
 
-def _train(ctx, approach: str, name: str, k: int, variant: str):
-    return ctx.saes(name, k=k) if approach == SAE else ctx.crosscoder(name, k=k, variant=variant)
+def _train(ctx, point: dict):
+    if point["approach"] == SAE:
+        return ctx.saes(point["dictionary"], k=point["k"])
+    return ctx.crosscoder(point["dictionary"], k=point["k"], width=point.get("width"),
+                          variant=point.get("variant", "acausal"), activation=point.get("activation", "topk"))
 
 
 def _sweep_rows(ctx, cfg: Config, results: Path) -> tuple[list[dict], list[dict]]:
     rows, layer_rows = [], []
-    for approach, name, k, variant in _plan(ctx, cfg):
-        _train(ctx, approach, name, k, variant)
+    for point in _plan(ctx, cfg):
+        _train(ctx, point)
+        approach, name, k = point["approach"], point["dictionary"], point["k"]
         table = ctx.evaluation(name, folder=results, downstream=False)
         overall = table[table.scope == "all"].iloc[0]
         rows.append({"approach": approach, "dictionary": name, "k": k,
@@ -316,6 +329,13 @@ def _sweep_text(sweep: pd.DataFrame, head: pd.DataFrame) -> list[str]:
         if len(part):
             parts.append(f"{name[0].upper() + name[1:]}: FVU {fmt(part.fvu.max(), 3)} to {fmt(part.fvu.min(), 3)} "
                          f"at L0 {fmt(part.l0_tuple.min(), 3)} to {fmt(part.l0_tuple.max(), 3)} pairs.")
+    for name, what in ((CCP, "with as many parameters as the per-layer SAEs"),
+                       (RELU, "trained with ReLU and the L1-of-norms penalty")):
+        ctrl = sweep[sweep.approach == name]
+        if len(ctrl):
+            c = ctrl.iloc[0]
+            parts.append(f"Control: the crosscoder {what} ({int(c.n_features)} latents) reaches FVU "
+                         f"{fmt(c.fvu, 3)} at L0 {fmt(c.l0_tuple, 3)} pairs ({fmt(c.l0_feat, 3)} features).")
     wc, cc = sweep[sweep.approach == WC], sweep[sweep.approach == CC]
     if len(wc):
         w = wc.iloc[0]
