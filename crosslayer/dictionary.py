@@ -199,6 +199,11 @@ class Dictionary(nn.Module, ABC):
                                   f"(layers {self.layers}), got {list(acts_BLD.shape)}; select the "
                                   "dictionary's layers from the store (layers=dictionary.layers)")
 
+    def check_feats(self, feats_BF: Tensor) -> None:
+        if feats_BF.ndim != 2 or feats_BF.shape[1] != self.n_features:
+            raise CrosslayerError(f"{type(self).__name__} decodes [batch, {self.n_features}], "
+                                  f"got {list(feats_BF.shape)}")
+
     def encode(self, acts_BLD: Float[Tensor, "batch layer d_model"], *,
                normalized: bool = True) -> Float[Tensor, "batch feat"]:
         """Feature activations of ``acts_BLD`` (normalised units, or raw with ``normalized=False``)."""
@@ -208,9 +213,7 @@ class Dictionary(nn.Module, ABC):
     def decode(self, feats_BF: Float[Tensor, "batch feat"], *,
                normalized: bool = True) -> Float[Tensor, "batch layer d_model"]:
         """Reconstruction from features, normalised (default) or raw with ``normalized=False``."""
-        if feats_BF.ndim != 2 or feats_BF.shape[1] != self.n_features:
-            raise CrosslayerError(f"{type(self).__name__} decodes [batch, {self.n_features}], "
-                                  f"got {list(feats_BF.shape)}")
+        self.check_feats(feats_BF)
         recon_BLD = self.decode_normalized(feats_BF)
         return recon_BLD if normalized else self.denormalize(recon_BLD)
 

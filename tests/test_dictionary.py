@@ -34,15 +34,17 @@ def trained(tiny_store, tmp_path_factory):
 @pytest.mark.parametrize("widths", [(24, 40), (24, 40, 8)])
 def test_parity_with_sae_lens(widths):
     saes = random_saes(widths=widths, **MIXED)
-    x_BLD = torch.randn(33, len(widths), 16)
-    feats_BF = saes.encode(x_BLD)
+    x_BLD = torch.randn(33, len(widths), 16)  # raw: the sae-lens SAEs take raw activations
+    feats_BF = saes.encode(x_BLD, normalized=False)
     assert feats_BF.shape == (33, sum(widths))
     off = 0
     for i, sae in enumerate(saes.saes):
         expected = sae.encode(x_BLD[:, i])
         assert torch.equal(feats_BF[:, off:off + widths[i]], expected)
-        assert torch.equal(saes.decode(feats_BF)[:, i], sae.decode(expected))
-        assert torch.allclose(saes.reconstruct(x_BLD)[:, i], sae(x_BLD[:, i]), atol=1e-6)
+        assert torch.equal(saes.decode(feats_BF, normalized=False)[:, i], sae.decode(expected))
+        assert torch.equal(saes.decode(feats_BF)[:, i], sae.decode(expected) * saes.norm_factors[i])
+        assert torch.allclose(saes.reconstruct(x_BLD, normalized=False)[:, i], sae(x_BLD[:, i]), atol=1e-6)
+        assert torch.equal(saes.reconstruct_layer(x_BLD[:, i], i, normalized=False), sae(x_BLD[:, i]))
         off += widths[i]
     assert (feats_BF != 0).any()
     out = saes(x_BLD)
@@ -57,14 +59,16 @@ def test_raw_units_fold_the_norm_factors():
     assert torch.allclose(saes.encode(raw_BLD, normalized=False), saes.encode(norm_BLD))
     recon_raw = saes.reconstruct(raw_BLD, normalized=False)
     assert torch.allclose(recon_raw * factors[None, :, None], saes.reconstruct(norm_BLD), atol=1e-5)
+    for i in range(2):
+        assert torch.allclose(saes.reconstruct_layer(norm_BLD[:, i], i), saes.reconstruct(norm_BLD)[:, i], atol=1e-5)
 
 
 def test_decoder_norms_and_masks_are_one_layer_per_feature():
     saes = random_saes(widths=(24, 40, 8), **MIXED)
     norms_FL = saes.decoder_norms()
     assert norms_FL.shape == (72, 3)
-    assert torch.allclose(norms_FL[:24, 0], saes.saes[0].W_dec.norm(dim=-1))
-    assert torch.allclose(norms_FL[24:64, 1], saes.saes[1].W_dec.norm(dim=-1))
+    assert torch.allclose(norms_FL[:24, 0], saes.saes[0].W_dec.norm(dim=-1) * 0.5)  # normalised units: x factor
+    assert torch.allclose(norms_FL[24:64, 1], saes.saes[1].W_dec.norm(dim=-1) * 2.0)
     writes_FL = saes.writes_FL()
     assert writes_FL.dtype == torch.bool and writes_FL.shape == (72, 3)
     assert (writes_FL.sum(1) == 1).all()  # one-hot per feature
@@ -79,16 +83,18 @@ def test_decoder_vectors_equal_the_sae_blocks():
         W_FD = saes.decoder_vectors(layer)
         assert W_FD.shape == (64, 16) and W_FD.dtype == torch.float32 and not W_FD.requires_grad
         own = saes.writes_FL()[:, i]
-        assert torch.equal(W_FD[own], saes.saes[i].W_dec.detach())
+        assert torch.equal(W_FD[own], saes.saes[i].W_dec.detach() * saes.norm_factors[i])
         assert (W_FD[~own] == 0).all()
         raw = saes.decoder_vectors(layer, normalized=False)
         assert torch.allclose(raw, W_FD / saes.norm_factors[i])
+        assert torch.allclose(raw[own], saes.saes[i].W_dec.detach())
         assert torch.allclose(raw.norm(dim=-1), saes.decoder_norms()[:, i] / saes.norm_factors[i])
     with pytest.raises(CrosslayerError, match="not one of the dictionary's layers"):
         saes.decoder_vectors(7)
 
 
-def test_decoder_vectors_of_rescaled_topk_saes_are_unit_rows():
+def test_decoder_vectors_of_rescaled_topk_saes_are_unit_raw_rows():
+    """A sae-lens TopK SAE with rescale_acts_by_decoder_norm writes unit rows in raw units: f in normalised units."""
     import sae_lens as sl
 
     sae = sl.TopKSAE(sl.TopKSAEConfig(d_in=8, d_sae=12, k=3, rescale_acts_by_decoder_norm=True))
@@ -96,7 +102,9 @@ def test_decoder_vectors_of_rescaled_topk_saes_are_unit_rows():
         sae.W_dec.mul_(torch.rand(12, 1) * 5 + 0.1)
     saes = PerLayerSAEs([sae], layers=[4], hooks=["blocks.4.hook_resid_post"], norm_factors=[2.0])
     W_FD = saes.decoder_vectors(4)
-    torch.testing.assert_close(W_FD, torch.nn.functional.normalize(sae.W_dec.detach(), dim=-1))
+    unit = torch.nn.functional.normalize(sae.W_dec.detach(), dim=-1)
+    torch.testing.assert_close(saes.decoder_vectors(4, normalized=False), unit)
+    torch.testing.assert_close(W_FD, unit * 2.0)
     torch.testing.assert_close(saes.decoder_norms()[:, 0], W_FD.norm(dim=-1))
 
 
@@ -138,6 +146,7 @@ def test_save_load_roundtrip_keeps_weights_and_meta(tmp_path):
     again = load_dictionary(tmp_path / "d")
     assert isinstance(again, PerLayerSAEs) and again.layers == saes.layers and again.hooks == saes.hooks
     assert again.meta == meta and again.model_name == "tiny-2l-64d"
+    assert json.loads((tmp_path / "d" / "cfg.json").read_text())["units"] == "raw"
     assert torch.equal(again.norm_factors, saes.norm_factors)
     x_BLD = torch.randn(10, 2, 16)
     assert torch.equal(again.reconstruct(x_BLD), saes.reconstruct(x_BLD))
@@ -271,17 +280,22 @@ def test_trained_saes_load_back_and_with_sae_lens(trained, tiny_store):
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["kind"] == "per_layer_saes" and cfg["status"] == "complete"
     assert cfg["store"]["model"] == "tiny-2l-64d" and cfg["training"]["k"] == 8
-    assert cfg["norm_factors"] == tiny_store.norm_factors.tolist()
+    assert cfg["norm_factors"] == tiny_store.norm_factors.tolist() and cfg["units"] == "raw"
     again = load_dictionary(out)
     assert again.meta == saes.meta and again.model_name == "tiny-2l-64d"
     check_compatible(again, tiny_store)
-    x_BLD = torch.randn(50, 2, 64) * 8
-    assert torch.equal(again.encode(x_BLD), saes.encode(x_BLD))
+    raw_BLD = tiny_store.get(range(50), normalized=False)
+    assert torch.equal(again.encode(raw_BLD, normalized=False), saes.encode(raw_BLD, normalized=False))
+    factors = torch.tensor(cfg["norm_factors"])[None, :, None]
+    recon_raw = again.reconstruct(raw_BLD, normalized=False)
+    torch.testing.assert_close(again.reconstruct(raw_BLD * factors), recon_raw * factors)
     for i, hook in enumerate(cfg["hooks"]):
-        sae = SAE.load_from_disk(out / hook)
-        assert sae.cfg.metadata.hook_name == hook
-        assert sae.cfg.metadata.norm_scaling_factor == pytest.approx(cfg["norm_factors"][i])
-        assert torch.equal(sae.decode(sae.encode(x_BLD[:, i])), again.reconstruct(x_BLD)[:, i])
+        sae = SAE.load_from_disk(out / hook)  # as a sae-lens user would, on raw activations, nothing folded
+        assert sae.cfg.metadata.hook_name == hook and sae.cfg.normalize_activations == "none"
+        assert sae.cfg.metadata.crosslayer_folded_norm_factor == pytest.approx(cfg["norm_factors"][i])
+        assert "norm_scaling_factor" not in sae.cfg.metadata and not sae.cfg.rescale_acts_by_decoder_norm
+        assert torch.equal(sae.decode(sae.encode(raw_BLD[:, i])), recon_raw[:, i])
+        assert json.loads((out / hook / "crosslayer_train.json").read_text())["train_sample_fvu"] < 0.45
 
 
 @pytest.mark.slow
