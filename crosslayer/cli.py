@@ -260,6 +260,8 @@ def _add_training_common(p, train_cfg: type, arch_cfg: type, *, out_help: str, w
     p.add_argument("--seed", type=int, default=default(train_cfg, "seed"), help="init and data-order seed")
     p.add_argument("--sparsity-coef", type=nonnegative_float, default=None,
                    help="L1 (relu/standard) or L0/tanh (jumprelu) sparsity coefficient (default by activation)")
+    p.add_argument("--heldout", default=None,
+                   help="held-out store (same model and layers): its FVU goes into the curve and the convergence verdict")
 
 
 def _add_train_saes(p):
@@ -269,15 +271,23 @@ def _add_train_saes(p):
                          out_help="output folder (one sae-lens folder per hook); a rerun resumes",
                          width_help="features per layer")
     p.add_argument("--arch", default=default(SAETrainConfig, "arch"), choices=ARCHS, help="SAE architecture")
+    p.add_argument("--trainer", default="crosslayer", choices=("crosslayer", "sae-lens"),
+                   help="crosslayer: the crosscoders' trainer, all layers in one batched module (topk only); "
+                        "sae-lens: its SAETrainer, layer by layer (the reference implementation)")
 
 
-@verb("train-saes", "train one sae-lens SAE per layer of an activation store (the baseline)", _add_train_saes)
+@verb("train-saes", "train one TopK SAE per layer of an activation store (the baseline), saved as sae-lens folders",
+      _add_train_saes)
 def cmd_train_saes(args):
-    from crosslayer.saes import SAETrainConfig, train_per_layer_saes
     from crosslayer.store import ActivationStore
 
     store = ActivationStore(args.store)
     layers = store.select(args.layers).layers
+    if args.trainer == "crosslayer":
+        _train_sae_stack(args, store, layers)
+        return
+    from crosslayer.saes import SAETrainConfig, train_per_layer_saes
+
     cfg = SAETrainConfig(width=args.width, tokens=args.tokens or store.n_rows, arch=args.arch, k=args.k,
                          sparsity_coefficient=args.sparsity_coef, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed)
@@ -286,6 +296,20 @@ def cmd_train_saes(args):
         print(f"layer {row['layer']:>2}: {row['tokens_per_s']:,.0f} tok/s, sample FVU {row['train_sample_fvu']:.3f}, "
               f"dead {row['dead_features']}")
     print(f"saved {saes.n_features:,} features over {saes.n_layers} layers to {args.out}")
+
+
+def _train_sae_stack(args, store, layers: list[int]) -> None:
+    from crosslayer.sae_stack import SAEStackConfig
+    from crosslayer.training import TrainConfig, train_crosscoder_from_store
+
+    if args.arch != "topk":
+        raise CrosslayerError(f"the crosslayer trainer trains topk SAEs; use --trainer sae-lens for --arch {args.arch}")
+    arch = SAEStackConfig(layers=tuple(layers), d_model=store.width, width=args.width, k=args.k)
+    cfg = TrainConfig(tokens=args.tokens or store.n_rows, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    saes = train_crosscoder_from_store(store, arch, cfg, out_dir=args.out, heldout_store=args.heldout)
+    verdict = saes.meta.get("convergence", {})
+    print(f"saved {saes.n_features:,} features over {saes.n_layers} layers to {args.out} (held-out FVU "
+          f"{verdict.get('final_fvu', float('nan')):.3f}, converged: {verdict.get('converged')})")
 
 
 def _add_train_crosscoder(p):
@@ -320,7 +344,8 @@ def cmd_train_crosscoder(args):
     cfg = TrainConfig(tokens=args.tokens or store.n_rows, batch_size=args.batch_size, lr=args.lr,
                       sparsity_coef=args.sparsity_coef, checkpoint_every=args.checkpoint_every, bf16=args.bf16,
                       seed=args.seed)
-    cc = train_crosscoder_from_store(store, arch, cfg, out_dir=args.out, device=args.device)
+    cc = train_crosscoder_from_store(store, arch, cfg, out_dir=args.out, heldout_store=args.heldout,
+                                     device=args.device)
     print(f"saved {cc} to {args.out}")
 
 

@@ -196,6 +196,25 @@ class PerLayerSAEs(Dictionary):
 
 # ----------------------------------------------------------------------------- export
 
+def save_sae_stack(stack, path: str | Path) -> None:
+    """Save a trained :class:`crosslayer.sae_stack.SAEStack` as a per-layer SAE set: one raw-unit sae-lens
+    TopK folder per hook (:func:`export_sae_lens`; a folder left by an interrupted save is replaced) and the
+    set's ``cfg.json`` with the stack's meta (training plan, curve verdict). Loads as :class:`PerLayerSAEs`."""
+    from sae_lens import SAE
+
+    path = Path(path)
+    saes = []
+    for index, (hook, factor) in enumerate(zip(stack.hooks, stack.norm_factors.tolist())):
+        w = stack.per_layer_weights(index)
+        if (path / hook).exists():
+            shutil.rmtree(path / hook)
+        export_sae_lens(path / hook, W_enc_DF=w["W_enc"], b_enc_F=w["b_enc"], W_dec_FD=w["W_dec"], b_dec_D=w["b_dec"],
+                        norm_factor=factor, hook_name=hook, arch="topk", k=stack.cfg.k, model_name=stack.model_name)
+        saes.append(SAE.load_from_disk(path / hook))
+    PerLayerSAEs(saes, layers=stack.layers, hooks=stack.hooks, norm_factors=stack.norm_factors,
+                 meta=stack.meta).write_cfg(path)
+
+
 @torch.no_grad()
 def export_sae_lens(path: str | Path, *, W_enc_DF: Tensor, b_enc_F: Tensor, W_dec_FD: Tensor, b_dec_D: Tensor,
                     norm_factor: float, hook_name: str, arch: str = "topk", k: int | None = None,
@@ -311,8 +330,8 @@ class SAETrainConfig:
     """L1 coefficient (standard) or L0 coefficient (jumprelu); None = ``training.DEFAULT_SPARSITY_COEF``."""
     batch_size: int = 4096
     """Tokens per step."""
-    lr: float = 3e-4
-    """Adam learning rate."""
+    lr: float = 1e-3
+    """Adam learning rate (the crosslayer trainer's default, :class:`crosslayer.training.TrainConfig`)."""
     lr_warm_up_steps: int = 0
     """Linear warm-up steps."""
     lr_decay_steps: int | None = None

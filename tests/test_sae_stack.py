@@ -97,3 +97,31 @@ def test_stack_trains_on_synthetic_truth(tmp_path):
     assert curve.heldout_fvu.iloc[-1] < 0.5 * curve.heldout_fvu.iloc[0]
     assert saes.kind == "per_layer_saes" and saes.n_features == L * W
     assert saes.meta["convergence"]["final_fvu"] == pytest.approx(curve.heldout_fvu.iloc[-1])
+
+
+def test_saved_stack_is_a_raw_unit_sae_lens_set(tmp_path):
+    """Parity with sae-lens: each saved folder, loaded by ``sae_lens.SAE.load_from_disk`` and fed RAW
+    activations, fires the stack's features (values times the decoder norm) and gives the stack's
+    reconstruction in raw units; PerLayerSAEs.load of the set agrees with the stack in normalised units."""
+    from sae_lens import SAE
+
+    from crosslayer.dictionary import load_dictionary
+
+    factors = [0.5, 2.0, 1.5]
+    s = stack()
+    s.norm_factors.copy_(torch.tensor(factors))
+    s.meta.update({"status": "complete"})
+    s.save(tmp_path / "set")
+    raw = torch.randn(30, L, D) * 3
+    x = s.normalize(raw)
+    feats = s.encode(x).reshape(30, L, W)
+    recon = s.reconstruct(x)
+    for i, hook in enumerate(s.hooks):
+        sae = SAE.load_from_disk(tmp_path / "set" / hook)
+        got = sae.encode(raw[:, i])
+        assert torch.equal(got != 0, feats[:, i] != 0)
+        torch.testing.assert_close(got, feats[:, i] * s.W_dec[i].norm(dim=-1).detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sae.decode(got), recon[:, i] / factors[i], atol=1e-5, rtol=1e-5)
+    back = load_dictionary(tmp_path / "set")
+    assert back.kind == "per_layer_saes"
+    torch.testing.assert_close(back.reconstruct(x), recon, atol=1e-5, rtol=1e-5)

@@ -7,7 +7,7 @@ import pytest
 
 from studies import reconstruction
 from studies.pipeline import render, run_study
-from studies.reconstruction import CC, SAE, WC, downstream_rows, equal_fvu_ratios
+from studies.reconstruction import CC, CCP, SAE, WC, downstream_rows, equal_fvu_ratios
 
 
 def _sweep(sae_pts, cc_pts):
@@ -67,7 +67,7 @@ def test_reconstruction_study_micro(micro_ctx):
     results = micro_ctx.results("reconstruction")
     sweep = pd.read_csv(results / "sweep.csv")
     p, cfg = micro_ctx.sizes, micro_ctx.preset.config("reconstruction")
-    assert set(sweep.approach) == {SAE, CC, WC}
+    assert set(sweep.approach) == {SAE, CC, WC, CCP}  # micro has no ReLU crosscoder (relu_crosscoder False)
     assert sorted(sweep[sweep.approach == SAE].k) == sorted(set(cfg.sae_k) | {p.sae_k})
     sae, cc = sweep[sweep.approach == SAE], sweep[sweep.approach == CC]
     # an SAE latent writes one layer: pairs = features = k per layer's SAE, summed over layers
@@ -75,7 +75,12 @@ def test_reconstruction_study_micro(micro_ctx):
     np.testing.assert_allclose(sae.l0_feat, sae.l0_tuple)
     np.testing.assert_allclose(cc.l0_feat, cc.k, rtol=1e-2)
     assert (cc.l0_tuple >= cc.l0_feat - 1e-6).all() and (cc.l0_tuple <= cc.l0_feat * micro_ctx.n_layers + 1e-6).all()
-    assert (sweep.n_features == p.sae_width * micro_ctx.n_layers).all()  # matched total dictionary size
+    matched = sweep[sweep.approach != CCP]
+    assert (matched.n_features == p.sae_width * micro_ctx.n_layers).all()  # matched total dictionary size
+    # the parameter-matched control: as many parameters as the SAE set (F 2 L d = L W 2 d)
+    assert (sweep[sweep.approach == CCP].n_features == p.sae_width).all()
+    assert "Control: the crosscoder with as many parameters" in (micro_ctx.paper / "tables" /
+                                                                "reconstruction_answer.tex").read_text()
     for part in (sae, cc):  # more active latents never reconstruct worse by much, within one approach
         part = part.sort_values("k")
         assert part.fvu.iloc[-1] <= part.fvu.iloc[0] + 0.02
