@@ -152,6 +152,23 @@ def test_micro_reproduce_runs_everything_and_skips_finished_steps(micro_ctx, cap
         assert saved == json.loads(json.dumps(get_preset("micro").record()["studies"][name]))
     setup = (tables / "setup.tex").read_text()
     assert "\\newcommand{\\clpresetname}{micro}" in setup and "\\clsteptimes" in setup
+    # one trainer, one budget: the lr sweep chose one rate per approach from the preset's grid, the main
+    # dictionaries were trained at it, and every dictionary is listed with its convergence verdict
+    sweep = pd.read_csv(out / "results" / "lr_sweep.csv")
+    assert set(sweep.approach) == {"saes", "crosscoders"} and sweep.groupby("approach").chosen.sum().eq(1).all()
+    assert set(sweep.lr) == set(micro_ctx.sizes.lr_grid)
+    dicts = pd.read_csv(out / "results" / "dictionaries.csv").set_index("dictionary")
+    chosen = sweep[sweep.chosen].set_index("approach").lr
+    assert dicts.loc["saes", "lr"] == chosen["saes"] and dicts.loc["crosscoder", "lr"] == chosen["crosscoders"]
+    assert dicts.loc["saes", "tokens"] == dicts.loc["crosscoder", "tokens"] == micro_ctx.sizes.dict_tokens
+    assert dicts.heldout_fvu.notna().all() and dicts.converged.notna().all()
+    assert "\\cldictionaries" in setup and "\\cllrsweep" in setup
+    for name in names:  # a study that used an unconverged dictionary names it in its answer
+        used = json.loads((out / "results" / name / "dictionaries.json").read_text())
+        answer = (tables / f"{name}_answer.tex").read_text()
+        unconverged = [d for d, converged in used.items() if converged is False]
+        assert ("Not converged" in answer) == bool(unconverged), name
+        assert all(d.replace("_", "\\_") in answer for d in unconverged)
     figures = list((paper / "figures").glob("*.png"))
     assert len(figures) >= len(names)
     capsys.readouterr()

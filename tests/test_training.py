@@ -251,3 +251,18 @@ def test_train_from_store(tmp_path, tiny_store):
         train_crosscoder_from_store(store, CrosscoderConfig(layers=(0,), d_model=32, n_features=16, k=2),
                                     TrainConfig(tokens=64, batch_size=64), out_dir=tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_convergence_verdict_from_the_curve():
+    """Converged when held-out FVU fell by < 2 % (relative) over the last quarter of the tokens; the row
+    nearest to three quarters is the reference; no held-out rows: no verdict."""
+    from crosslayer.training import convergence
+
+    tokens = [100 * i for i in range(1, 21)]  # 2000 tokens; three quarters = 1500
+    flat = [1.0 / i for i in range(1, 16)] + [0.0670, 0.0668, 0.0665, 0.0662, 0.0660]
+    still = [1.0 / i for i in range(1, 21)]
+    got = convergence([{"tokens": t, "heldout_fvu": v} for t, v in zip(tokens, flat)])
+    assert got["fvu_three_quarters"] == pytest.approx(1 / 15) and got["converged"] is True
+    assert got["rel_gain_last_quarter"] == pytest.approx((1 / 15 - 0.066) / (1 / 15))
+    assert convergence([{"tokens": t, "heldout_fvu": v} for t, v in zip(tokens, still)])["converged"] is False
+    assert convergence([{"tokens": t, "heldout_fvu": float("nan")} for t in tokens])["converged"] is None
