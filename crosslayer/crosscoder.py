@@ -201,7 +201,7 @@ class _SparseTopKEncode(torch.autograd.Function):
     """TopK encoder of G independent groups with a sparse backward (the crosscoder is G = 1 over the
     concatenated layers; a stack of per-layer SAEs is G = L, one group per layer).
 
-    Forward: pre = x @ W + b (one batched GEMM, [G, B, I] x [G, I, F]), TopK on the score
+    Forward: pre = x @ W + b (one batched GEMM, [G, B, I] x [G, I, F]; b added in the score's pass), TopK on the score
     pre * scale (scale = the detached decoder norms), vals = relu(pre) there; with ``dead_GF``, the
     AuxK selection: the ``k_aux`` best scores among each group's dead latents, with their raw
     pre-activations (0 where a group has fewer dead latents). Returns
@@ -214,15 +214,16 @@ class _SparseTopKEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_GBI, W_GIF, b_GF, scale_GF, k: int, dead_GF: Tensor | None, k_aux: int):
-        pre_GBF = torch.baddbmm(b_GF[:, None], x_GBI, W_GIF)
-        score_GBF = pre_GBF * scale_GF[:, None]
+        xw_GBF = torch.bmm(x_GBI, W_GIF)  # the bias is added only where needed: score, and the selected entries
+        score_GBF = torch.addcmul((b_GF * scale_GF)[:, None], xw_GBF, scale_GF[:, None])
         idx = score_GBF.topk(k, dim=-1, sorted=False).indices
-        vals = pre_GBF.gather(-1, idx).relu_()
+        b_GBF = b_GF[:, None].expand_as(xw_GBF)
+        vals = (xw_GBF.gather(-1, idx) + b_GBF.gather(-1, idx)).relu_()
         aux_idx, aux_on = idx[..., :0], vals[..., :0]
         if dead_GF is not None and k_aux > 0:
             aux_idx = score_GBF.masked_fill_(~dead_GF[:, None], -torch.inf).topk(k_aux, dim=-1, sorted=False).indices
-            aux_on = dead_GF[:, None].expand_as(pre_GBF).gather(-1, aux_idx).to(pre_GBF.dtype)
-        aux_vals = pre_GBF.gather(-1, aux_idx) * aux_on
+            aux_on = dead_GF[:, None].expand_as(xw_GBF).gather(-1, aux_idx).to(xw_GBF.dtype)
+        aux_vals = (xw_GBF.gather(-1, aux_idx) + b_GBF.gather(-1, aux_idx)) * aux_on
         ctx.save_for_backward(x_GBI, W_GIF, idx, vals, aux_idx, aux_on)
         ctx.mark_non_differentiable(idx, aux_idx)
         return vals, idx, aux_vals, aux_idx
