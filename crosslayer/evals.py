@@ -490,7 +490,7 @@ def _row_values(per_doc: dict[str, np.ndarray], counts_BD: np.ndarray) -> dict:
 
 
 @torch.no_grad()
-def downstream(dictionary: Dictionary, store, model, *, n_windows: int = 32, batch_size: int = 4,
+def downstream(dictionary: Dictionary, store, model, *, n_windows: int = 32, batch_size: int = 8,
                per_layer: bool = True, n_boot: int = 1000, seed: int = 0, zero_cache: ZeroCache | None = None,
                progress: bool = False) -> dict:
     """Downstream columns keyed by model layer (int) and ``"all"`` (absent when the dictionary's all-row splice is
@@ -576,7 +576,7 @@ def _reconstruction_stats(dictionary: Dictionary, store, *, n_tokens: int, batch
 
 @torch.no_grad()
 def evaluate(dictionary: Dictionary, store, *, model=None, n_tokens: int = 100_000, batch_size: int = 512,
-             n_windows: int = 32, window_batch_size: int = 4, per_layer_downstream: bool = True,
+             n_windows: int = 32, window_batch_size: int = 8, per_layer_downstream: bool = True,
              l0_frac: float = WRITE_FRACTION, n_boot: int = 1000, dense_threshold: float = 0.1, seed: int = 0,
              zero_cache: ZeroCache | None = None, out: str | Path | None = None,
              progress: bool = False) -> pd.DataFrame:

@@ -63,7 +63,7 @@ pre-activation loss: the whole run (Anthropic, Circuits Updates January 2025: la
 linearly from 0 over all of training)."""
 
 
-CURVE_POINTS = 20
+CURVE_POINTS = 10
 """Rows of a run's training curve when ``log_every`` is not given (plus the last step)."""
 CONVERGED_REL_GAIN = 0.02
 """A dictionary has converged when its held-out FVU fell by less than this share over the last quarter of
@@ -381,7 +381,7 @@ def _save(run: _Run, cfg: TrainConfig, plan: dict, out: Path, *, seconds: float,
     (out / CHECKPOINT).unlink(missing_ok=True)
 
 
-HELDOUT_ROWS = 8192
+HELDOUT_ROWS = 4096
 """Held-out rows behind a training curve's held-out FVU (a fixed, seeded sample of the held-out store)."""
 
 

@@ -52,8 +52,9 @@ class Sizes:
     or ``sae-lens`` (its ``SAETrainer``, the reference implementation; not like for like)."""
     relu_crosscoder: bool = False
     """Also train a ReLU crosscoder with the L1-of-norms penalty (Anthropic's recipe)."""
-    relu_coef: float = 5.0
-    """Its sparsity coefficient lambda."""
+    relu_coef: float = 2.0
+    """Its sparsity coefficient lambda: between the values that gave an L0 far above and far below the TopK
+    crosscoders' k on a short run of the demo store (normalised inputs, L1 of the decoder norms)."""
     model_dtype: str = "auto"
     """Compute dtype of the model (auto: bfloat16 only where it is fast)."""
     seq_len: int = 128
@@ -75,6 +76,9 @@ SIZES: dict[str, Sizes] = {
     "demo": Sizes(model="smollm2-135m", layers="8-15", train_tokens=64_000, heldout_tokens=90_112, score_tokens=8_192,
                   sae_width=512, sae_k=32, eval_tokens=32_768, eval_windows=176, cc_k=32, dict_tokens=65_536,
                   dict_batch=512),
+    "standard": Sizes(model="smollm2-135m", layers="3,11,19,27", train_tokens=500_000, heldout_tokens=200_000,
+                      score_tokens=65_536, sae_width=2304, sae_k=32, eval_tokens=65_536, eval_windows=176, cc_k=32,
+                      dict_tokens=1_048_576, dict_batch=4096, sweep_tokens=131_072, seeds=2, relu_crosscoder=True),
     "paper": Sizes(model="smollm2-135m", layers="all", train_tokens=1_000_000, heldout_tokens=65_536,
                    score_tokens=65_536, sae_width=2304, sae_k=32, eval_tokens=65_536, eval_windows=176, cc_k=64,
                    dict_tokens=4_000_000, dict_batch=4096, sweep_tokens=500_000, seeds=3, relu_crosscoder=True),

@@ -64,7 +64,9 @@ SAE, CC, WC = "per-layer SAEs", "crosscoder (acausal)", "crosscoder (weakly caus
 CCP, RELU = "crosscoder (matched parameters)", "crosscoder (ReLU, L1 of norms)"
 """Capacity controls: an acausal TopK crosscoder with ``sae_width`` latents (the per-layer SAE set's parameter
 count and encoder FLOPs; the main crosscoder matches its total number of latents), and a ReLU crosscoder
-with Anthropic's L1-of-decoder-norms penalty at the main width (presets with ``relu_crosscoder``)."""
+with Anthropic's L1-of-decoder-norms penalty, also with ``sae_width`` latents (its dense ReLU step costs about four
+encoder GEMMs, so at the main width it would cost as much as the rest of the training; presets with
+``relu_crosscoder``)."""
 MAIN = {SAE: "saes", CC: "crosscoder", WC: "crosscoder_wc"}
 """The main dictionary of each approach (the one whose downstream splices are measured)."""
 SWEEP_COLUMNS = ["approach", "dictionary", "k", "n_features", "l0_frac", "l0_tuple", "l0_feat", "fvu", "fvu_pooled",
@@ -85,7 +87,8 @@ def _plan(ctx, cfg: Config) -> list[dict]:
     if ctx.n_layers > 1:
         plan.append({"approach": WC, "dictionary": "crosscoder_wc", "k": int(p.cc_k), "variant": "weakly_causal"})
     if p.relu_crosscoder:
-        plan.append({"approach": RELU, "dictionary": "crosscoder_relu", "k": int(p.cc_k), "activation": "relu"})
+        plan.append({"approach": RELU, "dictionary": "crosscoder_relu", "k": int(p.cc_k), "activation": "relu",
+                     "width": p.sae_width})
     return plan
 
 
