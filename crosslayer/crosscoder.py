@@ -63,7 +63,6 @@ from torch import Tensor, nn
 
 from crosslayer.dictionary import Dictionary, DictionaryOutput, meta_from_cfg, read_saved_cfg, register_dictionary
 from crosslayer.errors import CrosslayerError
-from crosslayer.hooks import hook_name
 from crosslayer.io import atomic_path
 
 VARIANTS = ("acausal", "weakly_causal", "window")
@@ -305,8 +304,6 @@ class Crosscoder(Dictionary):
 
     def __init__(self, cfg: CrosscoderConfig, *, hooks: list[str] | None = None, norm_factors=None,
                  meta: dict | None = None, seed: int = 0):
-        hooks = hooks if hooks is not None else [hook_name("resid_post", l) for l in cfg.layers]
-        norm_factors = norm_factors if norm_factors is not None else [1.0] * cfg.n_layers
         super().__init__(layers=list(cfg.layers), hooks=hooks, norm_factors=norm_factors, d_model=cfg.d_model,
                          meta=meta)
         self.cfg = cfg

@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 import crosslayer
 from crosslayer.errors import CrosslayerError
+from crosslayer.hooks import hook_name
 from crosslayer.io import write_json
 
 CFG_FILENAME = "cfg.json"
@@ -95,11 +96,14 @@ class Dictionary(nn.Module, ABC):
 
     kind: str = "abstract"
 
-    def __init__(self, *, layers: list[int], hooks: list[str], norm_factors: Tensor | list[float],
+    def __init__(self, *, layers: list[int], hooks: list[str] | None, norm_factors: Tensor | list[float] | None,
                  d_model: int, meta: dict | None = None):
+        """``hooks`` None: the ``resid_post`` hooks of ``layers``; ``norm_factors`` None: 1 at every layer."""
         super().__init__()
         self.meta = dict(meta or {})
         """Provenance saved in ``cfg.json``: ``store`` (model, weights_id, split, ...), ``training``, ..."""
+        hooks = hooks if hooks is not None else [hook_name("resid_post", l) for l in layers]
+        norm_factors = norm_factors if norm_factors is not None else [1.0] * len(layers)
         factors = torch.as_tensor(norm_factors, dtype=torch.float32).reshape(-1)
         if not (len(layers) == len(hooks) == factors.numel()):
             raise CrosslayerError(f"dictionary has {len(layers)} layers, {len(hooks)} hooks and "

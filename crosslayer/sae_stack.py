@@ -35,7 +35,6 @@ from torch import Tensor, nn
 from crosslayer.crosscoder import CrosscoderOutput, _output, sparse_topk
 from crosslayer.dictionary import Dictionary
 from crosslayer.errors import CrosslayerError
-from crosslayer.hooks import hook_name
 
 
 @dataclass(frozen=True)
@@ -86,8 +85,6 @@ class SAEStack(Dictionary):
 
     def __init__(self, cfg: SAEStackConfig, *, hooks: list[str] | None = None, norm_factors=None,
                  meta: dict | None = None, seed: int = 0):
-        hooks = hooks if hooks is not None else [hook_name("resid_post", l) for l in cfg.layers]
-        norm_factors = norm_factors if norm_factors is not None else [1.0] * cfg.n_layers
         super().__init__(layers=list(cfg.layers), hooks=hooks, norm_factors=norm_factors, d_model=cfg.d_model,
                          meta=meta)
         self.cfg = cfg

@@ -57,7 +57,7 @@ def _add_figures(p):
       _add_figures)
 def cmd_figures(args):
     from studies import get_study
-    from studies.pipeline import render
+    from studies.pipeline import curves_figure, render
 
     for name in args.names:
         get_study(name)  # unknown names fail before anything is drawn
@@ -69,3 +69,5 @@ def cmd_figures(args):
         made = render(name, results / name, Path(args.paper))
         print(f"{name}: {len(made['figures'])} figures, {len(made['tables'])} tables, answer -> "
               f"{Path(args.paper) / 'tables' / (name + '_answer.tex')}")
+    if not args.names and (curve := curves_figure(results, Path(args.paper) / "figures")) is not None:
+        print(f"training curves -> {curve}")

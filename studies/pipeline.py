@@ -109,18 +109,33 @@ class RunContext:
         """Crosscoder width matched to the per-layer SAEs' total number of latents."""
         return self.sizes.sae_width * self.n_layers
 
-    def _train(self, arch, name: str, *, lr: float, seed: int, sparsity_coef: float | None = None,
-               tokens: int | None = None):
-        """Train (or load) dictionary ``<out>/dicts/<name>`` with the run's one trainer and budget."""
-        from crosslayer.training import TrainConfig, train_crosscoder_from_store
+    def _train(self, arch, name: str, *, approach: str, seed: int, sparsity_coef: float | None = None,
+               tokens: int | None = None, lr: float | None = None):
+        """Train (or load) dictionary ``<out>/dicts/<name>`` with the run's one trainer and budget, at ``lr`` or
+        the approach's learning rate (:meth:`lr`). A run that diverges (:class:`TrainingDiverged`) is recorded
+        in ``results/lr_diverged.csv``, its folder removed, and the approach's next learning rate is used."""
+        import shutil
+
+        from crosslayer.training import TrainConfig, TrainingDiverged, train_crosscoder_from_store
 
         s = self.sizes
-        cfg = TrainConfig(tokens=tokens or s.dict_tokens, batch_size=s.dict_batch, lr=lr, seed=seed,
-                          sparsity_coef=sparsity_coef, checkpoint_every=50)
-        trained = train_crosscoder_from_store(self.store("train"), arch, cfg, out_dir=self.dicts / name,
-                                              heldout_store=self.store("heldout"), progress=self.progress)
-        self.used[name] = trained.meta.get("convergence", {}).get("converged")
-        return trained
+        while True:
+            rate = lr if lr is not None else self.lr(approach)
+            cfg = TrainConfig(tokens=tokens or s.dict_tokens, batch_size=s.dict_batch, lr=rate, seed=seed,
+                              sparsity_coef=sparsity_coef, checkpoint_every=50)
+            try:
+                trained = train_crosscoder_from_store(self.store("train"), arch, cfg, out_dir=self.dicts / name,
+                                                      heldout_store=self.store("heldout"), progress=self.progress)
+            except TrainingDiverged as err:
+                if lr is not None:
+                    raise
+                print(f"[{name}] {err}; retrying with the next learning rate", flush=True)
+                _append_row(self.results() / LR_DIVERGED, {"approach": approach, "lr": rate, "dictionary": name,
+                                                             "error": str(err)})
+                shutil.rmtree(self.dicts / name)
+                continue
+            self.used[name] = trained.meta.get("convergence", {}).get("converged")
+            return trained
 
     def saes(self, name: str = "saes", *, width: int | None = None, k: int | None = None,
              layers: list[int] | None = None, seed: int = 0):
@@ -139,7 +154,7 @@ class RunContext:
             self.used[name] = None
             return train_per_layer_saes(store, cfg, out_dir=self.dicts / name, layers=layers, progress=self.progress)
         arch = SAEStackConfig(layers=tuple(store.select(layers).layers), d_model=store.width, width=width, k=k)
-        return self._train(arch, name, lr=self.lr("saes"), seed=seed)
+        return self._train(arch, name, approach="saes", seed=seed)
 
     def crosscoder(self, name: str = "crosscoder", *, width: int | None = None, k: int | None = None,
                    variant: str = "acausal", activation: str = "topk", seed: int = 0):
@@ -151,15 +166,25 @@ class RunContext:
         arch = CrosscoderConfig(layers=tuple(store.layers), d_model=store.width, n_features=width or self.cc_width,
                                 variant=variant, activation=activation, k=k or s.cc_k)
         coef = s.relu_coef if activation == "relu" else None
-        return self._train(arch, name, lr=self.lr("crosscoders"), seed=seed, sparsity_coef=coef)
+        return self._train(arch, name, approach="crosscoders", seed=seed, sparsity_coef=coef)
 
     def lr(self, approach: str) -> float:
         """The peak learning rate of ``approach`` ("saes" or "crosscoders"): the preset's only candidate, or the
-        best by held-out FVU of the sweep (``results/lr_sweep.csv``, run on first use)."""
-        if len(self.sizes.lr_grid) == 1:
-            return float(self.sizes.lr_grid[0])
-        sweep = lr_sweep(self)
-        return float(sweep[(sweep.approach == approach) & sweep.chosen].lr.iloc[0])
+        sweep's best by held-out FVU (``results/lr_sweep.csv``, run on first use) that no full run of the approach
+        has diverged at (``results/lr_diverged.csv``)."""
+        import pandas as pd
+
+        grid = [float(v) for v in self.sizes.lr_grid]
+        if len(grid) > 1:
+            sweep = lr_sweep(self)
+            grid = sweep[sweep.approach == approach].sort_values("heldout_fvu").lr.tolist()  # NaN (diverged) last
+        path = self.results() / LR_DIVERGED
+        bad = set(pd.read_csv(path).query("approach == @approach").lr) if path.is_file() else set()
+        left = [rate for rate in grid if rate not in bad]
+        if not left:
+            raise CrosslayerError(f"every learning rate of the preset diverged for {approach} ({path}); add lower "
+                                  "values to the preset's lr_grid")
+        return left[0]
 
     def evaluation(self, name: str, *, folder: Path | None = None, downstream: bool = True):
         """The evaluation table of dictionary ``<out>/dicts/<name>`` on the held-out store
@@ -184,6 +209,18 @@ class RunContext:
 
 # ----------------------------------------------------------------------------- learning-rate sweep
 
+LR_DIVERGED = "lr_diverged.csv"
+"""``results/lr_diverged.csv``: (approach, lr, dictionary, error) of every full run that diverged."""
+
+
+def _append_row(path: Path, row: dict) -> None:
+    """Append ``row`` to the CSV at ``path`` (written whole, atomically)."""
+    import pandas as pd
+
+    table = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    write_csv(pd.concat([table, pd.DataFrame([row])], ignore_index=True), path)
+
+
 def lr_sweep(ctx: RunContext):
     """``results/lr_sweep.csv``: for each approach (the main per-layer SAEs, the main crosscoder) and each
     candidate of the preset's ``lr_grid``, a run of ``sweep_tokens`` (same trainer, batch and seed 0) and its
@@ -192,6 +229,7 @@ def lr_sweep(ctx: RunContext):
 
     from crosslayer.crosscoder import CrosscoderConfig
     from crosslayer.sae_stack import SAEStackConfig
+    from crosslayer.training import TrainingDiverged
 
     path = ctx.results() / "lr_sweep.csv"
     if path.is_file():
@@ -203,12 +241,14 @@ def lr_sweep(ctx: RunContext):
     rows = []
     for approach, arch in archs.items():
         for lr in s.lr_grid:
-            trained = ctx._train(arch, f"sweep/{approach}_lr{lr:g}", lr=lr, seed=0, tokens=s.sweep_tokens)
-            rows.append({"approach": approach, "lr": lr, "tokens": s.sweep_tokens,
-                         "heldout_fvu": trained.meta["convergence"]["final_fvu"]})
+            try:
+                fvu = ctx._train(arch, f"sweep/{approach}_lr{lr:g}", approach=approach, lr=lr, seed=0,
+                                 tokens=s.sweep_tokens).meta["convergence"]["final_fvu"]
+            except TrainingDiverged:
+                fvu = float("nan")  # never chosen
+            rows.append({"approach": approach, "lr": lr, "tokens": s.sweep_tokens, "heldout_fvu": fvu})
     table = pd.DataFrame(rows)
-    table["chosen"] = table.heldout_fvu == table.groupby("approach").heldout_fvu.transform("min")
-    table["chosen"] &= ~table.duplicated(["approach", "chosen"]) | ~table.chosen  # one per approach on ties
+    table["chosen"] = table.index.isin(table.groupby("approach").heldout_fvu.idxmin())  # the first on ties
     write_csv(table, path)
     return table
 
@@ -439,24 +479,56 @@ def _layer_list(layers: list[int]) -> str:
 def dictionary_table(ctx: RunContext):
     """``results/dictionaries.csv``: every trained dictionary of the run (not the sweep's runs) with its
     training (lr, tokens, seed), the last curve row's L0 and dead fraction, and the convergence verdict
-    (:func:`crosslayer.training.convergence`; empty for sae-lens-trained SAEs, which have no curve)."""
+    (:func:`crosslayer.training.convergence`; empty for sae-lens-trained SAEs, which have no curve); and
+    ``results/curves.csv``: every such dictionary's training curve (its ``train_log.csv`` rows)."""
     import pandas as pd
 
-    rows = []
+    rows, curves = [], []
     for cfg_path in sorted(ctx.dicts.glob("*/cfg.json")):
         cfg = json.loads(cfg_path.read_text())
         if cfg.get("status") != "complete":
             continue
-        train, conv = cfg.get("training", {}), cfg.get("convergence") or {}
+        name, train, conv = cfg_path.parent.name, cfg.get("training", {}), cfg.get("convergence") or {}
         log_path = cfg_path.parent / "train_log.csv"
-        last = pd.read_csv(log_path).iloc[-1] if log_path.is_file() else {}
-        rows.append({"dictionary": cfg_path.parent.name, "kind": cfg["kind"], "n_features": cfg["n_features"],
+        log = pd.read_csv(log_path).assign(dictionary=name) if log_path.is_file() else None
+        last = log.iloc[-1] if log is not None else {}
+        curves += [] if log is None else [log]
+        rows.append({"dictionary": name, "kind": cfg["kind"], "n_features": cfg["n_features"],
                      "lr": train.get("lr"), "tokens": train.get("tokens"), "seed": train.get("seed"),
                      "heldout_fvu": conv.get("final_fvu"), "rel_gain_last_quarter": conv.get("rel_gain_last_quarter"),
                      "l0": last.get("l0"), "dead_frac": last.get("dead_frac"), "converged": conv.get("converged")})
     table = pd.DataFrame(rows)
     write_csv(table, ctx.results() / "dictionaries.csv")
+    if curves:
+        write_csv(pd.concat(curves, ignore_index=True), ctx.results() / CURVES)
     return table
+
+
+CURVES = "curves.csv"
+"""The run's training curves (``results/curves.csv``), drawn by :func:`curves_figure`."""
+
+
+def curves_figure(results: Path, figures_dir: Path) -> Path | None:
+    """``training_curves.png`` from ``results/curves.csv``: held-out FVU against training tokens, one line
+    per dictionary (None when the run has no curves)."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    from studies.common import save_figure, theme
+
+    path = Path(results) / CURVES
+    if not path.is_file():
+        return None
+    curves = pd.read_csv(path).dropna(subset=["heldout_fvu"])
+    if curves.empty:
+        return None
+    theme()
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    sns.lineplot(data=curves, x="tokens", y="heldout_fvu", hue="dictionary", marker="o", markersize=3, ax=ax)
+    ax.set(xlabel="training tokens", ylabel="held-out FVU", yscale="log")
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1, 1), fontsize=7)
+    return save_figure(fig, Path(figures_dir) / "training_curves.png")
 
 
 def _tabular(table, columns: dict[str, str]) -> str:
@@ -508,6 +580,8 @@ def write_setup_tables(ctx: RunContext) -> list[Path]:
     if sweep.is_file():
         cols = {"approach": "approach", "lr": "lr", "tokens": "tokens", "heldout_fvu": "held-out FVU", "chosen": "chosen"}
         lines.append("\\newcommand{\\cllrsweep}{" + _tabular(pd.read_csv(sweep), cols) + "}")
+    if curves_figure(ctx.results(), ctx.paper / "figures") is not None:
+        lines.append("\\newcommand{\\clcurves}{\\includegraphics[width=\\linewidth]{figures/training_curves.png}}")
     (ctx.paper / "tables").mkdir(parents=True, exist_ok=True)
     path = ctx.paper / "tables" / "setup.tex"
     write_text("\n".join(lines) + "\n", path)

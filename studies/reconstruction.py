@@ -358,4 +358,5 @@ def answer(results: Path, cfg: Config) -> str:
 STUDY = Study(name=NAME, title="Reconstruction against sparsity", config=Config, run=run, figures=figures,
               tables=tables, answer=answer, dictionaries=("saes", "crosscoder"), order=20,
               presets={"micro": Config(sae_k=(2, 4), cc_k=(4, 8)),
+                       "standard": Config(sae_k=(8, 16, 32), cc_k=(16, 32)),
                        "paper": Config(sae_k=(8, 16, 32, 64), cc_k=(32, 64, 128, 256))})

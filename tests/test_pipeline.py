@@ -162,7 +162,10 @@ def test_micro_reproduce_runs_everything_and_skips_finished_steps(micro_ctx, cap
     assert dicts.loc["saes", "lr"] == chosen["saes"] and dicts.loc["crosscoder", "lr"] == chosen["crosscoders"]
     assert dicts.loc["saes", "tokens"] == dicts.loc["crosscoder", "tokens"] == micro_ctx.sizes.dict_tokens
     assert dicts.heldout_fvu.notna().all() and dicts.converged.notna().all()
-    assert "\\cldictionaries" in setup and "\\cllrsweep" in setup
+    assert "\\cldictionaries" in setup and "\\cllrsweep" in setup and "\\clcurves" in setup
+    curves = pd.read_csv(out / "results" / "curves.csv")
+    assert set(curves.dictionary) == set(dicts.index) and curves.heldout_fvu.notna().any()
+    assert (paper / "figures" / "training_curves.png").stat().st_size > 1000
     for name in names:  # a study that used an unconverged dictionary names it in its answer
         used = json.loads((out / "results" / name / "dictionaries.json").read_text())
         answer = (tables / f"{name}_answer.tex").read_text()
@@ -201,3 +204,30 @@ def test_reproduce_rejects_bad_input(tmp_path):
         reproduce("micro", out=tmp_path / "full")
     (tmp_path / "a_file").write_text("x")
     assert main(["reproduce", "--preset", "micro", "--out", str(tmp_path / "a_file")]) == 2
+
+
+@pytest.mark.slow
+def test_a_diverged_run_is_recorded_and_retrained_at_the_next_learning_rate(micro_ctx, monkeypatch):
+    """RunContext._train: when the full run at the sweep's best lr diverges, the folder is removed, the lr is
+    recorded in results/lr_diverged.csv, and the next lr of the sweep's ranking trains the dictionary (and
+    every later dictionary of that approach)."""
+    import crosslayer.training as training
+    from crosslayer.training import TrainingDiverged
+
+    real, seen = training.train_crosscoder_from_store, []
+    best = micro_ctx.lr("crosscoders")
+
+    def flaky(store, arch, cfg, *, out_dir, **kw):
+        seen.append(cfg.lr)
+        if cfg.lr == best:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            raise TrainingDiverged(f"held-out FVU rose at lr {cfg.lr:g}")
+        return real(store, arch, cfg, out_dir=out_dir, **kw)
+
+    monkeypatch.setattr(training, "train_crosscoder_from_store", flaky)
+    cc = micro_ctx.crosscoder("crosscoder_diverge_test", width=16)
+    diverged = pd.read_csv(micro_ctx.results() / "lr_diverged.csv")
+    assert seen[0] == best and seen[1] != best and cc.meta["training"]["lr"] == seen[1]
+    assert list(diverged.lr) == [best] and list(diverged.dictionary) == ["crosscoder_diverge_test"]
+    assert micro_ctx.lr("crosscoders") == seen[1]
+    (micro_ctx.results() / "lr_diverged.csv").unlink()  # leave the shared micro run as it was
