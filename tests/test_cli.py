@@ -21,6 +21,17 @@ def test_cli_pipeline_on_a_tiny_model(tmp_path, capsys):
                  "--width", "128", "--k", "4", "--tokens", "4k", "--batch-size", "128", "--lr", "3e-3"]) == 0
     assert load_dictionary(tmp_path / "saes").n_features == 128
     assert load_dictionary(tmp_path / "cc").n_features == 128
+    # the reference trainer (sae-lens) is one option away; other architectures need it
+    assert main(["train-saes", "--store", str(tmp_path / "train"), "--out", str(tmp_path / "saes_ref"), "--width", "64",
+                 "--k", "4", "--tokens", "1k", "--batch-size", "128", "--trainer", "sae-lens", "--arch", "jumprelu"]) == 0
+    assert load_dictionary(tmp_path / "saes_ref").meta["training"]["arch"] == "jumprelu"
+    assert main(["train-saes", "--store", str(tmp_path / "train"), "--out", str(tmp_path / "saes_j"), "--width", "64",
+                 "--arch", "jumprelu"]) == 2
+    assert "use --trainer sae-lens" in capsys.readouterr().err
+    # --heldout gives the curve its held-out FVU and the saved verdict
+    assert main(["train-crosscoder", "--store", str(tmp_path / "train"), "--out", str(tmp_path / "cc_h"), "--width",
+                 "32", "--k", "4", "--tokens", "2k", "--batch-size", "128", "--heldout", str(tmp_path / "heldout")]) == 0
+    assert load_dictionary(tmp_path / "cc_h").meta["convergence"]["final_fvu"] > 0
     for name in ("saes", "cc"):
         out = tmp_path / f"eval_{name}.csv"
         assert main(["eval", "--dictionary", str(tmp_path / name), "--store", str(tmp_path / "heldout"),
