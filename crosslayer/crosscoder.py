@@ -188,7 +188,7 @@ def _sorted_csr(idx_BK: Tensor, vals_BK: Tensor, n_rows: int) -> Tensor:
     """The sparse ``[n_rows, B]`` matrix S with S[idx[b, j], b] = vals[b, j] (CSR, rows sorted by feature)."""
     B, K = idx_BK.shape
     flat = idx_BK.reshape(-1)
-    order = flat.argsort()
+    order = flat.argsort(stable=True)  # columns ascending within each row
     crow = flat.new_zeros(n_rows + 1)
     crow[1:] = torch.bincount(flat, minlength=n_rows).cumsum(0)
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"

@@ -208,7 +208,8 @@ def _plan(cfg: TrainConfig, model_cfg) -> dict:
 def convergence(log, *, rel_gain: float = CONVERGED_REL_GAIN) -> dict:
     """Whether a run converged, from its curve (``train_log.csv`` rows with ``tokens`` and ``heldout_fvu``):
     the held-out FVU at the end vs at three quarters of the run's tokens (the curve's row nearest to it);
-    converged when it fell by less than ``rel_gain`` of the earlier value. Without held-out rows every
+    converged when it moved by less than ``rel_gain`` of the earlier value (a rise counts as movement); None
+    when no earlier row than the last is near three quarters. Without held-out rows every
     field but ``converged`` (None) is NaN."""
     import pandas as pd
 
@@ -218,10 +219,12 @@ def convergence(log, *, rel_gain: float = CONVERGED_REL_GAIN) -> dict:
         return {"final_fvu": nan, "fvu_three_quarters": nan, "rel_gain_last_quarter": nan, "converged": None}
     curve = curve.dropna(subset=["heldout_fvu"])
     final = float(curve.heldout_fvu.iloc[-1])
-    at = float(curve.heldout_fvu.iloc[(curve.tokens - 0.75 * curve.tokens.iloc[-1]).abs().argmin()])
+    i = int((curve.tokens - 0.75 * curve.tokens.iloc[-1]).abs().argmin())
+    at = float(curve.heldout_fvu.iloc[i])
     gain = (at - final) / at if at > 0 else 0.0
+    judged = i < len(curve) - 1  # a curve of one row (or too coarse to hold three quarters) gives no verdict
     return {"final_fvu": final, "fvu_three_quarters": at, "rel_gain_last_quarter": gain,
-            "converged": bool(gain < rel_gain)}
+            "converged": bool(abs(gain) < rel_gain) if judged else None}
 
 
 @dataclass
@@ -352,7 +355,7 @@ def _train_step(run: _Run, cfg: TrainConfig, x_BLD: Tensor, ckpt_path: Path, bar
     if not torch.isfinite(res.loss):
         kept = f"the last good checkpoint (step {run.last_good}) is kept in {ckpt_path}" if ckpt_path.is_file() \
             else "no checkpoint was written yet"
-        raise CrosslayerError(f"training loss became {float(res.loss.detach())} at step {run.step}; {kept}; "
+        raise TrainingDiverged(f"training loss became {float(res.loss.detach())} at step {run.step}; {kept}; "
                               "check the data for non-finite values or lower lr")
     run.optim.zero_grad(set_to_none=True)
     res.loss.backward()
@@ -373,13 +376,15 @@ def _train_step(run: _Run, cfg: TrainConfig, x_BLD: Tensor, ckpt_path: Path, bar
         run.log.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3g}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}",
                         dead=f"{row['dead_frac']:.2f}")
-        _check_divergence(run.log, cfg)
+        if run.heldout is not None:
+            _check_divergence(run.log, cfg)
 
 
 def _check_divergence(log: list[dict], cfg: TrainConfig) -> None:
-    """Raise :class:`TrainingDiverged` when the last held-out FVU exceeds ``diverge_factor`` x the best so far."""
-    held = [r["heldout_fvu"] for r in log if r["heldout_fvu"] == r["heldout_fvu"]]
-    if cfg.diverge_factor is None or len(held) < 2 or held[-1] <= cfg.diverge_factor * min(held):
+    """Raise :class:`TrainingDiverged` when the last held-out FVU is not finite or exceeds ``diverge_factor`` x
+    the best so far (call it only for runs with a held-out set)."""
+    held = [r["heldout_fvu"] for r in log]
+    if cfg.diverge_factor is None or (math.isfinite(held[-1]) and held[-1] <= cfg.diverge_factor * min(held)):
         return
     raise TrainingDiverged(f"held-out FVU rose from {min(held):.3f} to {held[-1]:.3f} by step {log[-1]['step']} at "
                            f"lr {cfg.lr:g}; lower the learning rate")

@@ -120,9 +120,10 @@ class RunContext:
 
         s = self.sizes
         while True:
-            rate = lr if lr is not None else self.lr(approach)
+            rate = lr if lr is not None else self._claimed_lr(name) or self.lr(approach)
             cfg = TrainConfig(tokens=tokens or s.dict_tokens, batch_size=s.dict_batch, lr=rate, seed=seed,
-                              sparsity_coef=sparsity_coef, checkpoint_every=50)
+                              sparsity_coef=sparsity_coef, checkpoint_every=50,
+                              diverge_factor=None if sparsity_coef else TrainConfig.diverge_factor)
             try:
                 trained = train_crosscoder_from_store(self.store("train"), arch, cfg, out_dir=self.dicts / name,
                                                       heldout_store=self.store("heldout"), progress=self.progress)
@@ -136,6 +137,12 @@ class RunContext:
                 continue
             self.used[name] = trained.meta.get("convergence", {}).get("converged")
             return trained
+
+    def _claimed_lr(self, name: str) -> float | None:
+        """The learning rate ``<out>/dicts/<name>`` was claimed (or finished) with: a folder keeps its rate even
+        if a later run of the approach diverged at it."""
+        path = self.dicts / name / "cfg.json"
+        return json.loads(path.read_text()).get("training", {}).get("lr") if path.is_file() else None
 
     def saes(self, name: str = "saes", *, width: int | None = None, k: int | None = None,
              layers: list[int] | None = None, seed: int = 0):
@@ -441,6 +448,7 @@ USED_DICTIONARIES = "dictionaries.json"
 def convergence_note(results: Path) -> str:
     """The sentence a study's answer ends with when it used dictionaries that did not converge (or whose
     convergence is unknown); empty when all converged."""
+    from crosslayer.training import CONVERGED_REL_GAIN
     from studies.common import latex_escape
 
     path = results / USED_DICTIONARIES
@@ -449,7 +457,8 @@ def convergence_note(results: Path) -> str:
     unknown = sorted(n for n, ok in used.items() if ok is None)
     parts = []
     if unconverged:
-        parts.append(f"Not converged (held-out FVU still fell by 2\\% or more over the last quarter of training): "
+        parts.append(f"Not converged (held-out FVU still moved by {100 * CONVERGED_REL_GAIN:g}\\% or more over the last "
+                     f"quarter of training): "
                      f"{latex_escape(', '.join(unconverged))}.")
     if unknown:
         parts.append(f"Convergence not measured (no held-out curve): {latex_escape(', '.join(unknown))}.")

@@ -266,11 +266,15 @@ def test_convergence_verdict_from_the_curve():
     assert got["rel_gain_last_quarter"] == pytest.approx((1 / 15 - 0.066) / (1 / 15))
     assert convergence([{"tokens": t, "heldout_fvu": v} for t, v in zip(tokens, still)])["converged"] is False
     assert convergence([{"tokens": t, "heldout_fvu": float("nan")} for t in tokens])["converged"] is None
+    rising = [1.0 / i for i in range(1, 16)] + [0.07, 0.08, 0.09, 0.1, 0.2]
+    assert convergence([{"tokens": t, "heldout_fvu": v} for t, v in zip(tokens, rising)])["converged"] is False
+    assert convergence([{"tokens": 100, "heldout_fvu": 0.5}])["converged"] is None  # one row: no verdict
 
 
 def test_divergence_stops_a_run_whose_heldout_fvu_blows_up():
-    """A curve row whose held-out FVU exceeds diverge_factor x the best so far raises TrainingDiverged
-    (a one-line CrosslayerError naming the lr); rows without held-out FVU and diverge_factor None never do."""
+    """A curve row whose held-out FVU exceeds diverge_factor x the best so far, or is not finite, raises
+    TrainingDiverged (a one-line CrosslayerError naming the lr); diverge_factor None never does (the trainer
+    checks only runs with a held-out set)."""
     from crosslayer.training import TrainingDiverged, _check_divergence
 
     cfg = TrainConfig(tokens=640, batch_size=64, lr=3e-3, diverge_factor=1.5)
@@ -280,6 +284,7 @@ def test_divergence_stops_a_run_whose_heldout_fvu_blows_up():
     with pytest.raises(TrainingDiverged, match="rose from 0.290 to 0.630 by step 50 at lr 0.003"):
         _check_divergence(rows, cfg)
     _check_divergence(rows, TrainConfig(tokens=640, batch_size=64, diverge_factor=None))
-    _check_divergence([{"step": 1, "heldout_fvu": float("nan")}] * 3, cfg)
+    with pytest.raises(TrainingDiverged):  # a non-finite held-out FVU is divergence too
+        _check_divergence(rows + [{"step": 60, "heldout_fvu": float("nan")}], cfg)
     with pytest.raises(CrosslayerError, match="diverge_factor"):
         TrainConfig(tokens=640, batch_size=64, diverge_factor=0.5)
