@@ -96,8 +96,7 @@ class TrainConfig:
     batch_size: int = 4096
     """Rows per optimiser step."""
     lr: float = 1e-3
-    """Peak Adam learning rate (on synthetic truth 1e-3 reached FVU 0.013 where 3e-4 reached 0.019; the studies
-    sweep it per approach)."""
+    """Peak Adam learning rate (the reproduction's studies sweep it per approach)."""
     lr_warm_up_steps: int = 0
     """Linear learning-rate warm-up steps."""
     lr_decay_steps: int | None = None
