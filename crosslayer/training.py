@@ -49,7 +49,7 @@ from crosslayer.crosscoder import Crosscoder, CrosscoderConfig
 from crosslayer.dictionary import CFG_FILENAME, Dictionary, load_dictionary, store_provenance
 from crosslayer.errors import CrosslayerError
 from crosslayer.evals import fvu
-from crosslayer.io import atomic_path, claim_folder, write_csv
+from crosslayer.io import atomic_path, claim_folder, release_folder, write_csv
 
 CHECKPOINT = "checkpoint.pt"
 DEFAULT_SPARSITY_COEF = {"relu": 5.0, "standard": 5.0, "jumprelu": 1.0}
@@ -284,6 +284,7 @@ def train_crosscoder(cfg: TrainConfig, model_cfg, batches: Iterable[Tensor] | Ca
     out, plan, (kind, cls) = Path(out_dir), _plan(cfg, model_cfg), _architecture(model_cfg)
     claimed = claim_folder(out, plan, record=CFG_FILENAME, what="dictionary training", extra={"status": "training"})
     if claimed is not None and claimed.get("status") == "complete":
+        release_folder(out)
         return load_dictionary(out, device=device)
     model = cls(model_cfg, hooks=hooks, norm_factors=norm_factors, meta=meta, seed=cfg.seed)
     model = model.to(device)
@@ -306,6 +307,7 @@ def train_crosscoder(cfg: TrainConfig, model_cfg, batches: Iterable[Tensor] | Ca
     if model_cfg.activation == "batchtopk":
         model.meta["batchtopk"] = _calibrate_batchtopk(model, stream, x_BLD, device)
     _save(run, cfg, plan, out, seconds=time.perf_counter() - start_time, start_step=start_step)
+    release_folder(out)  # (a failed run keeps its lock until the process exits)
     return load_dictionary(out, device=device)
 
 
