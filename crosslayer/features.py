@@ -154,63 +154,140 @@ def context_text(tokenizer, store, row: int, *, before: int, after: int) -> tupl
     return token, focus_text([tokenizer.decode(ids[:f]), token, tokenizer.decode(ids[f + 1:])], 1), ctx
 
 
+def context_rows(store, rows, *, before: int, after: int) -> dict[str, np.ndarray]:
+    """The token windows around store rows ``rows`` as arrays ``[N, C]`` (``C = before + 1 + after``; column
+    ``before`` is the row itself): ``token_ids`` (-1 outside the window), ``store_rows`` (the store row of each
+    position, -1 where none is stored), ``window``, ``position``, ``label``, ``doc`` ``[N]``."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    flat_N = store.flat_index(rows)
+    window_N, position_N = flat_N // store.seq_len, flat_N % store.seq_len
+    pos_NC = position_N[:, None] + np.arange(-before, after + 1)[None]
+    inside = (pos_NC >= 0) & (pos_NC < store.seq_len)
+    flat_NC = np.where(inside, window_N[:, None] * store.seq_len + pos_NC, -1)
+    win = store._window_arrays()
+    token_ids = np.where(inside, win["windows"].reshape(-1)[np.clip(flat_NC, 0, None)], -1).astype(np.int64)
+    return {"token_ids": token_ids, "store_rows": np.where(inside, store.row_of_flat(flat_NC), -1),
+            "window": window_N, "position": position_N,
+            "label": win["windows_label"][window_N, position_N].astype(np.int64),
+            "doc": win["windows_doc"][window_N, position_N].astype(np.int64)}
+
+
 @torch.no_grad()
+def activations_at(dictionary: Dictionary, store, rows_NC: np.ndarray, features_N, *,
+                   batch_size: int = 2048) -> np.ndarray:
+    """``[N, C]`` float64: feature ``features_N[n]``'s activation at store row ``rows_NC[n, c]`` (NaN where the
+    row is -1). Each distinct row is read and encoded once, ``batch_size`` rows at a time."""
+    rows_NC = np.asarray(rows_NC, dtype=np.int64)
+    feat_NC = np.broadcast_to(np.asarray(features_N, dtype=np.int64)[:, None], rows_NC.shape)
+    out = np.full(rows_NC.shape, np.nan)
+    stored = rows_NC >= 0
+    unique, inverse = np.unique(rows_NC[stored], return_inverse=True)
+    values = np.empty(inverse.shape[0])
+    feat_of = feat_NC[stored]
+    device = dictionary.norm_factors.device
+    for start in range(0, len(unique), batch_size):
+        x_BLD = store.get(unique[start:start + batch_size], layers=dictionary.layers, normalized=False)
+        feats_BF = dictionary.encode(x_BLD.to(device), normalized=False)
+        sel = (inverse >= start) & (inverse < start + batch_size)
+        values[sel] = feats_BF[torch.as_tensor(inverse[sel] - start), torch.as_tensor(feat_of[sel])].double().cpu().numpy()
+    out[stored] = values
+    return out
+
+
 def context_activations(dictionary: Dictionary, store, contexts: list[dict], features: list[int]) -> list[list[float]]:
     """Per-token activations of ``features[i]`` over ``contexts[i]`` (from :meth:`ActivationStore.context`).
 
-    All context rows are read and encoded in one batch; positions without a stored row give NaN.
+    Context rows are read and encoded in batches (:func:`activations_at`); positions without a stored row give NaN.
     """
     if not contexts:
         return []
     lengths = [len(c["token_ids"]) for c in contexts]
     flat = np.concatenate([c["window"] * store.seq_len + c["position"] - c["focus"] + np.arange(n)
                            for c, n in zip(contexts, lengths)])
-    rows = store.row_of_flat(flat)
-    acts = np.full(len(flat), np.nan)
-    stored = rows >= 0
-    if stored.any():
-        unique, inverse = np.unique(rows[stored], return_inverse=True)
-        device = dictionary.norm_factors.device
-        x_NLD = store.get(unique, layers=dictionary.layers, normalized=False).float().to(device)
-        feat_of = np.repeat(np.asarray(features, dtype=np.int64), lengths)[stored]
-        feats_NF = dictionary.encode(x_NLD, normalized=False)
-        acts[stored] = feats_NF[torch.as_tensor(inverse), torch.as_tensor(feat_of)].double().cpu().numpy()
+    feat_of = np.repeat(np.asarray(features, dtype=np.int64), lengths)
+    acts = activations_at(dictionary, store, store.row_of_flat(flat)[:, None], feat_of)[:, 0]
     return [part.tolist() for part in np.split(acts, np.cumsum(lengths)[:-1])]
 
 
-def _pick_examples(feats: list[int], s: dict, n_bands: int, per_band: int, seed: int) -> list[tuple]:
-    """(feature, kind, band, rank, row, activation) of the top and quantile examples (see top_activations)."""
-    picks = []
-    for i, f in enumerate(feats):
-        for rank, (v, r) in enumerate(zip(s["top_vals"][i].tolist(), s["top_rows"][i].tolist())):
-            if r >= 0:
-                picks.append((f, "top", -1, rank, r, v))
-        keep = s["sample_rows"][i] >= 0  # sample order is random (by priority), so a prefix is a random draw
-        vals, rows = s["sample_vals"][i][keep], s["sample_rows"][i][keep]
-        if rows.numel():
-            order = vals.argsort()
-            for band, part in enumerate(order.tensor_split(min(n_bands, rows.numel()))):
-                chosen = part[torch.randperm(part.numel(), generator=torch.Generator().manual_seed(seed + band))][:per_band]
-                chosen = chosen[vals[chosen].argsort(descending=True)]
-                for rank, j in enumerate(chosen.tolist()):
-                    picks.append((f, "quantile", band, rank, int(rows[j]), float(vals[j])))
-    return picks
+def _group_rank(*keys: np.ndarray) -> np.ndarray:
+    """Position of each element within its run of equal ``keys`` (the arrays are already grouped)."""
+    n = len(keys[0])
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    new = np.ones(n, dtype=bool)
+    new[1:] = np.any([k[1:] != k[:-1] for k in keys], axis=0)
+    starts = np.maximum.accumulate(np.where(new, np.arange(n), 0))
+    return np.arange(n) - starts
 
 
-def _examples_table(dictionary: Dictionary, store, picks: list[tuple], tokenizer, before: int, after: int):
+def pick_examples(s: dict, n_bands: int, per_band: int, seed: int) -> dict[str, np.ndarray]:
+    """The top and quantile examples of :func:`stream_feature_stats`'s output ``s``, vectorised over features.
+
+    Quantile examples: each feature's firing sample sorted and cut into ``min(n_bands, n_sample)`` equal-count
+    bands (band 0 lowest; the first ``n % bands`` one longer, as ``tensor_split``), ``per_band`` random rows of
+    each (seeded), ordered by activation. Returns arrays over examples, grouped by feature (tops first): ``pos``
+    (index into the features given), ``kind`` (0 top, 1 quantile), ``band`` (-1 for top), ``rank``, ``row``,
+    ``activation``.
+    """
+    n, k = s["top_rows"].shape
+    top_ok = (s["top_rows"] >= 0).numpy()
+    top = {"pos": np.broadcast_to(np.arange(n)[:, None], (n, k))[top_ok], "kind": np.zeros(top_ok.sum(), np.int64),
+           "band": np.full(top_ok.sum(), -1), "rank": np.broadcast_to(np.arange(k)[None], (n, k))[top_ok],
+           "row": s["top_rows"].numpy()[top_ok], "activation": s["top_vals"].double().numpy()[top_ok]}
+    vals, rows = s["sample_vals"], s["sample_rows"]
+    S = rows.shape[1]
+    m = (rows >= 0).sum(1, keepdim=True)
+    order = torch.where(rows >= 0, vals, torch.full_like(vals, math.inf)).argsort(dim=1, stable=True)
+    vals, rows = vals.gather(1, order), rows.gather(1, order)
+    nb = m.clamp(max=n_bands).clamp_min(1)
+    q, r = m // nb, m % nb
+    pos = torch.arange(S)[None]
+    band = torch.where(pos < r * (q + 1), pos // (q + 1), r + (pos - r * (q + 1)) // q.clamp_min(1))
+    key = torch.rand(n, S, generator=torch.Generator().manual_seed(seed))
+    inside = pos < m
+    pick = torch.where(inside, band * 2 + 1 - key, torch.full_like(key, math.inf)).argsort(dim=1)
+    band = band.gather(1, pick)
+    start = band * q + torch.minimum(band, r)
+    chosen = ((pos - start) < per_band) & inside
+    rows, vals = rows.gather(1, pick)[chosen].numpy(), vals.gather(1, pick)[chosen].double().numpy()
+    feat = np.broadcast_to(np.arange(n)[:, None], (n, S))[chosen.numpy()]
+    band = band[chosen].numpy()
+    o = np.lexsort((-vals, band, feat))
+    quant = {"pos": feat[o], "kind": np.ones(len(o), np.int64), "band": band[o], "row": rows[o], "activation": vals[o]}
+    quant["rank"] = _group_rank(quant["pos"], quant["band"])
+    both = {key: np.concatenate([top[key], quant[key]]) for key in top}
+    o = np.lexsort((both["kind"], both["pos"]))  # stable: keeps the rank order inside each (feature, kind)
+    return {key: value[o] for key, value in both.items()}
+
+
+def example_contexts(dictionary: Dictionary, store, features: np.ndarray, rows: np.ndarray, *, before: int,
+                     after: int, batch_size: int = 2048) -> dict[str, np.ndarray]:
+    """:func:`context_rows` of the examples at ``rows`` plus ``acts`` ``[N, C]``: feature ``features[n]``'s
+    activation on each context token (NaN where no row is stored)."""
+    ctx = context_rows(store, rows, before=before, after=after)
+    ctx["acts"] = activations_at(dictionary, store, ctx["store_rows"], features, batch_size=batch_size)
+    return ctx
+
+
+def _examples_table(dictionary: Dictionary, store, feats: list[int], picks: dict, tokenizer, before: int, after: int):
     import pandas as pd
 
-    records, contexts = [], []
-    for f, kind, band, rank, row, act in picks:
-        token, text, ctx = context_text(tokenizer, store, row, before=before, after=after)
-        contexts.append(ctx)
-        records.append({"feature": f, "kind": kind, "band": band, "rank": rank, "row": row, "activation": act,
-                        "token_id": int(ctx["token_ids"][ctx["focus"]]), "token": token, "context": text,
-                        "label": ctx["label"], "doc": ctx["doc_key"], "position": ctx["position"],
-                        "focus": ctx["focus"],
-                        "context_tokens": [tokenizer.decode([t]) for t in ctx["token_ids"]]})
-    for record, acts in zip(records, context_activations(dictionary, store, contexts, [p[0] for p in picks])):
-        record["context_acts"] = acts
+    features = np.asarray(feats, dtype=np.int64)[picks["pos"]]
+    ctx = example_contexts(dictionary, store, features, picks["row"], before=before, after=after)
+    records, labels, docs = [], store.label_names, store.doc_keys
+    for n, f in enumerate(features.tolist()):
+        keep = ctx["token_ids"][n] >= 0
+        ids, acts = ctx["token_ids"][n][keep].tolist(), ctx["acts"][n][keep].tolist()
+        focus = before - int((~keep[:before]).sum())
+        pieces = [tokenizer.decode([t]) for t in ids]
+        records.append({"feature": f, "kind": ("top", "quantile")[picks["kind"][n]], "band": int(picks["band"][n]),
+                        "rank": int(picks["rank"][n]), "row": int(picks["row"][n]),
+                        "activation": float(picks["activation"][n]), "token_id": ids[focus], "token": pieces[focus],
+                        "context": focus_text([tokenizer.decode(ids[:focus]), pieces[focus],
+                                               tokenizer.decode(ids[focus + 1:])], 1),
+                        "label": labels[int(ctx["label"][n])], "doc": docs[int(ctx["doc"][n])],
+                        "position": int(ctx["position"][n]), "focus": focus, "context_tokens": pieces,
+                        "context_acts": acts})
     return pd.DataFrame.from_records(records, columns=["feature", "kind", "band", "rank", "row", "activation",
                                                        "token_id", "token", "context", "label", "doc", "position",
                                                        "focus", "context_tokens", "context_acts"])
@@ -249,12 +326,41 @@ def top_activations(dictionary: Dictionary, store, features: list[int], *, k: in
         from crosslayer.models import load_tokenizer
 
         tokenizer = load_tokenizer()
-    examples = _examples_table(dictionary, store, _pick_examples(feats, s, n_bands, per_band, seed), tokenizer,
+    examples = _examples_table(dictionary, store, feats, pick_examples(s, n_bands, per_band, seed), tokenizer,
                                before, after)
     return FeatureActivations(examples, *_stats_tables(feats, s))
 
 
 # ----------------------------------------------------------------------------- logit effects
+
+@torch.no_grad()
+def logit_effect_arrays(dictionary: Dictionary, model, features: list[int], where_FL: Tensor, *, k: int = 10,
+                        through_norm: bool = True, chunk: int = 512) -> dict[str, Tensor]:
+    """The ``k`` tokens each of ``features`` pushes up / down most at each layer where ``where_FL`` ``[n, L]``
+    is True (module docstring, step 2), in blocks of ``chunk`` features (one ``[chunk, vocab]`` product at a time).
+
+    Returns ``up_ids``/``up_vals``/``down_ids``/``down_vals`` ``[n, L, k]`` (ids -1 and values NaN elsewhere;
+    ``down_vals`` are the (negative) effects themselves).
+    """
+    feats = check_features(dictionary, features)
+    check_compatible(dictionary, model)
+    W_U = unembed_matrix(model, through_norm)
+    n, L = len(feats), dictionary.n_layers
+    k = min(k, W_U.shape[1])
+    out = {name: torch.full((n, L, k), -1 if name.endswith("ids") else math.nan,
+                            dtype=torch.long if name.endswith("ids") else torch.float32)
+           for name in ("up_ids", "up_vals", "down_ids", "down_vals")}
+    idx = torch.tensor(feats)
+    for i, layer in enumerate(dictionary.layers):
+        todo = where_FL[:, i].nonzero().squeeze(1)
+        W_FD = dictionary.decoder_vectors(layer, normalized=False)
+        for part in todo.split(chunk):
+            effect_CV = W_FD[idx[part]] @ W_U
+            up, down = effect_CV.topk(k, dim=1), (-effect_CV).topk(k, dim=1)
+            out["up_ids"][part, i], out["up_vals"][part, i] = up.indices, up.values
+            out["down_ids"][part, i], out["down_vals"][part, i] = down.indices, -down.values
+    return out
+
 
 @torch.no_grad()
 def logit_effects(dictionary: Dictionary, model, feature: int, *, k: int = 10, layer: int | None = None,
@@ -271,20 +377,21 @@ def logit_effects(dictionary: Dictionary, model, feature: int, *, k: int = 10, l
     (feature,) = check_features(dictionary, [feature])
     check_compatible(dictionary, model)
     tokenizer = tokenizer or model.tokenizer
-    W_U = unembed_matrix(model, through_norm)
     writes_L = dictionary.writes_FL()[feature]
     written = [i for i in range(dictionary.n_layers) if writes_L[i]]
     indices = [dictionary.layer_index(layer)] if layer is not None else written
+    where = torch.zeros(1, dictionary.n_layers, dtype=torch.bool)
+    where[0, indices] = True
+    eff = logit_effect_arrays(dictionary, model, [feature], where, k=k, through_norm=through_norm)
     last = max(written, default=-1)
     records = []
     for i in indices:
-        effect_V = dictionary.decoder_vectors(dictionary.layers[i], normalized=False)[feature] @ W_U
-        for direction, (vals, ids) in (("up", effect_V.topk(k)), ("down", (-effect_V).topk(k))):
-            sign = 1.0 if direction == "up" else -1.0
-            for rank, (v, t) in enumerate(zip(vals.tolist(), ids.tolist())):
+        for direction in ("up", "down"):
+            ids, vals = eff[f"{direction}_ids"][0, i].tolist(), eff[f"{direction}_vals"][0, i].tolist()
+            for rank, (t, v) in enumerate(zip(ids, vals)):
                 records.append({"feature": feature, "layer": dictionary.layers[i], "is_last": i == last,
                                 "direction": direction, "rank": rank, "token_id": t,
-                                "token": tokenizer.decode([t]), "effect": sign * v})
+                                "token": tokenizer.decode([t]), "effect": v})
     return pd.DataFrame.from_records(records, columns=["feature", "layer", "is_last", "direction", "rank",
                                                        "token_id", "token", "effect"])
 
