@@ -48,6 +48,9 @@ INDEX_CHUNK = 2048
 FEATURE_CHUNK = 32
 DENSE = 0.1
 """A feature firing on more than this fraction of held-out rows is marked dense (as ``evals.evaluate``)."""
+KEEP_MAX = 50_000_000
+"""Firing activations kept from the streaming pass (~12 bytes each) so that example contexts need no second
+encoding pass; beyond it the context rows are encoded again."""
 LINK_TAU = 0.5
 """Decoder cosine above which a match counts (a chain link; the default tau of the superposition study)."""
 
@@ -77,10 +80,10 @@ def analyse(dictionary: Dictionary, store, model, vocab: np.ndarray, *, k: int =
     """Everything the site shows about every feature of ``dictionary``, as arrays (module docstring, step 1)."""
     F = dictionary.n_features
     feats = list(range(F))
-    s = stream_feature_stats(dictionary, store, feats, k=k, sample=sample, batch_size=batch_size)
+    s = stream_feature_stats(dictionary, store, feats, k=k, sample=sample, batch_size=batch_size, keep_max=KEEP_MAX)
     picks = pick_examples(s, n_bands, per_band, seed=0)
     ctx = example_contexts(dictionary, store, picks["pos"], picks["row"], before=before, after=after,
-                           batch_size=batch_size)
+                           batch_size=batch_size, sparse=s.pop("sparse"), positions=picks["pos"])
     live = s["n_fire"] > 0
     where_FL = written_pairs(dictionary.decoder_norms(), dictionary.writes_FL()) & live[:, None]
     effects = logit_effect_arrays(dictionary, model, feats, where_FL, k=n_logits)

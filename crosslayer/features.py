@@ -6,11 +6,13 @@ crosscoders alike (research-notes §6: sae_vis / SAEDashboard / Neuronpedia feat
 1. :func:`top_activations` streams the store once, in row order, encoding each batch from RAW
    activations (``normalized=False``, the dictionary's own factors). For the chosen features it keeps
    a running ``[n_feat, k]`` buffer of the largest activations and their rows, merged per batch with
-   ``torch.topk`` (no full activation matrix), counts firing rows (density), fills a fixed log10
-   histogram of the non-zero activations, and keeps a uniform sample of the firing rows (reservoir
-   by random priority: each firing (feature, row) gets a U(0,1) key and the ``sample`` largest keys
-   are kept, merged like the top-k). Quantile examples are drawn from equal-count bands of that sample.
-2. :func:`logit_effects` maps a feature's decoder vector, in RAW units (``d_norm / factor_l``), through
+   ``torch.topk`` over the batch's firing entries only (no full activation matrix), counts firing rows
+   (density), fills a fixed log10 histogram of the non-zero activations, and keeps a uniform sample of the
+   firing rows (reservoir by random priority: each firing (feature, row) gets a U(0,1) key and the
+   ``sample`` largest keys are kept, merged like the top-k). Quantile examples are drawn from equal-count
+   bands of that sample (:func:`pick_examples`, vectorised over features), and each example's context is
+   rebuilt from the store with every context token's activation (:func:`example_contexts`).
+2. :func:`logit_effects` (one feature; :func:`logit_effect_arrays` many, in blocks) maps a feature's decoder vector, in RAW units (``d_norm / factor_l``), through
    the final RMSNorm's gain ``w`` (when the model has one; ``through_norm=True``) and ``W_U``. The
    norm's 1/rms scale is positive and shared by all tokens, so it changes no ranking and is left
    out: the effect of adding ``a * d`` to the residual is ``a * (d * w) @ W_U`` up to that scale
@@ -21,7 +23,8 @@ crosscoders alike (research-notes §6: sae_vis / SAEDashboard / Neuronpedia feat
    over the spanned layers (crosscoder replications, Lindsey et al. 2024).
 4. :func:`find_features_for_token`: one matmul per layer of all decoder directions with the token's
    (gain-scaled) unembedding column; features ranked by their largest effect over layers.
-5. :func:`dashboard` renders 1-3 as text for ``crosslayer features``.
+5. :func:`dashboard` renders 1-3 as text for ``crosslayer features``; :mod:`crosslayer.browse` renders the
+   same analysis of every feature as a site.
 """
 
 from __future__ import annotations
@@ -81,26 +84,48 @@ def unembed_matrix(model, through_norm: bool = True) -> Tensor:
 
 # ----------------------------------------------------------------------------- streaming top-k
 
-def _merge_topk(vals_NK: Tensor, rows_NK: Tensor, new_vals_NB: Tensor, new_rows_NB: Tensor, k: int):
-    vals = torch.cat([vals_NK, new_vals_NB], dim=1)
-    rows = torch.cat([rows_NK, new_rows_NB], dim=1)
-    top_vals, pos = vals.topk(k, dim=1)
-    return top_vals, rows.gather(1, pos)
+def _merge_entries(keys_NK: Tensor, payload_NK: list[Tensor], feat_E: Tensor, key_E: Tensor,
+                   payload_E: list[Tensor]) -> None:
+    """Merge entries ``(feat_E, key_E, payload_E)`` into each feature's ``K`` largest keys ``keys_NK`` (sorted
+    descending, -inf = empty) and their payloads, in place. Only entries above their feature's current K-th key
+    take part, scattered into a ``[features touched, most entries of one]`` block merged with ``topk``."""
+    acc = key_E > keys_NK[feat_E, -1]
+    if not bool(acc.any()):
+        return
+    feat, key, pay = feat_E[acc], key_E[acc], [p[acc] for p in payload_E]
+    uniq, inv, counts = torch.unique(feat, return_inverse=True, return_counts=True)
+    order = torch.argsort(inv, stable=True)
+    slot = torch.arange(order.numel()) - (torch.cumsum(counts, 0) - counts)[inv[order]]
+    at = (inv[order], slot)
+    width = int(counts.max())
+    block = torch.full((len(uniq), width), -math.inf)
+    block[at] = key[order]
+    merged, pos = torch.cat([keys_NK[uniq], block], 1).topk(keys_NK.shape[1], dim=1)
+    keys_NK[uniq] = merged
+    for P_NK, p in zip(payload_NK, pay):
+        block = torch.zeros((len(uniq), width), dtype=P_NK.dtype)
+        block[at] = p[order]
+        P_NK[uniq] = torch.cat([P_NK[uniq], block], 1).gather(1, pos)
 
 
 @torch.no_grad()
 def stream_feature_stats(dictionary: Dictionary, store, features: list[int], *, k: int = 20,
-                         sample: int = 256, batch_size: int = 1024, seed: int = 0) -> dict[str, Tensor]:
+                         sample: int = 256, batch_size: int = 1024, seed: int = 0,
+                         keep_max: int = 0) -> dict[str, Tensor]:
     """One pass over ``store``: top-k values/rows, firing counts, log10 histogram, a uniform firing sample.
 
     Returns tensors: ``top_vals``/``top_rows`` ``[n, k]`` (value -inf, row -1 where fewer than k rows
     fire), ``n_fire`` ``[n]``, ``hist`` ``[n, HIST_BINS]``, ``sample_vals``/``sample_rows`` ``[n, sample]``,
-    ``n_rows``.
+    ``n_rows``. With ``keep_max`` > 0, also ``sparse``: every firing (row, feature) activation, sorted by the key
+    ``row * n + position in features`` (``keys``, ``vals``), for :func:`sparse_lookup`; None when more than
+    ``keep_max`` activations fire (the caller then re-encodes the rows it needs). Only firing entries are
+    touched after the encoding (:func:`_merge_entries`), so the cost per batch follows the activations that fire.
     """
     feats = check_features(dictionary, features)
     check_compatible(dictionary, store)
     n = len(feats)
     idx_N = torch.tensor(feats)
+    every = feats == list(range(dictionary.n_features))
     gen = torch.Generator().manual_seed(seed)
     top_vals = torch.full((n, k), -math.inf)
     top_rows = torch.full((n, k), -1, dtype=torch.long)
@@ -110,33 +135,54 @@ def stream_feature_stats(dictionary: Dictionary, store, features: list[int], *, 
     n_fire = torch.zeros(n, dtype=torch.long)
     hist = torch.zeros(n * HIST_BINS, dtype=torch.long)
     lo, hi = HIST_LOG10_RANGE
-    start = 0
+    start, n_kept = 0, 0
+    kept: list | None = [] if keep_max > 0 else None
     for acts_BLD in store.iter_batches(batch_size, layers=dictionary.layers, normalized=False, shuffle=False,
                                        drop_last=False):
         B = acts_BLD.shape[0]
-        f_NB = dictionary.encode(acts_BLD.to(dictionary.norm_factors.device), normalized=False)[:, idx_N].T.float().cpu()
-        rows_NB = torch.arange(start, start + B).expand(n, B)
+        f_BF = dictionary.encode(acts_BLD.to(dictionary.norm_factors.device), normalized=False).float().cpu()
+        f_BN = f_BF if every else f_BF[:, idx_N]
+        col, feat = (f_BN > 0).nonzero(as_tuple=True)
+        val, row = f_BN[col, feat], col + start
         start += B
-        fire_NB = f_NB > 0
-        n_fire += fire_NB.sum(1)
-        top_vals, top_rows = _merge_topk(top_vals, top_rows, f_NB.masked_fill(~fire_NB, -math.inf), rows_NB, k)
-        # histogram of log10 of the firing activations
-        feat_pos, col = fire_NB.nonzero(as_tuple=True)
-        if feat_pos.numel():
-            bins = ((f_NB[feat_pos, col].log10() - lo) / (hi - lo) * HIST_BINS).floor().long().clamp(0, HIST_BINS - 1)
-            hist.index_add_(0, feat_pos * HIST_BINS + bins, torch.ones_like(bins))
-        # reservoir by random priority, merged like the top-k (values carried via a row lookup)
-        keys_NB = torch.rand(n, B, generator=gen).masked_fill(~fire_NB, -math.inf)
-        all_keys = torch.cat([key_vals, keys_NB], dim=1)
-        key_vals, pos = all_keys.topk(sample, dim=1)
-        smp_vals = torch.cat([smp_vals, f_NB], dim=1).gather(1, pos)
-        smp_rows = torch.cat([smp_rows, rows_NB], dim=1).gather(1, pos)
+        n_fire += torch.bincount(feat, minlength=n)
+        bins = ((val.log10() - lo) / (hi - lo) * HIST_BINS).floor().long().clamp(0, HIST_BINS - 1)
+        hist.index_add_(0, feat * HIST_BINS + bins, torch.ones_like(bins))
+        _merge_entries(top_vals, [top_rows], feat, val, [row])
+        # reservoir by random priority: each firing (feature, row) gets a U(0,1) key; the largest keys are kept
+        _merge_entries(key_vals, [smp_vals, smp_rows], feat, torch.rand(val.shape, generator=gen), [val, row])
+        n_kept += val.numel()
+        if kept is not None and n_kept <= keep_max:
+            kept.append((row * n + feat, val))
+        elif kept is not None:
+            kept = None
     if start == 0:
         raise CrosslayerError(f"store {store.path} has no rows")
     smp_rows = smp_rows.masked_fill(key_vals == -math.inf, -1)
     top_rows = top_rows.masked_fill(top_vals == -math.inf, -1)
-    return {"top_vals": top_vals, "top_rows": top_rows, "n_fire": n_fire, "hist": hist.view(n, HIST_BINS),
-            "sample_vals": smp_vals, "sample_rows": smp_rows, "n_rows": start}
+    out = {"top_vals": top_vals, "top_rows": top_rows, "n_fire": n_fire, "hist": hist.view(n, HIST_BINS),
+           "sample_vals": smp_vals, "sample_rows": smp_rows, "n_rows": start}
+    if keep_max > 0:
+        out["sparse"] = None
+        if kept is not None:
+            keys = torch.cat([key for key, _ in kept]) if kept else torch.zeros(0, dtype=torch.long)
+            vals = torch.cat([val for _, val in kept]) if kept else torch.zeros(0)
+            order = keys.argsort()
+            out["sparse"] = {"keys": keys[order], "vals": vals[order], "n": n}
+    return out
+
+
+def sparse_lookup(sparse: dict, rows_NC: np.ndarray, pos_N) -> np.ndarray:
+    """``[N, C]`` float64: the activation of feature position ``pos_N[n]`` at store row ``rows_NC[n, c]`` from the
+    ``sparse`` firing activations of :func:`stream_feature_stats` (0 where it does not fire, NaN where the row is -1)."""
+    rows_NC = np.asarray(rows_NC, dtype=np.int64)
+    keys = torch.as_tensor(rows_NC * sparse["n"] + np.asarray(pos_N, dtype=np.int64)[:, None])
+    at = torch.searchsorted(sparse["keys"], keys).clamp(max=max(len(sparse["keys"]) - 1, 0))
+    if len(sparse["keys"]) == 0:
+        return np.where(rows_NC >= 0, 0.0, np.nan)
+    hit = sparse["keys"][at] == keys
+    acts = torch.where(hit, sparse["vals"][at].double(), torch.zeros((), dtype=torch.float64)).numpy()
+    return np.where(rows_NC >= 0, acts, np.nan)
 
 
 def focus_text(pieces: list[str], focus: int) -> str:
@@ -261,11 +307,14 @@ def pick_examples(s: dict, n_bands: int, per_band: int, seed: int) -> dict[str, 
 
 
 def example_contexts(dictionary: Dictionary, store, features: np.ndarray, rows: np.ndarray, *, before: int,
-                     after: int, batch_size: int = 2048) -> dict[str, np.ndarray]:
+                     after: int, batch_size: int = 2048, sparse: dict | None = None,
+                     positions: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """:func:`context_rows` of the examples at ``rows`` plus ``acts`` ``[N, C]``: feature ``features[n]``'s
-    activation on each context token (NaN where no row is stored)."""
+    activation on each context token (NaN where no row is stored); looked up in ``sparse`` (with the features'
+    ``positions`` in it) when given, else the context rows are encoded again (:func:`activations_at`)."""
     ctx = context_rows(store, rows, before=before, after=after)
-    ctx["acts"] = activations_at(dictionary, store, ctx["store_rows"], features, batch_size=batch_size)
+    ctx["acts"] = (sparse_lookup(sparse, ctx["store_rows"], positions) if sparse is not None else
+                   activations_at(dictionary, store, ctx["store_rows"], features, batch_size=batch_size))
     return ctx
 
 
@@ -333,18 +382,42 @@ def top_activations(dictionary: Dictionary, store, features: list[int], *, k: in
 
 # ----------------------------------------------------------------------------- logit effects
 
+def _top_effects(W_CD: Tensor, W_U: Tensor, W_U_low: Tensor | None, k: int) -> tuple:
+    """(up values, up ids, down values, down ids) ``[C, k]`` of ``W_CD @ W_U``. With ``W_U_low`` (``W_U``'s
+    transpose ``[vocab, d]`` in bfloat16, where its matmul is fast) that product only screens ``8 k`` candidates per
+    side, whose effects are then computed exactly in float32 from ``W_U``, so the result is the float32 one unless a
+    true top-k token ranks below 8k in bfloat16."""
+    if W_U_low is None:
+        effect_CV = W_CD @ W_U
+        up, down = effect_CV.topk(k, dim=1), (-effect_CV).topk(k, dim=1)
+        return up.values, up.indices, -down.values, down.indices
+    rough_CV = W_CD.to(W_U_low.dtype) @ W_U_low.T
+    out = []
+    for sign in (1.0, -1.0):
+        cand_CM = (rough_CV if sign > 0 else -rough_CV).topk(min(8 * k, rough_CV.shape[1]), dim=1).indices
+        exact_CM = torch.einsum("cd,cmd->cm", W_CD, W_U.T[cand_CM])
+        vals, pos = (sign * exact_CM).topk(k, dim=1)
+        out += [sign * vals, cand_CM.gather(1, pos)]
+    return tuple(out)
+
+
 @torch.no_grad()
 def logit_effect_arrays(dictionary: Dictionary, model, features: list[int], where_FL: Tensor, *, k: int = 10,
                         through_norm: bool = True, chunk: int = 512) -> dict[str, Tensor]:
     """The ``k`` tokens each of ``features`` pushes up / down most at each layer where ``where_FL`` ``[n, L]``
-    is True (module docstring, step 2), in blocks of ``chunk`` features (one ``[chunk, vocab]`` product at a time).
+    is True (module docstring, step 2), in blocks of ``chunk`` features (one ``[chunk, vocab]`` product at a time;
+    screened in bfloat16 where that is fast, :func:`_top_effects`).
 
     Returns ``up_ids``/``up_vals``/``down_ids``/``down_vals`` ``[n, L, k]`` (ids -1 and values NaN elsewhere;
     ``down_vals`` are the (negative) effects themselves).
     """
+    from crosslayer.models import fast_bfloat16
+
     feats = check_features(dictionary, features)
     check_compatible(dictionary, model)
     W_U = unembed_matrix(model, through_norm)
+    W_U_low = W_U.T.contiguous().to(torch.bfloat16) if fast_bfloat16() else None
+    W_U = W_U.T.contiguous().T  # [d, vocab] with contiguous token rows: the candidates' columns gather fast
     n, L = len(feats), dictionary.n_layers
     k = min(k, W_U.shape[1])
     out = {name: torch.full((n, L, k), -1 if name.endswith("ids") else math.nan,
@@ -355,10 +428,8 @@ def logit_effect_arrays(dictionary: Dictionary, model, features: list[int], wher
         todo = where_FL[:, i].nonzero().squeeze(1)
         W_FD = dictionary.decoder_vectors(layer, normalized=False)
         for part in todo.split(chunk):
-            effect_CV = W_FD[idx[part]] @ W_U
-            up, down = effect_CV.topk(k, dim=1), (-effect_CV).topk(k, dim=1)
-            out["up_ids"][part, i], out["up_vals"][part, i] = up.indices, up.values
-            out["down_ids"][part, i], out["down_vals"][part, i] = down.indices, -down.values
+            (out["up_vals"][part, i], out["up_ids"][part, i], out["down_vals"][part, i],
+             out["down_ids"][part, i]) = _top_effects(W_FD[idx[part]], W_U, W_U_low, k)
     return out
 
 
