@@ -119,6 +119,8 @@ class Handler(SimpleHTTPRequestHandler):
         except ValueError:
             return self._json(400, {"error": "bad Content-Length"})
         if length <= 0 or length > LIMITS["max_body_bytes"]:
+            self.rfile.read(min(max(length, 0), 1 << 20))  # drain (bounded) so that the client reads the answer
+            self.close_connection = True
             return self._json(413 if length > 0 else 400,
                               {"error": f"the request body must be 1..{LIMITS['max_body_bytes']} bytes of JSON"})
         raw = self.rfile.read(length)
