@@ -75,7 +75,7 @@ def _rounded(a: np.ndarray, digits: int = 3) -> list:
 
 
 def analyse(dictionary: Dictionary, store, model, vocab: np.ndarray, *, k: int = 10, n_bands: int = 4,
-            per_band: int = 2, sample: int = 128, before: int = 12, after: int = 4, n_logits: int = 6,
+            per_band: int = 2, sample: int = 64, before: int = 12, after: int = 4, n_logits: int = 6,
             batch_size: int = 1024) -> dict:
     """Everything the site shows about every feature of ``dictionary``, as arrays (module docstring, step 1)."""
     F = dictionary.n_features
@@ -191,6 +191,11 @@ def _logits(a: dict, f: int, layers: list[int]) -> list[dict]:
     return rows
 
 
+def _visible(token: str) -> str:
+    """A token for a one-line list: whitespace-only tokens made visible (␣ for a space, ↵ for a newline)."""
+    return token.replace(" ", "␣").replace("\n", "↵") if not token.strip() else token
+
+
 def feature_records(name: str, dictionary: Dictionary, a: dict, links: dict) -> tuple[list, list]:
     """(index rows, feature detail records) of every feature of ``dictionary`` from :func:`analyse`'s ``a``."""
     s, prof, layers = a["stats"], a["profile"], dictionary.layers
@@ -207,8 +212,8 @@ def feature_records(name: str, dictionary: Dictionary, a: dict, links: dict) -> 
         exs = examples[bounds[f]:bounds[f + 1]]
         flag = 1 if not a["live"][f] else (2 if density[f] > DENSE else 0)
         logits = _logits(a, f, layers)
-        out_tokens = " ".join(t for t, _ in logits[-1]["up"][:3]) if logits else ""
-        act_tokens = Counter(e["t"][e["f"]] for e in exs if e["k"] == 0).most_common(3)
+        out_tokens = " ".join(_visible(t) for t, _ in logits[-1]["up"][:3]) if logits else ""
+        act_tokens = Counter(_visible(e["t"][e["f"]]) for e in exs if e["k"] == 0).most_common(3)
         top = next((e for e in exs if e["k"] == 0), None)
         snippet = "".join(top["t"][max(0, top["f"] - 8):top["f"] + 3]) if top else ""
         index.append([f, round(density[f], 6), round(top_vals[f], 4), int(peak[f]), int(span[f]), out_tokens,
@@ -273,7 +278,8 @@ def export_neuronpedia(root: Path, name: str, dictionary: Dictionary, details: l
     for (layer,), feats in sorted(groups.items()):
         for b in range(0, len(feats), batch):
             doc = {"model_id": model_id, "layer": layer, "sae_set": f"{name}-L{layer}", "features": feats[b:b + batch]}
-            (folder / f"layer{layer}-batch-{b // batch:04d}.json").write_text(json.dumps(doc), encoding="utf-8")
+            (folder / f"layer{layer}-batch-{b // batch:04d}.json").write_text(json.dumps(doc, separators=(",", ":")),
+                                                                            encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- the site

@@ -93,10 +93,12 @@ def _merge_entries(keys_NK: Tensor, payload_NK: list[Tensor], feat_E: Tensor, ke
     if not bool(acc.any()):
         return
     feat, key, pay = feat_E[acc], key_E[acc], [p[acc] for p in payload_E]
-    uniq, inv, counts = torch.unique(feat, return_inverse=True, return_counts=True)
-    order = torch.argsort(inv, stable=True)
-    slot = torch.arange(order.numel()) - (torch.cumsum(counts, 0) - counts)[inv[order]]
-    at = (inv[order], slot)
+    f = feat.numpy()
+    order = np.argsort(f, kind="stable")  # numpy: several times faster than torch's CPU sort here
+    uniq, first, counts = np.unique(f[order], return_index=True, return_counts=True)
+    group = torch.from_numpy(np.repeat(np.arange(len(uniq)), counts))
+    slot = torch.from_numpy(np.arange(len(order)) - np.repeat(first, counts))
+    order, uniq, at = torch.from_numpy(order), torch.from_numpy(uniq), (group, slot)
     width = int(counts.max())
     block = torch.full((len(uniq), width), -math.inf)
     block[at] = key[order]
@@ -165,10 +167,10 @@ def stream_feature_stats(dictionary: Dictionary, store, features: list[int], *, 
     if keep_max > 0:
         out["sparse"] = None
         if kept is not None:
+            # nonzero() lists a batch in row-major order and batches come in row order: the keys are sorted already
             keys = torch.cat([key for key, _ in kept]) if kept else torch.zeros(0, dtype=torch.long)
             vals = torch.cat([val for _, val in kept]) if kept else torch.zeros(0)
-            order = keys.argsort()
-            out["sparse"] = {"keys": keys[order], "vals": vals[order], "n": n}
+            out["sparse"] = {"keys": keys, "vals": vals, "n": n}
     return out
 
 

@@ -194,7 +194,7 @@
   }
 
   const COLS = [
-    { key: 0, name: "feature", cls: "col-id", num: true },
+    { key: 0, name: "feature", cls: "col-id" },
     { key: 1, name: "density", cls: "col-num", num: true },
     { key: 2, name: "max act", cls: "col-num", num: true },
     { key: 3, name: "peak", cls: "col-small", num: true },
