@@ -243,21 +243,6 @@ def activations_at(dictionary: Dictionary, store, rows_NC: np.ndarray, features_
     return out
 
 
-def context_activations(dictionary: Dictionary, store, contexts: list[dict], features: list[int]) -> list[list[float]]:
-    """Per-token activations of ``features[i]`` over ``contexts[i]`` (from :meth:`ActivationStore.context`).
-
-    Context rows are read and encoded in batches (:func:`activations_at`); positions without a stored row give NaN.
-    """
-    if not contexts:
-        return []
-    lengths = [len(c["token_ids"]) for c in contexts]
-    flat = np.concatenate([c["window"] * store.seq_len + c["position"] - c["focus"] + np.arange(n)
-                           for c, n in zip(contexts, lengths)])
-    feat_of = np.repeat(np.asarray(features, dtype=np.int64), lengths)
-    acts = activations_at(dictionary, store, store.row_of_flat(flat)[:, None], feat_of)[:, 0]
-    return [part.tolist() for part in np.split(acts, np.cumsum(lengths)[:-1])]
-
-
 def _group_rank(*keys: np.ndarray) -> np.ndarray:
     """Position of each element within its run of equal ``keys`` (the arrays are already grouped)."""
     n = len(keys[0])
