@@ -8,9 +8,19 @@ TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 PRESET ?= demo
 
-.PHONY: setup demo test test-fast paper bench clean-cache
+.PHONY: setup demo test test-fast paper bench clean-cache browser
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed browser
+
+# Headless Chromium for the feature browser's tests (tests/test_browse.py). Best effort: tries Debian's
+# packages when they are missing and apt-get is usable (root); without them those tests skip with a message.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    (apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1)) \
+	    && echo "installed chromium and chromium-driver" ; } || \
+	  echo "note: chromium/chromedriver not installed; the browser tests will be skipped"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -407,6 +407,50 @@ def cmd_features(args):
                     batch_size=args.batch_size))
 
 
+def _add_browse(p):
+    p.add_argument("--dictionary", action="append", default=[],
+                   help="dictionary folder (repeatable: crosscoders, per-layer SAEs, ... side by side)")
+    p.add_argument("--store", default=None, help="held-out activation store of the same model and hooks")
+    p.add_argument("--out", required=True, help="site folder (written whole at the end; an older site there is replaced)")
+    p.add_argument("--examples", type=positive_int, default=10, help="top-activating examples per feature")
+    p.add_argument("--batch-size", type=positive_int, default=1024, help="rows encoded per batch while streaming")
+    p.add_argument("--serve", action="store_true", help="serve the site with live steering (after building it, if "
+                                                         "--dictionary is given)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind with --serve (default: localhost only)")
+    p.add_argument("--port", type=nonnegative_int, default=8000, help="port for --serve")
+    shared(p, "model_dtype")
+
+
+@verb("browse", "write a static feature-browser site of dictionaries (--serve: serve it with live steering)", _add_browse)
+def cmd_browse(args):
+    from pathlib import Path
+
+    if not args.dictionary and not args.serve:
+        raise CrosslayerError("give --dictionary DIR (and --store) to build a site, or --serve to serve the one at --out")
+    if args.dictionary:
+        from crosslayer.browse import build_site
+        from crosslayer.store import ActivationStore
+
+        if args.store is None:
+            raise CrosslayerError("--store is required with --dictionary: the held-out activation store to read "
+                                  "examples and statistics from")
+        build_site(args.dictionary, ActivationStore(args.store), args.out, examples=args.examples,
+                   batch_size=args.batch_size)
+    if args.serve:
+        from crosslayer.serve import make_server, steerer_for_site
+
+        server = make_server(args.out, steerer_for_site(args.out, model_dtype=args.model_dtype), host=args.host,
+                             port=args.port)
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: serving on {args.host}, reachable beyond this machine", file=sys.stderr)
+        host, port = server.server_address[:2]
+        print(f"serving {Path(args.out)} with live steering at http://{host}:{port}/ (Ctrl-C stops)", flush=True)
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
+
+
 def _add_lens(p):
     p.add_argument("prompt", nargs="+", help="prompt text (several prompts: one table each)")
     p.add_argument("--target", default=None, help="token whose rank and probability to follow, e.g. ' Paris'")

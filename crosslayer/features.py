@@ -6,11 +6,13 @@ crosscoders alike (research-notes §6: sae_vis / SAEDashboard / Neuronpedia feat
 1. :func:`top_activations` streams the store once, in row order, encoding each batch from RAW
    activations (``normalized=False``, the dictionary's own factors). For the chosen features it keeps
    a running ``[n_feat, k]`` buffer of the largest activations and their rows, merged per batch with
-   ``torch.topk`` (no full activation matrix), counts firing rows (density), fills a fixed log10
-   histogram of the non-zero activations, and keeps a uniform sample of the firing rows (reservoir
-   by random priority: each firing (feature, row) gets a U(0,1) key and the ``sample`` largest keys
-   are kept, merged like the top-k). Quantile examples are drawn from equal-count bands of that sample.
-2. :func:`logit_effects` maps a feature's decoder vector, in RAW units (``d_norm / factor_l``), through
+   ``torch.topk`` over the batch's firing entries only (no full activation matrix), counts firing rows
+   (density), fills a fixed log10 histogram of the non-zero activations, and keeps a uniform sample of the
+   firing rows (reservoir by random priority: each firing (feature, row) gets a U(0,1) key and the
+   ``sample`` largest keys are kept, merged like the top-k). Quantile examples are drawn from equal-count
+   bands of that sample (:func:`pick_examples`, vectorised over features), and each example's context is
+   rebuilt from the store with every context token's activation (:func:`example_contexts`).
+2. :func:`logit_effects` (one feature; :func:`logit_effect_arrays` many, in blocks) maps a feature's decoder vector, in RAW units (``d_norm / factor_l``), through
    the final RMSNorm's gain ``w`` (when the model has one; ``through_norm=True``) and ``W_U``. The
    norm's 1/rms scale is positive and shared by all tokens, so it changes no ranking and is left
    out: the effect of adding ``a * d`` to the residual is ``a * (d * w) @ W_U`` up to that scale
@@ -21,7 +23,8 @@ crosscoders alike (research-notes §6: sae_vis / SAEDashboard / Neuronpedia feat
    over the spanned layers (crosscoder replications, Lindsey et al. 2024).
 4. :func:`find_features_for_token`: one matmul per layer of all decoder directions with the token's
    (gain-scaled) unembedding column; features ranked by their largest effect over layers.
-5. :func:`dashboard` renders 1-3 as text for ``crosslayer features``.
+5. :func:`dashboard` renders 1-3 as text for ``crosslayer features``; :mod:`crosslayer.browse` renders the
+   same analysis of every feature as a site.
 """
 
 from __future__ import annotations
@@ -81,26 +84,51 @@ def unembed_matrix(model, through_norm: bool = True) -> Tensor:
 
 # ----------------------------------------------------------------------------- streaming top-k
 
-def _merge_topk(vals_NK: Tensor, rows_NK: Tensor, new_vals_NB: Tensor, new_rows_NB: Tensor, k: int):
-    vals = torch.cat([vals_NK, new_vals_NB], dim=1)
-    rows = torch.cat([rows_NK, new_rows_NB], dim=1)
-    top_vals, pos = vals.topk(k, dim=1)
-    return top_vals, rows.gather(1, pos)
+def _merge_entries(keys_NK: Tensor, payload_NK: list[Tensor], feat_E: Tensor, key_E: Tensor,
+                   payload_E: list[Tensor]) -> None:
+    """Merge entries ``(feat_E, key_E, payload_E)`` into each feature's ``K`` largest keys ``keys_NK`` (sorted
+    descending, -inf = empty) and their payloads, in place. Only entries above their feature's current K-th key
+    take part, scattered into a ``[features touched, most entries of one]`` block merged with ``topk``."""
+    f_E = feat_E.numpy()
+    acc = key_E.numpy() > keys_NK[:, -1].numpy()[f_E]  # numpy: boolean masks and sorts are several times faster
+    if not acc.any():
+        return
+    f = f_E[acc]
+    order = np.argsort(f, kind="stable")
+    uniq, first, counts = np.unique(f[order], return_index=True, return_counts=True)
+    at = (torch.from_numpy(np.repeat(np.arange(len(uniq)), counts)),
+          torch.from_numpy(np.arange(len(order)) - np.repeat(first, counts)))
+    pick = torch.from_numpy(np.flatnonzero(acc)[order])  # the accepted entries, grouped by feature
+    key, pay, uniq = key_E[pick], [p[pick] for p in payload_E], torch.from_numpy(uniq)
+    width = int(counts.max())
+    block = torch.full((len(uniq), width), -math.inf)
+    block[at] = key
+    merged, pos = torch.cat([keys_NK[uniq], block], 1).topk(keys_NK.shape[1], dim=1)
+    keys_NK[uniq] = merged
+    for P_NK, p in zip(payload_NK, pay):
+        block = torch.zeros((len(uniq), width), dtype=P_NK.dtype)
+        block[at] = p
+        P_NK[uniq] = torch.cat([P_NK[uniq], block], 1).gather(1, pos)
 
 
 @torch.no_grad()
 def stream_feature_stats(dictionary: Dictionary, store, features: list[int], *, k: int = 20,
-                         sample: int = 256, batch_size: int = 1024, seed: int = 0) -> dict[str, Tensor]:
+                         sample: int = 256, batch_size: int = 1024, seed: int = 0,
+                         keep_max: int = 0) -> dict[str, Tensor]:
     """One pass over ``store``: top-k values/rows, firing counts, log10 histogram, a uniform firing sample.
 
     Returns tensors: ``top_vals``/``top_rows`` ``[n, k]`` (value -inf, row -1 where fewer than k rows
     fire), ``n_fire`` ``[n]``, ``hist`` ``[n, HIST_BINS]``, ``sample_vals``/``sample_rows`` ``[n, sample]``,
-    ``n_rows``.
+    ``n_rows``. With ``keep_max`` > 0, also ``sparse``: every firing (row, feature) activation, sorted by the key
+    ``row * n + position in features`` (``keys``, ``vals``), for :func:`sparse_lookup`; None when more than
+    ``keep_max`` activations fire (the caller then re-encodes the rows it needs). Only firing entries are
+    touched after the encoding (:func:`_merge_entries`), so the cost per batch follows the activations that fire.
     """
     feats = check_features(dictionary, features)
     check_compatible(dictionary, store)
     n = len(feats)
     idx_N = torch.tensor(feats)
+    every = feats == list(range(dictionary.n_features))
     gen = torch.Generator().manual_seed(seed)
     top_vals = torch.full((n, k), -math.inf)
     top_rows = torch.full((n, k), -1, dtype=torch.long)
@@ -110,33 +138,54 @@ def stream_feature_stats(dictionary: Dictionary, store, features: list[int], *, 
     n_fire = torch.zeros(n, dtype=torch.long)
     hist = torch.zeros(n * HIST_BINS, dtype=torch.long)
     lo, hi = HIST_LOG10_RANGE
-    start = 0
+    start, n_kept = 0, 0
+    kept: list | None = [] if keep_max > 0 else None
     for acts_BLD in store.iter_batches(batch_size, layers=dictionary.layers, normalized=False, shuffle=False,
                                        drop_last=False):
         B = acts_BLD.shape[0]
-        f_NB = dictionary.encode(acts_BLD.to(dictionary.norm_factors.device), normalized=False)[:, idx_N].T.float().cpu()
-        rows_NB = torch.arange(start, start + B).expand(n, B)
+        f_BF = dictionary.encode(acts_BLD.to(dictionary.norm_factors.device), normalized=False).float().cpu()
+        f_BN = f_BF if every else f_BF[:, idx_N]
+        col, feat = (f_BN > 0).nonzero(as_tuple=True)
+        val, row = f_BN[col, feat], col + start
         start += B
-        fire_NB = f_NB > 0
-        n_fire += fire_NB.sum(1)
-        top_vals, top_rows = _merge_topk(top_vals, top_rows, f_NB.masked_fill(~fire_NB, -math.inf), rows_NB, k)
-        # histogram of log10 of the firing activations
-        feat_pos, col = fire_NB.nonzero(as_tuple=True)
-        if feat_pos.numel():
-            bins = ((f_NB[feat_pos, col].log10() - lo) / (hi - lo) * HIST_BINS).floor().long().clamp(0, HIST_BINS - 1)
-            hist.index_add_(0, feat_pos * HIST_BINS + bins, torch.ones_like(bins))
-        # reservoir by random priority, merged like the top-k (values carried via a row lookup)
-        keys_NB = torch.rand(n, B, generator=gen).masked_fill(~fire_NB, -math.inf)
-        all_keys = torch.cat([key_vals, keys_NB], dim=1)
-        key_vals, pos = all_keys.topk(sample, dim=1)
-        smp_vals = torch.cat([smp_vals, f_NB], dim=1).gather(1, pos)
-        smp_rows = torch.cat([smp_rows, rows_NB], dim=1).gather(1, pos)
+        n_fire += torch.bincount(feat, minlength=n)
+        bins = ((val.log10() - lo) / (hi - lo) * HIST_BINS).floor().long().clamp(0, HIST_BINS - 1)
+        hist.index_add_(0, feat * HIST_BINS + bins, torch.ones_like(bins))
+        _merge_entries(top_vals, [top_rows], feat, val, [row])
+        # reservoir by random priority: each firing (feature, row) gets a U(0,1) key; the largest keys are kept
+        _merge_entries(key_vals, [smp_vals, smp_rows], feat, torch.rand(val.shape, generator=gen), [val, row])
+        n_kept += val.numel()
+        if kept is not None and n_kept <= keep_max:
+            kept.append((row * n + feat, val))
+        elif kept is not None:
+            kept = None
     if start == 0:
         raise CrosslayerError(f"store {store.path} has no rows")
     smp_rows = smp_rows.masked_fill(key_vals == -math.inf, -1)
     top_rows = top_rows.masked_fill(top_vals == -math.inf, -1)
-    return {"top_vals": top_vals, "top_rows": top_rows, "n_fire": n_fire, "hist": hist.view(n, HIST_BINS),
-            "sample_vals": smp_vals, "sample_rows": smp_rows, "n_rows": start}
+    out = {"top_vals": top_vals, "top_rows": top_rows, "n_fire": n_fire, "hist": hist.view(n, HIST_BINS),
+           "sample_vals": smp_vals, "sample_rows": smp_rows, "n_rows": start}
+    if keep_max > 0:
+        out["sparse"] = None
+        if kept is not None:
+            # nonzero() lists a batch in row-major order and batches come in row order: the keys are sorted already
+            keys = torch.cat([key for key, _ in kept]) if kept else torch.zeros(0, dtype=torch.long)
+            vals = torch.cat([val for _, val in kept]) if kept else torch.zeros(0)
+            out["sparse"] = {"keys": keys, "vals": vals, "n": n}
+    return out
+
+
+def sparse_lookup(sparse: dict, rows_NC: np.ndarray, pos_N) -> np.ndarray:
+    """``[N, C]`` float64: the activation of feature position ``pos_N[n]`` at store row ``rows_NC[n, c]`` from the
+    ``sparse`` firing activations of :func:`stream_feature_stats` (0 where it does not fire, NaN where the row is -1)."""
+    rows_NC = np.asarray(rows_NC, dtype=np.int64)
+    keys = torch.as_tensor(rows_NC * sparse["n"] + np.asarray(pos_N, dtype=np.int64)[:, None])
+    at = torch.searchsorted(sparse["keys"], keys).clamp(max=max(len(sparse["keys"]) - 1, 0))
+    if len(sparse["keys"]) == 0:
+        return np.where(rows_NC >= 0, 0.0, np.nan)
+    hit = sparse["keys"][at] == keys
+    acts = torch.where(hit, sparse["vals"][at].double(), torch.zeros((), dtype=torch.float64)).numpy()
+    return np.where(rows_NC >= 0, acts, np.nan)
 
 
 def focus_text(pieces: list[str], focus: int) -> str:
@@ -154,63 +203,128 @@ def context_text(tokenizer, store, row: int, *, before: int, after: int) -> tupl
     return token, focus_text([tokenizer.decode(ids[:f]), token, tokenizer.decode(ids[f + 1:])], 1), ctx
 
 
+def context_rows(store, rows, *, before: int, after: int) -> dict[str, np.ndarray]:
+    """The token windows around store rows ``rows`` as arrays ``[N, C]`` (``C = before + 1 + after``; column
+    ``before`` is the row itself): ``token_ids`` (-1 outside the window), ``store_rows`` (the store row of each
+    position, -1 where none is stored), ``window``, ``position``, ``label``, ``doc`` ``[N]``."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    flat_N = store.flat_index(rows)
+    window_N, position_N = flat_N // store.seq_len, flat_N % store.seq_len
+    pos_NC = position_N[:, None] + np.arange(-before, after + 1)[None]
+    inside = (pos_NC >= 0) & (pos_NC < store.seq_len)
+    flat_NC = np.where(inside, window_N[:, None] * store.seq_len + pos_NC, -1)
+    win = store._window_arrays()
+    token_ids = np.where(inside, win["windows"].reshape(-1)[np.clip(flat_NC, 0, None)], -1).astype(np.int64)
+    return {"token_ids": token_ids, "store_rows": np.where(inside, store.row_of_flat(flat_NC), -1),
+            "window": window_N, "position": position_N,
+            "label": win["windows_label"][window_N, position_N].astype(np.int64),
+            "doc": win["windows_doc"][window_N, position_N].astype(np.int64)}
+
+
 @torch.no_grad()
-def context_activations(dictionary: Dictionary, store, contexts: list[dict], features: list[int]) -> list[list[float]]:
-    """Per-token activations of ``features[i]`` over ``contexts[i]`` (from :meth:`ActivationStore.context`).
+def activations_at(dictionary: Dictionary, store, rows_NC: np.ndarray, features_N, *,
+                   batch_size: int = 2048) -> np.ndarray:
+    """``[N, C]`` float64: feature ``features_N[n]``'s activation at store row ``rows_NC[n, c]`` (NaN where the
+    row is -1). Each distinct row is read and encoded once, ``batch_size`` rows at a time."""
+    rows_NC = np.asarray(rows_NC, dtype=np.int64)
+    feat_NC = np.broadcast_to(np.asarray(features_N, dtype=np.int64)[:, None], rows_NC.shape)
+    out = np.full(rows_NC.shape, np.nan)
+    stored = rows_NC >= 0
+    unique, inverse = np.unique(rows_NC[stored], return_inverse=True)
+    values = np.empty(inverse.shape[0])
+    feat_of = feat_NC[stored]
+    device = dictionary.norm_factors.device
+    for start in range(0, len(unique), batch_size):
+        x_BLD = store.get(unique[start:start + batch_size], layers=dictionary.layers, normalized=False)
+        feats_BF = dictionary.encode(x_BLD.to(device), normalized=False)
+        sel = (inverse >= start) & (inverse < start + batch_size)
+        values[sel] = feats_BF[torch.as_tensor(inverse[sel] - start), torch.as_tensor(feat_of[sel])].double().cpu().numpy()
+    out[stored] = values
+    return out
 
-    All context rows are read and encoded in one batch; positions without a stored row give NaN.
+
+def _group_rank(*keys: np.ndarray) -> np.ndarray:
+    """Position of each element within its run of equal ``keys`` (the arrays are already grouped)."""
+    n = len(keys[0])
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    new = np.ones(n, dtype=bool)
+    new[1:] = np.any([k[1:] != k[:-1] for k in keys], axis=0)
+    starts = np.maximum.accumulate(np.where(new, np.arange(n), 0))
+    return np.arange(n) - starts
+
+
+def pick_examples(s: dict, n_bands: int, per_band: int, seed: int) -> dict[str, np.ndarray]:
+    """The top and quantile examples of :func:`stream_feature_stats`'s output ``s``, vectorised over features.
+
+    Quantile examples: each feature's firing sample sorted and cut into ``min(n_bands, n_sample)`` equal-count
+    bands (band 0 lowest; the first ``n % bands`` one longer, as ``tensor_split``), ``per_band`` random rows of
+    each (seeded), ordered by activation. Returns arrays over examples, grouped by feature (tops first): ``pos``
+    (index into the features given), ``kind`` (0 top, 1 quantile), ``band`` (-1 for top), ``rank``, ``row``,
+    ``activation``.
     """
-    if not contexts:
-        return []
-    lengths = [len(c["token_ids"]) for c in contexts]
-    flat = np.concatenate([c["window"] * store.seq_len + c["position"] - c["focus"] + np.arange(n)
-                           for c, n in zip(contexts, lengths)])
-    rows = store.row_of_flat(flat)
-    acts = np.full(len(flat), np.nan)
-    stored = rows >= 0
-    if stored.any():
-        unique, inverse = np.unique(rows[stored], return_inverse=True)
-        device = dictionary.norm_factors.device
-        x_NLD = store.get(unique, layers=dictionary.layers, normalized=False).float().to(device)
-        feat_of = np.repeat(np.asarray(features, dtype=np.int64), lengths)[stored]
-        feats_NF = dictionary.encode(x_NLD, normalized=False)
-        acts[stored] = feats_NF[torch.as_tensor(inverse), torch.as_tensor(feat_of)].double().cpu().numpy()
-    return [part.tolist() for part in np.split(acts, np.cumsum(lengths)[:-1])]
+    n, k = s["top_rows"].shape
+    top_ok = (s["top_rows"] >= 0).numpy()
+    top = {"pos": np.broadcast_to(np.arange(n)[:, None], (n, k))[top_ok], "kind": np.zeros(top_ok.sum(), np.int64),
+           "band": np.full(top_ok.sum(), -1), "rank": np.broadcast_to(np.arange(k)[None], (n, k))[top_ok],
+           "row": s["top_rows"].numpy()[top_ok], "activation": s["top_vals"].double().numpy()[top_ok]}
+    vals, rows = s["sample_vals"], s["sample_rows"]
+    S = rows.shape[1]
+    m = (rows >= 0).sum(1, keepdim=True)
+    order = torch.where(rows >= 0, vals, torch.full_like(vals, math.inf)).argsort(dim=1, stable=True)
+    vals, rows = vals.gather(1, order), rows.gather(1, order)
+    nb = m.clamp(max=n_bands).clamp_min(1)
+    q, r = m // nb, m % nb
+    pos = torch.arange(S)[None]
+    band = torch.where(pos < r * (q + 1), pos // (q + 1), r + (pos - r * (q + 1)) // q.clamp_min(1))
+    key = torch.rand(n, S, generator=torch.Generator().manual_seed(seed))
+    inside = pos < m
+    pick = torch.where(inside, band * 2 + 1 - key, torch.full_like(key, math.inf)).argsort(dim=1)
+    band = band.gather(1, pick)
+    start = band * q + torch.minimum(band, r)
+    chosen = ((pos - start) < per_band) & inside
+    rows, vals = rows.gather(1, pick)[chosen].numpy(), vals.gather(1, pick)[chosen].double().numpy()
+    feat = np.broadcast_to(np.arange(n)[:, None], (n, S))[chosen.numpy()]
+    band = band[chosen].numpy()
+    o = np.lexsort((-vals, band, feat))
+    quant = {"pos": feat[o], "kind": np.ones(len(o), np.int64), "band": band[o], "row": rows[o], "activation": vals[o]}
+    quant["rank"] = _group_rank(quant["pos"], quant["band"])
+    both = {key: np.concatenate([top[key], quant[key]]) for key in top}
+    o = np.lexsort((both["kind"], both["pos"]))  # stable: keeps the rank order inside each (feature, kind)
+    return {key: value[o] for key, value in both.items()}
 
 
-def _pick_examples(feats: list[int], s: dict, n_bands: int, per_band: int, seed: int) -> list[tuple]:
-    """(feature, kind, band, rank, row, activation) of the top and quantile examples (see top_activations)."""
-    picks = []
-    for i, f in enumerate(feats):
-        for rank, (v, r) in enumerate(zip(s["top_vals"][i].tolist(), s["top_rows"][i].tolist())):
-            if r >= 0:
-                picks.append((f, "top", -1, rank, r, v))
-        keep = s["sample_rows"][i] >= 0  # sample order is random (by priority), so a prefix is a random draw
-        vals, rows = s["sample_vals"][i][keep], s["sample_rows"][i][keep]
-        if rows.numel():
-            order = vals.argsort()
-            for band, part in enumerate(order.tensor_split(min(n_bands, rows.numel()))):
-                chosen = part[torch.randperm(part.numel(), generator=torch.Generator().manual_seed(seed + band))][:per_band]
-                chosen = chosen[vals[chosen].argsort(descending=True)]
-                for rank, j in enumerate(chosen.tolist()):
-                    picks.append((f, "quantile", band, rank, int(rows[j]), float(vals[j])))
-    return picks
+def example_contexts(dictionary: Dictionary, store, features: np.ndarray, rows: np.ndarray, *, before: int,
+                     after: int, batch_size: int = 2048, sparse: dict | None = None,
+                     positions: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """:func:`context_rows` of the examples at ``rows`` plus ``acts`` ``[N, C]``: feature ``features[n]``'s
+    activation on each context token (NaN where no row is stored); looked up in ``sparse`` (with the features'
+    ``positions`` in it) when given, else the context rows are encoded again (:func:`activations_at`)."""
+    ctx = context_rows(store, rows, before=before, after=after)
+    ctx["acts"] = (sparse_lookup(sparse, ctx["store_rows"], positions) if sparse is not None else
+                   activations_at(dictionary, store, ctx["store_rows"], features, batch_size=batch_size))
+    return ctx
 
 
-def _examples_table(dictionary: Dictionary, store, picks: list[tuple], tokenizer, before: int, after: int):
+def _examples_table(dictionary: Dictionary, store, feats: list[int], picks: dict, tokenizer, before: int, after: int):
     import pandas as pd
 
-    records, contexts = [], []
-    for f, kind, band, rank, row, act in picks:
-        token, text, ctx = context_text(tokenizer, store, row, before=before, after=after)
-        contexts.append(ctx)
-        records.append({"feature": f, "kind": kind, "band": band, "rank": rank, "row": row, "activation": act,
-                        "token_id": int(ctx["token_ids"][ctx["focus"]]), "token": token, "context": text,
-                        "label": ctx["label"], "doc": ctx["doc_key"], "position": ctx["position"],
-                        "focus": ctx["focus"],
-                        "context_tokens": [tokenizer.decode([t]) for t in ctx["token_ids"]]})
-    for record, acts in zip(records, context_activations(dictionary, store, contexts, [p[0] for p in picks])):
-        record["context_acts"] = acts
+    features = np.asarray(feats, dtype=np.int64)[picks["pos"]]
+    ctx = example_contexts(dictionary, store, features, picks["row"], before=before, after=after)
+    records, labels, docs = [], store.label_names, store.doc_keys
+    for n, f in enumerate(features.tolist()):
+        keep = ctx["token_ids"][n] >= 0
+        ids, acts = ctx["token_ids"][n][keep].tolist(), ctx["acts"][n][keep].tolist()
+        focus = before - int((~keep[:before]).sum())
+        pieces = [tokenizer.decode([t]) for t in ids]
+        records.append({"feature": f, "kind": ("top", "quantile")[picks["kind"][n]], "band": int(picks["band"][n]),
+                        "rank": int(picks["rank"][n]), "row": int(picks["row"][n]),
+                        "activation": float(picks["activation"][n]), "token_id": ids[focus], "token": pieces[focus],
+                        "context": focus_text([tokenizer.decode(ids[:focus]), pieces[focus],
+                                               tokenizer.decode(ids[focus + 1:])], 1),
+                        "label": labels[int(ctx["label"][n])], "doc": docs[int(ctx["doc"][n])],
+                        "position": int(ctx["position"][n]), "focus": focus, "context_tokens": pieces,
+                        "context_acts": acts})
     return pd.DataFrame.from_records(records, columns=["feature", "kind", "band", "rank", "row", "activation",
                                                        "token_id", "token", "context", "label", "doc", "position",
                                                        "focus", "context_tokens", "context_acts"])
@@ -249,12 +363,63 @@ def top_activations(dictionary: Dictionary, store, features: list[int], *, k: in
         from crosslayer.models import load_tokenizer
 
         tokenizer = load_tokenizer()
-    examples = _examples_table(dictionary, store, _pick_examples(feats, s, n_bands, per_band, seed), tokenizer,
+    examples = _examples_table(dictionary, store, feats, pick_examples(s, n_bands, per_band, seed), tokenizer,
                                before, after)
     return FeatureActivations(examples, *_stats_tables(feats, s))
 
 
 # ----------------------------------------------------------------------------- logit effects
+
+def _top_effects(W_CD: Tensor, W_U: Tensor, W_U_low: Tensor | None, k: int) -> tuple:
+    """(up values, up ids, down values, down ids) ``[C, k]`` of ``W_CD @ W_U``. With ``W_U_low`` (``W_U``'s
+    transpose ``[vocab, d]`` in bfloat16, where its matmul is fast) that product only screens ``8 k`` candidates per
+    side, whose effects are then computed exactly in float32 from ``W_U``, so the result is the float32 one unless a
+    true top-k token ranks below 8k in bfloat16."""
+    if W_U_low is None:
+        effect_CV = W_CD @ W_U
+        up, down = effect_CV.topk(k, dim=1), (-effect_CV).topk(k, dim=1)
+        return up.values, up.indices, -down.values, down.indices
+    rough_CV = W_CD.to(W_U_low.dtype) @ W_U_low.T
+    out = []
+    for sign in (1.0, -1.0):
+        cand_CM = (rough_CV if sign > 0 else -rough_CV).topk(min(8 * k, rough_CV.shape[1]), dim=1).indices
+        exact_CM = torch.einsum("cd,cmd->cm", W_CD, W_U.T[cand_CM])
+        vals, pos = (sign * exact_CM).topk(k, dim=1)
+        out += [sign * vals, cand_CM.gather(1, pos)]
+    return tuple(out)
+
+
+@torch.no_grad()
+def logit_effect_arrays(dictionary: Dictionary, model, features: list[int], where_FL: Tensor, *, k: int = 10,
+                        through_norm: bool = True, chunk: int = 512) -> dict[str, Tensor]:
+    """The ``k`` tokens each of ``features`` pushes up / down most at each layer where ``where_FL`` ``[n, L]``
+    is True (module docstring, step 2), in blocks of ``chunk`` features (one ``[chunk, vocab]`` product at a time;
+    screened in bfloat16 where that is fast, :func:`_top_effects`).
+
+    Returns ``up_ids``/``up_vals``/``down_ids``/``down_vals`` ``[n, L, k]`` (ids -1 and values NaN elsewhere;
+    ``down_vals`` are the (negative) effects themselves).
+    """
+    from crosslayer.models import fast_bfloat16
+
+    feats = check_features(dictionary, features)
+    check_compatible(dictionary, model)
+    W_U = unembed_matrix(model, through_norm)
+    W_U_low = W_U.T.contiguous().to(torch.bfloat16) if fast_bfloat16() else None
+    W_U = W_U.T.contiguous().T  # [d, vocab] with contiguous token rows: the candidates' columns gather fast
+    n, L = len(feats), dictionary.n_layers
+    k = min(k, W_U.shape[1])
+    out = {name: torch.full((n, L, k), -1 if name.endswith("ids") else math.nan,
+                            dtype=torch.long if name.endswith("ids") else torch.float32)
+           for name in ("up_ids", "up_vals", "down_ids", "down_vals")}
+    idx = torch.tensor(feats)
+    for i, layer in enumerate(dictionary.layers):
+        todo = where_FL[:, i].nonzero().squeeze(1)
+        W_FD = dictionary.decoder_vectors(layer, normalized=False)
+        for part in todo.split(chunk):
+            (out["up_vals"][part, i], out["up_ids"][part, i], out["down_vals"][part, i],
+             out["down_ids"][part, i]) = _top_effects(W_FD[idx[part]], W_U, W_U_low, k)
+    return out
+
 
 @torch.no_grad()
 def logit_effects(dictionary: Dictionary, model, feature: int, *, k: int = 10, layer: int | None = None,
@@ -271,20 +436,21 @@ def logit_effects(dictionary: Dictionary, model, feature: int, *, k: int = 10, l
     (feature,) = check_features(dictionary, [feature])
     check_compatible(dictionary, model)
     tokenizer = tokenizer or model.tokenizer
-    W_U = unembed_matrix(model, through_norm)
     writes_L = dictionary.writes_FL()[feature]
     written = [i for i in range(dictionary.n_layers) if writes_L[i]]
     indices = [dictionary.layer_index(layer)] if layer is not None else written
+    where = torch.zeros(1, dictionary.n_layers, dtype=torch.bool)
+    where[0, indices] = True
+    eff = logit_effect_arrays(dictionary, model, [feature], where, k=k, through_norm=through_norm)
     last = max(written, default=-1)
     records = []
     for i in indices:
-        effect_V = dictionary.decoder_vectors(dictionary.layers[i], normalized=False)[feature] @ W_U
-        for direction, (vals, ids) in (("up", effect_V.topk(k)), ("down", (-effect_V).topk(k))):
-            sign = 1.0 if direction == "up" else -1.0
-            for rank, (v, t) in enumerate(zip(vals.tolist(), ids.tolist())):
+        for direction in ("up", "down"):
+            ids, vals = eff[f"{direction}_ids"][0, i].tolist(), eff[f"{direction}_vals"][0, i].tolist()
+            for rank, (t, v) in enumerate(zip(ids, vals)):
                 records.append({"feature": feature, "layer": dictionary.layers[i], "is_last": i == last,
                                 "direction": direction, "rank": rank, "token_id": t,
-                                "token": tokenizer.decode([t]), "effect": sign * v})
+                                "token": tokenizer.decode([t]), "effect": v})
     return pd.DataFrame.from_records(records, columns=["feature", "layer", "is_last", "direction", "rank",
                                                        "token_id", "token", "effect"])
 

@@ -55,6 +55,8 @@ from torch import Tensor
 
 from crosslayer.errors import CrosslayerError
 from crosslayer.io import write_csv
+from crosslayer.matching import (build_chains, chance_cosine, decoders, match_adjacent, sae_blocks,  # noqa: F401
+                                 sae_per_crosscoder, unit)
 from studies.base import Study
 from studies.common import column_corr, encode_rows, fmt, latex_table, read_csv, sample_rows, save_figure, theme
 
@@ -95,61 +97,8 @@ PER_CC_COLUMNS = ["feature", "peak_layer", "span", "n_sae_latents", "n_matched_l
                   "mean_best_cos", "mean_best_act_corr", "n_chains"]
 
 
-# ----------------------------------------------------------------------------- matching SAE latents across layers
-
-def unit(W: Tensor) -> Tensor:
-    return torch.nn.functional.normalize(W.float(), dim=-1)
-
-
-def sae_blocks(saes) -> tuple[list[Tensor], list[Tensor]]:
-    """Each layer's latents: their decoder rows ``[W_l, d]`` (normalised units, unit norm) and their
-    indices among all the dictionary's features (the features that write that layer)."""
-    writes_FL = saes.writes_FL()
-    index = [writes_FL[:, i].nonzero().squeeze(1) for i in range(saes.n_layers)]
-    return [unit(saes.decoder_vectors(l)[idx]) for l, idx in zip(saes.layers, index)], index
-
-
-def match_adjacent(a_WD: Tensor, b_VD: Tensor, *, live_a: Tensor | None = None,
-                   live_b: Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """One-to-one matching of rows of ``a`` to rows of ``b`` maximising the summed cosine (Hungarian).
-
-    Returns ``match [W]`` (index into ``b``, -1 for unmatched or dead rows) and its cosine ``[W]``
-    (NaN where unmatched). Dead rows (``live_* False``) take part in no match.
-    """
-    from scipy.optimize import linear_sum_assignment
-
-    cos = (unit(a_WD) @ unit(b_VD).T).double()
-    if live_a is not None:
-        cos[~live_a] = -2.0
-    if live_b is not None:
-        cos[:, ~live_b] = -2.0
-    rows, cols = linear_sum_assignment(cos.numpy(), maximize=True)
-    match = np.full(a_WD.shape[0], -1)
-    value = np.full(a_WD.shape[0], np.nan)
-    ok = cos.numpy()[rows, cols] > -2.0
-    match[rows[ok]], value[rows[ok]] = cols[ok], cos.numpy()[rows[ok], cols[ok]]
-    return match, value
-
-
-def build_chains(matches: list[np.ndarray], cosines: list[np.ndarray], widths: list[int],
-                 tau: float) -> np.ndarray:
-    """Chain id of every latent (concatenated over layers ``[sum W_l]``) given adjacent-layer matches.
-
-    Latent i of layer l and ``matches[l][i]`` of layer l+1 share a chain when their cosine > ``tau``.
-    Matches are one-to-one, so a chain is a path of latents at consecutive layers.
-    """
-    ids = [np.arange(widths[0])]
-    next_id = widths[0]
-    for l, (match, cos) in enumerate(zip(matches, cosines)):
-        cur = np.full(widths[l + 1], -1)
-        link = (match >= 0) & (np.nan_to_num(cos, nan=-2.0) > tau)
-        cur[match[link]] = ids[l][link]
-        new = cur < 0
-        cur[new] = next_id + np.arange(int(new.sum()))
-        next_id += int(new.sum())
-        ids.append(cur)
-    return np.concatenate(ids)
-
+# ----------------------------------------------------------------------------- chains of SAE latents across layers
+# (matching itself lives in the library: crosslayer.matching)
 
 def chain_table(chain_N: np.ndarray, layer_N: np.ndarray, latent_N: np.ndarray, link_cos_N: np.ndarray,
                 link_corr_N: np.ndarray, keep_N: np.ndarray, layers: list[int]) -> pd.DataFrame:
@@ -168,44 +117,11 @@ def chain_table(chain_N: np.ndarray, layer_N: np.ndarray, latent_N: np.ndarray, 
     return table[CHAIN_COLUMNS]
 
 
-def chance_cosine(a_WD: Tensor, *, seed: int = 12345, q: float = 0.99) -> float:
-    """The ``q`` quantile of Hungarian-matched cosines between ``a`` and as many random directions."""
-    gen = torch.Generator().manual_seed(seed)
-    _, value = match_adjacent(a_WD, torch.randn(a_WD.shape, generator=gen))
-    return float(np.nanquantile(value, q))
-
-
-# ----------------------------------------------------------------------------- SAE latents per crosscoder feature
-
-@torch.no_grad()
-def sae_per_crosscoder(cc_FLD: Tensor, span_FL: Tensor, blocks: list[Tensor], live_blocks: list[Tensor],
-                       tau: float) -> dict[str, Tensor]:
-    """For each crosscoder feature (decoders ``[F, L, d]``) and each layer in ``span_FL``, the live SAE
-    latents of that layer (``blocks[l]`` ``[W_l, d]``) with decoder cosine > ``tau``.
-
-    Returns ``count_FL`` (matches per spanned layer, 0 elsewhere), ``best_FL`` (best cosine, NaN off
-    the span) and ``arg_FL`` (best latent, -1 off the span).
-    """
-    counts, bests, args = [], [], []
-    for l, (W, live) in enumerate(zip(blocks, live_blocks)):
-        cos_FW = (unit(cc_FLD[:, l]) @ W.T).masked_fill(~live[None], -2.0)
-        best, arg = cos_FW.max(dim=1)
-        counts.append((cos_FW > tau).sum(1) * span_FL[:, l])
-        bests.append(best.masked_fill(~span_FL[:, l], float("nan")))
-        args.append(arg.masked_fill(~span_FL[:, l], -1))
-    return {"count_FL": torch.stack(counts, 1), "best_FL": torch.stack(bests, 1), "arg_FL": torch.stack(args, 1)}
-
-
 def distinct_per_row(ids_FL: np.ndarray) -> np.ndarray:
     """Number of distinct non-negative values in each row of ``ids_FL`` (-1 = none)."""
     s = np.sort(ids_FL, axis=1)
     new = (s[:, 1:] != s[:, :-1]) & (s[:, 1:] >= 0)
     return (s[:, :1] >= 0).sum(1) + new.sum(1)
-
-
-def decoders(dictionary) -> Tensor:
-    """Every feature's decoder at every layer ``[F, L, d]`` (normalised units)."""
-    return torch.stack([dictionary.decoder_vectors(l) for l in dictionary.layers], dim=1)
 
 
 # ----------------------------------------------------------------------------- synthetic ground truth

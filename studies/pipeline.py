@@ -12,7 +12,8 @@ Method:
    :mod:`crosslayer.harvest`), ``train-saes`` (one sae-lens TopK SAE per layer, see
    :mod:`crosslayer.saes`), ``eval-saes`` (FVU, L0, dead fraction, CE recovered and KL on the
    held-out store), ``train-crosscoder`` / ``eval-crosscoder`` (the acausal TopK crosscoder of
-   matched total size, :mod:`crosslayer.training`), ``study-<name>`` for each registered study
+   matched total size, :mod:`crosslayer.training`), ``site`` (the feature browser of those two,
+   :mod:`crosslayer.browse`, in ``<out>/site/``), ``study-<name>`` for each registered study
    (:class:`RunContext` trains further dictionaries on first use, under ``<out>/dicts``), and
    ``paper`` (``paper/tables/setup.tex``: the preset's sizes and every step's wall time).
 """
@@ -333,6 +334,15 @@ def _eval_step(base: str):
     return step
 
 
+def step_site(ctx: RunContext) -> dict:
+    """The feature browser of the main crosscoder and per-layer SAEs on the held-out store (``<out>/site/``)."""
+    from crosslayer.browse import build_site
+
+    out = build_site([ctx.dicts / seed_name("crosscoder", 0), ctx.dicts / seed_name("saes", 0)], ctx.store("heldout"),
+                     ctx.out / "site", model=ctx.model, progress=ctx.progress)
+    return {"site": str(out / "index.html")}
+
+
 def _study_step(name: str):
     return lambda ctx: run_study(name, ctx)
 
@@ -347,7 +357,8 @@ def steps() -> list[tuple[str, object]]:
     base = [("score", step_score), ("harvest-train", _harvest_step("train")),
             ("harvest-heldout", _harvest_step("heldout")), ("sweep-lr", step_sweep_lr),
             ("train-saes", _train_step("saes")), ("eval-saes", _eval_step("saes")),
-            ("train-crosscoder", _train_step("crosscoder")), ("eval-crosscoder", _eval_step("crosscoder"))]
+            ("train-crosscoder", _train_step("crosscoder")), ("eval-crosscoder", _eval_step("crosscoder")),
+            ("site", step_site)]
     return base + [(f"study-{s.name}", _study_step(s.name)) for s in all_studies()] + [("paper", step_paper)]
 
 

@@ -141,6 +141,9 @@ def test_micro_reproduce_runs_everything_and_skips_finished_steps(micro_ctx, cap
         assert per_layer.layer.tolist() == train.layers and len(overall) == 1 and overall.layer.isna().all()
         assert (per_layer.fvu < 1.0).all() and (per_layer.l0 <= micro_ctx.sizes.sae_k + 1e-6).all()
         assert table[table.splice != "none"].ce_recovered.notna().all() and table[table.splice == "none"].ce_recovered.isna().all()
+    # the feature browser of the main dictionaries
+    site = json.loads((out / "site" / "site.json").read_text())
+    assert sorted(site["dictionaries"]) == ["crosscoder", "saes"] and (out / "site" / "feature.html").is_file()
     # the paper's generated files: every study's table, answer and figure list, and the setup macros
     tables = paper / "tables"
     for name in names:
