@@ -262,6 +262,13 @@ def _add_training_common(p, train_cfg: type, arch_cfg: type, *, out_help: str, w
                    help="L1 (relu/standard) or L0/tanh (jumprelu) sparsity coefficient (default by activation)")
     p.add_argument("--heldout", default=None,
                    help="held-out store (same model and layers): its FVU goes into the curve and the convergence verdict")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun: each rank its local GPU)")
+    p.add_argument("--nproc", type=positive_int, default=1,
+                   help="data-parallel processes on this machine: relaunches itself under torchrun (gloo on CPU, "
+                        "nccl on CUDA); for several machines run torchrun yourself (README, Scaling out)")
+    p.add_argument("--in-memory", action="store_true",
+                   help="load the store's selected layers into --device memory once and train from there "
+                        "(a large GPU: no disk round trip)")
 
 
 def _add_train_saes(p):
@@ -281,6 +288,8 @@ def _add_train_saes(p):
 def cmd_train_saes(args):
     from crosslayer.store import ActivationStore
 
+    if _relaunched(args):
+        return
     store = ActivationStore(args.store)
     layers = store.select(args.layers).layers
     if args.trainer == "crosslayer":
@@ -306,7 +315,9 @@ def _train_sae_stack(args, store, layers: list[int]) -> None:
         raise CrosslayerError(f"the crosslayer trainer trains topk SAEs; use --trainer sae-lens for --arch {args.arch}")
     arch = SAEStackConfig(layers=tuple(layers), d_model=store.width, width=args.width, k=args.k)
     cfg = TrainConfig(tokens=args.tokens or store.n_rows, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    saes = train_crosscoder_from_store(store, arch, cfg, out_dir=args.out, heldout_store=args.heldout)
+    saes = _train(store, arch, cfg, args, latent=1)
+    if saes is None:
+        return
     verdict = saes.meta.get("convergence", {})
     print(f"saved {saes.n_features:,} features over {saes.n_layers} layers to {args.out} (held-out FVU "
           f"{verdict.get('final_fvu', float('nan')):.3f}, converged: {verdict.get('converged')})")
@@ -327,7 +338,8 @@ def _add_train_crosscoder(p):
     p.add_argument("--checkpoint-every", type=positive_int, default=default(TrainConfig, "checkpoint_every"),
                    help="steps between checkpoints")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast only with AVX512-BF16 or a GPU)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--latent-parallel", type=positive_int, default=1,
+                   help="ranks that share one crosscoder's features (topk; divides the processes and --width)")
 
 
 @verb("train-crosscoder", "train a sparse crosscoder that reads and writes every layer of a store",
@@ -337,6 +349,8 @@ def cmd_train_crosscoder(args):
     from crosslayer.store import ActivationStore
     from crosslayer.training import TrainConfig, train_crosscoder_from_store
 
+    if _relaunched(args):
+        return
     store = ActivationStore(args.store)
     arch = CrosscoderConfig(layers=tuple(store.select(args.layers).layers), d_model=store.width,
                             n_features=args.width, variant=args.variant, window=args.window,
@@ -344,9 +358,46 @@ def cmd_train_crosscoder(args):
     cfg = TrainConfig(tokens=args.tokens or store.n_rows, batch_size=args.batch_size, lr=args.lr,
                       sparsity_coef=args.sparsity_coef, checkpoint_every=args.checkpoint_every, bf16=args.bf16,
                       seed=args.seed)
-    cc = train_crosscoder_from_store(store, arch, cfg, out_dir=args.out, heldout_store=args.heldout,
-                                     device=args.device)
-    print(f"saved {cc} to {args.out}")
+    cc = _train(store, arch, cfg, args, latent=args.latent_parallel)
+    if cc is not None:
+        print(f"saved {cc} to {args.out}")
+
+
+def _relaunched(args) -> bool:
+    """``--nproc N`` outside torchrun: run this same command under ``torchrun --nproc_per_node N`` and wait for it
+    (True: done here). Under torchrun, or with N = 1, False (train in this process)."""
+    import os
+
+    if args.nproc == 1 or "WORLD_SIZE" in os.environ:
+        return False
+    import subprocess
+
+    argv = [a for i, a in enumerate(args.argv) if a != "--nproc" and (i == 0 or args.argv[i - 1] != "--nproc")
+            and not a.startswith("--nproc=")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "crosslayer", *argv]
+    code = subprocess.call(command)
+    if code:
+        raise CrosslayerError(f"the {args.nproc} training processes failed (exit status {code}; their messages are "
+                              "above); fix the cause and run the same command again to resume")
+    return True
+
+
+def _train(store, arch, cfg, args, *, latent: int):
+    """Train ``arch`` on ``store`` in this process, as one rank of a torchrun job when there is one; returns the
+    dictionary on rank 0 (None on the other ranks, which print nothing)."""
+    from crosslayer.distributed import init_mesh
+    from crosslayer.training import train_crosscoder_from_store
+
+    mesh = init_mesh(args.device, latent)
+    device = mesh.device if mesh is not None else args.device
+    if args.in_memory:
+        from crosslayer.store import InMemoryStore
+
+        store = InMemoryStore(store, layers=list(arch.layers), device=device)
+    dictionary = train_crosscoder_from_store(store, arch, cfg, out_dir=args.out, heldout_store=args.heldout,
+                                             device=device, mesh=mesh, progress=mesh is None or mesh.writer)
+    return dictionary if mesh is None or mesh.writer else None
 
 
 def _add_eval(p):
@@ -517,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # --help (0) or a usage error, already printed as one line (2)
         return stop.code if isinstance(stop.code, int) else 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc relaunches under torchrun
     try:
         args.func(args)
     except CrosslayerError as err:
