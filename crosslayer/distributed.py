@@ -292,15 +292,17 @@ class ShardedCrosscoder(nn.Module):
         self.lo, self.hi = mesh.latent_rank * cfg.n_features // m, (mesh.latent_rank + 1) * cfg.n_features // m
         self.layers, self.d_model, self.n_layers = full.layers, full.d_model, full.n_layers
         for name, p in full.named_parameters():
-            setattr(self, name, nn.Parameter(self.local(name, p.detach()).clone()))
+            setattr(self, name, nn.Parameter(self.local(name, p.detach())))
         self.register_buffer("read_FL", full.read_FL[self.lo:self.hi].clone(), persistent=False)
         self.register_buffer("write_FL", full.write_FL[self.lo:self.hi].clone(), persistent=False)
         self.register_buffer("writes_L", full.write_FL.any(0), persistent=False)
         self.masked = full.masked
 
     def local(self, name: str, full_t: Tensor) -> Tensor:
-        """This rank's slice of a full parameter (or parameter-shaped state) ``name``."""
-        return full_t.narrow(SHARD_DIM[name] % full_t.ndim, self.lo, self.hi - self.lo) if name in SHARD_DIM else full_t
+        """This rank's slice of a full parameter (or parameter-shaped state) ``name``: a contiguous copy (fused Adam
+        needs contiguous state; a view would keep the whole tensor alive)."""
+        part = full_t.narrow(SHARD_DIM[name] % full_t.ndim, self.lo, self.hi - self.lo) if name in SHARD_DIM else full_t
+        return part.clone(memory_format=torch.contiguous_format)
 
     @property
     def n_features(self) -> int:

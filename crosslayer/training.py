@@ -321,7 +321,7 @@ def train_crosscoder(cfg: TrainConfig, model_cfg, batches: Iterable[Tensor] | Ca
     finally:
         bar.close()
     if model_cfg.activation == "batchtopk":
-        model.meta["batchtopk"] = _calibrate_batchtopk(model, stream, x_BLD, device)
+        model.meta["batchtopk"] = _calibrate_batchtopk(model, stream, x_BLD, device, mesh)
     run.model, run.since_fired_F = _whole(run, lambda: cls(model_cfg, hooks=hooks, norm_factors=norm_factors,
                                                            meta=meta, seed=cfg.seed))
     if mesh is None or mesh.writer:
@@ -354,7 +354,8 @@ def _whole(run: _Run, rebuild: Callable[[], Dictionary]) -> tuple[Dictionary, Te
 
 
 @torch.no_grad()
-def _calibrate_batchtopk(model: Crosscoder, stream: Iterator[Tensor], last_BLD: Tensor, device: str) -> dict:
+def _calibrate_batchtopk(model: Crosscoder, stream: Iterator[Tensor], last_BLD: Tensor, device: str,
+                         mesh: distributed.Mesh | None = None) -> dict:
     """Replace BatchTopK's running threshold by one calibrated with the final weights
     (:meth:`Crosscoder.calibrate_threshold_`) on the stream's next batches (at least
     :data:`CALIBRATION_ROWS` rows), which training never saw. If the stream has ended, the last training
@@ -362,7 +363,7 @@ def _calibrate_batchtopk(model: Crosscoder, stream: Iterator[Tensor], last_BLD: 
     was computed on, so that batch gives a threshold that is too low elsewhere. Returns, on the
     calibration rows: mean L0 of training's batch selection, of inference with the new threshold
     (= k up to ties) and with the running EMA it replaces."""
-    parts = list(itertools.islice(stream, max(1, -(-CALIBRATION_ROWS // last_BLD.shape[0]))))
+    parts = list(itertools.islice(stream, max(1, -(-CALIBRATION_ROWS // distributed.global_rows(last_BLD, mesh)))))
     heldout = bool(parts)
     x_BLD = torch.cat([p.to(device=device, dtype=torch.float32) for p in parts]) if heldout else last_BLD
 
