@@ -183,6 +183,7 @@ def _add_harvest(p):
     p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
     p.add_argument("--outlier-factor", type=nonnegative_float, default=10.0,
                    help="drop rows whose norm exceeds this x the layer median (0 keeps them)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda: where the model runs")
 
 
 @verb("harvest", "run a model over the corpus once and store every chosen layer's activations", _add_harvest)
@@ -192,7 +193,7 @@ def cmd_harvest(args):
     from crosslayer.models import load_model
 
     corpus = load_corpus(args.corpus)
-    model = load_model(args.model, dtype=args.model_dtype)
+    model = load_model(args.model, dtype=args.model_dtype, device=args.device)
     hook_names(model, args.hook, parse_layers(args.layers, model.cfg.n_layers))  # fail fast
     check_seq_len(model, args.seq_len)
     windows = make_windows(corpus, model.tokenizer, split=args.split, seq_len=args.seq_len,
@@ -263,6 +264,7 @@ def _add_training_common(p, train_cfg: type, arch_cfg: type, *, out_help: str, w
     p.add_argument("--heldout", default=None,
                    help="held-out store (same model and layers): its FVU goes into the curve and the convergence verdict")
     p.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun: each rank its local GPU)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast only with AVX512-BF16 or a GPU)")
     p.add_argument("--nproc", type=positive_int, default=1,
                    help="data-parallel processes on this machine: relaunches itself under torchrun (gloo on CPU, "
                         "nccl on CUDA); for several machines run torchrun yourself (README, Scaling out)")
@@ -314,7 +316,8 @@ def _train_sae_stack(args, store, layers: list[int]) -> None:
     if args.arch != "topk":
         raise CrosslayerError(f"the crosslayer trainer trains topk SAEs; use --trainer sae-lens for --arch {args.arch}")
     arch = SAEStackConfig(layers=tuple(layers), d_model=store.width, width=args.width, k=args.k)
-    cfg = TrainConfig(tokens=args.tokens or store.n_rows, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    cfg = TrainConfig(tokens=args.tokens or store.n_rows, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      bf16=args.bf16)
     saes = _train(store, arch, cfg, args, latent=1)
     if saes is None:
         return
@@ -337,7 +340,6 @@ def _add_train_crosscoder(p):
                    help="layers per feature for --variant window")
     p.add_argument("--checkpoint-every", type=positive_int, default=default(TrainConfig, "checkpoint_every"),
                    help="steps between checkpoints")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast only with AVX512-BF16 or a GPU)")
     p.add_argument("--latent-parallel", type=positive_int, default=1,
                    help="ranks that share one crosscoder's features (topk; divides the processes and --width)")
 
@@ -370,6 +372,9 @@ def _relaunched(args) -> bool:
 
     if args.nproc == 1 or "WORLD_SIZE" in os.environ:
         return False
+    if args.batch_size % args.nproc:
+        raise CrosslayerError(f"--batch-size {args.batch_size} is not divisible by --nproc {args.nproc}; the ranks "
+                              "share each batch equally: choose a multiple")
     import subprocess
 
     argv = [a for i, a in enumerate(args.argv) if a != "--nproc" and (i == 0 or args.argv[i - 1] != "--nproc")
@@ -410,6 +415,7 @@ def _add_eval(p):
                    help="a (feature, layer) pair counts in L0 when its decoder norm is >= this x the feature's largest")
     p.add_argument("--boot", type=positive_int, default=1000, help="bootstrap resamples (over documents) for the 95%% intervals")
     p.add_argument("--out", default=None, help="CSV path for the table")
+    p.add_argument("--device", default="cpu", help="cpu | cuda: where the dictionary and the model run")
 
 
 @verb("eval", "evaluate a dictionary: FVU, MSE, L0, dead/dense, CE loss recovered and KL when spliced", _add_eval)
@@ -420,8 +426,8 @@ def cmd_eval(args):
     from crosslayer.store import ActivationStore
 
     store = ActivationStore(args.store)
-    dictionary = load_dictionary(args.dictionary)
-    model = load_model(store.manifest["model"], dtype=args.model_dtype) if args.windows else None
+    dictionary = load_dictionary(args.dictionary, device=args.device)
+    model = load_model(store.manifest["model"], dtype=args.model_dtype, device=args.device) if args.windows else None
     table = evaluate(dictionary, store, model=model, n_tokens=args.tokens, n_windows=args.windows or 1,
                      l0_frac=args.l0_frac, n_boot=args.boot, out=args.out, progress=True)
     print("\n".join(summary_lines(table)))

@@ -201,3 +201,20 @@ def test_mesh_errors_are_one_line(tmp_path):
         ShardedCrosscoder(Crosscoder(crosscoder_cfg("relu")), fake)
     with pytest.raises(CrosslayerError, match="--width 31 is not divisible by --latent-parallel 2"):
         ShardedCrosscoder(Crosscoder(CrosscoderConfig(layers=(0,), d_model=D, n_features=31, k=4)), fake)
+
+
+@pytest.mark.slow
+def test_cli_nproc_2_under_torchrun_trains_what_one_process_trains(tiny_store, tmp_path, monkeypatch):
+    """``crosslayer train-crosscoder --nproc 2`` relaunches itself as ``torchrun --nproc_per_node 2 -m crosslayer
+    train-crosscoder ...`` (each rank reads its half of every store batch) and saves the one-process crosscoder."""
+    from pathlib import Path
+
+    from crosslayer.cli import main
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))  # the ranks import this checkout
+    common = ["train-crosscoder", "--store", str(tiny_store.path), "--width", "32", "--k", "4", "--tokens", "640",
+              "--batch-size", "64", "--checkpoint-every", "4"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    assert main([*common, "--out", str(tmp_path / "two"), "--nproc", "2"]) == 0
+    assert_same_weights(load_dictionary(tmp_path / "one"), load_dictionary(tmp_path / "two"))
+    assert main([*common, "--out", str(tmp_path / "odd"), "--nproc", "2", "--batch-size", "63"]) == 2
