@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 from typing import Callable, NamedTuple
 
@@ -111,6 +112,7 @@ SHARED_OPTIONS = {
     "seq_len": ("--seq-len", dict(type=positive_int, default=128, help="window length in tokens")),
     "dictionary": ("--dictionary", dict(required=True, help="dictionary folder (per-layer SAEs or crosscoder)")),
     "store": ("--store", dict(required=True, help="activation store of the same model and hooks")),
+    "device": ("--device", dict(default="cpu", help="cpu | cuda: where the model and the dictionary run")),
 }
 """Options that several verbs take, each defined once."""
 
@@ -183,7 +185,7 @@ def _add_harvest(p):
     p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
     p.add_argument("--outlier-factor", type=nonnegative_float, default=10.0,
                    help="drop rows whose norm exceeds this x the layer median (0 keeps them)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda: where the model runs")
+    shared(p, "device")
 
 
 @verb("harvest", "run a model over the corpus once and store every chosen layer's activations", _add_harvest)
@@ -290,6 +292,9 @@ def _add_train_saes(p):
 def cmd_train_saes(args):
     from crosslayer.store import ActivationStore
 
+    if args.trainer == "sae-lens" and (args.in_memory or args.nproc > 1 or "WORLD_SIZE" in os.environ):
+        raise CrosslayerError("--trainer sae-lens runs in one process from the store on disk; drop --nproc and "
+                              "--in-memory, or use --trainer crosslayer")
     if _relaunched(args):
         return
     store = ActivationStore(args.store)
@@ -302,7 +307,7 @@ def cmd_train_saes(args):
     cfg = SAETrainConfig(width=args.width, tokens=args.tokens or store.n_rows, arch=args.arch, k=args.k,
                          sparsity_coefficient=args.sparsity_coef, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed)
-    saes = train_per_layer_saes(store, cfg, out_dir=args.out, layers=layers)
+    saes = train_per_layer_saes(store, cfg, out_dir=args.out, layers=layers, device=args.device)
     for row in saes.meta["layer_stats"]:
         print(f"layer {row['layer']:>2}: {row['tokens_per_s']:,.0f} tok/s, sample FVU {row['train_sample_fvu']:.3f}, "
               f"dead {row['dead_features']}")
@@ -368,13 +373,13 @@ def cmd_train_crosscoder(args):
 def _relaunched(args) -> bool:
     """``--nproc N`` outside torchrun: run this same command under ``torchrun --nproc_per_node N`` and wait for it
     (True: done here). Under torchrun, or with N = 1, False (train in this process)."""
-    import os
-
     if args.nproc == 1 or "WORLD_SIZE" in os.environ:
         return False
-    if args.batch_size % args.nproc:
-        raise CrosslayerError(f"--batch-size {args.batch_size} is not divisible by --nproc {args.nproc}; the ranks "
-                              "share each batch equally: choose a multiple")
+    data_ranks = args.nproc // getattr(args, "latent_parallel", 1)
+    if args.nproc % getattr(args, "latent_parallel", 1) or args.batch_size % data_ranks:
+        raise CrosslayerError(f"--nproc {args.nproc} must be a multiple of --latent-parallel and --batch-size "
+                              f"{args.batch_size} of the {data_ranks} data-parallel ranks; the ranks share each batch "
+                              "equally")
     import subprocess
 
     argv = [a for i, a in enumerate(args.argv) if a != "--nproc" and (i == 0 or args.argv[i - 1] != "--nproc")
@@ -415,7 +420,7 @@ def _add_eval(p):
                    help="a (feature, layer) pair counts in L0 when its decoder norm is >= this x the feature's largest")
     p.add_argument("--boot", type=positive_int, default=1000, help="bootstrap resamples (over documents) for the 95%% intervals")
     p.add_argument("--out", default=None, help="CSV path for the table")
-    p.add_argument("--device", default="cpu", help="cpu | cuda: where the dictionary and the model run")
+    shared(p, "device")
 
 
 @verb("eval", "evaluate a dictionary: FVU, MSE, L0, dead/dense, CE loss recovered and KL when spliced", _add_eval)
@@ -441,6 +446,7 @@ def _add_features(p):
     p.add_argument("--top", type=positive_int, default=10, help="features listed by --search")
     p.add_argument("--logits", type=positive_int, default=8, help="tokens pushed up / down to show per layer")
     p.add_argument("--batch-size", type=positive_int, default=1024, help="rows encoded per batch while streaming")
+    shared(p, "device")
 
 
 @verb("features", "text dashboard of one feature: density, top/quantile examples, logit effects, decoder profile",
@@ -454,8 +460,8 @@ def cmd_features(args):
     if (args.feature is None) == (args.search is None):
         raise CrosslayerError("give exactly one of --feature N and --search TOKEN")
     store = ActivationStore(args.store)
-    dictionary = load_dictionary(args.dictionary)
-    model = load_model(store.manifest["model"], dtype=args.model_dtype)
+    dictionary = load_dictionary(args.dictionary, device=args.device)
+    model = load_model(store.manifest["model"], dtype=args.model_dtype, device=args.device)
     if args.search is not None:
         table = find_features_for_token(dictionary, model, args.search, top=args.top)
         print(table.to_string(index=False, float_format="%.3f"))
@@ -471,6 +477,7 @@ def _add_lens(p):
     p.add_argument("--top-k", type=positive_int, default=5, help="top tokens kept per layer and position")
     p.add_argument("--position", type=int, default=-1, help="position printed (default: the last token)")
     p.add_argument("--plot", default=None, help="save a layer x position heatmap (PNG/PDF/SVG) of the first prompt")
+    shared(p, "device")
     p.add_argument("--out", default=None, help="optional CSV path for the full table")
 
 
@@ -479,7 +486,7 @@ def cmd_lens(args):
     from crosslayer.lens import format_lens, logit_lens, plot_lens
     from crosslayer.models import load_model
 
-    model = load_model(args.model, dtype=args.model_dtype)
+    model = load_model(args.model, dtype=args.model_dtype, device=args.device)
     table = logit_lens(model, args.prompt, target=args.target, top_k=args.top_k)
     for i, prompt in enumerate(args.prompt):
         print(f"{'' if i == 0 else chr(10)}prompt {i}: {prompt!r}")
@@ -512,6 +519,7 @@ def _add_steer(p):
                         "clean + its change) | first | peak (one layer; the model carries it on)")
     p.add_argument("--model", default=None, help="model (default: the one the dictionary was trained on)")
     p.add_argument("--top", type=positive_int, default=10, help="tokens shown rising / falling")
+    shared(p, "device")
     _add_generation(p.add_argument_group("generation (clean and steered, same seed)"))
 
 
@@ -522,11 +530,11 @@ def cmd_steer(args):
     from crosslayer.interventions import Edit, generate, steer
     from crosslayer.models import load_model
 
-    dictionary = load_dictionary(args.dictionary)
+    dictionary = load_dictionary(args.dictionary, device=args.device)
     name = args.model or dictionary.model_name
     if name is None:
         raise CrosslayerError("the dictionary does not record its model; pass --model")
-    model = load_model(name, dtype=args.model_dtype)
+    model = load_model(name, dtype=args.model_dtype, device=args.device)
     n_prompt = len(model.tokenizer(args.prompt, add_special_tokens=False)["input_ids"])  # to_tokens truncates
     if n_prompt + args.tokens > model.cfg.n_ctx:
         raise CrosslayerError(f"the prompt ({n_prompt} tokens) plus --tokens {args.tokens} exceeds the context of "

@@ -230,6 +230,13 @@ def mean_over_data(values: Tensor, mesh: Mesh | None) -> Tensor:
     return all_reduce_(values.detach().clone().float(), mesh.data_group) / mesh.data_size
 
 
+def dead_fraction(dead_F: Tensor, model: nn.Module, mesh: Mesh | None) -> float:
+    """Share of the whole dictionary's latents that are dead (``dead_F`` is this rank's slice when sharded)."""
+    if not isinstance(model, ShardedCrosscoder):
+        return float(dead_F.float().mean())
+    return float(all_reduce_(dead_F.sum(), mesh.latent_group)) / model.cfg.n_features
+
+
 def barrier(mesh: Mesh | None) -> None:
     if mesh is not None:
         dist.barrier()

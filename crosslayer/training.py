@@ -420,7 +420,7 @@ def _train_step(run: _Run, cfg: TrainConfig, x_BLD: Tensor, ckpt_path: Path, bar
             loss, *res.losses.values(), fvu(x_BLD, res.recon_BLD).mean(), torch.tensor(res.l0, device=loss.device))]), run.mesh).tolist()
         row = {"step": run.step, "tokens": run.step * rows, "loss": means[0], **dict(zip(names, means[1:])),
                "fvu": means[-2], "heldout_fvu": _heldout_fvu(model, run.heldout), "l0": means[-1],
-               "dead_frac": float(dead_F.float().mean()), "lr": cfg.lr_at(run.step - 1),
+               "dead_frac": distributed.dead_fraction(dead_F, model, run.mesh), "lr": cfg.lr_at(run.step - 1),
                "sparsity_coef": cfg.sparsity_at(run.step - 1, activation)}
         run.log.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3g}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}",
