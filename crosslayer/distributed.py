@@ -244,12 +244,13 @@ def barrier(mesh: Mesh | None) -> None:
 
 # ----------------------------------------------------------------------------- checkpoints of any mesh
 
-def full_state(model: nn.Module, optim: torch.optim.Optimizer, since_fired_F: Tensor,
-               mesh: Mesh | None) -> tuple[dict, dict, Tensor]:
+def full_state(model: nn.Module, optim: torch.optim.Optimizer | None, since_fired_F: Tensor,
+               mesh: Mesh | None) -> tuple[dict, dict | None, Tensor]:
     """``(model state, optimiser state, since-fired counters)`` of the whole dictionary, in the format of the
-    single-process trainer (collective over the latent group; tensors on the CPU)."""
+    single-process trainer (sharded: a collective over the latent group, one full tensor at a time, moved to the
+    CPU). Without ``optim``, no optimiser state (None)."""
     if not isinstance(model, ShardedCrosscoder):
-        return model.state_dict(), optim.state_dict(), since_fired_F
+        return model.state_dict(), None if optim is None else optim.state_dict(), since_fired_F
     group, names = mesh.latent_group, [name for name, _ in model.named_parameters()]
 
     def full(name: str, t: Tensor) -> Tensor:
@@ -257,9 +258,10 @@ def full_state(model: nn.Module, optim: torch.optim.Optimizer, since_fired_F: Te
 
     state = {name: full(name, p.detach()) for name, p in model.named_parameters()}
     state["threshold"] = torch.zeros(())
-    optim_state = optim.state_dict()
-    optim_state["state"] = {i: {key: full(names[i], v) if key != "step" else v for key, v in s.items()}
-                            for i, s in optim_state["state"].items()}
+    optim_state = None if optim is None else optim.state_dict()
+    if optim_state is not None:
+        optim_state["state"] = {i: {key: full(names[i], v) if key != "step" else v for key, v in s.items()}
+                                for i, s in optim_state["state"].items()}
     return state, optim_state, all_gather(since_fired_F, group).cpu()
 
 

@@ -257,7 +257,8 @@ class _Run:
         optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, fused=True)
         run = cls(model, optim, torch.zeros(model.n_features, dtype=torch.int64, device=device), mesh=mesh)
         if ckpt_path.is_file():
-            ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+            # on the CPU: a rank of a latent group keeps only its slice on the device
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
             if ckpt["plan"] != plan:
                 raise CrosslayerError(f"{ckpt_path} is from a different run; use the same arguments or another out_dir")
             run.since_fired_F = distributed.load_full_state(model, optim, ckpt["model"], ckpt["optim"],
@@ -347,7 +348,7 @@ def _whole(run: _Run, rebuild: Callable[[], Dictionary]) -> tuple[Dictionary, Te
     dictionary rebuilt with the gathered weights (collective; on every rank)."""
     if not isinstance(run.model, distributed.ShardedCrosscoder):
         return run.model, run.since_fired_F
-    state, _, since_fired_F = distributed.full_state(run.model, run.optim, run.since_fired_F, run.mesh)
+    state, _, since_fired_F = distributed.full_state(run.model, None, run.since_fired_F, run.mesh)
     whole = rebuild()
     whole.load_state_dict(state)
     return whole, since_fired_F
@@ -415,18 +416,24 @@ def _train_step(run: _Run, cfg: TrainConfig, x_BLD: Tensor, ckpt_path: Path, bar
     run.step += 1
     run.n_tokens += rows
     if run.step % cfg.log_interval == 0 or run.step == cfg.steps:
-        names = list(res.losses)
-        means = distributed.mean_over_data(torch.stack([t.float() for t in (
-            loss, *res.losses.values(), fvu(x_BLD, res.recon_BLD).mean(), torch.tensor(res.l0, device=loss.device))]), run.mesh).tolist()
-        row = {"step": run.step, "tokens": run.step * rows, "loss": means[0], **dict(zip(names, means[1:])),
-               "fvu": means[-2], "heldout_fvu": _heldout_fvu(model, run.heldout), "l0": means[-1],
-               "dead_frac": distributed.dead_fraction(dead_F, model, run.mesh), "lr": cfg.lr_at(run.step - 1),
-               "sparsity_coef": cfg.sparsity_at(run.step - 1, activation)}
+        row = _log_row(run, cfg, res, x_BLD, dead_F)
         run.log.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3g}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}",
                         dead=f"{row['dead_frac']:.2f}")
         if run.heldout is not None:
             _check_divergence(run.log, cfg)
+
+
+def _log_row(run: _Run, cfg: TrainConfig, res, x_BLD: Tensor, dead_F: Tensor) -> dict:
+    """A row of the training curve after the step just taken; batch statistics are means over the data ranks
+    (the batch ``fvu`` a mean of the ranks' own)."""
+    activation, names = run.model.cfg.activation, ["loss", *res.losses, "fvu", "l0"]
+    values = [res.loss.detach(), *res.losses.values(), fvu(x_BLD, res.recon_BLD).mean(), torch.tensor(res.l0)]
+    means = distributed.mean_over_data(torch.stack([v.float().to(x_BLD.device) for v in values]), run.mesh)
+    return {"step": run.step, "tokens": run.step * distributed.global_rows(x_BLD, run.mesh),
+            **dict(zip(names, means.tolist())), "heldout_fvu": _heldout_fvu(run.model, run.heldout),
+            "dead_frac": distributed.dead_fraction(dead_F, run.model, run.mesh), "lr": cfg.lr_at(run.step - 1),
+            "sparsity_coef": cfg.sparsity_at(run.step - 1, activation)}
 
 
 def _check_divergence(log: list[dict], cfg: TrainConfig) -> None:
