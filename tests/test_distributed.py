@@ -163,6 +163,14 @@ def test_latent_parallel_training_equals_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_by_two_mesh_trains_what_one_process_trains(tmp_path):
+    """4 ranks as 2 data x 2 latent (each rank: half the rows of every batch, half the features)."""
+    spawn(_train, tmp_path, [(tmp_path / "mesh", ARCHS["topk"], 2, None)], nprocs=4)
+    assert_same_weights(single(tmp_path, "topk", ARCHS["topk"]), load_dictionary(tmp_path / "mesh"))
+    assert_same_log(tmp_path / "single-topk", tmp_path / "mesh")
+
+
+@pytest.mark.slow
 def test_killed_two_rank_runs_resume_on_one_or_two_ranks(tmp_path):
     """A 2-rank run (data parallel, and latent parallel) killed at step 7 (checkpoint at 5) resumes with 1 rank
     and with 2 and ends with the weights of an uninterrupted single-process run."""
