@@ -7,7 +7,9 @@ Steps, each timed:
 1. plain forward (stop after the last harvested layer, no hooks) vs harvest of the same windows, all layers;
 2. the dense GEMM peak of the device (4096^3; bfloat16 on CUDA, float32 on CPU) vs the crosscoder training step
    on the harvested store (``--in-memory``: rows in device memory), as achieved encoder-GEMM FLOP/s of a step;
-3. the same training steps in one CPU process with one thread (a few steps), for the GPU / 1 CPU process ratio.
+3. training steps in one CPU process with one thread, on a narrower crosscoder (``--cpu-width``: a full-width step
+   takes minutes there), for the GPU / 1 CPU process ratio of latent-tokens per second (tokens/s x width; a step's
+   cost is proportional to the width).
 Prints one line per measurement and writes them to ``<out>/gpu_check.json``.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -22,6 +25,7 @@ import torch
 
 
 def sync(device: str) -> None:
+    """Wait for the device's queued work (timings on CUDA)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
@@ -50,6 +54,7 @@ def harvest_slice(args, out: Path) -> tuple[dict, object]:
                            seed=0)
     forward = forward_tokens_per_second(model, windows.tokens, batch_size=args.harvest_batch,
                                         stop_at_layer=model.cfg.n_layers)
+    shutil.rmtree(out / "store", ignore_errors=True)  # a rerun times a fresh harvest, not a resumed one
     sync(args.device)
     start = time.perf_counter()
     store = harvest(model, windows, out_dir=out / "store", layers="all", batch_size=args.harvest_batch, progress=False)
@@ -61,31 +66,25 @@ def harvest_slice(args, out: Path) -> tuple[dict, object]:
     return rows, store
 
 
-def train_slice(store, args, out: Path, *, device: str, steps: int, in_memory: bool) -> dict:
-    """``steps`` crosscoder steps over every layer of ``store``; the step time excludes the first step."""
+def train_slice(store, args, out: Path, *, device: str, steps: int, width: int, in_memory: bool) -> dict:
+    """``steps`` steps of a ``width``-latent crosscoder over every layer of ``store``, timed by the trainer (its
+    loop: the first step's calibration included, start-up and save not)."""
     from crosslayer.crosscoder import CrosscoderConfig
     from crosslayer.store import InMemoryStore
     from crosslayer.training import TrainConfig, train_crosscoder_from_store
 
-    arch = CrosscoderConfig(layers=tuple(store.layers), d_model=store.width, n_features=args.width, k=args.k)
+    arch = CrosscoderConfig(layers=tuple(store.layers), d_model=store.width, n_features=width, k=args.k)
     source = InMemoryStore(store, layers=store.layers, device=device) if in_memory else store
-    times = []
-
-    def timed(n: int, name: str) -> float:
-        cfg = TrainConfig(tokens=n * args.batch_size, batch_size=args.batch_size, lr=1e-4, seed=0,
-                          bf16=device.startswith("cuda"), checkpoint_every=10**9)
-        sync(device)
-        start = time.perf_counter()
-        train_crosscoder_from_store(source, arch, cfg, out_dir=out / name, device=device, progress=False)
-        sync(device)
-        return time.perf_counter() - start
-
-    one = timed(1, f"cc-{device}-1")  # start-up, calibration, first step, save
-    times = timed(steps + 1, f"cc-{device}-{steps + 1}") - one
-    step_s = times / steps
-    flops = 2 * args.batch_size * len(store.layers) * store.width * args.width  # the encoder GEMM of one step
-    return {"device": device, "steps": steps, "batch_size": args.batch_size, "width": args.width, "k": args.k,
-            "in_memory": in_memory, "step_s": step_s, "tok_s": args.batch_size / step_s,
+    cfg = TrainConfig(tokens=steps * args.batch_size, batch_size=args.batch_size, lr=1e-4, seed=0,
+                      bf16=device.startswith("cuda"), checkpoint_every=10**9)
+    folder = out / f"cc-{device}-{width}"
+    shutil.rmtree(folder, ignore_errors=True)  # train, never load a finished run
+    trained = train_crosscoder_from_store(source, arch, cfg, out_dir=folder, device=device, progress=False)
+    tok_s = trained.meta["tokens_per_s_last_session"]
+    step_s = args.batch_size / tok_s
+    flops = 2 * args.batch_size * len(store.layers) * store.width * width  # the encoder GEMM of one step
+    return {"device": device, "steps": steps, "batch_size": args.batch_size, "width": width, "k": args.k,
+            "in_memory": in_memory, "step_s": step_s, "tok_s": tok_s, "latent_tok_s": tok_s * width,
             "encoder_gemm_tflops_achieved": flops / step_s / 1e12}
 
 
@@ -102,6 +101,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--steps", type=int, default=100, help="timed training steps on the device")
     p.add_argument("--cpu-steps", type=int, default=2, help="timed training steps in 1 CPU process (0: skip)")
+    p.add_argument("--cpu-width", type=int, default=2304, help="crosscoder features of the 1-CPU-process steps")
     p.add_argument("--out", default="gpu-check")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -116,7 +116,8 @@ def main(argv=None) -> dict:
           f"{report['harvest']['harvest_tok_s']:,.0f} tok/s; plain forward {report['harvest']['forward_tok_s']:,.0f} "
           f"tok/s; harvest / forward = {report['harvest']['harvest_vs_forward']:.2f}", flush=True)
     report["gemm_peak_tflops"] = gemm_tflops(args.device)
-    report["train"] = train_slice(store, args, out, device=args.device, steps=args.steps, in_memory=True)
+    report["train"] = train_slice(store, args, out, device=args.device, steps=args.steps, width=args.width,
+                                  in_memory=True)
     step = report["train"]
     print(f"crosscoder {args.width:,} x {store.n_layers * store.width:,} inputs, k {args.k}, batch {args.batch_size} on "
           f"{args.device}: {step['step_s'] * 1e3:.1f} ms/step, {step['tok_s']:,.0f} tok/s; encoder GEMM "
@@ -127,12 +128,12 @@ def main(argv=None) -> dict:
         torch.set_num_threads(1)
         try:
             report["train_cpu_1_process"] = train_slice(store, args, out, device="cpu", steps=args.cpu_steps,
-                                                        in_memory=False)
+                                                        width=args.cpu_width, in_memory=False)
         finally:
             torch.set_num_threads(threads)
         cpu = report["train_cpu_1_process"]
-        print(f"same step in 1 CPU process (1 thread): {cpu['step_s']:.2f} s/step; {args.device} / 1 CPU process = "
-              f"{step['tok_s'] / cpu['tok_s']:.1f}x", flush=True)
+        print(f"1 CPU process (1 thread), {args.cpu_width:,} latents: {cpu['step_s']:.2f} s/step; {args.device} / 1 CPU "
+              f"process = {step['latent_tok_s'] / cpu['latent_tok_s']:.1f}x in latent-tokens/s", flush=True)
     report["seconds"] = time.perf_counter() - start
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"gpu check: {report['seconds']:.0f} s; {out / 'gpu_check.json'}")

@@ -27,7 +27,7 @@ if [ -z "${NO_VENV:-}" ]; then
     "$PYTHON" -m venv --system-site-packages "$VENV"   # keeps a CUDA torch the machine already has
     PYTHON="$VENV/bin/python"
     PIP=("$PYTHON" -m pip install -q)
-    [ -n "${WHEELS:-}" ] && PIP+=(--no-index --find-links "$WHEELS")
+    [ -n "${WHEELS:-}" ] && PIP+=(--no-index --find-links "$WHEELS" --no-build-isolation)
     "$PYTHON" -c "import torch; assert torch.cuda.is_available() or '$DEVICE' == 'cpu'" 2>/dev/null \
         || "${PIP[@]}" torch                           # the default index's Linux wheel is the CUDA build
     "${PIP[@]}" -e ".[dev]"

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_check_cpu_fallback_runs_every_step_and_reports_ratios(tmp_path):
     env = {**os.environ, "DEVICE": "cpu", "NO_VENV": "1", "PYTHON": sys.executable, "TESTS": "",
            "OUT": str(tmp_path / "check"),
-           "SLICE": "--model tiny-2l-64d --tokens 1k --width 64 --k 4 --batch-size 64 --steps 2 --cpu-steps 1"}
+           "SLICE": "--model tiny-2l-64d --tokens 1k --width 64 --k 4 --batch-size 64 --steps 2 --cpu-steps 1 --cpu-width 32"}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -23,6 +23,6 @@ def test_gpu_check_cpu_fallback_runs_every_step_and_reports_ratios(tmp_path):
     assert report["device_name"] == "cpu" and report["harvest"]["tokens"] >= 1000
     assert report["harvest"]["harvest_vs_forward"] > 0 and report["gemm_peak_tflops"] > 0
     assert report["train"]["in_memory"] and report["train"]["step_s"] > 0
-    assert report["train_cpu_1_process"]["tok_s"] > 0
-    for line in ("harvest / forward =", "encoder GEMM", "/ 1 CPU process ="):
+    assert report["train_cpu_1_process"]["width"] == 32 and report["train_cpu_1_process"]["latent_tok_s"] > 0
+    for line in ("harvest / forward =", "encoder GEMM", "process = "):
         assert line in proc.stdout
