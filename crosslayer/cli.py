@@ -375,11 +375,12 @@ def _relaunched(args) -> bool:
     (True: done here). Under torchrun, or with N = 1, False (train in this process)."""
     if args.nproc == 1 or "WORLD_SIZE" in os.environ:
         return False
-    data_ranks = args.nproc // getattr(args, "latent_parallel", 1)
-    if args.nproc % getattr(args, "latent_parallel", 1) or args.batch_size % data_ranks:
-        raise CrosslayerError(f"--nproc {args.nproc} must be a multiple of --latent-parallel and --batch-size "
-                              f"{args.batch_size} of the {data_ranks} data-parallel ranks; the ranks share each batch "
-                              "equally")
+    latent = getattr(args, "latent_parallel", 1)
+    if args.nproc % latent:
+        raise CrosslayerError(f"--nproc {args.nproc} is not a multiple of --latent-parallel {latent}")
+    if args.batch_size % (args.nproc // latent):
+        raise CrosslayerError(f"--batch-size {args.batch_size} is not divisible by the {args.nproc // latent} "
+                              "data-parallel ranks, which share each batch equally; choose a multiple")
     import subprocess
 
     argv = [a for i, a in enumerate(args.argv) if a != "--nproc" and (i == 0 or args.argv[i - 1] != "--nproc")

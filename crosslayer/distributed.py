@@ -84,7 +84,8 @@ def init_mesh(device: str = "cpu", latent: int = 1) -> Mesh | None:
     if world == 1 and latent == 1:
         return None
     if latent < 1 or world % latent:
-        raise CrosslayerError(f"--latent-parallel {latent} must divide the number of processes ({world})")
+        raise CrosslayerError(f"--latent-parallel {latent} must divide the number of processes ({world}); launch "
+                              "several with --nproc N or torchrun --nproc_per_node N")
     cuda = str(device).startswith("cuda")
     if cuda:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"

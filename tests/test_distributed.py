@@ -237,3 +237,19 @@ def test_cli_nproc_2_under_torchrun_trains_what_one_process_trains(tiny_store, t
     assert main([*common, "--out", str(tmp_path / "two"), "--nproc", "2"]) == 0
     assert_same_weights(load_dictionary(tmp_path / "one"), load_dictionary(tmp_path / "two"))
     assert main([*common, "--out", str(tmp_path / "odd"), "--nproc", "2", "--batch-size", "63"]) == 2
+
+
+def test_cli_refuses_layouts_it_cannot_run(tiny_store, tmp_path, capsys):
+    """One-line errors, exit 2, nothing created: latent sharding without the processes, a batch the ranks cannot
+    share, the sae-lens trainer on several processes."""
+    from crosslayer.cli import main
+
+    store = ["--store", str(tiny_store.path), "--out", str(tmp_path / "out"), "--tokens", "640"]
+    cases = {("train-crosscoder", "--width", "32", "--batch-size", "64", "--latent-parallel", "2"): "launch several with --nproc",
+             ("train-crosscoder", "--width", "32", "--nproc", "2", "--batch-size", "63"): "not divisible",
+             ("train-saes", "--width", "8", "--batch-size", "64", "--trainer", "sae-lens", "--nproc", "2"): "runs in one process"}
+    for argv, message in cases.items():
+        assert main([*argv, *store]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "out").exists()
