@@ -414,9 +414,9 @@ class InMemoryStore(ActivationStore):
     def iter_batches(self, batch_size: int, *, layers: list[int] | None = None, normalized: bool = True,
                      shuffle: bool = True, seed: int = 0, epochs: int | None = 1, drop_last: bool = True,
                      dtype: torch.dtype = torch.float32, part: tuple[int, int] | None = None,
-                     **_ignored) -> Iterator[torch.Tensor]:
+                     buffer_rows: int | None = None) -> Iterator[torch.Tensor]:
         """As :meth:`ActivationStore.iter_batches` (same order, values and dtype), on the resident device; only
-        the resident layers (``drop_last`` only)."""
+        the resident layers (``drop_last`` only; ``buffer_rows`` is unused: every row is resident)."""
         if list(layers or self.layers) != self.resident_layers or not drop_last:
             raise CrosslayerError(f"this in-memory store holds layers {self.resident_layers} and serves whole batches")
         factors = self.select(self.resident_layers).norm_factors
