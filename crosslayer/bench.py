@@ -359,7 +359,7 @@ import crosslayer.store as st
 from crosslayer.store import ActivationStore
 a = json.loads(sys.argv[1])
 if not a["verify"]:  # the baseline: the same reads without the first-map checksum of each shard
-    st._hash_matches = lambda path, expected: True
+    st._hash_matches = lambda *args: True
 store = ActivationStore(a["store"])
 start, n = time.perf_counter(), 0
 for batch in store.iter_batches(a["batch_size"], buffer_rows=a["buffer_rows"], seed=0):

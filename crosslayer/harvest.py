@@ -37,8 +37,8 @@ import crosslayer
 from crosslayer.corpus import TokenWindows
 from crosslayer.errors import CrosslayerError
 from crosslayer.hooks import HOOK_KINDS, hook_name  # noqa: F401 (harvest.HOOK_KINDS stays importable)
-from crosslayer.io import atomic_path, claim_folder, sha256_file, write_json
-from crosslayer.store import FORMAT_VERSION, ActivationStore, from_torch16, mean_norm_factor
+from crosslayer.io import atomic_path, claim_folder, release_folder, sha256_file, write_json, xxh3_file
+from crosslayer.store import FORMAT_VERSION, SHARD_KEYS, ActivationStore, from_torch16, mean_norm_factor
 
 
 def parse_layers(spec: str | list[int], n_layers: int) -> list[int]:
@@ -140,13 +140,16 @@ def harvest(model, windows: TokenWindows, *, out_dir: str | Path, hook: str = "r
     if claimed is not None and claimed.get("status") == "complete":
         if not todo:
             _write_windows(out, windows)  # restores only window files that were deleted or damaged
+            release_folder(out)
             return ActivationStore(out)
         write_json({**plan, "status": "harvesting", "package_version": crosslayer.__version__},
                    out / "manifest.json")  # readers refuse the store until the repair finishes
     try:
         _write_windows(out, windows)
         _run_shards(model, windows, out, plan, todo, progress)
-        return _finalise(out, plan)
+        store = _finalise(out, plan)
+        release_folder(out)  # (a failed harvest keeps its lock until the process exits)
+        return store
     except NonFiniteActivations:
         shutil.rmtree(out, ignore_errors=True)  # this harvest can never succeed: leave nothing behind
         raise
@@ -209,9 +212,7 @@ def _bad_shards(out: Path, plan: dict) -> list[int]:
 
 
 def _run_shards(model, windows: TokenWindows, out: Path, plan: dict, todo: list[int], progress: bool) -> None:
-    (out / "shards").mkdir(exist_ok=True)
-    for stale in (out / "shards").glob(".*.tmp"):  # partial files of a killed run
-        stale.unlink()
+    (out / "shards").mkdir(exist_ok=True)  # (claim_folder swept the partial files of a killed run)
     per_shard, n_windows = plan["windows_per_shard"], plan["n_windows"]
     n_shards = _n_shards(plan)
     for index in todo:  # a bad shard counts as unfinished until its new sidecar is written
@@ -294,6 +295,7 @@ def _write_shard(out: Path, index: int, acts: np.ndarray, rows: np.ndarray, stat
                 fh.flush()
                 os.fsync(fh.fileno())
         info[f"{key}_sha256"] = sha256_file(shard_dir / info[f"{key}_file"])
+        info[f"{key}_xxh3"] = xxh3_file(shard_dir / info[f"{key}_file"])
     info.update({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in stats.items()})
     write_json(info, shard_dir / f"shard-{index:05d}.json")
 
@@ -315,7 +317,7 @@ def _finalise(out: Path, plan: dict) -> ActivationStore:
         "excluded": {k.removeprefix("excluded_"): v for k, v in totals.items() if k.startswith("excluded_")},
         "mean_norms": (norm_sums / totals["rows"]).tolist(),
         "norm_factors": mean_norm_factor(norm_sums, totals["rows"], plan["width"]),
-        "shards": [{k: info[k] for k in ("acts_file", "rows_file", "acts_sha256", "rows_sha256", "rows")}
+        "shards": [{k: info[k] for k in SHARD_KEYS if k in info}
                    for info in infos],
     }
     write_json(manifest, out / "manifest.json")

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from crosslayer.dictionary import (CFG_FILENAME, Dictionary, meta_from_cfg, read_saved_cfg, register_dictionary,
                                    store_provenance)
 from crosslayer.errors import CrosslayerError
-from crosslayer.io import atomic_path, claim_folder, current_umask, write_json
+from crosslayer.io import atomic_path, claim_folder, current_umask, release_folder, write_json
 from crosslayer.training import DEFAULT_SPARSITY_COEF, default_dead_after
 
 ARCHS = ("topk", "batchtopk", "jumprelu", "standard")
@@ -489,4 +489,5 @@ def train_per_layer_saes(store, cfg: SAETrainConfig, *, out_dir: str | Path, lay
     result = PerLayerSAEs(saes, layers=sel.layers, hooks=sel.hooks, norm_factors=factors, meta=meta)
     if (record or {}).get("status") != "complete":
         result.write_cfg(out)
+    release_folder(out)
     return result

@@ -54,7 +54,7 @@ from crosslayer.crosscoder import Crosscoder, CrosscoderConfig
 from crosslayer.dictionary import CFG_FILENAME, Dictionary, load_dictionary, store_provenance
 from crosslayer.errors import CrosslayerError
 from crosslayer.evals import fvu
-from crosslayer.io import atomic_path, claim_folder, write_csv
+from crosslayer.io import atomic_path, claim_folder, release_folder, write_csv
 
 CHECKPOINT = "checkpoint.pt"
 DEFAULT_SPARSITY_COEF = {"relu": 5.0, "standard": 5.0, "jumprelu": 1.0}
@@ -299,6 +299,7 @@ def train_crosscoder(cfg: TrainConfig, model_cfg, batches: Iterable[Tensor] | Ca
     out, plan, (kind, cls) = Path(out_dir), _plan(cfg, model_cfg), _architecture(model_cfg)
     claimed = _claim(out, plan, mesh)
     if claimed is not None and claimed.get("status") == "complete":
+        release_folder(out)
         return load_dictionary(out, device=device)
     distributed.batch_part(cfg.batch_size, mesh)  # a batch the data ranks cannot share fails before training
     model = cls(model_cfg, hooks=hooks, norm_factors=norm_factors, meta=meta, seed=cfg.seed)
@@ -327,12 +328,14 @@ def train_crosscoder(cfg: TrainConfig, model_cfg, batches: Iterable[Tensor] | Ca
                                                            meta=meta, seed=cfg.seed))
     if mesh is None or mesh.writer:
         _save(run, cfg, plan, out, seconds=time.perf_counter() - start_time, start_step=start_step)
+        release_folder(out)  # (a failed run keeps its lock until the process exits)
     distributed.barrier(mesh)
     return load_dictionary(out, device=device)
 
 
 def _claim(out: Path, plan: dict, mesh: distributed.Mesh | None) -> dict | None:
-    """:func:`claim_folder` for a training run: rank 0 first, then the other ranks (which find its record)."""
+    """:func:`claim_folder` for a training run; with several ranks, rank 0 claims (and holds the folder's lock) and
+    the others read the record it found or wrote."""
     def claim():
         return claim_folder(out, plan, record=CFG_FILENAME, what="dictionary training", extra={"status": "training"})
 
@@ -340,7 +343,7 @@ def _claim(out: Path, plan: dict, mesh: distributed.Mesh | None) -> dict | None:
         return claim()
     claimed = claim() if mesh.writer else None
     distributed.barrier(mesh)
-    return claimed if mesh.writer else claim()
+    return claimed if mesh.writer else json.loads((out / CFG_FILENAME).read_text())  # rank 0 holds the lock
 
 
 def _whole(run: _Run, rebuild: Callable[[], Dictionary]) -> tuple[Dictionary, Tensor]:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from crosslayer.errors import CrosslayerError
-from crosslayer.io import claim_folder, write_csv, write_json, write_text
+from crosslayer.io import claim_folder, release_folder, write_csv, write_json, write_text
 
 from studies import all_studies, get_study
 from studies.base import CONFIG_FILE
@@ -389,6 +389,7 @@ def reproduce(preset: str = "demo", *, out: str | Path | None = None, corpus: st
         if only and name not in only:
             continue
         _run_step(ctx, name, step, redo=name in (redo or []))
+    release_folder(out)
     print(f"reproduce --preset {preset}: {time.time() - total:.0f}s in this run; results in {out}", flush=True)
     return out
 

@@ -231,3 +231,15 @@ def test_a_diverged_run_is_recorded_and_retrained_at_the_next_learning_rate(micr
     assert list(diverged.lr) == [best] and list(diverged.dictionary) == ["crosscoder_diverge_test"]
     assert micro_ctx.lr("crosscoders") == seen[1]
     (micro_ctx.results() / "lr_diverged.csv").unlink()  # leave the shared micro run as it was
+
+
+@pytest.mark.slow
+def test_reproduce_twice_gives_identical_csvs(tmp_path):
+    """Determinism: two micro reproductions from scratch write the same CSVs, byte for byte (no CSV
+    holds a wall-clock column; step times live in ``done/*.json`` and the paper's setup macros)."""
+    runs = [reproduce("micro", out=tmp_path / name, paper=tmp_path / f"paper_{name}", progress=False)
+            for name in ("a", "b")]
+    csvs = [sorted(p.relative_to(run) for p in run.rglob("*.csv")) for run in runs]
+    assert csvs[0] == csvs[1] and len(csvs[0]) > 20
+    differ = [str(p) for p in csvs[0] if (runs[0] / p).read_bytes() != (runs[1] / p).read_bytes()]
+    assert not differ, differ

@@ -164,3 +164,34 @@ def test_a_full_disk_is_a_one_line_error_and_the_harvest_resumes(tiny_store, tin
     for name in sorted(p.name for p in (tiny_store.path / "shards").iterdir()):
         assert (tmp_path / "s" / "shards" / name).read_bytes() == (tiny_store.path / "shards" / name).read_bytes()
 
+
+
+@pytest.mark.parametrize("algorithm", ["xxh3", "sha256"])
+def test_readers_check_the_fast_checksum_and_older_stores_the_sha256(algorithm, copy):
+    """Readers check XXH3 where the store has it; a store written before XXH3 sums existed (no ``*_xxh3``
+    keys) is still checked, by SHA-256; ``verify`` always checks SHA-256."""
+    import json
+
+    from crosslayer import store as store_module
+
+    if algorithm == "sha256":  # make the copy an older store
+        manifest = json.loads((copy.path / "manifest.json").read_text())
+        for shard in manifest["shards"]:
+            shard.pop("acts_xxh3"), shard.pop("rows_xxh3")
+        (copy.path / "manifest.json").write_text(json.dumps(manifest))
+    seen = []
+    real = store_module._hash_matches
+    store_module._hash_matches = lambda path, expected, alg="sha256": seen.append(alg) or real(path, expected, alg)
+    try:
+        _flip(_acts(copy), -2, 0x01)
+        store = ActivationStore(copy.path)
+        store._shard_arrays(0)
+        assert set(seen) == {algorithm}
+        with pytest.raises(CrosslayerError, match=f"shard-00001.acts.npy is corrupted"):
+            store._shard_arrays(1)
+        seen.clear()
+        with pytest.raises(CrosslayerError, match="SHA-256 mismatch"):
+            ActivationStore(copy.path).verify()
+        assert set(seen) == {"sha256"}
+    finally:
+        store_module._hash_matches = real

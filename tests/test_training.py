@@ -288,3 +288,29 @@ def test_divergence_stops_a_run_whose_heldout_fvu_blows_up():
         _check_divergence(rows + [{"step": 60, "heldout_fvu": float("nan")}], cfg)
     with pytest.raises(CrosslayerError, match="diverge_factor"):
         TrainConfig(tokens=640, batch_size=64, diverge_factor=0.5)
+
+
+@pytest.mark.parametrize("verb", ["train-crosscoder", "train-saes"])
+def test_the_same_command_twice_gives_identical_weights(verb, tmp_path, tiny_store):
+    """Determinism: two runs of one CLI training command (store stream, init, AuxK, held-out curve)
+    give bit-identical weights and the same curve."""
+    from crosslayer.cli import main
+
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert main([verb, "--store", str(tiny_store.path), "--out", str(out), "--width", "16", "--k", "2",
+                     "--tokens", "2k", "--batch-size", "64", "--heldout", str(tiny_store.path)]) == 0
+        runs.append(load_dictionary(out).state_dict())
+    assert runs[0].keys() == runs[1].keys() and runs[0]
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]), key
+    if verb == "train-crosscoder":
+        curves = [(tmp_path / n / "train_log.csv").read_text().splitlines() for n in ("a", "b")]
+        strip = [[",".join(c for i, c in enumerate(line.split(",")) if i not in _wall_clock_columns(rows[0]))
+                  for line in rows] for rows in curves]
+        assert strip[0] == strip[1]
+
+
+def _wall_clock_columns(header: str) -> set[int]:
+    return {i for i, name in enumerate(header.split(",")) if "second" in name or name.endswith("_s")}
