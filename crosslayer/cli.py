@@ -480,15 +480,23 @@ def _add_lens(p):
     p.add_argument("--plot", default=None, help="save a layer x position heatmap (PNG/PDF/SVG) of the first prompt")
     shared(p, "device")
     p.add_argument("--out", default=None, help="optional CSV path for the full table")
+    p.add_argument("--tuned", default=None, help="a tuned lens folder (`crosslayer train-lens`): decode through "
+                                                 "its translators instead of the plain logit lens")
 
 
-@verb("lens", "logit lens: decode every layer's residual through the final norm and unembedding", _add_lens)
+@verb("lens", "logit lens (or --tuned: tuned lens): decode every layer's residual through the final norm and "
+      "unembedding", _add_lens)
 def cmd_lens(args):
     from crosslayer.lens import format_lens, logit_lens, plot_lens
     from crosslayer.models import load_model
 
+    tuned = None
+    if args.tuned:
+        from crosslayer.tuned_lens import TunedLens
+
+        tuned = TunedLens.load(args.tuned).to(args.device)
     model = load_model(args.model, dtype=args.model_dtype, device=args.device)
-    table = logit_lens(model, args.prompt, target=args.target, top_k=args.top_k)
+    table = logit_lens(model, args.prompt, target=args.target, top_k=args.top_k, tuned=tuned)
     for i, prompt in enumerate(args.prompt):
         print(f"{'' if i == 0 else chr(10)}prompt {i}: {prompt!r}")
         print(format_lens(table, args.position, prompt=i))
@@ -499,6 +507,65 @@ def cmd_lens(args):
 
         write_csv(table, args.out)
         print(f"table: {args.out}")
+
+
+def _add_train_lens(p):
+    from crosslayer.tuned_lens import TunedLensConfig
+
+    shared(p, "model", "corpus", "seq_len", "model_dtype")
+    d = TunedLensConfig()
+    p.add_argument("--out", required=True, help="folder for the tuned lens (translators and cfg)")
+    p.add_argument("--layers", default=None, help="layers to translate, e.g. -1,0-28 (default: the embedding and "
+                                                  "every layer but the last)")
+    p.add_argument("--steps", type=positive_int, default=d.steps, help="optimiser steps")
+    p.add_argument("--batch-windows", type=positive_int, default=d.batch_windows, help="windows per step")
+    p.add_argument("--positions", type=positive_int, default=d.positions, help="tokens decoded per step")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the windows and sampled positions")
+    p.add_argument("--heldout-tokens", type=parse_count, default=parse_count("4k"),
+                   help="held-out tokens on which KL by layer is reported for both lenses (0: none)")
+
+
+@verb("train-lens", "train a tuned lens (an affine translator per layer, Belrose et al. 2023) on the corpus",
+      _add_train_lens)
+def cmd_train_lens(args):
+    from crosslayer.corpus import load_corpus, make_windows
+    from crosslayer.harvest import check_seq_len
+    from crosslayer.models import load_model
+    from crosslayer.tuned_lens import TunedLensConfig, lens_kl_by_layer, train_tuned_lens
+
+    corpus = load_corpus(args.corpus)
+    model = load_model(args.model, dtype=args.model_dtype)
+    check_seq_len(model, args.seq_len)
+    layers = None if args.layers is None else _lens_layers(args.layers, model.cfg.n_layers)
+    cfg = TunedLensConfig(steps=args.steps, batch_windows=args.batch_windows, positions=args.positions,
+                          lr=args.lr, seed=args.seed)
+    windows = make_windows(corpus, model.tokenizer, split="train", seq_len=args.seq_len,
+                           n_tokens=cfg.steps * cfg.batch_windows * args.seq_len, seed=args.seed)
+    lens = train_tuned_lens(model, windows, layers=layers, cfg=cfg)
+    out = lens.save(args.out)
+    print(f"tuned lens for layers {lens.layers}: {out} (train KL {lens.meta['train_kl_first_last'][0]:.3f} -> "
+          f"{lens.meta['train_kl_first_last'][1]:.3f} nats)")
+    if args.heldout_tokens:
+        held = make_windows(corpus, model.tokenizer, split="heldout", seq_len=args.seq_len,
+                            n_tokens=args.heldout_tokens, seed=args.seed)
+        table = lens_kl_by_layer(model, held, lens)
+        from crosslayer.io import write_csv
+
+        write_csv(table, out / "heldout_kl.csv")
+        wide = table[table.lens != "tuned_minus_logit"].pivot(index="layer", columns="lens", values="kl")
+        print(f"held-out KL(final || layer), nats, {table.tokens.iloc[0]:,} tokens of {table.docs.iloc[0]} "
+              f"documents (CIs in {out / 'heldout_kl.csv'}):\n{wide.round(3).to_string()}")
+
+
+def _lens_layers(text: str, n_layers: int) -> list[int]:
+    """``-1,0-5`` -> [-1, 0, ..., 5]: the layer syntax of ``--layers`` plus -1 for the embedding."""
+    from crosslayer.harvest import parse_layers
+
+    parts = [p for p in text.split(",") if p.strip()]
+    embed = [-1] if "-1" in [p.strip() for p in parts] else []
+    rest = ",".join(p for p in parts if p.strip() != "-1")
+    return embed + (parse_layers(rest, n_layers) if rest else [])
 
 
 def _add_generation(g):

@@ -47,7 +47,7 @@ def _hook_name(layer: int) -> str:
     return hook_name("resid_pre", 0) if layer == EMBED_LAYER else hook_name("resid_post", layer)
 
 
-def _check_layers(model, layers) -> list[int]:
+def check_layers(model, layers) -> list[int]:
     n_layers = model.cfg.n_layers
     if layers is None:
         return [EMBED_LAYER, *range(n_layers)]
@@ -74,7 +74,7 @@ def decode_layer(model, resid_BPD: Float[Tensor, "batch pos d_model"]) -> Float[
 
 @torch.no_grad()
 def logit_lens(model, prompts: str | list[str], *, target: str | None = None, top_k: int = 5,
-               layers=None) -> pd.DataFrame:
+               layers=None, tuned=None) -> pd.DataFrame:
     """Logit-lens table, one row per (prompt, layer, position); see the module docstring.
 
     ``layers``: layer indices to read (``-1`` is the embedding); default all of them. Columns:
@@ -82,27 +82,32 @@ def logit_lens(model, prompts: str | list[str], *, target: str | None = None, to
     ``top1_prob``, ``topk_tokens`` / ``topk_probs`` (lists, best first), ``entropy`` (nats),
     ``kl_final`` (KL(final || layer), nats), ``final_top1_token`` (the model's own top-1 there),
     ``first_layer_in_topk`` (first layer read whose top-k holds it; <NA> if none), and with
-    ``target`` also ``target_token``, ``target_rank`` (1 = top-1) and ``target_prob``.
+    ``target`` also ``target_token``, ``target_rank`` (1 = top-1) and ``target_prob``. With ``tuned``
+    (a :class:`~crosslayer.tuned_lens.TunedLens`), every layer is decoded through its translator
+    instead: the same table for the tuned lens (default layers: those the lens reads).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise CrosslayerError("no prompts given; pass a string or a non-empty list of strings")
     if top_k < 1 or top_k > model.cfg.d_vocab:
         raise CrosslayerError(f"top_k={top_k} must be between 1 and the vocabulary size {model.cfg.d_vocab}")
-    chosen = _check_layers(model, layers)
+    if tuned is not None:
+        tuned.check_model(model)
+    chosen = check_layers(model, layers if layers is not None or tuned is None else tuned.layers)
+    decode = (lambda layer, resid: decode_layer(model, resid)) if tuned is None else tuned.decoder(model)
     target_id = _target_id(model, target) if target is not None else None
     tokens_BP, lengths = tokenize_padded(model, prompts)
     names = {_hook_name(layer) for layer in chosen}
     final_logits_BPV, cache = model.run_with_cache(tokens_BP, names_filter=lambda name: name in names)
     final_logp_BPV = torch.log_softmax(final_logits_BPV.float(), dim=-1)
-    stacked, first_in_topk_BP = _layer_stats(model, cache, chosen, final_logp_BPV, top_k, target_id)
+    stacked, first_in_topk_BP = _layer_stats(decode, cache, chosen, final_logp_BPV, top_k, target_id)
     del cache
     per_position = {"token": tokens_BP.cpu(), "final_top1": final_logp_BPV.argmax(-1).cpu(),
                     "first_in_topk": first_in_topk_BP.cpu()}
     return _table(model, chosen, lengths, stacked, per_position, target_id)
 
 
-def _layer_stats(model, cache, chosen: list[int], final_logp_BPV: Tensor, top_k: int, target_id: int | None):
+def _layer_stats(decode, cache, chosen: list[int], final_logp_BPV: Tensor, top_k: int, target_id: int | None):
     """Per-layer statistics stacked to ``[layer, batch, pos, ...]`` (CPU), and for each position the first
     layer whose top-k holds the final top-1 token (-2: none)."""
     final_p_BPV = final_logp_BPV.exp()
@@ -110,7 +115,7 @@ def _layer_stats(model, cache, chosen: list[int], final_logp_BPV: Tensor, top_k:
     first_in_topk_BP = torch.full(final_top1_BP.shape, -2, dtype=torch.long, device=final_top1_BP.device)
     per_layer = []
     for layer in chosen:
-        logp_BPV = decode_layer(model, cache[_hook_name(layer)])
+        logp_BPV = decode(layer, cache[_hook_name(layer)])
         p_BPV = logp_BPV.exp()
         top_logp_BPK, top_ids_BPK = logp_BPV.topk(top_k, dim=-1)
         in_topk_BP = (top_ids_BPK == final_top1_BP[..., None]).any(-1)

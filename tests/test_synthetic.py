@@ -137,3 +137,59 @@ def _random_batches(acts, bs):
             step += 1
 
     return make
+
+
+def _layer_magnitudes(acts_NLD, truth, g):
+    """Per-layer magnitude of feature g on each token (projection on its direction over its profile),
+    for data generated with one feature (or orthogonal ones), no noise and no normalisation."""
+    layers = torch.nonzero(truth.profiles_GL[g] > 0).flatten()
+    proj = torch.einsum("nld,ld->nl", acts_NLD[:, layers], truth.directions_GLD[g, layers])
+    return proj / truth.profiles_GL[g, layers]
+
+
+@pytest.mark.parametrize("coupling", [1.0, 0.0])
+def test_layer_coupling_sets_how_a_features_layers_move_together(coupling):
+    acts, truth, fires = make_synthetic(4, 32, 1, 4000, seed=0, frac_multi=1.0, max_span=4, max_freq=0.5,
+                                        noise=0.0, normalize=False, layer_coupling=coupling, return_fires=True)
+    mags = _layer_magnitudes(acts, truth, 0)[fires[:, 0]]
+    assert mags.shape[1] >= 2 and (mags > 0).all()
+    corr = torch.corrcoef(mags.T)[0, 1:]
+    if coupling == 1.0:
+        assert torch.allclose(corr, torch.ones_like(corr), atol=1e-5)  # one rank-1 vector across layers
+    else:
+        assert corr.abs().max() < 0.6  # U(0.5,1.5) shared magnitude times independent U(0,2) per layer
+
+
+def test_weak_features_span_every_layer_with_a_flat_weak_profile():
+    _, truth = make_synthetic(6, 16, 400, 10, seed=1, frac_weak=0.25, weak_scale=0.2)
+    weak = truth.weak_G
+    assert 50 < int(weak.sum()) < 150
+    assert (truth.span_len_G[weak] == 6).all() and torch.allclose(truth.profiles_GL[weak], torch.full((int(weak.sum()), 6), 0.2))
+    assert (truth.profiles_GL[~weak].amax(1) == 1).all()  # the others keep their peak of 1
+
+
+def test_children_fire_only_with_their_parent():
+    acts, truth, fires = make_synthetic(3, 64, 32, 20000, seed=2, n_parents=4, n_children=3, child_prob=0.5,
+                                        max_freq=0.3, return_fires=True)
+    parent = truth.parent_G
+    children = torch.nonzero(parent >= 0).flatten()
+    assert len(children) == 12 and set(parent[children].tolist()) == set(torch.unique(parent[children]).tolist())
+    assert not (fires[:, children] & ~fires[:, parent[children]]).any()
+    rate = fires[:, children].float().sum(0) / fires[:, parent[children]].float().sum(0)
+    assert torch.allclose(rate, torch.full_like(rate, 0.5), atol=0.08)  # P(child | parent) = child_prob
+    assert torch.allclose(truth.frequencies_G[children], 0.5 * truth.frequencies_G[parent[children]])
+
+
+def test_heavy_superposition_is_generated_and_scored():
+    d, G = 16, 8 * 16 * 2  # 8x more features than dimensions per layer (over 2 layers)
+    acts, truth = make_synthetic(2, d, G, 2000, seed=0, max_span=2)
+    assert acts.shape == (2000, 2, d) and torch.isfinite(acts).all()
+    table = recovery(torch.randn(64, 2, d, generator=torch.Generator().manual_seed(123)), truth)
+    assert len(table) == G and table.mean_max_cos.between(0, 1 + 1e-6).all()
+
+
+def test_harder_options_are_validated():
+    with pytest.raises(CrosslayerError, match="parents"):
+        make_synthetic(2, 8, 10, 10, n_parents=3, n_children=3)
+    with pytest.raises(CrosslayerError, match="layer_coupling"):
+        make_synthetic(2, 8, 10, 10, layer_coupling=1.5)
