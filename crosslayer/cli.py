@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 from typing import Callable, NamedTuple
 
@@ -111,6 +112,7 @@ SHARED_OPTIONS = {
     "seq_len": ("--seq-len", dict(type=positive_int, default=128, help="window length in tokens")),
     "dictionary": ("--dictionary", dict(required=True, help="dictionary folder (per-layer SAEs or crosscoder)")),
     "store": ("--store", dict(required=True, help="activation store of the same model and hooks")),
+    "device": ("--device", dict(default="cpu", help="cpu | cuda: where the model and the dictionary run")),
 }
 """Options that several verbs take, each defined once."""
 
@@ -183,6 +185,7 @@ def _add_harvest(p):
     p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
     p.add_argument("--outlier-factor", type=nonnegative_float, default=10.0,
                    help="drop rows whose norm exceeds this x the layer median (0 keeps them)")
+    shared(p, "device")
 
 
 @verb("harvest", "run a model over the corpus once and store every chosen layer's activations", _add_harvest)
@@ -192,7 +195,7 @@ def cmd_harvest(args):
     from crosslayer.models import load_model
 
     corpus = load_corpus(args.corpus)
-    model = load_model(args.model, dtype=args.model_dtype)
+    model = load_model(args.model, dtype=args.model_dtype, device=args.device)
     hook_names(model, args.hook, parse_layers(args.layers, model.cfg.n_layers))  # fail fast
     check_seq_len(model, args.seq_len)
     windows = make_windows(corpus, model.tokenizer, split=args.split, seq_len=args.seq_len,
@@ -262,6 +265,14 @@ def _add_training_common(p, train_cfg: type, arch_cfg: type, *, out_help: str, w
                    help="L1 (relu/standard) or L0/tanh (jumprelu) sparsity coefficient (default by activation)")
     p.add_argument("--heldout", default=None,
                    help="held-out store (same model and layers): its FVU goes into the curve and the convergence verdict")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun: each rank its local GPU)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast only with AVX512-BF16 or a GPU)")
+    p.add_argument("--nproc", type=positive_int, default=1,
+                   help="data-parallel processes on this machine: relaunches itself under torchrun (gloo on CPU, "
+                        "nccl on CUDA); for several machines run torchrun yourself (README, Scaling out)")
+    p.add_argument("--in-memory", action="store_true",
+                   help="load the store's selected layers into --device memory once and train from there "
+                        "(a large GPU: no disk round trip)")
 
 
 def _add_train_saes(p):
@@ -281,6 +292,11 @@ def _add_train_saes(p):
 def cmd_train_saes(args):
     from crosslayer.store import ActivationStore
 
+    if args.trainer == "sae-lens" and (args.in_memory or args.nproc > 1 or "WORLD_SIZE" in os.environ):
+        raise CrosslayerError("--trainer sae-lens runs in one process from the store on disk; drop --nproc and "
+                              "--in-memory, or use --trainer crosslayer")
+    if _relaunched(args):
+        return
     store = ActivationStore(args.store)
     layers = store.select(args.layers).layers
     if args.trainer == "crosslayer":
@@ -291,7 +307,7 @@ def cmd_train_saes(args):
     cfg = SAETrainConfig(width=args.width, tokens=args.tokens or store.n_rows, arch=args.arch, k=args.k,
                          sparsity_coefficient=args.sparsity_coef, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed)
-    saes = train_per_layer_saes(store, cfg, out_dir=args.out, layers=layers)
+    saes = train_per_layer_saes(store, cfg, out_dir=args.out, layers=layers, device=args.device)
     for row in saes.meta["layer_stats"]:
         print(f"layer {row['layer']:>2}: {row['tokens_per_s']:,.0f} tok/s, sample FVU {row['train_sample_fvu']:.3f}, "
               f"dead {row['dead_features']}")
@@ -305,8 +321,11 @@ def _train_sae_stack(args, store, layers: list[int]) -> None:
     if args.arch != "topk":
         raise CrosslayerError(f"the crosslayer trainer trains topk SAEs; use --trainer sae-lens for --arch {args.arch}")
     arch = SAEStackConfig(layers=tuple(layers), d_model=store.width, width=args.width, k=args.k)
-    cfg = TrainConfig(tokens=args.tokens or store.n_rows, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    saes = train_crosscoder_from_store(store, arch, cfg, out_dir=args.out, heldout_store=args.heldout)
+    cfg = TrainConfig(tokens=args.tokens or store.n_rows, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      bf16=args.bf16)
+    saes = _train(store, arch, cfg, args, latent=1)
+    if saes is None:
+        return
     verdict = saes.meta.get("convergence", {})
     print(f"saved {saes.n_features:,} features over {saes.n_layers} layers to {args.out} (held-out FVU "
           f"{verdict.get('final_fvu', float('nan')):.3f}, converged: {verdict.get('converged')})")
@@ -326,8 +345,8 @@ def _add_train_crosscoder(p):
                    help="layers per feature for --variant window")
     p.add_argument("--checkpoint-every", type=positive_int, default=default(TrainConfig, "checkpoint_every"),
                    help="steps between checkpoints")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast only with AVX512-BF16 or a GPU)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--latent-parallel", type=positive_int, default=1,
+                   help="ranks that share one crosscoder's features (topk; divides the processes and --width)")
 
 
 @verb("train-crosscoder", "train a sparse crosscoder that reads and writes every layer of a store",
@@ -337,6 +356,8 @@ def cmd_train_crosscoder(args):
     from crosslayer.store import ActivationStore
     from crosslayer.training import TrainConfig, train_crosscoder_from_store
 
+    if _relaunched(args):
+        return
     store = ActivationStore(args.store)
     arch = CrosscoderConfig(layers=tuple(store.select(args.layers).layers), d_model=store.width,
                             n_features=args.width, variant=args.variant, window=args.window,
@@ -344,9 +365,50 @@ def cmd_train_crosscoder(args):
     cfg = TrainConfig(tokens=args.tokens or store.n_rows, batch_size=args.batch_size, lr=args.lr,
                       sparsity_coef=args.sparsity_coef, checkpoint_every=args.checkpoint_every, bf16=args.bf16,
                       seed=args.seed)
-    cc = train_crosscoder_from_store(store, arch, cfg, out_dir=args.out, heldout_store=args.heldout,
-                                     device=args.device)
-    print(f"saved {cc} to {args.out}")
+    cc = _train(store, arch, cfg, args, latent=args.latent_parallel)
+    if cc is not None:
+        print(f"saved {cc} to {args.out}")
+
+
+def _relaunched(args) -> bool:
+    """``--nproc N`` outside torchrun: run this same command under ``torchrun --nproc_per_node N`` and wait for it
+    (True: done here). Under torchrun, or with N = 1, False (train in this process)."""
+    if args.nproc == 1 or "WORLD_SIZE" in os.environ:
+        return False
+    latent = getattr(args, "latent_parallel", 1)
+    if args.nproc % latent:
+        raise CrosslayerError(f"--nproc {args.nproc} is not a multiple of --latent-parallel {latent}")
+    if args.batch_size % (args.nproc // latent):
+        raise CrosslayerError(f"--batch-size {args.batch_size} is not divisible by the {args.nproc // latent} "
+                              "data-parallel ranks, which share each batch equally; choose a multiple")
+    import subprocess
+
+    argv = [a for i, a in enumerate(args.argv) if a != "--nproc" and (i == 0 or args.argv[i - 1] != "--nproc")
+            and not a.startswith("--nproc=")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "crosslayer", *argv]
+    code = subprocess.call(command)
+    if code:
+        raise CrosslayerError(f"the {args.nproc} training processes failed (exit status {code}; their messages are "
+                              "above); fix the cause and run the same command again to resume")
+    return True
+
+
+def _train(store, arch, cfg, args, *, latent: int):
+    """Train ``arch`` on ``store`` in this process, as one rank of a torchrun job when there is one; returns the
+    dictionary on rank 0 (None on the other ranks, which print nothing)."""
+    from crosslayer.distributed import init_mesh
+    from crosslayer.training import train_crosscoder_from_store
+
+    mesh = init_mesh(args.device, latent)
+    device = mesh.device if mesh is not None else args.device
+    if args.in_memory:
+        from crosslayer.store import InMemoryStore
+
+        store = InMemoryStore(store, layers=list(arch.layers), device=device)
+    dictionary = train_crosscoder_from_store(store, arch, cfg, out_dir=args.out, heldout_store=args.heldout,
+                                             device=device, mesh=mesh, progress=mesh is None or mesh.writer)
+    return dictionary if mesh is None or mesh.writer else None
 
 
 def _add_eval(p):
@@ -359,6 +421,7 @@ def _add_eval(p):
                    help="a (feature, layer) pair counts in L0 when its decoder norm is >= this x the feature's largest")
     p.add_argument("--boot", type=positive_int, default=1000, help="bootstrap resamples (over documents) for the 95%% intervals")
     p.add_argument("--out", default=None, help="CSV path for the table")
+    shared(p, "device")
 
 
 @verb("eval", "evaluate a dictionary: FVU, MSE, L0, dead/dense, CE loss recovered and KL when spliced", _add_eval)
@@ -369,8 +432,8 @@ def cmd_eval(args):
     from crosslayer.store import ActivationStore
 
     store = ActivationStore(args.store)
-    dictionary = load_dictionary(args.dictionary)
-    model = load_model(store.manifest["model"], dtype=args.model_dtype) if args.windows else None
+    dictionary = load_dictionary(args.dictionary, device=args.device)
+    model = load_model(store.manifest["model"], dtype=args.model_dtype, device=args.device) if args.windows else None
     table = evaluate(dictionary, store, model=model, n_tokens=args.tokens, n_windows=args.windows or 1,
                      l0_frac=args.l0_frac, n_boot=args.boot, out=args.out, progress=True)
     print("\n".join(summary_lines(table)))
@@ -384,6 +447,7 @@ def _add_features(p):
     p.add_argument("--top", type=positive_int, default=10, help="features listed by --search")
     p.add_argument("--logits", type=positive_int, default=8, help="tokens pushed up / down to show per layer")
     p.add_argument("--batch-size", type=positive_int, default=1024, help="rows encoded per batch while streaming")
+    shared(p, "device")
 
 
 @verb("features", "text dashboard of one feature: density, top/quantile examples, logit effects, decoder profile",
@@ -397,8 +461,8 @@ def cmd_features(args):
     if (args.feature is None) == (args.search is None):
         raise CrosslayerError("give exactly one of --feature N and --search TOKEN")
     store = ActivationStore(args.store)
-    dictionary = load_dictionary(args.dictionary)
-    model = load_model(store.manifest["model"], dtype=args.model_dtype)
+    dictionary = load_dictionary(args.dictionary, device=args.device)
+    model = load_model(store.manifest["model"], dtype=args.model_dtype, device=args.device)
     if args.search is not None:
         table = find_features_for_token(dictionary, model, args.search, top=args.top)
         print(table.to_string(index=False, float_format="%.3f"))
@@ -458,6 +522,7 @@ def _add_lens(p):
     p.add_argument("--top-k", type=positive_int, default=5, help="top tokens kept per layer and position")
     p.add_argument("--position", type=int, default=-1, help="position printed (default: the last token)")
     p.add_argument("--plot", default=None, help="save a layer x position heatmap (PNG/PDF/SVG) of the first prompt")
+    shared(p, "device")
     p.add_argument("--out", default=None, help="optional CSV path for the full table")
     p.add_argument("--tuned", default=None, help="a tuned lens folder (`crosslayer train-lens`): decode through "
                                                  "its translators instead of the plain logit lens")
@@ -473,8 +538,8 @@ def cmd_lens(args):
     if args.tuned:
         from crosslayer.tuned_lens import TunedLens
 
-        tuned = TunedLens.load(args.tuned)
-    model = load_model(args.model, dtype=args.model_dtype)
+        tuned = TunedLens.load(args.tuned).to(args.device)
+    model = load_model(args.model, dtype=args.model_dtype, device=args.device)
     table = logit_lens(model, args.prompt, target=args.target, top_k=args.top_k, tuned=tuned)
     for i, prompt in enumerate(args.prompt):
         print(f"{'' if i == 0 else chr(10)}prompt {i}: {prompt!r}")
@@ -566,6 +631,7 @@ def _add_steer(p):
                         "clean + its change) | first | peak (one layer; the model carries it on)")
     p.add_argument("--model", default=None, help="model (default: the one the dictionary was trained on)")
     p.add_argument("--top", type=positive_int, default=10, help="tokens shown rising / falling")
+    shared(p, "device")
     _add_generation(p.add_argument_group("generation (clean and steered, same seed)"))
 
 
@@ -576,11 +642,11 @@ def cmd_steer(args):
     from crosslayer.interventions import Edit, generate, steer
     from crosslayer.models import load_model
 
-    dictionary = load_dictionary(args.dictionary)
+    dictionary = load_dictionary(args.dictionary, device=args.device)
     name = args.model or dictionary.model_name
     if name is None:
         raise CrosslayerError("the dictionary does not record its model; pass --model")
-    model = load_model(name, dtype=args.model_dtype)
+    model = load_model(name, dtype=args.model_dtype, device=args.device)
     n_prompt = len(model.tokenizer(args.prompt, add_special_tokens=False)["input_ids"])  # to_tokens truncates
     if n_prompt + args.tokens > model.cfg.n_ctx:
         raise CrosslayerError(f"the prompt ({n_prompt} tokens) plus --tokens {args.tokens} exceeds the context of "
@@ -628,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # --help (0) or a usage error, already printed as one line (2)
         return stop.code if isinstance(stop.code, int) else 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc relaunches under torchrun
     try:
         args.func(args)
     except CrosslayerError as err:

@@ -325,6 +325,9 @@ class Crosscoder(Dictionary):
         if cfg.activation == "jumprelu":
             self.log_threshold = nn.Parameter(torch.full((F,), float(cfg.jump_init_threshold)).log())
         self.register_buffer("threshold", torch.zeros(()))  # BatchTopK inference threshold (score units)
+        self.data_group = None
+        """torch.distributed group that splits a training batch (data parallel, set by
+        :func:`crosslayer.distributed.prepare`): BatchTopK selects and calibrates over the whole batch."""
 
     # ---------------------------------------------------------------- weights and norms
     @property
@@ -370,6 +373,11 @@ class Crosscoder(Dictionary):
             return _JumpReLU.apply(pre_BF, self.log_threshold.exp(), self.cfg.jump_bandwidth)
         f_BF = pre_BF.relu()
         score_BF = f_BF * norm_F.detach()
+        if training and self.data_group is not None:  # the B * k largest scores of the batch all ranks hold
+            from crosslayer.distributed import top_values
+
+            n_keep = self.cfg.k * pre_BF.shape[0] * torch.distributed.get_world_size(self.data_group)
+            return f_BF * (score_BF >= top_values(score_BF, n_keep, self.data_group)[-1])
         if training:  # BatchTopK: the B * k largest scores of the whole batch
             keep = torch.zeros_like(score_BF, dtype=torch.bool).reshape(-1)
             keep[score_BF.reshape(-1).topk(self.cfg.k * pre_BF.shape[0], sorted=False).indices] = True
@@ -495,10 +503,14 @@ class Crosscoder(Dictionary):
         started at the first batch's value (an EMA from 0 stays biased low for ~1 / rate steps). A running
         estimate that lags the moving weights; :meth:`calibrate_threshold_` replaces it at the end."""
         score_BF = feats_BF * self._norm_F(self.W_dec_masked())
-        positive = score_BF[score_BF > 0]
-        if positive.numel():
+        smallest = torch.where(score_BF > 0, score_BF, torch.inf).min()
+        if self.data_group is not None:
+            from crosslayer.distributed import global_min
+
+            smallest = global_min(smallest, self.data_group)
+        if torch.isfinite(smallest):
             lr = torch.where(self.threshold > 0, self.cfg.threshold_lr, 1.0)
-            self.threshold.copy_((1 - lr) * self.threshold + lr * positive.min())
+            self.threshold.copy_((1 - lr) * self.threshold + lr * smallest)
 
     @torch.no_grad()
     def calibrate_threshold_(self, acts_BLD: Tensor) -> None:
@@ -507,7 +519,14 @@ class Crosscoder(Dictionary):
         (B k)-th and (B k + 1)-th largest scores relu(pre_i) ||W_dec,i|| (0 if fewer are positive)."""
         score_N = (self.pre_acts(acts_BLD).relu() * self._norm_F(self.W_dec_masked())).reshape(-1)
         n = self.cfg.k * acts_BLD.shape[0]
-        top = score_N.topk(min(n + 1, score_N.numel())).values
+        if self.data_group is None:
+            top = score_N.topk(min(n + 1, score_N.numel())).values
+        else:  # the rows of every data-parallel rank
+            from crosslayer.distributed import top_values
+
+            n *= torch.distributed.get_world_size(self.data_group)
+            top = top_values(score_N, n + 1, self.data_group)
+            top = top[torch.isfinite(top)]
         below = top[n] if n < top.numel() else top.new_zeros(())
         self.threshold.copy_((top[n - 1] + below) / 2)
 

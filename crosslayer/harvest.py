@@ -250,14 +250,14 @@ def _compute_shard(model, windows: TokenWindows, lo: int, hi: int, plan: dict, b
     for start in range(lo, hi, batch_size):
         tokens = windows.tokens[start:min(hi, start + batch_size)]
         n_b = tokens.shape[0]
-        buf = torch.empty(n_b, seq_len, len(layers), width, dtype=model.cfg.dtype)
+        buf = torch.empty(n_b, seq_len, len(layers), width, dtype=model.cfg.dtype, device=model.cfg.device)
 
         def grab(act, hook):
             buf[:, :, slot[hook.name]] = act
 
         model.run_with_hooks(tokens, fwd_hooks=[(n, grab) for n in names], stop_at_layer=stop_at,
                              return_type=None)
-        rows_BT = buf.reshape(n_b * seq_len, len(layers), width)
+        rows_BT = buf.reshape(n_b * seq_len, len(layers), width).cpu()  # one copy per batch from a GPU
         norms = rows_BT.float().norm(dim=-1)  # [BT, L]
         if not torch.isfinite(norms).all():
             raise NonFiniteActivations(f"NaN/inf activations in windows {start}..{start + n_b - 1}; the model "

@@ -251,26 +251,27 @@ class ActivationStore:
     def iter_batches(self, batch_size: int, *, layers: list[int] | None = None, normalized: bool = True,
                      shuffle: bool = True, seed: int = 0, epochs: int | None = 1,
                      buffer_rows: int = 8192, drop_last: bool = True,
-                     dtype: torch.dtype = torch.float32) -> Iterator[torch.Tensor]:
+                     dtype: torch.dtype = torch.float32,
+                     part: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
         """Yield ``[batch_size, n_layers, width]`` batches; see the module docstring for the shuffle.
 
         ``epochs=None`` repeats forever (each epoch a fresh permutation from ``seed + epoch``).
-        RAM use is about ``buffer_rows`` rows, independent of the store's size.
+        RAM use is about ``buffer_rows`` rows, independent of the store's size. ``part=(i, n)`` (data
+        parallel): only rows [i B / n, (i + 1) B / n) of every batch are read and yielded (B divisible by n), so
+        the n parts of a batch are disjoint and together the single-process batch.
         """
         if batch_size < 1:
             raise CrosslayerError(f"batch_size must be >= 1, got {batch_size}")
         if drop_last and self.n_rows < batch_size:
             raise CrosslayerError(f"store {self.path} has {self.n_rows} rows, fewer than one batch of {batch_size}")
+        if part is not None and not drop_last:
+            raise CrosslayerError("part needs drop_last (every rank takes the same number of batches)")
+        orders = self.batch_orders(batch_size, shuffle=shuffle, seed=seed, epochs=epochs, part=part)
+        batch_size //= 1 if part is None else part[1]
         block = max(batch_size, (buffer_rows // batch_size) * batch_size)
-        epoch = 0
-        while epochs is None or epoch < epochs:
-            if shuffle:
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-                perm = torch.randperm(self.n_rows, generator=gen).numpy()
-            else:
-                perm = np.arange(self.n_rows)
+        for perm in orders:
             carry = None
-            for start in range(0, self.n_rows, block):
+            for start in range(0, len(perm), block):
                 rows = self.get(perm[start:start + block], layers=layers, normalized=normalized, dtype=dtype)
                 if carry is not None:
                     rows = torch.cat([carry, rows])
@@ -282,6 +283,25 @@ class ActivationStore:
                     carry = rows[n_full * batch_size:]
             if carry is not None and not drop_last:
                 yield carry
+
+    def batch_orders(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, epochs: int | None = 1,
+                     part: tuple[int, int] | None = None) -> Iterator[np.ndarray]:
+        """Each epoch's row order (the one shuffle of :meth:`iter_batches`): a seeded permutation of every row;
+        with ``part=(i, n)`` only rows [i B / n, (i + 1) B / n) of each whole batch of B, in order."""
+        if part is not None and (batch_size % part[1] or not 0 <= part[0] < part[1]):
+            raise CrosslayerError(f"part {part}: the batch size {batch_size} must be divisible by {part[1]}")
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            if shuffle:
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+                perm = torch.randperm(self.n_rows, generator=gen).numpy()
+            else:
+                perm = np.arange(self.n_rows)
+            if part is not None:
+                b = batch_size // part[1]
+                whole = perm[:self.n_rows // batch_size * batch_size].reshape(-1, batch_size)
+                perm = whole[:, part[0] * b:(part[0] + 1) * b].reshape(-1)
+            yield perm
             epoch += 1
 
     # ------------------------------------------------------------------ metadata and context
@@ -384,6 +404,38 @@ class ActivationStore:
                 total += self.get(rows, layers=list(chosen)).double().sum(0)
             self._means[chosen] = (total / self.n_rows).float()
         return self._means[chosen].clone()
+
+
+class InMemoryStore(ActivationStore):
+    """An :class:`ActivationStore` whose rows of ``layers`` are read once into ``device`` memory (16-bit, as on
+    disk) and served from there: :meth:`iter_batches` gives the same batches as the store's, without the disk
+    round trip (a large GPU holds the paper preset's 34 GB training store). Everything else reads the folder."""
+
+    def __init__(self, store: ActivationStore, *, layers: list[int], device: str = "cpu", chunk_rows: int = 65536):
+        self.__dict__.update(store.__dict__)
+        self.resident_layers = self.select(layers).layers
+        dtype = torch.bfloat16 if self.dtype == "bfloat16" else torch.float16
+        self.acts_NLD = torch.empty(self.n_rows, len(self.resident_layers), self.width, dtype=dtype, device=device)
+        for start in range(0, self.n_rows, chunk_rows):
+            rows = np.arange(start, min(start + chunk_rows, self.n_rows))
+            self.acts_NLD[start:start + len(rows)] = self.get(rows, layers=self.resident_layers, dtype=dtype).to(device)
+
+    def iter_batches(self, batch_size: int, *, layers: list[int] | None = None, normalized: bool = True,
+                     shuffle: bool = True, seed: int = 0, epochs: int | None = 1, drop_last: bool = True,
+                     dtype: torch.dtype = torch.float32, part: tuple[int, int] | None = None,
+                     buffer_rows: int | None = None) -> Iterator[torch.Tensor]:
+        """As :meth:`ActivationStore.iter_batches` (same order, values and dtype), on the resident device; only
+        the resident layers (``drop_last`` only; ``buffer_rows`` is unused: every row is resident)."""
+        if list(layers or self.layers) != self.resident_layers or not drop_last:
+            raise CrosslayerError(f"this in-memory store holds layers {self.resident_layers} and serves whole batches")
+        factors = self.select(self.resident_layers).norm_factors
+        scale = torch.tensor(factors, dtype=dtype, device=self.acts_NLD.device)[None, :, None]
+        local = batch_size // (1 if part is None else part[1])
+        for perm in self.batch_orders(batch_size, shuffle=shuffle, seed=seed, epochs=epochs, part=part):
+            index = torch.from_numpy(perm).to(self.acts_NLD.device)
+            for start in range(0, len(perm) - local + 1, local):
+                rows = self.acts_NLD[index[start:start + local]].to(dtype)
+                yield rows * scale if normalized else rows
 
 
 def _read_manifest(path: Path) -> dict:

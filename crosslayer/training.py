@@ -29,6 +29,10 @@ for dead latents; research-notes §3):
    overwritten with status complete, the training config, the log) and the checkpoint removed.
 6. The log's ``fvu`` is :func:`crosslayer.evals.fvu` of the batch, averaged over layers;
    ``sparsity_coef`` is the step's lambda.
+7. Several processes (``mesh``, :mod:`crosslayer.distributed`): each data rank trains on its part of every
+   global batch, gradients are averaged, firing statistics and BatchTopK's selection reduced, TopK crosscoders
+   optionally sharded along the features; checkpoints hold the full state (rank 0 writes), so a run resumes on
+   any number of ranks with the same weights as one process, to float tolerance.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from crosslayer import distributed
 from crosslayer.crosscoder import Crosscoder, CrosscoderConfig
 from crosslayer.dictionary import CFG_FILENAME, Dictionary, load_dictionary, store_provenance
 from crosslayer.errors import CrosslayerError
@@ -241,35 +246,42 @@ class _Run:
     """Step of the last checkpoint written or resumed from."""
     n_tokens: int = 0
     """Tokens trained on in this session."""
+    mesh: distributed.Mesh | None = None
+    """This process's place among several (None: one process)."""
 
     @classmethod
-    def start(cls, model: Dictionary, cfg: TrainConfig, ckpt_path: Path, plan: dict, device: str) -> "_Run":
+    def start(cls, model: Dictionary, cfg: TrainConfig, ckpt_path: Path, plan: dict, device: str,
+              mesh: distributed.Mesh | None = None) -> "_Run":
         """Fresh state for ``model``, or the state of ``ckpt_path`` if a checkpoint of this plan is there."""
         # fused: one kernel over all parameters (12x faster than the per-tensor loop on a 2-core CPU)
         optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, fused=True)
-        run = cls(model, optim, torch.zeros(model.n_features, dtype=torch.int64, device=device))
+        run = cls(model, optim, torch.zeros(model.n_features, dtype=torch.int64, device=device), mesh=mesh)
         if ckpt_path.is_file():
-            ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+            # on the CPU: a rank of a latent group keeps only its slice on the device
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
             if ckpt["plan"] != plan:
                 raise CrosslayerError(f"{ckpt_path} is from a different run; use the same arguments or another out_dir")
-            model.load_state_dict(ckpt["model"])
-            optim.load_state_dict(ckpt["optim"])
+            run.since_fired_F = distributed.load_full_state(model, optim, ckpt["model"], ckpt["optim"],
+                                                            ckpt["since_fired"].to(device))
             torch.set_rng_state(ckpt["rng"])
-            run.step, run.log, run.since_fired_F = ckpt["step"], ckpt["log"], ckpt["since_fired"].to(device)
+            run.step, run.log = ckpt["step"], ckpt["log"]
             run.last_good = run.step
         return run
 
     def checkpoint(self, path: Path, plan: dict) -> None:
-        with atomic_path(path) as tmp:
-            torch.save({"model": self.model.state_dict(), "optim": self.optim.state_dict(), "plan": plan,
-                        "rng": torch.get_rng_state(), "step": self.step, "log": self.log,
-                        "since_fired": self.since_fired_F}, tmp)
+        """Write the full state (gathered from every rank; rank 0 writes)."""
+        model, optim, since_fired = distributed.full_state(self.model, self.optim, self.since_fired_F, self.mesh)
+        if self.mesh is None or self.mesh.writer:
+            with atomic_path(path) as tmp:
+                torch.save({"model": model, "optim": optim, "plan": plan, "rng": torch.get_rng_state(),
+                            "step": self.step, "log": self.log, "since_fired": since_fired}, tmp)
         self.last_good = self.step
 
 
 def train_crosscoder(cfg: TrainConfig, model_cfg, batches: Iterable[Tensor] | Callable[[int], Iterator[Tensor]], *,
                      out_dir: str | Path, hooks: list[str] | None = None, norm_factors=None, meta: dict | None = None,
-                     heldout: Tensor | None = None, device: str = "cpu", progress: bool = True) -> Dictionary:
+                     heldout: Tensor | None = None, device: str = "cpu", progress: bool = True,
+                     mesh: distributed.Mesh | None = None, sharded_batches: bool = False) -> Dictionary:
     """Train a crosscoder (``CrosscoderConfig``) or a stack of per-layer TopK SAEs (``SAEStackConfig``, the
     same trainer in every setting) on ``[batch, L, d]`` normalised batches into ``out_dir`` (module
     docstring); returns the saved dictionary (a stack loads as ``PerLayerSAEs``).
@@ -280,20 +292,26 @@ def train_crosscoder(cfg: TrainConfig, model_cfg, batches: Iterable[Tensor] | Ca
     (normalised ``[N, L, d]`` rows never trained on) adds held-out FVU to every curve row and the
     convergence verdict (:func:`convergence`) to the saved ``cfg.json``. A rerun with the same arguments
     resumes from ``out_dir/checkpoint.pt``; a finished ``out_dir`` is loaded and returned.
+
+    ``mesh`` (:func:`crosslayer.distributed.init_mesh`): train as one rank of several; ``batches`` are then the
+    global batches, of which this rank takes its part, or with ``sharded_batches`` already only its part.
     """
     out, plan, (kind, cls) = Path(out_dir), _plan(cfg, model_cfg), _architecture(model_cfg)
-    claimed = claim_folder(out, plan, record=CFG_FILENAME, what="dictionary training", extra={"status": "training"})
+    claimed = _claim(out, plan, mesh)
     if claimed is not None and claimed.get("status") == "complete":
         release_folder(out)
         return load_dictionary(out, device=device)
+    distributed.batch_part(cfg.batch_size, mesh)  # a batch the data ranks cannot share fails before training
     model = cls(model_cfg, hooks=hooks, norm_factors=norm_factors, meta=meta, seed=cfg.seed)
-    model = model.to(device)
+    model = distributed.prepare(model, mesh).to(device)
     ckpt_path = out / CHECKPOINT
-    run = _Run.start(model, cfg, ckpt_path, plan, device)
+    run = _Run.start(model, cfg, ckpt_path, plan, device, mesh)
     run.heldout = None if heldout is None else heldout.to(device=device, dtype=torch.float32)
     stream = iter(batches(run.step) if callable(batches) else itertools.islice(batches, run.step, None))
+    if not sharded_batches and mesh is not None:
+        stream = (distributed.rows_of(x, mesh) for x in stream)
     bar = tqdm(total=cfg.steps, initial=run.step, desc=f"{kind} {model_cfg.activation}",
-               unit="step", disable=not progress)
+               unit="step", disable=not progress or not (mesh is None or mesh.writer))
     start_time, start_step = time.perf_counter(), run.step
     try:
         while run.step < cfg.steps:
@@ -305,14 +323,43 @@ def train_crosscoder(cfg: TrainConfig, model_cfg, batches: Iterable[Tensor] | Ca
     finally:
         bar.close()
     if model_cfg.activation == "batchtopk":
-        model.meta["batchtopk"] = _calibrate_batchtopk(model, stream, x_BLD, device)
-    _save(run, cfg, plan, out, seconds=time.perf_counter() - start_time, start_step=start_step)
-    release_folder(out)  # (a failed run keeps its lock until the process exits)
+        model.meta["batchtopk"] = _calibrate_batchtopk(model, stream, x_BLD, device, mesh)
+    run.model, run.since_fired_F = _whole(run, lambda: cls(model_cfg, hooks=hooks, norm_factors=norm_factors,
+                                                           meta=meta, seed=cfg.seed))
+    if mesh is None or mesh.writer:
+        _save(run, cfg, plan, out, seconds=time.perf_counter() - start_time, start_step=start_step)
+        release_folder(out)  # (a failed run keeps its lock until the process exits)
+    distributed.barrier(mesh)
     return load_dictionary(out, device=device)
 
 
+def _claim(out: Path, plan: dict, mesh: distributed.Mesh | None) -> dict | None:
+    """:func:`claim_folder` for a training run; with several ranks, rank 0 claims (and holds the folder's lock) and
+    the others read the record it found or wrote."""
+    def claim():
+        return claim_folder(out, plan, record=CFG_FILENAME, what="dictionary training", extra={"status": "training"})
+
+    if mesh is None:
+        return claim()
+    claimed = claim() if mesh.writer else None
+    distributed.barrier(mesh)
+    return claimed if mesh.writer else json.loads((out / CFG_FILENAME).read_text())  # rank 0 holds the lock
+
+
+def _whole(run: _Run, rebuild: Callable[[], Dictionary]) -> tuple[Dictionary, Tensor]:
+    """The trained dictionary and its since-fired counters, whole: the module itself, or (latent parallel) a
+    dictionary rebuilt with the gathered weights (collective; on every rank)."""
+    if not isinstance(run.model, distributed.ShardedCrosscoder):
+        return run.model, run.since_fired_F
+    state, _, since_fired_F = distributed.full_state(run.model, None, run.since_fired_F, run.mesh)
+    whole = rebuild()
+    whole.load_state_dict(state)
+    return whole, since_fired_F
+
+
 @torch.no_grad()
-def _calibrate_batchtopk(model: Crosscoder, stream: Iterator[Tensor], last_BLD: Tensor, device: str) -> dict:
+def _calibrate_batchtopk(model: Crosscoder, stream: Iterator[Tensor], last_BLD: Tensor, device: str,
+                         mesh: distributed.Mesh | None = None) -> dict:
     """Replace BatchTopK's running threshold by one calibrated with the final weights
     (:meth:`Crosscoder.calibrate_threshold_`) on the stream's next batches (at least
     :data:`CALIBRATION_ROWS` rows), which training never saw. If the stream has ended, the last training
@@ -320,7 +367,7 @@ def _calibrate_batchtopk(model: Crosscoder, stream: Iterator[Tensor], last_BLD: 
     was computed on, so that batch gives a threshold that is too low elsewhere. Returns, on the
     calibration rows: mean L0 of training's batch selection, of inference with the new threshold
     (= k up to ties) and with the running EMA it replaces."""
-    parts = list(itertools.islice(stream, max(1, -(-CALIBRATION_ROWS // last_BLD.shape[0]))))
+    parts = list(itertools.islice(stream, max(1, -(-CALIBRATION_ROWS // distributed.global_rows(last_BLD, mesh)))))
     heldout = bool(parts)
     x_BLD = torch.cat([p.to(device=device, dtype=torch.float32) for p in parts]) if heldout else last_BLD
 
@@ -347,38 +394,49 @@ def _train_step(run: _Run, cfg: TrainConfig, x_BLD: Tensor, ckpt_path: Path, bar
     model, activation = run.model, run.model.cfg.activation
     model.check_acts(x_BLD)
     if run.step == 0:
-        model.calibrate_(x_BLD)
+        model.calibrate_(distributed.gather_rows(x_BLD, run.mesh))  # on the whole global batch
     for group in run.optim.param_groups:
         group["lr"] = cfg.lr_at(run.step)
     dead_F = run.since_fired_F >= cfg.dead_after
     with torch.autocast(device_type=x_BLD.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         res = model.loss(x_BLD, sparsity_coef=cfg.sparsity_at(run.step, activation), dead_F=dead_F)
-    if not torch.isfinite(res.loss):
+    loss = distributed.mean_over_data(res.loss.detach(), run.mesh)  # every rank stops, or none
+    if not torch.isfinite(loss):
         kept = f"the last good checkpoint (step {run.last_good}) is kept in {ckpt_path}" if ckpt_path.is_file() \
             else "no checkpoint was written yet"
-        raise TrainingDiverged(f"training loss became {float(res.loss.detach())} at step {run.step}; {kept}; "
+        raise TrainingDiverged(f"training loss became {float(loss)} at step {run.step}; {kept}; "
                               "check the data for non-finite values or lower lr")
     run.optim.zero_grad(set_to_none=True)
     res.loss.backward()
+    distributed.reduce_grads_(model, run.mesh)
     if cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        distributed.clip_grad_norm_(model, cfg.grad_clip, run.mesh)
     run.optim.step()
-    run.since_fired_F = torch.where(res.fired_F, 0, run.since_fired_F + x_BLD.shape[0])
+    rows = distributed.global_rows(x_BLD, run.mesh)
+    run.since_fired_F = torch.where(distributed.fired_anywhere(res.fired_F, run.mesh), 0, run.since_fired_F + rows)
     if activation == "batchtopk":
         model.update_threshold_(res.feats_BF)
     run.step += 1
-    run.n_tokens += x_BLD.shape[0]
+    run.n_tokens += rows
     if run.step % cfg.log_interval == 0 or run.step == cfg.steps:
-        row = {"step": run.step, "tokens": run.step * x_BLD.shape[0], "loss": float(res.loss.detach()),
-               **{k: float(v) for k, v in res.losses.items()}, "fvu": float(fvu(x_BLD, res.recon_BLD).mean()),
-               "heldout_fvu": _heldout_fvu(model, run.heldout), "l0": res.l0,
-               "dead_frac": float(dead_F.float().mean()), "lr": cfg.lr_at(run.step - 1),
-               "sparsity_coef": cfg.sparsity_at(run.step - 1, activation)}
+        row = _log_row(run, cfg, res, x_BLD, dead_F)
         run.log.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3g}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}",
                         dead=f"{row['dead_frac']:.2f}")
         if run.heldout is not None:
             _check_divergence(run.log, cfg)
+
+
+def _log_row(run: _Run, cfg: TrainConfig, res, x_BLD: Tensor, dead_F: Tensor) -> dict:
+    """A row of the training curve after the step just taken; batch statistics are means over the data ranks
+    (the batch ``fvu`` a mean of the ranks' own)."""
+    activation, names = run.model.cfg.activation, ["loss", *res.losses, "fvu", "l0"]
+    values = [res.loss.detach(), *res.losses.values(), fvu(x_BLD, res.recon_BLD).mean(), torch.tensor(res.l0)]
+    means = distributed.mean_over_data(torch.stack([v.float().to(x_BLD.device) for v in values]), run.mesh)
+    return {"step": run.step, "tokens": run.step * distributed.global_rows(x_BLD, run.mesh),
+            **dict(zip(names, means.tolist())), "heldout_fvu": _heldout_fvu(run.model, run.heldout),
+            "dead_frac": distributed.dead_fraction(dead_F, run.model, run.mesh), "lr": cfg.lr_at(run.step - 1),
+            "sparsity_coef": cfg.sparsity_at(run.step - 1, activation)}
 
 
 def _check_divergence(log: list[dict], cfg: TrainConfig) -> None:
@@ -429,11 +487,12 @@ def heldout_sample(store, layers: list[int], norm_factors, *, rows: int = HELDOU
 
 
 def train_crosscoder_from_store(store, model_cfg, cfg: TrainConfig, *, out_dir: str | Path, heldout_store=None,
-                                device: str = "cpu", progress: bool = True) -> Dictionary:
+                                device: str = "cpu", progress: bool = True,
+                                mesh: distributed.Mesh | None = None) -> Dictionary:
     """Train a crosscoder or per-layer SAE stack over ``model_cfg.layers`` of ``store`` (an ActivationStore or
     its folder) on its normalised rows: an endless, token-shuffled stream of ``cfg.batch_size`` rows seeded
     by ``cfg.seed``. ``heldout_store`` (same model and layers, other documents) gives the curve's held-out FVU
-    on :data:`HELDOUT_ROWS` of its rows."""
+    on :data:`HELDOUT_ROWS` of its rows. With ``mesh``, each data rank reads only its part of every batch."""
     from crosslayer.store import ActivationStore
 
     def opened(s):
@@ -453,12 +512,15 @@ def train_crosscoder_from_store(store, model_cfg, cfg: TrainConfig, *, out_dir: 
         heldout = heldout_sample(held, list(model_cfg.layers), chosen.norm_factors)
     buffer = max(2 * cfg.batch_size, 8192)
 
+    part = None if mesh is None else (mesh.data_rank, mesh.data_size)
+
     def make_batches(start_step: int) -> Iterator[Tensor]:
         stream = store.iter_batches(cfg.batch_size, layers=chosen.layers, normalized=True, seed=cfg.seed,
-                                    epochs=None, buffer_rows=buffer)
+                                    epochs=None, buffer_rows=buffer, part=part)
         return itertools.islice(stream, start_step, None)
 
     provenance = {key: value for key, value in store_provenance(store).items() if key != "path"}
     return train_crosscoder(cfg, model_cfg, make_batches, out_dir=out_dir, hooks=chosen.hooks,
                             norm_factors=chosen.norm_factors, heldout=heldout,
-                            meta={"store": provenance, "store_path": str(store.path)}, device=device, progress=progress)
+                            meta={"store": provenance, "store_path": str(store.path)}, device=device, progress=progress,
+                            mesh=mesh, sharded_batches=True)

@@ -18,6 +18,7 @@ def _add_run_options(p, *, steps: bool):
     p.add_argument("--out", default=None, help="output folder (default runs/<preset>); a rerun resumes it")
     p.add_argument("--corpus", default="builtin", help="'builtin', a text file/folder, a .jsonl, or hf:NAME")
     p.add_argument("--paper", default="paper", help="folder whose figures/ and tables/ receive the output")
+    p.add_argument("--device", default="cpu", help="cpu | cuda: where the model and the dictionaries run and train")
     if steps:
         p.add_argument("--only", default=None, help="comma-separated steps to run (default: all)")
         p.add_argument("--redo", default=None, help="comma-separated finished steps to run again")
@@ -30,7 +31,7 @@ def cmd_reproduce(args):
 
     out = reproduce(args.preset, out=args.out, corpus=args.corpus, paper=args.paper,
                     only=args.only.split(",") if args.only else None,
-                    redo=args.redo.split(",") if args.redo else None)
+                    redo=args.redo.split(",") if args.redo else None, device=args.device)
     print(f"done: {out}")
 
 
@@ -43,7 +44,7 @@ def _add_study(p):
 def cmd_study(args):
     from studies.pipeline import study
 
-    out = study(args.name, args.preset, out=args.out, corpus=args.corpus, paper=args.paper)
+    out = study(args.name, args.preset, out=args.out, corpus=args.corpus, paper=args.paper, device=args.device)
     print(f"done: {out / 'results' / args.name}")
 
 

@@ -39,8 +39,10 @@ class RunContext:
     ``model`` may be given (tests pass a loaded model instead of the preset's)."""
 
     def __init__(self, preset: Preset, out: str | Path, *, corpus: str = "builtin", paper: str | Path = "paper",
-                 progress: bool = True, model=None):
+                 progress: bool = True, model=None, device: str = "cpu"):
         self.preset, self.out, self.corpus_spec = preset, Path(out), corpus
+        self.device = device
+        """Where the model and the dictionaries run and train (cpu | cuda; bf16 autocast for training on CUDA)."""
         self.preset_name, self.paper, self.progress = preset.name, Path(paper), progress
         self._model, self._corpus, self._stores = model, None, {}
         self.zero_cache: dict = {}
@@ -57,7 +59,7 @@ class RunContext:
         if self._model is None:
             from crosslayer.models import load_model
 
-            self._model = load_model(self.sizes.model, dtype=self.sizes.model_dtype)
+            self._model = load_model(self.sizes.model, dtype=self.sizes.model_dtype, device=self.device)
         return self._model
 
     @property
@@ -123,11 +125,12 @@ class RunContext:
         while True:
             rate = lr if lr is not None else self._claimed_lr(name) or self.lr(approach)
             cfg = TrainConfig(tokens=tokens or s.dict_tokens, batch_size=s.dict_batch, lr=rate, seed=seed,
-                              sparsity_coef=sparsity_coef, checkpoint_every=50,
+                              sparsity_coef=sparsity_coef, checkpoint_every=50, bf16=self.device.startswith("cuda"),
                               diverge_factor=None if sparsity_coef else TrainConfig.diverge_factor)
             try:
                 trained = train_crosscoder_from_store(self.store("train"), arch, cfg, out_dir=self.dicts / name,
-                                                      heldout_store=self.store("heldout"), progress=self.progress)
+                                                      heldout_store=self.store("heldout"), progress=self.progress,
+                                                      device=self.device)
             except TrainingDiverged as err:
                 if lr is not None:
                     raise
@@ -209,7 +212,7 @@ class RunContext:
             table = pd.read_csv(path)
             if wanted <= set(table.columns):
                 return table
-        return evaluate(load_dictionary(self.dicts / name), self.store("heldout"),
+        return evaluate(load_dictionary(self.dicts / name, device=self.device), self.store("heldout"),
                         model=self.model if downstream else None, n_tokens=self.sizes.eval_tokens,
                         n_windows=self.sizes.eval_windows, zero_cache=self.zero_cache, out=path,
                         progress=self.progress)
@@ -376,7 +379,7 @@ def needed_steps(study) -> list[str]:
 
 def reproduce(preset: str = "demo", *, out: str | Path | None = None, corpus: str = "builtin",
               only: list[str] | None = None, paper: str | Path = "paper", redo: list[str] | None = None,
-              progress: bool = True) -> Path:
+              progress: bool = True, device: str = "cpu") -> Path:
     """Run every step of ``preset`` that has not finished yet (or only those in ``only``); return the
     output folder. Steps in ``redo`` run again even if finished. Figures and LaTeX tables go to
     ``<paper>/figures`` and ``<paper>/tables``."""
@@ -390,7 +393,7 @@ def reproduce(preset: str = "demo", *, out: str | Path | None = None, corpus: st
 
     documents = load_corpus(corpus)  # a bad corpus fails before preset.json is written
     claim_folder(out, {**chosen.record(), "corpus": corpus}, record="preset.json", what="reproduction")
-    ctx = RunContext(chosen, out, corpus=corpus, paper=paper, progress=progress)
+    ctx = RunContext(chosen, out, corpus=corpus, paper=paper, progress=progress, device=device)
     ctx._corpus = documents
     total = time.time()
     for name, step in steps():
@@ -415,11 +418,11 @@ def _run_step(ctx: RunContext, name: str, step, *, redo: bool) -> None:
 
 
 def study(name: str, preset: str = "demo", *, out: str | Path | None = None, corpus: str = "builtin",
-          paper: str | Path = "paper", progress: bool = True) -> Path:
+          paper: str | Path = "paper", progress: bool = True, device: str = "cpu") -> Path:
     """Run one study (again), first running whatever steps it needs that have not finished."""
     needs = needed_steps(get_study(name))
     return reproduce(preset, out=out, corpus=corpus, only=needs + [f"study-{name}"], paper=paper,
-                     redo=[f"study-{name}"], progress=progress)
+                     redo=[f"study-{name}"], progress=progress, device=device)
 
 
 def run_study(name: str, ctx: RunContext) -> dict:
