@@ -112,6 +112,7 @@ def claim_folder(out: str | Path, plan: dict, *, record: str, what: str, extra: 
     if out.exists() and not out.is_dir():
         raise CrosslayerError(f"{out} is a file, not a folder; choose another output folder")
     created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
+    _refuse_foreign(out, record, what)  # before the lock: a foreign folder gets no lock file
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock_folder(out)
@@ -140,12 +141,17 @@ def _claim_locked(out: Path, plan: dict, *, record: str, what: str, extra: dict 
                                   f"{_short(wanted[key])} now); choose another output folder or delete that one")
         sweep_temporaries(out)
         return existing
-    if any(p.name != LOCK_FILE for p in out.iterdir()):
+    _refuse_foreign(out, record, what)
+    write_json({**plan, **(extra or {})}, path)
+    return None
+
+
+def _refuse_foreign(out: Path, record: str, what: str) -> None:
+    """Refuse a folder that holds something other than a lock file, but no ``record``."""
+    if out.is_dir() and not (out / record).exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
         article = "an" if what[:1] in "aeiou" else "a"
         raise CrosslayerError(f"{out} exists and is not {article} {what} folder (no {record}); choose an empty or "
                               "new folder")
-    write_json({**plan, **(extra or {})}, path)
-    return None
 
 
 def _undo_claim(out: Path, created: Path | None) -> None:
