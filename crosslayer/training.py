@@ -29,6 +29,9 @@ for dead latents; research-notes §3):
    overwritten with status complete, the training config, the log) and the checkpoint removed.
 6. The log's ``fvu`` is :func:`crosslayer.evals.fvu` of the batch, averaged over layers;
    ``sparsity_coef`` is the step's lambda.
+7. Transcoders (:class:`~crosslayer.clt.CLTConfig`) map input rows to other target rows: their batches are
+   ``(input_BLD, target_BLD)`` pairs, token-aligned (:func:`crosslayer.transcoder_data.pair_batches`), the
+   held-out set a pair too, and the loss and FVU are against the target. Everything else is as above.
 """
 
 from __future__ import annotations
@@ -184,13 +187,17 @@ class TrainConfig:
 
 def _architecture(model_cfg) -> tuple[str, type]:
     """The plan key and the trainable class of an architecture config (crosscoder or per-layer SAE stack)."""
+    from crosslayer.clt import CLTConfig, CrossLayerTranscoder
     from crosslayer.sae_stack import SAEStack, SAEStackConfig
 
     if isinstance(model_cfg, SAEStackConfig):
         return "sae_stack", SAEStack
+    if isinstance(model_cfg, CLTConfig):
+        return "clt", CrossLayerTranscoder
     if isinstance(model_cfg, CrosscoderConfig):
         return "crosscoder", Crosscoder
-    raise CrosslayerError(f"cannot train a {type(model_cfg).__name__}; give a CrosscoderConfig or SAEStackConfig")
+    raise CrosslayerError(f"cannot train a {type(model_cfg).__name__}; give a CrosscoderConfig, SAEStackConfig or "
+                          "CLTConfig")
 
 
 NOT_IN_PLAN = ("diverge_factor",)
@@ -235,8 +242,9 @@ class _Run:
     since_fired_F: Tensor
     step: int = 0
     log: list = field(default_factory=list)
-    heldout: Tensor | None = None
-    """Normalised held-out rows for the curve's held-out FVU (not checkpointed: given again on resume)."""
+    heldout: Tensor | tuple[Tensor, Tensor] | None = None
+    """Normalised held-out rows (a transcoder: an (input, target) pair) for the curve's held-out FVU (not
+    checkpointed: given again on resume)."""
     last_good: int = 0
     """Step of the last checkpoint written or resumed from."""
     n_tokens: int = 0
@@ -269,7 +277,8 @@ class _Run:
 
 def train_crosscoder(cfg: TrainConfig, model_cfg, batches: Iterable[Tensor] | Callable[[int], Iterator[Tensor]], *,
                      out_dir: str | Path, hooks: list[str] | None = None, norm_factors=None, meta: dict | None = None,
-                     heldout: Tensor | None = None, device: str = "cpu", progress: bool = True) -> Dictionary:
+                     heldout: Tensor | tuple[Tensor, Tensor] | None = None, device: str = "cpu", progress: bool = True,
+                     target_hooks: list[str] | None = None, target_norm_factors=None) -> Dictionary:
     """Train a crosscoder (``CrosscoderConfig``) or a stack of per-layer TopK SAEs (``SAEStackConfig``, the
     same trainer in every setting) on ``[batch, L, d]`` normalised batches into ``out_dir`` (module
     docstring); returns the saved dictionary (a stack loads as ``PerLayerSAEs``).
@@ -280,16 +289,19 @@ def train_crosscoder(cfg: TrainConfig, model_cfg, batches: Iterable[Tensor] | Ca
     (normalised ``[N, L, d]`` rows never trained on) adds held-out FVU to every curve row and the
     convergence verdict (:func:`convergence`) to the saved ``cfg.json``. A rerun with the same arguments
     resumes from ``out_dir/checkpoint.pt``; a finished ``out_dir`` is loaded and returned.
+    A transcoder (``CLTConfig``) takes ``(input, target)`` batches and held-out pair, and ``target_hooks`` /
+    ``target_norm_factors`` (module docstring, step 7).
     """
     out, plan, (kind, cls) = Path(out_dir), _plan(cfg, model_cfg), _architecture(model_cfg)
     claimed = claim_folder(out, plan, record=CFG_FILENAME, what="dictionary training", extra={"status": "training"})
     if claimed is not None and claimed.get("status") == "complete":
         return load_dictionary(out, device=device)
-    model = cls(model_cfg, hooks=hooks, norm_factors=norm_factors, meta=meta, seed=cfg.seed)
+    targets = {} if target_hooks is None else {"target_hooks": target_hooks, "target_norm_factors": target_norm_factors}
+    model = cls(model_cfg, hooks=hooks, norm_factors=norm_factors, meta=meta, seed=cfg.seed, **targets)
     model = model.to(device)
     ckpt_path = out / CHECKPOINT
     run = _Run.start(model, cfg, ckpt_path, plan, device)
-    run.heldout = None if heldout is None else heldout.to(device=device, dtype=torch.float32)
+    run.heldout = None if heldout is None else _to(heldout, device)
     stream = iter(batches(run.step) if callable(batches) else itertools.islice(batches, run.step, None))
     bar = tqdm(total=cfg.steps, initial=run.step, desc=f"{kind} {model_cfg.activation}",
                unit="step", disable=not progress)
@@ -318,7 +330,7 @@ def _calibrate_batchtopk(model: Crosscoder, stream: Iterator[Tensor], last_BLD: 
     was computed on, so that batch gives a threshold that is too low elsewhere. Returns, on the
     calibration rows: mean L0 of training's batch selection, of inference with the new threshold
     (= k up to ties) and with the running EMA it replaces."""
-    parts = list(itertools.islice(stream, max(1, -(-CALIBRATION_ROWS // last_BLD.shape[0]))))
+    parts = list(itertools.islice(stream, max(1, -(-CALIBRATION_ROWS // last_BLD.shape[0]))))  # crosscoders only
     heldout = bool(parts)
     x_BLD = torch.cat([p.to(device=device, dtype=torch.float32) for p in parts]) if heldout else last_BLD
 
@@ -332,25 +344,44 @@ def _calibrate_batchtopk(model: Crosscoder, stream: Iterator[Tensor], last_BLD: 
             "threshold": float(model.threshold), **ema}
 
 
-def _next_batch(stream: Iterator[Tensor], step: int, steps: int, device: str) -> Tensor:
+def _to(batch, device: str):
+    """A batch (a tensor, or a transcoder's (input, target) pair) as float32 on ``device``."""
+    if isinstance(batch, (tuple, list)):
+        return tuple(t.to(device=device, dtype=torch.float32) for t in batch)
+    return batch.to(device=device, dtype=torch.float32)
+
+
+def _split(batch) -> tuple[Tensor, Tensor | None]:
+    """``(input, target)`` of a batch; target None where the dictionary reconstructs its input."""
+    return (batch[0], batch[1]) if isinstance(batch, tuple) else (batch, None)
+
+
+def _loss(model: Dictionary, batch, **kwargs):
+    """``model.loss`` of a batch: against its target when it has one (transcoders)."""
+    x_BLD, y_BLD = _split(batch)
+    return model.loss(x_BLD, **kwargs) if y_BLD is None else model.loss(x_BLD, target_BLD=y_BLD, **kwargs)
+
+
+def _next_batch(stream: Iterator[Tensor], step: int, steps: int, device: str):
     try:
-        return next(stream).to(device=device, dtype=torch.float32)
+        return _to(next(stream), device)
     except StopIteration:
         raise CrosslayerError(f"the batch iterator ran out after {step} of {steps} steps; pass an endless "
                               "iterator (epochs=None) or fewer tokens") from None
 
 
-def _train_step(run: _Run, cfg: TrainConfig, x_BLD: Tensor, ckpt_path: Path, bar) -> None:
-    """One optimiser step on ``x_BLD`` (calibrating the biases first at step 0); logs every ``log_every``."""
+def _train_step(run: _Run, cfg: TrainConfig, batch, ckpt_path: Path, bar) -> None:
+    """One optimiser step on ``batch`` (calibrating the biases first at step 0); logs every ``log_every``."""
     model, activation = run.model, run.model.cfg.activation
+    x_BLD, y_BLD = _split(batch)
     model.check_acts(x_BLD)
     if run.step == 0:
-        model.calibrate_(x_BLD)
+        model.calibrate_(x_BLD) if y_BLD is None else model.calibrate_(x_BLD, y_BLD)
     for group in run.optim.param_groups:
         group["lr"] = cfg.lr_at(run.step)
     dead_F = run.since_fired_F >= cfg.dead_after
     with torch.autocast(device_type=x_BLD.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        res = model.loss(x_BLD, sparsity_coef=cfg.sparsity_at(run.step, activation), dead_F=dead_F)
+        res = _loss(model, batch, sparsity_coef=cfg.sparsity_at(run.step, activation), dead_F=dead_F)
     if not torch.isfinite(res.loss):
         kept = f"the last good checkpoint (step {run.last_good}) is kept in {ckpt_path}" if ckpt_path.is_file() \
             else "no checkpoint was written yet"
@@ -368,7 +399,7 @@ def _train_step(run: _Run, cfg: TrainConfig, x_BLD: Tensor, ckpt_path: Path, bar
     run.n_tokens += x_BLD.shape[0]
     if run.step % cfg.log_interval == 0 or run.step == cfg.steps:
         row = {"step": run.step, "tokens": run.step * x_BLD.shape[0], "loss": float(res.loss.detach()),
-               **{k: float(v) for k, v in res.losses.items()}, "fvu": float(fvu(x_BLD, res.recon_BLD).mean()),
+               **{k: float(v) for k, v in res.losses.items()}, "fvu": float(fvu(x_BLD if y_BLD is None else y_BLD, res.recon_BLD).mean()),
                "heldout_fvu": _heldout_fvu(model, run.heldout), "l0": res.l0,
                "dead_frac": float(dead_F.float().mean()), "lr": cfg.lr_at(run.step - 1),
                "sparsity_coef": cfg.sparsity_at(run.step - 1, activation)}
@@ -390,12 +421,16 @@ def _check_divergence(log: list[dict], cfg: TrainConfig) -> None:
 
 
 @torch.no_grad()
-def _heldout_fvu(model: Dictionary, heldout_NLD: Tensor | None, chunk: int = 4096) -> float:
-    """FVU (:func:`crosslayer.evals.fvu`, mean over layers) of the model's reconstruction of the held-out rows."""
-    if heldout_NLD is None:
+def _heldout_fvu(model: Dictionary, heldout, chunk: int = 4096) -> float:
+    """FVU (:func:`crosslayer.evals.fvu`, mean over layers) of the model's reconstruction of the held-out rows
+    (of their targets, for a transcoder's (input, target) pair)."""
+    if heldout is None:
         return float("nan")
-    recon = torch.cat([model.loss(part).recon_BLD for part in heldout_NLD.split(chunk)])
-    return float(fvu(heldout_NLD, recon).mean())
+    x_NLD, y_NLD = _split(heldout)
+    target_NLD = x_NLD if y_NLD is None else y_NLD
+    parts = zip(x_NLD.split(chunk), target_NLD.split(chunk))
+    recon = torch.cat([_loss(model, x if y_NLD is None else (x, y)).recon_BLD for x, y in parts])
+    return float(fvu(target_NLD, recon).mean())
 
 
 def _save(run: _Run, cfg: TrainConfig, plan: dict, out: Path, *, seconds: float, start_step: int) -> None:
