@@ -59,6 +59,10 @@ class AttributionConfig:
     """Keep the edges carrying this share of the influence (the paper's 0.98)."""
     batch_size: int = 32
     """Targets per backward pass (copies of the prompt run together)."""
+    skip_position0: bool = True
+    """No feature nodes at position 0 (its MLP outputs are all error): activation stores never keep position 0
+    (the attention sink, crosslayer.harvest), so a transcoder never saw its outlier activations (circuit-tracer
+    likewise zeroes the BOS position)."""
 
     def __post_init__(self):
         if self.max_logits < 1 or not 0 < self.logit_prob <= 1 or self.batch_size < 1:
@@ -186,11 +190,13 @@ def _frozen_run(model, clean: _Clean, embed_BTD: Tensor, mlp_LBTD: list[Tensor],
 class _Nodes:
     """Feature, error and token nodes of a prompt (method step 2), in raw model units."""
 
-    def __init__(self, model, dictionary: Dictionary, clean: _Clean):
+    def __init__(self, model, dictionary: Dictionary, clean: _Clean, skip_position0: bool = True):
         d, W = dictionary, dictionary.cfg.width
         x_TLD = clean.resid_mid_LTD[d.layers].transpose(0, 1).to(d.norm_factors)
         with torch.no_grad():
             feats_TF = d.encode(x_TLD, normalized=False)
+            if skip_position0:
+                feats_TF[0] = 0
             recon_TLD = d.decode(feats_TF, normalized=False)
         act_TLW = feats_TF.reshape(-1, d.n_layers, W)
         pos, group, idx = (act_TLW > 0).nonzero(as_tuple=True)
@@ -212,11 +218,12 @@ class _Nodes:
         self.enc_ND = enc[self.group, :, self.idx]
 
 
-def replacement_logits(model, dictionary: Dictionary, tokens_T: Tensor) -> tuple[Tensor, Tensor]:
+def replacement_logits(model, dictionary: Dictionary, tokens_T: Tensor, *,
+                       skip_position0: bool = True) -> tuple[Tensor, Tensor]:
     """``(replacement, clean)`` last-position logits: the local replacement model (features + error nodes,
     frozen attention and normalisation) vs the real model; equal up to float rounding (method step 3)."""
     clean = _Clean(model, tokens_T)
-    nodes = _Nodes(model, dictionary, clean)
+    nodes = _Nodes(model, dictionary, clean, skip_position0)
     mlp = [(nodes.recon_LTD[l] + nodes.error_LTD[l])[None] for l in range(model.cfg.n_layers)]
     with torch.no_grad():
         _, final = _frozen_run(model, clean, clean.embed_TD[None], mlp, None)
@@ -278,7 +285,7 @@ def attribute(model, dictionary: Dictionary, prompt: str | Tensor, *, cfg: Attri
     if tokens.numel() < 1:
         raise CrosslayerError("the prompt has no tokens")
     clean = _Clean(model, tokens)
-    nodes = _Nodes(model, dictionary, clean)
+    nodes = _Nodes(model, dictionary, clean, cfg.skip_position0)
     logit_ids, logit_p, logit_dirs = _logit_targets(model, clean, cfg)
     T, n = tokens.numel(), model.cfg.n_layers
     targets = [(int(nodes.layer[i]), int(nodes.pos[i]), nodes.enc_ND[i]) for i in range(len(nodes.act))]

@@ -25,9 +25,10 @@ def random_clt(tiny_model):
     return clt
 
 
-def test_replacement_model_reproduces_the_logits(tiny_model, random_clt):
+@pytest.mark.parametrize("skip0", [True, False])
+def test_replacement_model_reproduces_the_logits(tiny_model, random_clt, skip0):
     toks = tiny_model.to_tokens(PROMPT, prepend_bos=False)[0]
-    repl, clean = replacement_logits(tiny_model, random_clt, toks)
+    repl, clean = replacement_logits(tiny_model, random_clt, toks, skip_position0=skip0)
     full = tiny_model(toks[None])[0, -1]
     assert torch.allclose(clean, full, atol=1e-5)
     assert torch.allclose(repl, clean, atol=1e-4)
