@@ -451,56 +451,53 @@ def write_graph(graph: Graph, path: str | Path, *, cfg: AttributionConfig = Attr
 
 
 def plot_graph(graph: Graph, pruned: Pruned, path: str | Path, *, max_nodes: int = 60) -> None:
-    """A static picture of the pruned graph: x = token position, y = layer (embeddings at the bottom, logits on
-    top), the ``max_nodes`` most influential kept nodes, edges coloured by sign with width by |weight|."""
+    """:func:`plot_graph_json` of :func:`graph_json` (one drawing for graphs in memory and saved graphs)."""
+    plot_graph_json(graph_json(graph, pruned), path, max_nodes=max_nodes)
+
+
+def plot_graph_json(data: dict, path: str | Path, *, max_nodes: int = 60) -> None:
+    """A static picture of a graph in the viewer format (:func:`graph_json`): x = token position, y = layer
+    (embeddings at the bottom, logits on top); token and logit nodes and the ``max_nodes`` most influential
+    others; edges blue (positive) / red (negative), width by |weight|."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kept = pruned.node_mask.nonzero()[:, 0]
-    always = [i for i in kept.tolist() if i >= graph.token_index(0)]
-    inner = [i for i in kept.tolist() if i < graph.token_index(0)]
-    inner = sorted(inner, key=lambda i: -float(pruned.node_influence[i]))[:max(0, max_nodes - len(always))]
-    shown = set(inner) | set(always)
-    xy = {}
-    slots: dict[tuple[int, int], int] = {}
-    for i in sorted(shown):
-        if i < graph.n_features:
-            layer, pos, _ = graph.features[i].tolist()
-            y = layer + 1
-        elif i < graph.token_index(0):
-            layer, pos = divmod(i - graph.n_features, graph.n_pos)
-            y = layer + 1
-        elif i < graph.token_index(0) + graph.n_pos:
-            pos, y = i - graph.token_index(0), 0
-        else:
-            pos, y = graph.n_pos - 1, graph.n_layers + 1
-        k = slots.get((pos, y), 0)
-        slots[(pos, y)] = k + 1
-        xy[i] = (pos + 0.15 * k - 0.3, y)
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * graph.n_pos), max(4, 0.35 * (graph.n_layers + 2))))
-    A = graph.adjacency
-    dst, src = pruned.edge_mask.nonzero(as_tuple=True)
-    pairs = [(t, s) for t, s in zip(dst.tolist(), src.tolist()) if t in xy and s in xy]
-    top = max((abs(float(A[t, s])) for t, s in pairs), default=1.0) or 1.0
-    for t, s in pairs:
-        w = float(A[t, s])
-        ax.plot(*zip(xy[s], xy[t]), color="tab:blue" if w > 0 else "tab:red", alpha=0.6,
-                linewidth=0.3 + 2.5 * abs(w) / top, zorder=1)
-    style = {"f": ("o", "tab:orange"), "e": ("s", "tab:gray"), "t": ("^", "tab:green"), "l": ("D", "tab:purple")}
-    for i, (x, y) in xy.items():
-        kind = "f" if i < graph.n_features else "e" if i < graph.token_index(0) else \
-            "t" if i < graph.token_index(0) + graph.n_pos else "l"
-        marker, colour = style[kind]
-        ax.scatter([x], [y], marker=marker, color=colour, s=40, zorder=2)
-        if kind in ("f", "l"):
-            ax.annotate(graph.describe(i).split("@")[0], (x, y), fontsize=6, xytext=(2, 3), textcoords="offset points")
-    ax.set_xticks(range(graph.n_pos), [repr(s)[1:-1] for s in graph.token_strs], rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(graph.n_layers + 2), ["emb"] + [str(l) for l in range(graph.n_layers)] + ["logit"], fontsize=6)
+    nodes = data["nodes"]
+    logit_layer = max((int(n["layer"]) for n in nodes if n["feature_type"] == "logit"), default=1)
+    always = [n for n in nodes if n["feature_type"] in ("embedding", "logit")]
+    inner = sorted((n for n in nodes if n["feature_type"] not in ("embedding", "logit")),
+                   key=lambda n: n["influence"] if n["influence"] is not None else 1.0)[:max(0, max_nodes - len(always))]
+    xy, slots = {}, {}
+    for n in always + inner:
+        y = 0 if n["layer"] == "E" else int(n["layer"]) + (0 if n["feature_type"] == "logit" else 1)
+        k = slots.get((n["ctx_idx"], y), 0)
+        slots[(n["ctx_idx"], y)] = k + 1
+        xy[n["node_id"]] = (n["ctx_idx"] + 0.12 * k - 0.3, y)
+    tokens = data["metadata"]["prompt_tokens"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(tokens)), max(4.0, 0.3 * (logit_layer + 1))))
+    links = [l for l in data["links"] if l["source"] in xy and l["target"] in xy]
+    top = max((abs(l["weight"]) for l in links), default=1.0) or 1.0
+    for l in links:
+        ax.plot(*zip(xy[l["source"]], xy[l["target"]]), color="tab:blue" if l["weight"] > 0 else "tab:red",
+                alpha=0.5, linewidth=0.3 + 2.5 * abs(l["weight"]) / top, zorder=1)
+    style = {"cross layer transcoder": ("o", "tab:orange"), "mlp reconstruction error": ("s", "tab:gray"),
+             "embedding": ("^", "tab:green"), "logit": ("D", "tab:purple")}
+    for n in always + inner:
+        marker, colour = style.get(n["feature_type"], ("o", "black"))
+        x, y = xy[n["node_id"]]
+        ax.scatter([x], [y], marker=marker, color=colour, s=36, zorder=2)
+        if n["feature_type"] == "cross layer transcoder":
+            ax.annotate(f"F{n['node_id'].split('_')[1]}", (x, y), fontsize=5, xytext=(2, 2), textcoords="offset points")
+        elif n["feature_type"] == "logit":
+            ax.annotate(n["clerp"].removeprefix("Output "), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xticks(range(len(tokens)), [repr(t)[1:-1] for t in tokens], rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(logit_layer + 1), ["emb"] + [str(l) for l in range(logit_layer - 1)] + ["logit"], fontsize=6)
     ax.set_ylabel("layer")
-    ax.set_title(f"{graph.prompt!r} -> {graph.meta.get('logit_strs', [''])[0]!r}: "
-                 f"{int(pruned.node_mask[:graph.n_features].sum())} features kept", fontsize=9)
+    n_feat = sum(n["feature_type"] == "cross layer transcoder" for n in nodes)
+    ax.set_title(f"{data['metadata']['prompt']!r}: {n_feat} features kept, {len(inner)} most influential "
+                 f"non-token nodes shown", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
