@@ -203,3 +203,26 @@ def test_attribute_refuses_a_crosscoder(tiny_model):
     cc = Crosscoder(CrosscoderConfig(layers=(0, 1), d_model=64, n_features=16, k=2))
     with pytest.raises(CrosslayerError, match="transcoder"):
         attribute(tiny_model, cc, PROMPT)
+
+
+def test_clamping_clt_features_reuses_interventions(tiny_model, random_clt):
+    """crosslayer.interventions on a transcoder: the delta lands on the MLP outputs the feature writes (at layer 0,
+    with nothing edited upstream, mlp_out moves by exactly decode(f') - decode(f)); on the planted model, ablating
+    feature B (the circuit's last feature) removes most of the target token's probability."""
+    from crosslayer.interventions import Edit, edit_hooks, plan_edits, steer
+
+    toks = tiny_model.to_tokens(PROMPT, prepend_bos=False)
+    edits = [Edit(feature=3, mode="clamp", value=4.0)]  # a layer-0 feature: writes mlp_out of layers 0 and 1
+    plan = plan_edits(tiny_model, random_clt, toks, edits, at="each")
+    assert plan.place_EL[0].tolist() == [True, True]
+    _, clean = tiny_model.run_with_cache(toks)
+    with tiny_model.hooks(fwd_hooks=edit_hooks(random_clt, plan)):
+        _, edited = tiny_model.run_with_cache(toks)
+    moved = edited["blocks.0.hook_mlp_out"] - clean["blocks.0.hook_mlp_out"]
+    assert torch.allclose(moved[0, 1:], plan.delta_BTLD[0, 1:, 0], atol=1e-5)
+    assert moved[0, 1:].abs().max() > 1e-3
+    model, clt, _, target = _planted_model_and_clt(tiny_model)
+    b = 1 * clt.cfg.width + 0  # feature B: group 1, index 0
+    table, info = steer(model, clt, PROMPT, [Edit(feature=b, mode="ablate")])
+    down = table[table.direction == "down"].iloc[0]
+    assert int(down.token_id) == target and down.p_steered < 0.5 * down.p_clean
