@@ -399,7 +399,8 @@ def _train_step(run: _Run, cfg: TrainConfig, batch, ckpt_path: Path, bar) -> Non
     run.n_tokens += x_BLD.shape[0]
     if run.step % cfg.log_interval == 0 or run.step == cfg.steps:
         row = {"step": run.step, "tokens": run.step * x_BLD.shape[0], "loss": float(res.loss.detach()),
-               **{k: float(v) for k, v in res.losses.items()}, "fvu": float(fvu(x_BLD if y_BLD is None else y_BLD, res.recon_BLD).mean()),
+               **{k: float(v) for k, v in res.losses.items()},
+               "fvu": float(fvu(x_BLD if y_BLD is None else y_BLD, res.recon_BLD).mean()),
                "heldout_fvu": _heldout_fvu(model, run.heldout), "l0": res.l0,
                "dead_frac": float(dead_F.float().mean()), "lr": cfg.lr_at(run.step - 1),
                "sparsity_coef": cfg.sparsity_at(run.step - 1, activation)}

@@ -186,5 +186,7 @@ def answer(results: Path, cfg: Config) -> str:
 STUDY = Study(name=NAME, title="Cross-layer transcoders and attribution graphs", config=Config, run=run,
               figures=figures, tables=tables, answer=answer,
               presets={"micro": Config(width=16, ks=(2, 4), train_tokens=2_048, heldout_tokens=1_024, epochs=1,
-                                       batch_size=128, eval_windows=4, prompts=("The capital of France is",))},
+                                       batch_size=128, eval_windows=4, prompts=("The capital of France is",)),
+                       "standard": Config(width=512, ks=(8, 16, 32), train_tokens=100_000, heldout_tokens=20_000,
+                                          eval_windows=64)},
               order=90)
