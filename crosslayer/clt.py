@@ -204,6 +204,26 @@ class CrossLayerTranscoder(Dictionary):
             out[:, l:l + n] += (f_LBW[l] @ W_dec.reshape(W_dec.shape[0], -1)).reshape(B, n, self.d_model)
         return out + self.b_dec
 
+    def encode_group(self, x_ND: Tensor, index: int, *, normalized: bool = True) -> Float[Tensor, "batch width"]:
+        """Features ``[N, width]`` of group ``index`` from that layer's input alone (the replacement model runs layer
+        by layer); equal to the group's slice of :meth:`encode`."""
+        x_ND = x_ND if normalized else x_ND * self.norm_factors[index].to(x_ND)
+        one = slice(index, index + 1)
+        if self.cfg.activation == "jumprelu":
+            pre = x_ND @ self.W_enc[index] + self.b_enc[index]
+            return _JumpReLU.apply(pre, self.log_threshold[index].exp(), self.cfg.jump_bandwidth)
+        vals, idx = sparse_topk(x_ND[None], self.W_enc[one], self.b_enc[one], self.norms_LW()[one], self.cfg.k)[:2]
+        return vals.new_zeros(x_ND.shape[0], self.cfg.width).scatter(1, idx[0], vals[0])
+
+    def decode_group(self, f_NW: Tensor, index: int, *, normalized: bool = True) -> Tensor:
+        """Group ``index``'s write ``[N, n_written, d]`` to layers index, index + 1, ... (no bias); raw units with
+        ``normalized=False`` (the target factors of those layers)."""
+        W_dec = self.W_dec[index]
+        out = (f_NW @ W_dec.reshape(W_dec.shape[0], -1)).reshape(-1, W_dec.shape[1], self.d_model)
+        if normalized:
+            return out
+        return out / self.target_norm_factors[index:index + W_dec.shape[1]].to(out)[:, None]
+
     def encode_normalized(self, acts_BLD: Tensor) -> Tensor:
         L, W = self.cfg.n_layers, self.cfg.width
         if self.cfg.activation == "jumprelu":

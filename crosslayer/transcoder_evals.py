@@ -55,20 +55,17 @@ def _reconstruction(clt: Dictionary, pair, n_tokens: int, batch_size: int, seed:
 
 
 def _replacement_hooks(model, clt: Dictionary, mask_BT, error_LNd=None):
-    """Hooks of one replacement-model pass (method step 2): encode each group from the arriving resid_mid,
-    replace each MLP output by the accumulated decodes (+ the clean error terms if given)."""
-    W, n_kept, device = clt.cfg.width, int(mask_BT.sum()), clt.norm_factors.device
-    zeros = torch.zeros(1, clt.n_features, device=device)
-    bias_LD = clt.decode(zeros, normalized=False)[0]
+    """Hooks of one replacement-model pass (method step 2): encode each group from the arriving resid_mid
+    (:meth:`~crosslayer.clt.CrossLayerTranscoder.encode_group`), add its write to the layers it writes, replace
+    each MLP output by the accumulated writes + b_dec (+ the clean error terms if given)."""
+    n_kept, device = int(mask_BT.sum()), clt.norm_factors.device
+    bias_LD = clt.decode(torch.zeros(1, clt.n_features, device=device), normalized=False)[0]
     acc_NLD = torch.zeros(n_kept, clt.n_layers, clt.d_model, device=device)
-    inputs_NLD = torch.zeros(n_kept, clt.n_layers, clt.d_model, device=device)
 
     def read(act, hook, i):
-        inputs_NLD[:, i] = act[mask_BT].float().to(device)
-        feats = clt.encode(inputs_NLD, normalized=False)
-        own = torch.zeros_like(feats)
-        own[:, i * W:(i + 1) * W] = feats[:, i * W:(i + 1) * W]
-        acc_NLD.add_(clt.decode(own, normalized=False) - bias_LD)
+        f_NW = clt.encode_group(act[mask_BT].float().to(device), i, normalized=False)
+        write = clt.decode_group(f_NW, i, normalized=False)
+        acc_NLD[:, i:i + write.shape[1]] += write
         return act
 
     def write(act, hook, i):

@@ -150,3 +150,20 @@ def test_train_and_evaluate_on_a_pair(tiny_pair, tiny_model, tmp_path):
     assert repl.ce_spliced_lo <= repl.ce_spliced <= repl.ce_spliced_hi
     plt = tables[False]
     assert (plt[plt.scope == "layer"].l0 == plt[plt.scope == "layer"].l0_read).all()  # a PLT writes only its layer
+
+
+@pytest.mark.parametrize("activation", ["topk", "jumprelu"])
+def test_group_encode_and_decode_match_the_whole_dictionary(activation):
+    clt = CrossLayerTranscoder(CLTConfig(layers=(0, 1, 2), d_model=8, width=16, k=3, activation=activation),
+                               norm_factors=[2.0, 0.5, 1.0], target_norm_factors=[1.5, 3.0, 0.25])
+    x = torch.randn(12, 3, 8)
+    clt.calibrate_(x * clt.norm_factors[:, None])
+    feats = clt.encode(x, normalized=False)
+    writes = torch.zeros(12, 3, 8)
+    for i in range(3):
+        f = clt.encode_group(x[:, i], i, normalized=False)
+        assert torch.allclose(f, feats[:, i * 16:(i + 1) * 16], atol=1e-6)
+        w = clt.decode_group(f, i, normalized=False)
+        writes[:, i:i + w.shape[1]] += w
+    bias = clt.decode(torch.zeros(1, 48), normalized=False)
+    assert torch.allclose(writes + bias, clt.decode(feats, normalized=False), atol=1e-5)
