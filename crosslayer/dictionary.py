@@ -22,6 +22,9 @@ Every eval, analysis, intervention and study is written once against :class:`Dic
   :func:`load_dictionary` dispatches on ``"kind"``.
 - :func:`check_compatible` ``(dictionary, store_or_model)``: the one check that a dictionary can
   read an activation store or be spliced into a model.
+- Transcoders (:mod:`crosslayer.clt`) read one hook kind and write another (resid_mid -> mlp_out):
+  ``hooks`` / ``norm_factors`` are what they read, ``target_hooks`` / ``target_norm_factors`` what
+  ``decode`` approximates (``is_transcoder``); for every other kind the two are the same.
 
 Units convention (research-notes §2):
 1. Dictionaries are trained on, and compute in, NORMALISED units: ``normalised = raw * factor_l``
