@@ -490,8 +490,8 @@ def plot_graph_json(data: dict, path: str | Path, *, max_nodes: int = 60) -> Non
         ax.scatter([x], [y], marker=marker, color=colour, s=36, zorder=2)
         if n["feature_type"] == "cross layer transcoder":
             ax.annotate(f"F{n['node_id'].split('_')[1]}", (x, y), fontsize=5, xytext=(2, 2), textcoords="offset points")
-        elif n["feature_type"] == "logit":
-            ax.annotate(n["clerp"].removeprefix("Output "), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        elif n["is_target_logit"]:
+            ax.annotate(n["clerp"].removeprefix("Output "), (x, y), fontsize=7, xytext=(-20, 6), textcoords="offset points")
     ax.set_xticks(range(len(tokens)), [repr(t)[1:-1] for t in tokens], rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(logit_layer + 1), ["emb"] + [str(l) for l in range(logit_layer - 1)] + ["logit"], fontsize=6)
     ax.set_ylabel("layer")
