@@ -10,11 +10,14 @@ Method (Ameisen et al., "Circuit Tracing", Transformer Circuits 2025, §2.1; res
    :func:`crosslayer.crosscoder.sparse_topk` with G = L. JumpReLU (Anthropic's choice) uses the
    crosscoder's ``_JumpReLU`` (rectangle-kernel straight-through gradients), the tanh sparsity penalty
    and the pre-activation loss.
-2. Decode: mlp_out_hat^{l'} = sum_{l <= l'} W_dec^{l -> l'} f^l + b_dec^{l'}. The decoder of group l is one
-   tensor ``W_dec_<l>`` of shape [W, L - l, d] (its target layers l..L-1), so a CLT stores L (L + 1) / 2
-   W d decoder weights. A PLT (``cross_layer=False``) keeps only l -> l ([W, 1, d]): the transcoder
-   analogue of :class:`~crosslayer.sae_stack.SAEStack`. TopK decodes sparsely (``embedding_bag`` of the
-   k active rows per group).
+2. Decode: mlp_out_hat^{l'} = sum_{l <= l'} W_dec^{l -> l'} f^l + b_dec^{l'}. The decoder is stored per
+   TARGET layer: ``W_dec[l']`` of shape [(l' + 1) W, d] holds the rows of every group that writes l'
+   (groups 0..l', group-major), so a CLT stores L (L + 1) / 2 W d decoder weights and decoding layer l' is
+   one ``embedding_bag`` over the active features of groups <= l' (TopK: (l' + 1) k rows per token). (A
+   per-source layout [W, L - l, d] needs the writes of every group accumulated into slices of one output,
+   whose backward materialised a full-size gradient per group: 7x slower at 30 layers.) A PLT
+   (``cross_layer=False``) keeps only l -> l ([W, d]): the transcoder analogue of
+   :class:`~crosslayer.sae_stack.SAEStack`.
 3. Loss: sum_l ||mlp_out^l - mlp_out_hat^l||^2 (normalised units, mean over tokens) plus AuxK (TopK:
    the k_aux best dead latents of all groups reconstruct the detached residual, Gao et al.) or the
    JumpReLU penalties (lambda sum_i tanh(c f_i ||W_dec,i||) + pre_act_coef sum_i relu(theta_i - pre_i) ||W_dec,i||).
@@ -116,13 +119,14 @@ class CrossLayerTranscoder(Dictionary):
         self.cfg = cfg
         L, W, d = cfg.n_layers, cfg.width, cfg.d_model
         gen = torch.Generator().manual_seed(seed)
-        decs = []
+        decs = []  # per source group: [W, layers written, d]
         for l in range(L):
             n_out = self.n_written(l)
             W_dec = torch.randn(W, n_out, d, generator=gen)
             decs.append(W_dec / W_dec.norm(dim=-1, keepdim=True) * cfg.init_dec_norm / n_out)
         self.W_enc = nn.Parameter(torch.stack([w[:, 0].T * n for w, n in zip(decs, map(self.n_written, range(L)))]))
-        self.W_dec = nn.ParameterList([nn.Parameter(w) for w in decs])
+        self.W_dec = nn.ParameterList([nn.Parameter(torch.cat([decs[l][:, m - l] for l in self.sources(m)]))
+                                       for m in range(L)])
         self.b_enc = nn.Parameter(torch.zeros(L, W))
         self.b_dec = nn.Parameter(torch.zeros(L, d))
         if cfg.activation == "jumprelu":
@@ -131,6 +135,10 @@ class CrossLayerTranscoder(Dictionary):
     def n_written(self, index: int) -> int:
         """Layers written by group ``index``: L - index (CLT) or 1 (PLT)."""
         return self.cfg.n_layers - index if self.cfg.cross_layer else 1
+
+    def sources(self, index: int) -> range:
+        """The groups that write layer ``index`` (rows of ``W_dec[index]``, in this order): 0..index or index alone."""
+        return range(0, index + 1) if self.cfg.cross_layer else range(index, index + 1)
 
     @property
     def n_features(self) -> int:
@@ -143,7 +151,12 @@ class CrossLayerTranscoder(Dictionary):
     # ---------------------------------------------------------------- weights and masks
     def norms_LW(self) -> Tensor:
         """Combined decoder norm of every feature ``[L, W]`` (sum over the layers it writes; differentiable)."""
-        return torch.stack([w.norm(dim=-1).sum(-1) for w in self.W_dec])
+        L, W = self.cfg.n_layers, self.cfg.width
+        out = self.W_dec[0].new_zeros(L, W)
+        for m, table in enumerate(self.W_dec):
+            src = self.sources(m)
+            out = out.index_add(0, torch.arange(src.start, src.stop, device=out.device), table.norm(dim=-1).reshape(-1, W))
+        return out
 
     def writes_FL(self) -> Tensor:
         L, W = self.cfg.n_layers, self.cfg.width
@@ -155,20 +168,22 @@ class CrossLayerTranscoder(Dictionary):
         L, W = self.cfg.n_layers, self.cfg.width
         return F_.one_hot(torch.arange(L).repeat_interleave(W), L).bool()
 
+    def _rows(self, index: int) -> slice:
+        """The features (global ids) whose decoder rows ``W_dec[index]`` holds."""
+        src = self.sources(index)
+        return slice(src.start * self.cfg.width, src.stop * self.cfg.width)
+
     @torch.no_grad()
     def decoder_vectors_normalized(self, index: int) -> Tensor:
-        W, out = self.cfg.width, self.W_dec[0].new_zeros(self.n_features, self.d_model)
-        for l in range(index + 1):
-            if index - l < self.n_written(l):
-                out[l * W:(l + 1) * W] = self.W_dec[l][:, index - l]
+        out = self.W_dec[0].new_zeros(self.n_features, self.d_model)
+        out[self._rows(index)] = self.W_dec[index]
         return out
 
     @torch.no_grad()
     def decoder_norms(self) -> Tensor:
         out = self.W_dec[0].new_zeros(self.n_features, self.cfg.n_layers)
-        W = self.cfg.width
-        for l, w in enumerate(self.W_dec):
-            out[l * W:(l + 1) * W, l:l + w.shape[1]] = w.norm(dim=-1)
+        for m, table in enumerate(self.W_dec):
+            out[self._rows(m), m] = table.norm(dim=-1)
         return out
 
     # ---------------------------------------------------------------- encode / decode
@@ -186,23 +201,26 @@ class CrossLayerTranscoder(Dictionary):
         return pre, _JumpReLU.apply(pre, self.log_threshold.exp()[:, None], self.cfg.jump_bandwidth)
 
     def decode_groups(self, vals_LBK: Tensor, idx_LBK: Tensor, *, bias: bool = True) -> Tensor:
-        """Sparse decode ``[B, L, d]`` from each group's active (value, index) pairs: one ``embedding_bag`` per group."""
-        L, B, _ = idx_LBK.shape
-        out = vals_LBK.new_zeros(B, L, self.d_model)
-        for l, W_dec in enumerate(self.W_dec):
-            n = W_dec.shape[1]
-            part = F_.embedding_bag(idx_LBK[l], W_dec.reshape(W_dec.shape[0], -1), mode="sum",
-                                    per_sample_weights=vals_LBK[l].to(W_dec.dtype))
-            out[:, l:l + n] += part.reshape(B, n, self.d_model)
+        """Sparse decode ``[B, L, d]`` from each group's active (value, index) pairs: for each layer, one
+        ``embedding_bag`` over the active features of the groups that write it."""
+        L, B, K = idx_LBK.shape
+        offset_L = torch.arange(L, device=idx_LBK.device)[:, None, None] * self.cfg.width
+        outs = []
+        for m, table in enumerate(self.W_dec):
+            src = slice(self.sources(m).start, self.sources(m).stop)
+            rows = (idx_LBK[src] + offset_L[src] - offset_L[src.start]).permute(1, 0, 2).reshape(B, -1)
+            weights = vals_LBK[src].permute(1, 0, 2).reshape(B, -1).to(table.dtype)
+            outs.append(F_.embedding_bag(rows, table, mode="sum", per_sample_weights=weights))
+        out = torch.stack(outs, 1)
         return out + self.b_dec if bias else out
 
     def _decode_dense(self, f_LBW: Tensor) -> Tensor:
         B = f_LBW.shape[1]
-        out = f_LBW.new_zeros(B, self.cfg.n_layers, self.d_model)
-        for l, W_dec in enumerate(self.W_dec):
-            n = W_dec.shape[1]
-            out[:, l:l + n] += (f_LBW[l] @ W_dec.reshape(W_dec.shape[0], -1)).reshape(B, n, self.d_model)
-        return out + self.b_dec
+        outs = []
+        for m, table in enumerate(self.W_dec):
+            src = slice(self.sources(m).start, self.sources(m).stop)
+            outs.append(f_LBW[src].permute(1, 0, 2).reshape(B, -1) @ table)
+        return torch.stack(outs, 1) + self.b_dec
 
     def encode_group(self, x_ND: Tensor, index: int, *, normalized: bool = True) -> Float[Tensor, "batch width"]:
         """Features ``[N, width]`` of group ``index`` from that layer's input alone (the replacement model runs layer
@@ -218,11 +236,14 @@ class CrossLayerTranscoder(Dictionary):
     def decode_group(self, f_NW: Tensor, index: int, *, normalized: bool = True) -> Tensor:
         """Group ``index``'s write ``[N, n_written, d]`` to layers index, index + 1, ... (no bias); raw units with
         ``normalized=False`` (the target factors of those layers)."""
-        W_dec = self.W_dec[index]
-        out = (f_NW @ W_dec.reshape(W_dec.shape[0], -1)).reshape(-1, W_dec.shape[1], self.d_model)
+        W = self.cfg.width
+        targets = range(index, index + self.n_written(index))
+        blocks = [self.W_dec[m][(index - self.sources(m).start) * W:(index - self.sources(m).start + 1) * W]
+                  for m in targets]
+        out = torch.stack([f_NW @ block for block in blocks], 1)
         if normalized:
             return out
-        return out / self.target_norm_factors[index:index + W_dec.shape[1]].to(out)[:, None]
+        return out / self.target_norm_factors[targets.start:targets.stop].to(out)[:, None]
 
     def encode_normalized(self, acts_BLD: Tensor) -> Tensor:
         L, W = self.cfg.n_layers, self.cfg.width

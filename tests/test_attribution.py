@@ -151,9 +151,9 @@ def _planted_model_and_clt(tiny_model):
         clt.W_enc[0, :, 0] = rm0 / rm0.norm() ** 2 * 2  # fires ~1 at the last position
         clt.W_enc[1, :, 0] = rm1 / rm1.norm() ** 2 * 2
         out0, out1 = cache["blocks.0.hook_mlp_out"][0, -1], cache["blocks.1.hook_mlp_out"][0, -1]
-        clt.W_dec[0][0, 0] = out0 / 1.0
-        clt.W_dec[0][0, 1] = 0
-        clt.W_dec[1][0, 0] = out1 / 1.0
+        clt.W_dec[0][0] = out0  # decoders are stored per target layer: W_dec[m] rows = groups 0..m
+        clt.W_dec[1][0] = 0  # A writes only layer 0
+        clt.W_dec[1][clt.cfg.width] = out1  # B (group 1, feature 0) writes layer 1
     return model, clt, toks, target
 
 
