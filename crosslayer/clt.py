@@ -19,7 +19,8 @@ Method (Ameisen et al., "Circuit Tracing", Transformer Circuits 2025, §2.1; res
    (``cross_layer=False``) keeps only l -> l ([W, d]): the transcoder analogue of
    :class:`~crosslayer.sae_stack.SAEStack`.
 3. Loss: sum_l ||mlp_out^l - mlp_out_hat^l||^2 (normalised units, mean over tokens) plus AuxK (TopK:
-   the k_aux best dead latents of all groups reconstruct the detached residual, Gao et al.) or the
+   the ceil(k_aux / L) best dead latents of each group, k_aux in all as one crosscoder's, reconstruct the
+   detached residual, Gao et al.) or the
    JumpReLU penalties (lambda sum_i tanh(c f_i ||W_dec,i||) + pre_act_coef sum_i relu(theta_i - pre_i) ||W_dec,i||).
 4. Init: decoder rows random with norm ``init_dec_norm`` / (number of layers written), so every feature
    starts with the same combined norm; W_enc[l] = the transpose of group l's first decoder block;
@@ -68,7 +69,10 @@ class CLTConfig:
     init_dec_norm: float = 0.08
     """Initial combined decoder norm of a feature (split evenly over the layers it writes)."""
     k_aux: int | None = None
-    """Dead latents in the AuxK loss; None = d_model // 2."""
+    """Dead latents in the AuxK loss, over all layers together (ceil(k_aux / L) per layer's group); None =
+    d_model // 2, as one crosscoder's. (Per group, the aux writes of all earlier groups would add up in
+    every later layer: with L = 30 and d / 2 per group the aux term was ~6x the reconstruction loss at
+    step 8 of a SmolLM2 run.)"""
     aux_coef: float = 1 / 32
     """AuxK loss coefficient."""
     jump_bandwidth: float = 2.0
@@ -146,7 +150,13 @@ class CrossLayerTranscoder(Dictionary):
 
     @property
     def k_aux(self) -> int:
+        """AuxK dead latents over all groups (``cfg.k_aux``, default d_model // 2)."""
         return self.cfg.k_aux or max(1, self.d_model // 2)
+
+    @property
+    def k_aux_group(self) -> int:
+        """AuxK dead latents per group: ceil(k_aux / L)."""
+        return -(-self.k_aux // self.cfg.n_layers)
 
     # ---------------------------------------------------------------- weights and masks
     def norms_LW(self) -> Tensor:
@@ -191,7 +201,7 @@ class CrossLayerTranscoder(Dictionary):
         return torch.baddbmm(self.b_enc[:, None], acts_BLD.transpose(0, 1), self.W_enc)
 
     def _topk(self, acts_BLD: Tensor, dead_LW: Tensor | None = None) -> tuple[Tensor, ...]:
-        k_aux = min(self.k_aux, int(dead_LW.sum(1).max())) if dead_LW is not None else 0
+        k_aux = min(self.k_aux_group, int(dead_LW.sum(1).max())) if dead_LW is not None else 0
         return sparse_topk(acts_BLD.transpose(0, 1), self.W_enc, self.b_enc, self.norms_LW(), self.cfg.k,
                            dead_LW, k_aux)
 
