@@ -249,10 +249,12 @@ def _rows(model, clean: _Clean, nodes: _Nodes, targets: list[tuple[int, int, Ten
     g_emb = grads[0]
     g_LBTD = torch.stack([g if g is not None else torch.zeros_like(embed) for g in grads[1:]]
                          + [torch.zeros_like(embed)] * (n - len(reached)))
-    # features: a_s sum over the layers it writes of g_l[pos] . dec
-    dl = nodes.dict_layers
-    g_feat = g_LBTD[dl][:, :, nodes.pos]  # [L_dict, B, n_f, d]
-    feat = torch.einsum("lbnd,nld->bn", g_feat, nodes.dec_NLD)
+    # features: a_s sum over the layers it writes of g_l[pos] . dec, as one GEMM [B T, L d] x [L d, n_f], then
+    # each feature's own position (gathering g per feature first would copy [L, B, n_f, d])
+    dl, T = nodes.dict_layers, g_emb.shape[1]
+    g_BTX = g_LBTD[dl].permute(1, 2, 0, 3).reshape(B * T, -1)
+    per_pos = (g_BTX @ nodes.dec_NLD.reshape(len(nodes.pos), -1).T).reshape(B, T, -1)  # [B, T, n_f]
+    feat = per_pos.gather(1, nodes.pos.to(per_pos.device)[None, None].expand(B, 1, -1))[:, 0]
     err = torch.einsum("lbtd,ltd->blt", g_LBTD, nodes.error_LTD).reshape(B, -1)
     tok = torch.einsum("btd,td->bt", g_emb, clean.embed_TD)
     return torch.cat([feat, err, tok], 1).detach()

@@ -15,6 +15,7 @@ experiments/results/clt_smollm2/):
    terms, 95 % intervals over documents -> ``eval_clt.csv``, ``eval_plt.csv``, ``compare.csv``.
 4. Trace the prompts through the CLT (``crosslayer.attribution``) -> ``graph_<i>.json`` (circuit-tracer viewer
    format), ``graph_<i>.png``, ``attribution.csv`` (top path, kept nodes, error share).
+A rerun reuses the finished stores, dictionaries and evaluation CSVs.
 """
 
 from __future__ import annotations
@@ -72,9 +73,12 @@ def main() -> None:
                                                  heldout_pair_path=pairs["heldout"])
         timings[f"train_{name}_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        table = evaluate_transcoder(dicts[name], pairs["heldout"], model=model, n_tokens=4096, n_windows=args.windows,
-                                    out=RESULTS / f"eval_{name}.csv")
-        timings[f"eval_{name}_s"] = time.perf_counter() - t
+        if (RESULTS / f"eval_{name}.csv").is_file():  # a rerun skips finished evaluations
+            table = pd.read_csv(RESULTS / f"eval_{name}.csv")
+        else:
+            table = evaluate_transcoder(dicts[name], pairs["heldout"], model=model, n_tokens=4096,
+                                        n_windows=args.windows, out=RESULTS / f"eval_{name}.csv")
+            timings[f"eval_{name}_s"] = time.perf_counter() - t
         tables.append(table.assign(name=name))
     both = pd.concat(tables)
     keep = ["name", "splice", "fvu", "l0_read", "l0_tuple", "n_features", "ce_clean", "ce_spliced", "ce_spliced_lo",
