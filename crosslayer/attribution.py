@@ -376,10 +376,15 @@ def prune(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: float = 
     return Pruned(keep, edges, node_inf, cumulative)
 
 
-def top_path(graph: Graph, pruned: Pruned | None = None, *, logit: int = 0) -> list[int]:
+def top_path(graph: Graph, pruned: Pruned | None = None, *, logit: int = 0, features_only: bool = False) -> list[int]:
     """Greedy strongest path into a logit: from logit ``logit`` repeatedly take the source with the largest
-    |edge| (among kept edges if ``pruned`` is given) until a token node; node indices, token first."""
+    |edge| (among kept edges if ``pruned`` is given) until a token node (or an error node, which has no inputs);
+    ``features_only``: error nodes are never taken, so the path runs through features to a token. Node indices,
+    source first."""
     A = graph.adjacency.abs() * (pruned.edge_mask if pruned is not None else 1)
+    if features_only:
+        A = A.clone()
+        A[:, graph.n_features:graph.token_index(0)] = 0
     path = [graph.logit_index(logit)]
     first_token = graph.token_index(0)
     while path[-1] < first_token or path[-1] >= first_token + graph.n_pos:
@@ -512,5 +517,6 @@ def summary(graph: Graph, pruned: Pruned) -> dict:
             "n_active_features": graph.n_features, "n_kept_features": int(pruned.node_mask[:graph.n_features].sum()),
             "n_kept_errors": int(pruned.node_mask[graph.n_features:graph.token_index(0)].sum()),
             "n_edges": int(pruned.edge_mask.sum()), "error_norm_share": graph.meta.get("error_norm_share", math.nan),
-            "top_path": " -> ".join(graph.describe(i) for i in path)}
+            "top_path": " -> ".join(graph.describe(i) for i in path),
+            "top_feature_path": " -> ".join(graph.describe(i) for i in top_path(graph, pruned, features_only=True))}
 

@@ -226,3 +226,10 @@ def test_clamping_clt_features_reuses_interventions(tiny_model, random_clt):
     table, info = steer(model, clt, PROMPT, [Edit(feature=b, mode="ablate")])
     down = table[table.direction == "down"].iloc[0]
     assert int(down.token_id) == target and down.p_steered < 0.5 * down.p_clean
+
+
+def test_feature_path_skips_error_nodes(tiny_model, random_clt):
+    g = attribute(tiny_model, random_clt, PROMPT)
+    path = top_path(g, features_only=True)
+    assert all(not (g.n_features <= i < g.token_index(0)) for i in path)
+    assert g.token_index(0) <= path[0] < g.token_index(0) + g.n_pos or len(path) == 1
