@@ -110,8 +110,10 @@ SHARED_OPTIONS = {
                                                                  "bfloat16")),
     "corpus": ("--corpus", dict(default="builtin", help="'builtin', a text file/folder, a .jsonl, or hf:NAME")),
     "seq_len": ("--seq-len", dict(type=positive_int, default=128, help="window length in tokens")),
-    "dictionary": ("--dictionary", dict(required=True, help="dictionary folder (per-layer SAEs or crosscoder)")),
-    "store": ("--store", dict(required=True, help="activation store of the same model and hooks")),
+    "dictionary": ("--dictionary", dict(required=True, help="dictionary folder (per-layer SAEs, crosscoder or "
+                                                            "transcoder)")),
+    "store": ("--store", dict(required=True, help="activation store of the same model and hooks (a transcoder: its "
+                                                  "store pair)")),
     "device": ("--device", dict(default="cpu", help="cpu | cuda: where the model and the dictionary run")),
 }
 """Options that several verbs take, each defined once."""
@@ -175,7 +177,8 @@ def _add_harvest(p):
     shared(p, "model", "corpus", "seq_len", "model_dtype")
     p.add_argument("--layers", default="all", help="all | 5 | 0-5 | 0,4,8 | 10-")
     p.add_argument("--hook", default="resid_post",
-                   help="resid_post | resid_pre | resid_mid | attn_out | mlp_out | mlp_post")
+                   help="resid_post | resid_pre | resid_mid | attn_out | mlp_out | mlp_post; resid_mid,mlp_out: a "
+                        "transcoder pair (OUT/resid_mid and OUT/mlp_out, row-aligned, no outlier rule)")
     p.add_argument("--tokens", type=parse_count, default=parse_count("200k"),
                    help="token positions to run (rounded up to whole windows; excluded rows are not stored)")
     p.add_argument("--split", default="train", help="train | heldout")
@@ -194,12 +197,21 @@ def cmd_harvest(args):
     from crosslayer.harvest import check_seq_len, harvest, hook_names, parse_layers
     from crosslayer.models import load_model
 
+    from crosslayer.transcoder_data import INPUT_KIND, TARGET_KIND, harvest_pair
+
+    pair = args.hook == f"{INPUT_KIND},{TARGET_KIND}"
     corpus = load_corpus(args.corpus)
     model = load_model(args.model, dtype=args.model_dtype, device=args.device)
-    hook_names(model, args.hook, parse_layers(args.layers, model.cfg.n_layers))  # fail fast
+    for kind in ((INPUT_KIND, TARGET_KIND) if pair else (args.hook,)):
+        hook_names(model, kind, parse_layers(args.layers, model.cfg.n_layers))  # fail fast
     check_seq_len(model, args.seq_len)
     windows = make_windows(corpus, model.tokenizer, split=args.split, seq_len=args.seq_len,
                            n_tokens=args.tokens, seed=args.seed)
+    if pair:
+        stores = harvest_pair(model, windows, out_dir=args.out, layers=args.layers, dtype=args.store_dtype,
+                              batch_size=args.batch_size)
+        print(f"transcoder pair {args.out}: {stores.inputs}\n{stores.targets}")
+        return
     store = harvest(model, windows, out_dir=args.out, hook=args.hook, layers=args.layers,
                     dtype=args.store_dtype, batch_size=args.batch_size,
                     outlier_factor=args.outlier_factor or None)
@@ -431,12 +443,113 @@ def cmd_eval(args):
     from crosslayer.models import load_model
     from crosslayer.store import ActivationStore
 
-    store = ActivationStore(args.store)
     dictionary = load_dictionary(args.dictionary, device=args.device)
+    if dictionary.is_transcoder:
+        _eval_transcoder(args, dictionary)
+        return
+    store = ActivationStore(args.store)
     model = load_model(store.manifest["model"], dtype=args.model_dtype, device=args.device) if args.windows else None
     table = evaluate(dictionary, store, model=model, n_tokens=args.tokens, n_windows=args.windows or 1,
                      l0_frac=args.l0_frac, n_boot=args.boot, out=args.out, progress=True)
     print("\n".join(summary_lines(table)))
+
+
+def _eval_transcoder(args, clt) -> None:
+    from crosslayer.models import load_model
+    from crosslayer.transcoder_data import open_pair
+    from crosslayer.transcoder_evals import evaluate_transcoder
+
+    pair = open_pair(args.store)
+    model = load_model(pair.inputs.manifest["model"], dtype=args.model_dtype, device=args.device) if args.windows else None
+    table = evaluate_transcoder(clt, pair, model=model, n_tokens=args.tokens, n_windows=args.windows or 1,
+                                l0_frac=args.l0_frac, n_boot=args.boot, out=args.out)
+    cols = [c for c in ("scope", "layer", "splice", "fvu", "l0_read", "l0", "l0_tuple", "ce_clean", "ce_spliced",
+                        "ce_spliced_lo", "ce_spliced_hi", "ce_recovered", "kl") if c in table]
+    import pandas as pd
+
+    with pd.option_context("display.width", 250, "display.max_columns", 40):
+        print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep=""))
+    print("l0_read: features of the layer's group active per token; l0: active (feature, layer written) pairs; "
+          "replacement: every MLP output replaced by the transcoder's; replacement_error: plus the clean error terms "
+          "(reproduces the model)")
+
+
+def _add_train_clt(p):
+    from crosslayer.clt import ACTIVATIONS, CLTConfig
+    from crosslayer.training import TrainConfig
+
+    p.add_argument("--store", required=True, help="transcoder store pair (crosslayer harvest --hook resid_mid,mlp_out)")
+    p.add_argument("--out", required=True, help="output folder; a rerun resumes from its checkpoint")
+    p.add_argument("--width", type=positive_int, required=True, help="features per layer")
+    p.add_argument("--k", type=positive_int, default=default(CLTConfig, "k"), help="active features per token and layer (topk)")
+    p.add_argument("--activation", default=default(CLTConfig, "activation"), choices=ACTIVATIONS, help="activation")
+    p.add_argument("--per-layer", action="store_true", help="per-layer transcoders (PLT, the baseline): each feature "
+                                                            "writes only its own layer's MLP output")
+    p.add_argument("--tokens", type=parse_count, default=None, help="training tokens (default: the store's rows)")
+    p.add_argument("--batch-size", type=positive_int, default=default(TrainConfig, "batch_size"), help="tokens per step")
+    p.add_argument("--lr", type=positive_float, default=default(TrainConfig, "lr"), help="Adam learning rate")
+    p.add_argument("--layers", default=None, help="contiguous subset of the store's layers, e.g. 0-5 (default: all)")
+    p.add_argument("--seed", type=int, default=default(TrainConfig, "seed"), help="init and data-order seed")
+    p.add_argument("--sparsity-coef", type=nonnegative_float, default=None, help="JumpReLU tanh sparsity coefficient")
+    p.add_argument("--heldout", default=None, help="held-out store pair: its MLP-output FVU goes into the curve")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+
+
+@verb("train-clt", "train a cross-layer transcoder (resid_mid -> mlp_out of this and later layers) or, with "
+                   "--per-layer, per-layer transcoders", _add_train_clt)
+def cmd_train_clt(args):
+    from crosslayer.clt import CLTConfig
+    from crosslayer.training import TrainConfig
+    from crosslayer.transcoder_data import open_pair, train_transcoder_from_pair
+
+    pair = open_pair(args.store)
+    arch = CLTConfig(layers=tuple(pair.inputs.select(args.layers).layers), d_model=pair.inputs.width, width=args.width,
+                     k=args.k, activation=args.activation, cross_layer=not args.per_layer)
+    cfg = TrainConfig(tokens=args.tokens or pair.inputs.n_rows, batch_size=args.batch_size, lr=args.lr,
+                      sparsity_coef=args.sparsity_coef, seed=args.seed)
+    clt = train_transcoder_from_pair(pair, arch, cfg, out_dir=args.out, heldout_pair_path=args.heldout,
+                                     device=args.device)
+    print(f"saved {clt} to {args.out} (held-out FVU {clt.meta['convergence']['final_fvu']:.3f})")
+
+
+def _add_attribute(p):
+    from crosslayer.attribution import AttributionConfig
+
+    p.add_argument("prompt", help="the prompt to trace (tokenised without a BOS)")
+    p.add_argument("--dictionary", required=True, help="transcoder folder (crosslayer train-clt)")
+    p.add_argument("--out", default=None, help="graph JSON path (circuit-tracer viewer format); a PNG goes next to it")
+    for name in ("node_threshold", "edge_threshold"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=nonnegative_float, default=default(AttributionConfig, name),
+                       help=f"keep the {name.split('_')[0]}s carrying this share of the influence on the logits")
+    p.add_argument("--max-logits", type=positive_int, default=default(AttributionConfig, "max_logits"),
+                   help="most output logits traced")
+    p.add_argument("--batch-size", type=positive_int, default=default(AttributionConfig, "batch_size"),
+                   help="targets per backward pass")
+    shared(p, "model_dtype")
+
+
+@verb("attribute", "trace a prompt through a cross-layer transcoder: attribution graph JSON + picture", _add_attribute)
+def cmd_attribute(args):
+    from pathlib import Path
+
+    from crosslayer.attribution import AttributionConfig, attribute, plot_graph, prune, summary, write_graph
+    from crosslayer.dictionary import load_dictionary
+    from crosslayer.models import load_model
+
+    cfg = AttributionConfig(node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
+                            max_logits=args.max_logits, batch_size=args.batch_size)
+    clt = load_dictionary(args.dictionary)
+    if clt.model_name is None:
+        raise CrosslayerError(f"{args.dictionary} records no model; train it with `crosslayer train-clt`")
+    model = load_model(clt.model_name, dtype="float32" if args.model_dtype == "auto" else args.model_dtype)
+    graph = attribute(model, clt, args.prompt, cfg=cfg, progress=True)
+    pruned = prune(graph, node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold)
+    for key, value in summary(graph, pruned).items():
+        print(f"{key}: {value}")
+    if args.out:
+        write_graph(graph, args.out, cfg=cfg)
+        plot_graph(graph, pruned, Path(args.out).with_suffix(".png"))
+        print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
 
 
 def _add_features(p):

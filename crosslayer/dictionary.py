@@ -22,6 +22,9 @@ Every eval, analysis, intervention and study is written once against :class:`Dic
   :func:`load_dictionary` dispatches on ``"kind"``.
 - :func:`check_compatible` ``(dictionary, store_or_model)``: the one check that a dictionary can
   read an activation store or be spliced into a model.
+- Transcoders (:mod:`crosslayer.clt`) read one hook kind and write another (resid_mid -> mlp_out):
+  ``hooks`` / ``norm_factors`` are what they read, ``target_hooks`` / ``target_norm_factors`` what
+  ``decode`` approximates (``is_transcoder``); for every other kind the two are the same.
 
 Units convention (research-notes §2):
 1. Dictionaries are trained on, and compute in, NORMALISED units: ``normalised = raw * factor_l``
@@ -67,7 +70,8 @@ BASE_KEYS = frozenset({"format", "kind", "package_version", "layers", "hooks", "
 """``cfg.json`` keys every kind writes (:meth:`Dictionary.write_cfg`); the others are the ``meta``."""
 
 _REGISTRY: dict[str, type["Dictionary"]] = {}
-KIND_MODULES: dict[str, str] = {"per_layer_saes": "crosslayer.saes", "crosscoder": "crosslayer.crosscoder"}
+KIND_MODULES: dict[str, str] = {"per_layer_saes": "crosslayer.saes", "crosscoder": "crosslayer.crosscoder",
+                                "clt": "crosslayer.clt"}
 """kind -> module that defines (and registers) it; imported by :func:`load_dictionary` on demand."""
 
 
@@ -97,8 +101,11 @@ class Dictionary(nn.Module, ABC):
     kind: str = "abstract"
 
     def __init__(self, *, layers: list[int], hooks: list[str] | None, norm_factors: Tensor | list[float] | None,
-                 d_model: int, meta: dict | None = None):
-        """``hooks`` None: the ``resid_post`` hooks of ``layers``; ``norm_factors`` None: 1 at every layer."""
+                 d_model: int, meta: dict | None = None, target_hooks: list[str] | None = None,
+                 target_norm_factors: Tensor | list[float] | None = None):
+        """``hooks`` None: the ``resid_post`` hooks of ``layers``; ``norm_factors`` None: 1 at every layer.
+        ``target_hooks`` / ``target_norm_factors`` (transcoders, which write other hooks than they read): the
+        hooks the reconstruction approximates and their factors; None: the same as ``hooks`` / ``norm_factors``."""
         super().__init__()
         self.meta = dict(meta or {})
         """Provenance saved in ``cfg.json``: ``store`` (model, weights_id, split, ...), ``training``, ..."""
@@ -114,6 +121,13 @@ class Dictionary(nn.Module, ABC):
         self.hooks = list(hooks)
         self.d_model = int(d_model)
         self.register_buffer("norm_factors", factors, persistent=False)
+        self.target_hooks = list(target_hooks) if target_hooks is not None else list(self.hooks)
+        targets = factors.clone() if target_norm_factors is None else \
+            torch.as_tensor(target_norm_factors, dtype=torch.float32).reshape(-1)
+        if len(self.target_hooks) != len(layers) or targets.numel() != len(layers) or (targets <= 0).any():
+            raise CrosslayerError(f"a transcoder needs one target hook and one positive target norm factor per layer "
+                                  f"({len(layers)}), got {len(self.target_hooks)} and {targets.tolist()}")
+        self.register_buffer("target_norm_factors", targets, persistent=False)
 
     # ---------------------------------------------------------------- what a kind implements
     @property
@@ -187,15 +201,21 @@ class Dictionary(nn.Module, ABC):
         (divided by that layer's norm factor)."""
         index = self.layer_index(layer)
         W_FD = self.decoder_vectors_normalized(index).detach().float().cpu()
-        return W_FD if normalized else W_FD / float(self.norm_factors[index])
+        return W_FD if normalized else W_FD / float(self.target_norm_factors[index])
 
     def normalize(self, acts_BLD: Tensor) -> Tensor:
         """Raw model activations -> normalised units (``raw * factor_l``)."""
         return acts_BLD * self.norm_factors.to(acts_BLD)[:, None]
 
     def denormalize(self, acts_BLD: Tensor) -> Tensor:
-        """Normalised units -> raw model activations (``normalised / factor_l``)."""
-        return acts_BLD / self.norm_factors.to(acts_BLD)[:, None]
+        """Normalised reconstruction -> raw model activations (``normalised / factor_l``, with the target hooks'
+        factors: for everything but transcoders the same as the input's)."""
+        return acts_BLD / self.target_norm_factors.to(acts_BLD)[:, None]
+
+    @property
+    def is_transcoder(self) -> bool:
+        """True when the dictionary writes other hooks than it reads (a transcoder: resid_mid -> mlp_out)."""
+        return self.target_hooks != self.hooks
 
     def check_acts(self, acts_BLD: Tensor) -> None:
         if acts_BLD.ndim != 3 or tuple(acts_BLD.shape[1:]) != (self.n_layers, self.d_model):

@@ -27,6 +27,10 @@ Method (Templeton et al. 2024, "Scaling Monosemanticity", §steering; research-n
    layer L* depends only on the residual at L*; the logits of ``each`` equal those of setting L* alone
    to clean + delta (tested). An edited feature that does not write L* would therefore have no effect,
    and ``each`` refuses such a combination (e.g. SAE features at different layers: use ``first``).
+   Transcoders (CLT / PLT, ``Dictionary.is_transcoder``) read resid_mid and write MLP outputs, which are
+   not residual snapshots: every mode adds the feature's delta to the MLP output (``target_hooks``) of
+   each layer it places it at, so nothing compounds and ``each`` is the CLT's own semantics (the feature's
+   whole write, as in the attribution graph's replacement model); ``first`` / ``peak`` keep one layer of it.
    Default ``each``: it is the only mode in which every layer the feature writes carries exactly the
    change the dictionary describes (its own reconstruction semantics, the same meaning as a per-layer
    SAE edit at its one layer), and it cannot compound; ``first`` / ``peak`` measure instead how the
@@ -170,7 +174,7 @@ def plan_edits(model, dictionary: Dictionary, tokens_BT: Tensor, edits: list[Edi
 
 def _check_pinned(dictionary: Dictionary, plan: EditPlan) -> None:
     """``each``: refuse features whose edit the pin at the last edited layer would erase (step 5)."""
-    if not plan.layers_L.any():
+    if not plan.layers_L.any() or dictionary.is_transcoder:  # MLP outputs are not snapshots: nothing is erased
         return
     last = int(plan.layers_L.nonzero().max())
     lost = [f for f, w in zip(plan.features, written_layers(dictionary, plan.features, 0.0)[:, last]) if not w]
@@ -194,8 +198,8 @@ def edit_hooks(dictionary: Dictionary, plan: EditPlan, *, keep_first: bool = Tru
         out[:, start:] = (plan.clean_BTLD[:, start:, i] + plan.delta_BTLD[:, start:, i]).to(act.dtype)
         return out
 
-    fn = pin if plan.at == "each" else add
-    return [(dictionary.hooks[i], partial(fn, i=i)) for i in plan.layers_L.nonzero().flatten().tolist()]
+    fn = pin if plan.at == "each" and not dictionary.is_transcoder else add
+    return [(dictionary.target_hooks[i], partial(fn, i=i)) for i in plan.layers_L.nonzero().flatten().tolist()]
 
 
 @torch.no_grad()

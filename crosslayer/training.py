@@ -33,6 +33,9 @@ for dead latents; research-notes §3):
    global batch, gradients are averaged, firing statistics and BatchTopK's selection reduced, TopK crosscoders
    optionally sharded along the features; checkpoints hold the full state (rank 0 writes), so a run resumes on
    any number of ranks with the same weights as one process, to float tolerance.
+8. Transcoders (:class:`~crosslayer.clt.CLTConfig`) map input rows to other target rows: their batches are
+   ``(input_BLD, target_BLD)`` pairs, token-aligned (:func:`crosslayer.transcoder_data.pair_batches`), the
+   held-out set a pair too, and the loss and FVU are against the target. Everything else is as above.
 """
 
 from __future__ import annotations
@@ -189,13 +192,17 @@ class TrainConfig:
 
 def _architecture(model_cfg) -> tuple[str, type]:
     """The plan key and the trainable class of an architecture config (crosscoder or per-layer SAE stack)."""
+    from crosslayer.clt import CLTConfig, CrossLayerTranscoder
     from crosslayer.sae_stack import SAEStack, SAEStackConfig
 
     if isinstance(model_cfg, SAEStackConfig):
         return "sae_stack", SAEStack
+    if isinstance(model_cfg, CLTConfig):
+        return "clt", CrossLayerTranscoder
     if isinstance(model_cfg, CrosscoderConfig):
         return "crosscoder", Crosscoder
-    raise CrosslayerError(f"cannot train a {type(model_cfg).__name__}; give a CrosscoderConfig or SAEStackConfig")
+    raise CrosslayerError(f"cannot train a {type(model_cfg).__name__}; give a CrosscoderConfig, SAEStackConfig or "
+                          "CLTConfig")
 
 
 NOT_IN_PLAN = ("diverge_factor",)
@@ -240,8 +247,9 @@ class _Run:
     since_fired_F: Tensor
     step: int = 0
     log: list = field(default_factory=list)
-    heldout: Tensor | None = None
-    """Normalised held-out rows for the curve's held-out FVU (not checkpointed: given again on resume)."""
+    heldout: Tensor | tuple[Tensor, Tensor] | None = None
+    """Normalised held-out rows (a transcoder: an (input, target) pair) for the curve's held-out FVU (not
+    checkpointed: given again on resume)."""
     last_good: int = 0
     """Step of the last checkpoint written or resumed from."""
     n_tokens: int = 0
@@ -280,8 +288,9 @@ class _Run:
 
 def train_crosscoder(cfg: TrainConfig, model_cfg, batches: Iterable[Tensor] | Callable[[int], Iterator[Tensor]], *,
                      out_dir: str | Path, hooks: list[str] | None = None, norm_factors=None, meta: dict | None = None,
-                     heldout: Tensor | None = None, device: str = "cpu", progress: bool = True,
-                     mesh: distributed.Mesh | None = None, sharded_batches: bool = False) -> Dictionary:
+                     heldout: Tensor | tuple[Tensor, Tensor] | None = None, device: str = "cpu", progress: bool = True,
+                     mesh: distributed.Mesh | None = None, sharded_batches: bool = False,
+                     target_hooks: list[str] | None = None, target_norm_factors=None) -> Dictionary:
     """Train a crosscoder (``CrosscoderConfig``) or a stack of per-layer TopK SAEs (``SAEStackConfig``, the
     same trainer in every setting) on ``[batch, L, d]`` normalised batches into ``out_dir`` (module
     docstring); returns the saved dictionary (a stack loads as ``PerLayerSAEs``).
@@ -295,6 +304,8 @@ def train_crosscoder(cfg: TrainConfig, model_cfg, batches: Iterable[Tensor] | Ca
 
     ``mesh`` (:func:`crosslayer.distributed.init_mesh`): train as one rank of several; ``batches`` are then the
     global batches, of which this rank takes its part, or with ``sharded_batches`` already only its part.
+    A transcoder (``CLTConfig``) takes ``(input, target)`` batches and held-out pair, and ``target_hooks`` /
+    ``target_norm_factors`` (module docstring, step 8).
     """
     out, plan, (kind, cls) = Path(out_dir), _plan(cfg, model_cfg), _architecture(model_cfg)
     claimed = _claim(out, plan, mesh)
@@ -302,14 +313,15 @@ def train_crosscoder(cfg: TrainConfig, model_cfg, batches: Iterable[Tensor] | Ca
         release_folder(out)
         return load_dictionary(out, device=device)
     distributed.batch_part(cfg.batch_size, mesh)  # a batch the data ranks cannot share fails before training
-    model = cls(model_cfg, hooks=hooks, norm_factors=norm_factors, meta=meta, seed=cfg.seed)
+    targets = {} if target_hooks is None else {"target_hooks": target_hooks, "target_norm_factors": target_norm_factors}
+    model = cls(model_cfg, hooks=hooks, norm_factors=norm_factors, meta=meta, seed=cfg.seed, **targets)
     model = distributed.prepare(model, mesh).to(device)
     ckpt_path = out / CHECKPOINT
     run = _Run.start(model, cfg, ckpt_path, plan, device, mesh)
-    run.heldout = None if heldout is None else heldout.to(device=device, dtype=torch.float32)
+    run.heldout = None if heldout is None else _to(heldout, device)
     stream = iter(batches(run.step) if callable(batches) else itertools.islice(batches, run.step, None))
     if not sharded_batches and mesh is not None:
-        stream = (distributed.rows_of(x, mesh) for x in stream)
+        stream = (_each(lambda t: distributed.rows_of(t, mesh), x) for x in stream)
     bar = tqdm(total=cfg.steps, initial=run.step, desc=f"{kind} {model_cfg.activation}",
                unit="step", disable=not progress or not (mesh is None or mesh.writer))
     start_time, start_step = time.perf_counter(), run.step
@@ -381,25 +393,50 @@ def _calibrate_batchtopk(model: Crosscoder, stream: Iterator[Tensor], last_BLD: 
             "threshold": float(model.threshold), **ema}
 
 
-def _next_batch(stream: Iterator[Tensor], step: int, steps: int, device: str) -> Tensor:
+def _to(batch, device: str):
+    """A batch (a tensor, or a transcoder's (input, target) pair) as float32 on ``device``."""
+    if isinstance(batch, (tuple, list)):
+        return tuple(t.to(device=device, dtype=torch.float32) for t in batch)
+    return batch.to(device=device, dtype=torch.float32)
+
+
+def _each(fn, batch):
+    """``fn`` of a batch tensor, or of each tensor of an (input, target) pair."""
+    return tuple(fn(t) for t in batch) if isinstance(batch, (tuple, list)) else fn(batch)
+
+
+def _split(batch) -> tuple[Tensor, Tensor | None]:
+    """``(input, target)`` of a batch; target None where the dictionary reconstructs its input."""
+    return (batch[0], batch[1]) if isinstance(batch, tuple) else (batch, None)
+
+
+def _loss(model: Dictionary, batch, **kwargs):
+    """``model.loss`` of a batch: against its target when it has one (transcoders)."""
+    x_BLD, y_BLD = _split(batch)
+    return model.loss(x_BLD, **kwargs) if y_BLD is None else model.loss(x_BLD, target_BLD=y_BLD, **kwargs)
+
+
+def _next_batch(stream: Iterator[Tensor], step: int, steps: int, device: str):
     try:
-        return next(stream).to(device=device, dtype=torch.float32)
+        return _to(next(stream), device)
     except StopIteration:
         raise CrosslayerError(f"the batch iterator ran out after {step} of {steps} steps; pass an endless "
                               "iterator (epochs=None) or fewer tokens") from None
 
 
-def _train_step(run: _Run, cfg: TrainConfig, x_BLD: Tensor, ckpt_path: Path, bar) -> None:
-    """One optimiser step on ``x_BLD`` (calibrating the biases first at step 0); logs every ``log_every``."""
+def _train_step(run: _Run, cfg: TrainConfig, batch, ckpt_path: Path, bar) -> None:
+    """One optimiser step on ``batch`` (calibrating the biases first at step 0); logs every ``log_every``."""
     model, activation = run.model, run.model.cfg.activation
+    x_BLD, y_BLD = _split(batch)
     model.check_acts(x_BLD)
     if run.step == 0:
-        model.calibrate_(distributed.gather_rows(x_BLD, run.mesh))  # on the whole global batch
+        targets = () if y_BLD is None else (distributed.gather_rows(y_BLD, run.mesh),)
+        model.calibrate_(distributed.gather_rows(x_BLD, run.mesh), *targets)  # on the whole global batch
     for group in run.optim.param_groups:
         group["lr"] = cfg.lr_at(run.step)
     dead_F = run.since_fired_F >= cfg.dead_after
     with torch.autocast(device_type=x_BLD.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        res = model.loss(x_BLD, sparsity_coef=cfg.sparsity_at(run.step, activation), dead_F=dead_F)
+        res = _loss(model, batch, sparsity_coef=cfg.sparsity_at(run.step, activation), dead_F=dead_F)
     loss = distributed.mean_over_data(res.loss.detach(), run.mesh)  # every rank stops, or none
     if not torch.isfinite(loss):
         kept = f"the last good checkpoint (step {run.last_good}) is kept in {ckpt_path}" if ckpt_path.is_file() \
@@ -419,7 +456,7 @@ def _train_step(run: _Run, cfg: TrainConfig, x_BLD: Tensor, ckpt_path: Path, bar
     run.step += 1
     run.n_tokens += rows
     if run.step % cfg.log_interval == 0 or run.step == cfg.steps:
-        row = _log_row(run, cfg, res, x_BLD, dead_F)
+        row = _log_row(run, cfg, res, x_BLD if y_BLD is None else y_BLD, dead_F)
         run.log.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3g}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}",
                         dead=f"{row['dead_frac']:.2f}")
@@ -427,13 +464,13 @@ def _train_step(run: _Run, cfg: TrainConfig, x_BLD: Tensor, ckpt_path: Path, bar
             _check_divergence(run.log, cfg)
 
 
-def _log_row(run: _Run, cfg: TrainConfig, res, x_BLD: Tensor, dead_F: Tensor) -> dict:
-    """A row of the training curve after the step just taken; batch statistics are means over the data ranks
-    (the batch ``fvu`` a mean of the ranks' own)."""
+def _log_row(run: _Run, cfg: TrainConfig, res, target_BLD: Tensor, dead_F: Tensor) -> dict:
+    """A row of the training curve after the step just taken (``target_BLD``: what the step reconstructed);
+    batch statistics are means over the data ranks (the batch ``fvu`` a mean of the ranks' own)."""
     activation, names = run.model.cfg.activation, ["loss", *res.losses, "fvu", "l0"]
-    values = [res.loss.detach(), *res.losses.values(), fvu(x_BLD, res.recon_BLD).mean(), torch.tensor(res.l0)]
-    means = distributed.mean_over_data(torch.stack([v.float().to(x_BLD.device) for v in values]), run.mesh)
-    return {"step": run.step, "tokens": run.step * distributed.global_rows(x_BLD, run.mesh),
+    values = [res.loss.detach(), *res.losses.values(), fvu(target_BLD, res.recon_BLD).mean(), torch.tensor(res.l0)]
+    means = distributed.mean_over_data(torch.stack([v.float().to(target_BLD.device) for v in values]), run.mesh)
+    return {"step": run.step, "tokens": run.step * distributed.global_rows(target_BLD, run.mesh),
             **dict(zip(names, means.tolist())), "heldout_fvu": _heldout_fvu(run.model, run.heldout),
             "dead_frac": distributed.dead_fraction(dead_F, run.model, run.mesh), "lr": cfg.lr_at(run.step - 1),
             "sparsity_coef": cfg.sparsity_at(run.step - 1, activation)}
@@ -450,12 +487,16 @@ def _check_divergence(log: list[dict], cfg: TrainConfig) -> None:
 
 
 @torch.no_grad()
-def _heldout_fvu(model: Dictionary, heldout_NLD: Tensor | None, chunk: int = 4096) -> float:
-    """FVU (:func:`crosslayer.evals.fvu`, mean over layers) of the model's reconstruction of the held-out rows."""
-    if heldout_NLD is None:
+def _heldout_fvu(model: Dictionary, heldout, chunk: int = 4096) -> float:
+    """FVU (:func:`crosslayer.evals.fvu`, mean over layers) of the model's reconstruction of the held-out rows
+    (of their targets, for a transcoder's (input, target) pair)."""
+    if heldout is None:
         return float("nan")
-    recon = torch.cat([model.loss(part).recon_BLD for part in heldout_NLD.split(chunk)])
-    return float(fvu(heldout_NLD, recon).mean())
+    x_NLD, y_NLD = _split(heldout)
+    target_NLD = x_NLD if y_NLD is None else y_NLD
+    parts = zip(x_NLD.split(chunk), target_NLD.split(chunk))
+    recon = torch.cat([_loss(model, x if y_NLD is None else (x, y)).recon_BLD for x, y in parts])
+    return float(fvu(target_NLD, recon).mean())
 
 
 def _save(run: _Run, cfg: TrainConfig, plan: dict, out: Path, *, seconds: float, start_step: int) -> None:
