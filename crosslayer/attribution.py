@@ -282,6 +282,9 @@ def attribute(model, dictionary: Dictionary, prompt: str | Tensor, *, cfg: Attri
         raise CrosslayerError(f"attribution needs a transcoder (resid_mid -> mlp_out); got a {dictionary.kind}; "
                               "train one with `crosslayer train-clt`")
     check_compatible(dictionary, model)
+    if model.cfg.dtype != torch.float32:
+        raise CrosslayerError(f"attribution needs the model in float32, got {model.cfg.dtype}; load it with "
+                              "dtype='float32' (--model-dtype float32)")
     tokens = model.to_tokens(prompt, prepend_bos=False)[0] if isinstance(prompt, str) else prompt.reshape(-1)
     tokens = tokens.to(next(model.parameters()).device)
     if tokens.numel() < 1:

@@ -70,6 +70,15 @@ def _pairs(ctx, cfg: Config) -> dict:
             for split, tokens in (("train", cfg.train_tokens), ("heldout", cfg.heldout_tokens))}
 
 
+def _float32(ctx):
+    """The run's model in float32 (attribution's linearised model needs it; a preset may compute in bfloat16)."""
+    import torch
+
+    from crosslayer.models import load_model
+
+    return ctx.model if ctx.model.cfg.dtype == torch.float32 else load_model(ctx.sizes.model, dtype="float32")
+
+
 def run(ctx, cfg: Config) -> dict:
     from crosslayer.attribution import AttributionConfig, attribute, prune, summary, write_graph
     from crosslayer.clt import CLTConfig
@@ -102,9 +111,9 @@ def run(ctx, cfg: Config) -> dict:
     results = ctx.results(NAME)
     write_csv(pd.DataFrame(compare), results / "compare.csv")
     write_csv(pd.concat(per_layer), results / "layers.csv")
-    acfg, traced = AttributionConfig(), []
+    acfg, traced, model = AttributionConfig(), [], _float32(ctx)
     for i, prompt in enumerate(cfg.prompts):
-        graph = attribute(ctx.model, main, prompt, cfg=acfg)
+        graph = attribute(model, main, prompt, cfg=acfg)
         write_graph(graph, results / f"graph_{i}.json", cfg=acfg)
         traced.append({"graph": i, **summary(graph, prune(graph, node_threshold=acfg.node_threshold,
                                                            edge_threshold=acfg.edge_threshold))})
