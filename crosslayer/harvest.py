@@ -120,6 +120,19 @@ def harvest(model, windows: TokenWindows, *, out_dir: str | Path, hook: str = "r
             shard_mb: float = 128.0, exclude_position0: bool = True, outlier_factor: float | None = 10.0,
             progress: bool = True) -> ActivationStore:
     """Run ``model`` over ``windows`` once and store the chosen hooks' activations in ``out_dir``."""
+    return harvest_stores(model, windows, {hook: out_dir}, layers=layers, dtype=dtype, batch_size=batch_size,
+                          shard_mb=shard_mb, exclude_position0=exclude_position0, outlier_factor=outlier_factor,
+                          progress=progress)[hook]
+
+
+def harvest_stores(model, windows: TokenWindows, outs: dict[str, str | Path], *, layers: str | list[int] = "all",
+                   dtype: str = "bfloat16", batch_size: int = 8, shard_mb: float = 128.0,
+                   exclude_position0: bool = True, outlier_factor: float | None = 10.0,
+                   progress: bool = True) -> dict[str, ActivationStore]:
+    """One pass of ``model`` over ``windows`` storing each hook kind of ``outs`` (kind -> folder) in its own
+    store. The stores keep the same rows (the same tokens, row for row): the exclusion rules, the outlier
+    rule included, are decided once per token over every hook read. Each store resumes and repairs as a
+    single harvest does; a shard missing or bad in any store is recomputed for all."""
     if dtype not in ("bfloat16", "float16"):
         raise CrosslayerError(f"store dtype must be bfloat16 or float16, got {dtype!r}")
     if batch_size < 1:
@@ -128,34 +141,42 @@ def harvest(model, windows: TokenWindows, *, out_dir: str | Path, hook: str = "r
         raise CrosslayerError(f"outlier_factor must be > 0 (or None to keep outliers), got {outlier_factor}")
     check_seq_len(model, windows.seq_len)
     layer_list = parse_layers(layers, model.cfg.n_layers)
-    names, width = hook_names(model, hook, layer_list)
     special_ids = sorted(int(i) for i in (model.tokenizer.all_special_ids if model.tokenizer else []))
-    plan = _plan(model, windows, hook=hook, layers=layer_list, names=names, width=width, dtype=dtype,
-                 batch_size=batch_size, shard_mb=shard_mb, exclude_position0=exclude_position0,
-                 outlier_factor=outlier_factor, special_ids=special_ids)
-    out = Path(out_dir)
-    claimed = claim_folder(out, plan, record="manifest.json", what="activation store",
-                           extra={"status": "harvesting", "package_version": crosslayer.__version__})
-    todo = _bad_shards(out, plan)
-    if claimed is not None and claimed.get("status") == "complete":
-        if not todo:
-            _write_windows(out, windows)  # restores only window files that were deleted or damaged
-            release_folder(out)
-            return ActivationStore(out)
-        write_json({**plan, "status": "harvesting", "package_version": crosslayer.__version__},
-                   out / "manifest.json")  # readers refuse the store until the repair finishes
+    plans, paths = {}, {kind: Path(out) for kind, out in outs.items()}
+    for kind in outs:
+        names, width = hook_names(model, kind, layer_list)
+        plans[kind] = _plan(model, windows, hook=kind, layers=layer_list, names=names, width=width, dtype=dtype,
+                            batch_size=batch_size, shard_mb=shard_mb, exclude_position0=exclude_position0,
+                            outlier_factor=outlier_factor, special_ids=special_ids)
+    if len({plan["width"] for plan in plans.values()}) > 1:
+        raise CrosslayerError(f"hook kinds {sorted(outs)} have different widths; harvest them separately")
+    claims = {kind: claim_folder(paths[kind], plans[kind], record="manifest.json", what="activation store",
+                                 extra={"status": "harvesting", "package_version": crosslayer.__version__})
+              for kind in outs}
+    todo = sorted(set().union(*(_bad_shards(paths[k], plans[k]) for k in outs)))
+    for kind, claimed in claims.items():
+        if claimed is not None and claimed.get("status") == "complete" and todo:
+            write_json({**plans[kind], "status": "harvesting", "package_version": crosslayer.__version__},
+                       paths[kind] / "manifest.json")  # readers refuse the store until the repair finishes
+    complete = not todo and all(c is not None and c.get("status") == "complete" for c in claims.values())
     try:
-        _write_windows(out, windows)
-        _run_shards(model, windows, out, plan, todo, progress)
-        store = _finalise(out, plan)
-        release_folder(out)  # (a failed harvest keeps its lock until the process exits)
-        return store
+        for out in paths.values():
+            _write_windows(out, windows)  # (restores only window files that were deleted or damaged)
+        if todo:
+            _run_shards(model, windows, paths, plans, todo, progress)
+        stores = {kind: ActivationStore(paths[kind]) if complete else _finalise(paths[kind], plans[kind])
+                  for kind in outs}
     except NonFiniteActivations:
-        shutil.rmtree(out, ignore_errors=True)  # this harvest can never succeed: leave nothing behind
+        for out in paths.values():
+            shutil.rmtree(out, ignore_errors=True)  # this harvest can never succeed: leave nothing behind
         raise
     except OSError as err:  # a full disk, a folder made read-only: finished shards are kept
-        raise CrosslayerError(f"cannot write the store in {out} ({err.strerror or err}); free space or fix the "
-                              "folder, then rerun the harvest command to resume") from None
+        raise CrosslayerError(f"cannot write the store in {', '.join(map(str, paths.values()))} "
+                              f"({err.strerror or err}); free space or fix the folder, then rerun the harvest "
+                              "command to resume") from None
+    for out in paths.values():
+        release_folder(out)  # (a failed harvest keeps its locks until the process exits)
+    return stores
 
 
 class NonFiniteActivations(CrosslayerError):
@@ -211,13 +232,19 @@ def _bad_shards(out: Path, plan: dict) -> list[int]:
     return [i for i in range(_n_shards(plan)) if _shard_done(out, i) is None]
 
 
-def _run_shards(model, windows: TokenWindows, out: Path, plan: dict, todo: list[int], progress: bool) -> None:
-    (out / "shards").mkdir(exist_ok=True)  # (claim_folder swept the partial files of a killed run)
+def _run_shards(model, windows: TokenWindows, outs: dict[str, Path], plans: dict[str, dict], todo: list[int],
+                progress: bool) -> None:
+    """Compute the ``todo`` shards once, reading every store's hooks in one pass, and write each store's part."""
+    kinds = list(outs)
+    plan = {**plans[kinds[0]], "hooks": [n for k in kinds for n in plans[k]["hooks"]],
+            "layers": [l for k in kinds for l in plans[k]["layers"]]}
+    L = len(plans[kinds[0]]["layers"])
+    for out in outs.values():
+        (out / "shards").mkdir(exist_ok=True)  # (claim_folder swept the partial files of a killed run)
+        for index in todo:  # a bad shard counts as unfinished until its new sidecar is written
+            (out / "shards" / f"shard-{index:05d}.json").unlink(missing_ok=True)
     per_shard, n_windows = plan["windows_per_shard"], plan["n_windows"]
-    n_shards = _n_shards(plan)
-    for index in todo:  # a bad shard counts as unfinished until its new sidecar is written
-        (out / "shards" / f"shard-{index:05d}.json").unlink(missing_ok=True)
-    done_tokens = (n_shards - len(todo)) * per_shard * plan["seq_len"]
+    done_tokens = (_n_shards(plan) - len(todo)) * per_shard * plan["seq_len"]
     bar = tqdm(total=n_windows * plan["seq_len"], initial=min(done_tokens, n_windows * plan["seq_len"]),
                unit="tok", unit_scale=True, desc="harvest", disable=not progress, smoothing=0.1)
     writer = ThreadPoolExecutor(max_workers=1)
@@ -226,9 +253,12 @@ def _run_shards(model, windows: TokenWindows, out: Path, plan: dict, todo: list[
         for index in todo:
             lo, hi = index * per_shard, min(n_windows, (index + 1) * per_shard)
             acts, rows, stats = _compute_shard(model, windows, lo, hi, plan, bar)
-            while len(pending) >= 1:  # bound memory: at most one shard waiting for the disk
+            while pending:  # bound memory: at most one shard waiting for the disk
                 pending.pop(0).result()
-            pending.append(writer.submit(_write_shard, out, index, acts, rows, stats, plan["dtype"]))
+            for i, kind in enumerate(kinds):
+                part = slice(i * L, (i + 1) * L)
+                pending.append(writer.submit(_write_shard, outs[kind], index, np.ascontiguousarray(acts[:, part]),
+                                             rows, {**stats, "norm_sums": stats["norm_sums"][part]}, plan["dtype"]))
         for job in pending:
             job.result()
     finally:

@@ -3,11 +3,10 @@
 A transcoder pair folder holds two ordinary :class:`~crosslayer.store.ActivationStore` folders,
 ``resid_mid/`` (what the features read) and ``mlp_out/`` (what they write), over the same windows and
 layers. Alignment:
-1. :func:`harvest_pair` harvests both hook kinds of the same windows without the norm-outlier rule
-   (``outlier_factor=None``): positions are then excluded by the token-only rules (position 0, special
-   tokens), identical for both stores, so row r of one store and row r of the other are the same token.
-   (The outlier rule reads one hook's norms and would drop different rows in each store.) It runs the
-   model once per hook kind: two forward passes (a one-pass multi-hook store is not built yet).
+1. :func:`harvest_pair` harvests both hook kinds of the same windows in one forward pass
+   (:func:`crosslayer.harvest.harvest_stores`), which decides every exclusion once per token for both
+   stores, so row r of one store and row r of the other are the same token. The pair keeps the
+   norm-outlier rule off (``outlier_factor=None``), as the transcoder studies were run.
 2. :func:`open_pair` checks it: same model weights, windows, layers and the same stored position of every row.
 3. :func:`pair_batches` zips the two stores' ``iter_batches`` with the same seed: the permutation depends
    only on the seed, the epoch and the row count, so each batch is ``(resid_mid rows, mlp_out rows)`` of the
@@ -42,14 +41,13 @@ class StorePair(NamedTuple):
 
 def harvest_pair(model, windows, *, out_dir: str | Path, layers: str | list[int] = "all", dtype: str = "bfloat16",
                  batch_size: int = 8, shard_mb: float = 128.0, progress: bool = True) -> StorePair:
-    """Harvest ``resid_mid`` and ``mlp_out`` of ``layers`` over ``windows`` into ``out_dir/resid_mid`` and
-    ``out_dir/mlp_out`` (module docstring, step 1); a rerun resumes each store."""
-    from crosslayer.harvest import harvest
+    """Harvest ``resid_mid`` and ``mlp_out`` of ``layers`` over ``windows`` in one forward pass into
+    ``out_dir/resid_mid`` and ``out_dir/mlp_out`` (module docstring, step 1); a rerun resumes both stores."""
+    from crosslayer.harvest import harvest_stores
 
     out = Path(out_dir)
-    for kind in (INPUT_KIND, TARGET_KIND):
-        harvest(model, windows, out_dir=out / kind, hook=kind, layers=layers, dtype=dtype, batch_size=batch_size,
-                shard_mb=shard_mb, outlier_factor=None, progress=progress)
+    harvest_stores(model, windows, {kind: out / kind for kind in (INPUT_KIND, TARGET_KIND)}, layers=layers,
+                   dtype=dtype, batch_size=batch_size, shard_mb=shard_mb, outlier_factor=None, progress=progress)
     return open_pair(out)
 
 

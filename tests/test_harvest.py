@@ -212,3 +212,35 @@ def test_cli_harvest_bad_layer_exits_nonzero(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "out of range" in proc.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_several_hook_kinds_in_one_pass_equal_separate_harvests(tiny_model, windows, tmp_path):
+    """``harvest_stores``: one forward pass per batch for every store (counted), each store equal in its rows
+    and activations to a separate harvest of its hook kind, and a shard deleted from one store is recomputed
+    on rerun (for both) to the same data."""
+    from crosslayer.harvest import harvest_stores
+
+    outs = {"resid_mid": tmp_path / "mid", "mlp_out": tmp_path / "mlp"}
+    kwargs = dict(batch_size=8, shard_mb=0.05, outlier_factor=None, progress=False)
+    calls, real = [], tiny_model.run_with_hooks
+    tiny_model.run_with_hooks = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        stores = harvest_stores(tiny_model, windows, outs, **kwargs)
+    finally:
+        tiny_model.run_with_hooks = real
+    per = stores["resid_mid"].manifest["windows_per_shard"]  # batches never straddle shards
+    batches = sum(-(-min(per, len(windows) - lo) // 8) for lo in range(0, len(windows), per))
+    assert len(calls) == batches  # one pass per batch of windows, not one per store
+    assert len(stores["resid_mid"].shards) >= 2
+    for kind, store in stores.items():
+        alone = harvest(tiny_model, windows, out_dir=tmp_path / f"alone_{kind}", hook=kind, **kwargs)
+        rows = np.arange(store.n_rows)
+        assert store.n_rows == alone.n_rows and np.array_equal(store.flat_index(rows), alone.flat_index(rows))
+        assert torch.equal(store.get(rows, normalized=False), alone.get(rows, normalized=False))
+        assert torch.equal(torch.as_tensor(store.norm_factors), torch.as_tensor(alone.norm_factors))
+    (outs["mlp_out"] / "shards" / stores["mlp_out"].shards[1]["acts_file"]).unlink()
+    again = harvest_stores(tiny_model, windows, outs, **kwargs)
+    for kind, store in again.items():
+        store.verify()
+        rows = np.arange(store.n_rows)
+        assert torch.equal(store.get(rows, normalized=False), stores[kind].get(rows, normalized=False))
