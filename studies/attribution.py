@@ -81,38 +81,77 @@ def _float32(ctx):
     return ctx.model if ctx.model.cfg.dtype == torch.float32 else load_model(ctx.sizes.model, dtype="float32")
 
 
-def run(ctx, cfg: Config) -> dict:
-    from crosslayer.attribution import AttributionConfig, attribute, prune, summary, write_graph
+def transcoder_comparison(ctx, cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """CLT vs PLT at each k of ``cfg.ks`` (``compare.csv``, ``layers.csv`` of this study's results): trained once per
+    run folder (the dictionaries resume) and shared with the reconstruction study, which reports the same table."""
     from crosslayer.clt import CLTConfig
-    from crosslayer.training import TrainConfig
-    from crosslayer.transcoder_data import train_transcoder_from_pair
     from crosslayer.transcoder_evals import evaluate_transcoder
 
+    results = ctx.results(NAME)
+    cached = _cached(results, cfg)
+    if cached is not None:
+        return cached
     pairs = _pairs(ctx, cfg)
+    train = _train_config(cfg, pairs)
     layers = tuple(pairs["train"].inputs.layers)
-    rows = pairs["train"].inputs.n_rows
-    train = TrainConfig(tokens=max(cfg.batch_size, cfg.epochs * rows // cfg.batch_size * cfg.batch_size),
-                        batch_size=cfg.batch_size, lr=cfg.lr)
-    compare, per_layer, main = [], [], None
+    compare, per_layer = [], []
     for k in cfg.ks:
         for approach, cross in (("CLT", True), ("PLT", False)):
             arch = CLTConfig(layers=layers, d_model=ctx.model.cfg.d_model, width=cfg.width, k=k, cross_layer=cross)
-            clt = train_transcoder_from_pair(pairs["train"], arch, train, heldout_pair_path=pairs["heldout"],
-                                             out_dir=ctx.dicts / "transcoders" / f"{approach.lower()}_k{k}",
-                                             progress=ctx.progress)
+            clt = _transcoder(ctx, cfg, approach, k, arch, pairs, train)
             table = evaluate_transcoder(clt, pairs["heldout"], model=ctx.model, n_tokens=ctx.sizes.eval_tokens,
                                         n_windows=cfg.eval_windows)
             repl = table[table.splice == "replacement"].iloc[0]
             exact = table[table.splice == "replacement_error"].iloc[0]
             compare.append({"approach": approach, "k": k, "width": cfg.width, "n_layers": len(layers),
                             "train_tokens": train.tokens, **{c: repl[c] for c in COMPARE_VALUES}, "exact_kl": exact["kl"],
-                            "heldout_fvu_curve": clt.meta["convergence"]["final_fvu"]})
+                            "heldout_fvu_curve": clt.meta["convergence"]["final_fvu"],
+                            "converged": clt.meta["convergence"]["converged"]})
             per_layer.append(table[table.scope == "layer"][["layer", "fvu", "l0_read", "l0"]].assign(approach=approach, k=k))
-            if cross and k == max(cfg.ks):
-                main = clt
+    compare, per_layer = pd.DataFrame(compare), pd.concat(per_layer, ignore_index=True)
+    write_csv(per_layer, results / "layers.csv")
+    write_csv(compare, results / "compare.csv")  # written last: its presence marks the pair complete
+    return compare, per_layer
+
+
+def _cached(results: Path, cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """The comparison already computed in ``results`` for exactly these settings (else None)."""
+    if not ((results / "compare.csv").is_file() and (results / "layers.csv").is_file()):
+        return None
+    compare = pd.read_csv(results / "compare.csv")
+    same = (set(zip(compare.approach, compare.k)) == {(a, k) for k in cfg.ks for a in ("CLT", "PLT")}
+            and set(compare.width) == {cfg.width} and "converged" in compare)
+    return (compare, pd.read_csv(results / "layers.csv")) if same else None
+
+
+def _train_config(cfg: Config, pairs: dict):
+    """``epochs`` passes over the training pair, in whole batches."""
+    from crosslayer.training import TrainConfig
+
+    rows = pairs["train"].inputs.n_rows
+    return TrainConfig(tokens=max(cfg.batch_size, cfg.epochs * rows // cfg.batch_size * cfg.batch_size),
+                       batch_size=cfg.batch_size, lr=cfg.lr)
+
+
+def _transcoder(ctx, cfg: Config, approach: str, k: int, arch, pairs, train):
+    """The trained (or resumed) transcoder ``<dicts>/transcoders/<approach>_k<k>``."""
+    from crosslayer.transcoder_data import train_transcoder_from_pair
+
+    return train_transcoder_from_pair(pairs["train"], arch, train, heldout_pair_path=pairs["heldout"],
+                                      out_dir=ctx.dicts / "transcoders" / f"{approach.lower()}_k{k}",
+                                      progress=ctx.progress)
+
+
+def run(ctx, cfg: Config) -> dict:
+    from crosslayer.attribution import AttributionConfig, attribute, prune, summary, write_graph
+    from crosslayer.clt import CLTConfig
+
+    compare, _ = transcoder_comparison(ctx, cfg)
     results = ctx.results(NAME)
-    write_csv(pd.DataFrame(compare), results / "compare.csv")
-    write_csv(pd.concat(per_layer), results / "layers.csv")
+    pairs, k = _pairs(ctx, cfg), max(cfg.ks)
+    arch = CLTConfig(layers=tuple(pairs["train"].inputs.layers), d_model=ctx.model.cfg.d_model, width=cfg.width, k=k,
+                     cross_layer=True)
+    main = _transcoder(ctx, cfg, "CLT", k, arch, pairs, _train_config(cfg, pairs))
     acfg, traced, model = AttributionConfig(), [], _float32(ctx)
     for i, prompt in enumerate(cfg.prompts):
         graph = attribute(model, main, prompt, cfg=acfg)
@@ -120,8 +159,7 @@ def run(ctx, cfg: Config) -> dict:
         traced.append({"graph": i, **summary(graph, prune(graph, node_threshold=acfg.node_threshold,
                                                            edge_threshold=acfg.edge_threshold))})
     write_csv(pd.DataFrame(traced), results / "attribution.csv")
-    best = pd.DataFrame(compare).set_index(["approach", "k"])
-    k = max(cfg.ks)
+    best = compare.set_index(["approach", "k"])
     return {"k": k, "clt_ce_recovered": float(best.loc[("CLT", k), "ce_recovered"]),
             "plt_ce_recovered": float(best.loc[("PLT", k), "ce_recovered"]),
             "top_path": traced[0]["top_path"] if traced else ""}
@@ -132,13 +170,11 @@ COMPARE_VALUES = ("fvu", "l0_read", "l0_tuple", "ce_clean", "ce_mean", "ce_splic
 """Columns of ``compare.csv`` taken from the replacement run's row of :func:`evaluate_transcoder`."""
 
 
-def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, str]]:
+def clt_plt_figure(compare: pd.DataFrame, path: Path) -> tuple[Path, str]:
+    """CE recovered (with intervals) and MLP-output FVU against L0 for CLTs and PLTs (drawn by the reconstruction
+    study from its copy of ``compare.csv``)."""
     import matplotlib.pyplot as plt
 
-    from crosslayer.attribution import plot_graph_json
-
-    theme()
-    compare = read_csv(results, "compare")
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.4))
     for approach, part in compare.groupby("approach"):
         part = part.sort_values("l0_read")
@@ -146,13 +182,55 @@ def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, s
                                                                 part.ce_recovered_hi - part.ce_recovered],
                          marker="o", capsize=3, label=approach)
         axes[1].plot(part.l0_read, part.fvu, marker="o", label=approach)
-    axes[0].set(xscale="log", xlabel="L0 (active features per token, all layers)", ylabel="replacement CE recovered")
-    axes[1].set(xscale="log", xlabel="L0 (active features per token, all layers)", ylabel="MLP-output FVU (mean over layers)")
+    axes[0].set(xscale="log", xlabel="L0 (features read per token)", ylabel="replacement CE recovered")
+    axes[1].set(xscale="log", xlabel="L0 (features read per token)", ylabel="MLP-output FVU (mean over layers)")
     axes[0].legend()
-    paths = [(save_figure(fig, figures_dir / "attribution_clt_vs_plt.png"),
-              f"Cross-layer vs per-layer transcoders ({int(compare.width.iloc[0])} features per layer, "
-              f"{int(compare.n_layers.iloc[0])} layers): CE loss recovered when every MLP output is replaced "
-              f"(mean ablation = 0, 95\\% bootstrap interval over documents) and MLP-output FVU, against L0.")]
+    return (save_figure(fig, path),
+            f"Cross-layer vs per-layer transcoders ({int(compare.width.iloc[0])} features per layer, "
+            f"{int(compare.n_layers.iloc[0])} layers, {int(compare.train_tokens.iloc[0]):,} training tokens): CE loss "
+            f"recovered when every MLP output is replaced (mean ablation = 0, 95\\% bootstrap interval over documents) "
+            f"and MLP-output FVU, against L0.")
+
+
+def clt_plt_table(compare: pd.DataFrame, path: Path) -> Path:
+    compare = compare.assign(recovered=[f"{fmt(x)} [{fmt(lo)}, {fmt(hi)}]" for x, lo, hi in
+                                        zip(compare.ce_recovered, compare.ce_recovered_lo, compare.ce_recovered_hi)])
+    return latex_table(compare, path, label="tab:clt-vs-plt",
+                       caption="Cross-layer (CLT) vs per-layer (PLT) transcoders replacing every MLP: L0 (features read "
+                               "per token; (feature, layer written) pairs), MLP-output FVU, the replacement model's CE "
+                               "and CE recovered against mean ablation (95\\% bootstrap interval over documents).",
+                       columns={"approach": "approach", "k": "k/layer", "l0_read": "L0", "l0_tuple": "L0 pairs",
+                                "fvu": "FVU", "ce_clean": "CE clean", "ce_spliced": "CE replaced",
+                                "recovered": "CE recovered"}, raw_columns=("recovered",))
+
+
+def clt_plt_text(compare: pd.DataFrame) -> str:
+    """The CLT-vs-PLT comparison at the largest k, with whether the intervals separate and the convergence caveat."""
+    best = compare.set_index(["approach", "k"])
+    k = int(max(best.index.get_level_values("k")))
+    clt, plt_ = best.loc[("CLT", k)], best.loc[("PLT", k)]
+    if clt.ce_recovered_lo > plt_.ce_recovered_hi:
+        verdict = "the CLT recovers more (the intervals do not overlap)"
+    elif plt_.ce_recovered_lo > clt.ce_recovered_hi:
+        verdict = "the PLTs recover more (the intervals do not overlap)"
+    else:
+        verdict = "the intervals overlap: no difference is shown"
+    text = (f"Replacing every MLP output at {k} active features per layer (L0 {fmt(clt.l0_read)} vs {fmt(plt_.l0_read)}), "
+            f"the CLT recovers {fmt(clt.ce_recovered)} [{fmt(clt.ce_recovered_lo)}, {fmt(clt.ce_recovered_hi)}] of the "
+            f"CE loss and the PLTs {fmt(plt_.ce_recovered)} [{fmt(plt_.ce_recovered_lo)}, {fmt(plt_.ce_recovered_hi)}]: "
+            f"{verdict} (MLP-output FVU {fmt(clt.fvu)} vs {fmt(plt_.fvu)}).")
+    if "converged" in compare and not compare.converged.astype(bool).all():
+        text += (f" {int((~compare.converged.astype(bool)).sum())} of the {len(compare)} transcoders did not converge "
+                 f"by the 2\\% rule ({int(compare.train_tokens.iloc[0]):,} training tokens), so this compares "
+                 f"unconverged transcoders.")
+    return text
+
+
+def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, str]]:
+    from crosslayer.attribution import plot_graph_json
+
+    theme()
+    paths = []
     traced = read_csv(results, "attribution")
     for _, row in traced.iterrows():
         data = json.loads((Path(results) / f"graph_{int(row.graph)}.json").read_text())
@@ -165,32 +243,27 @@ def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, s
 
 
 def tables(results: Path, tables_dir: Path, cfg: Config) -> list[Path]:
-    compare = read_csv(results, "compare")
-    compare["recovered"] = [f"{fmt(x)} [{fmt(lo)}, {fmt(hi)}]" for x, lo, hi in
-                            zip(compare.ce_recovered, compare.ce_recovered_lo, compare.ce_recovered_hi)]
-    path = latex_table(compare, tables_dir / f"{NAME}.tex", label="tab:attribution",
-                       caption="Cross-layer (CLT) vs per-layer (PLT) transcoders replacing every MLP: L0 (features read "
-                               "per token; (feature, layer written) pairs), MLP-output FVU, the replacement model's CE "
-                               "and CE recovered against mean ablation (95\\% bootstrap interval over documents).",
-                       columns={"approach": "approach", "k": "k/layer", "l0_read": "L0", "l0_tuple": "L0 pairs",
-                                "fvu": "FVU", "ce_clean": "CE clean", "ce_spliced": "CE replaced",
-                                "recovered": "CE recovered"}, raw_columns=("recovered",))
+    traced = read_csv(results, "attribution").assign(prompt=lambda d: d.prompt.map(latex_escape),
+                                                     top_feature_path=lambda d: d.top_feature_path.map(latex_escape))
+    path = latex_table(traced, tables_dir / f"{NAME}.tex", label="tab:attribution",
+                       caption="Prompts traced through the CLT at the largest k: the top logit, the active and kept "
+                               "(pruned at 80\\% node influence) features, the error nodes' share and the strongest "
+                               "path through features.",
+                       columns={"prompt": "prompt", "top_prob": "p(top)", "n_active_features": "active",
+                                "n_kept_features": "kept", "error_norm_share": "error share",
+                                "top_feature_path": "top path through features"},
+                       raw_columns=("prompt", "top_feature_path"))
     return [path]
 
 
 def answer(results: Path, cfg: Config) -> str:
-    compare = read_csv(results, "compare").set_index(["approach", "k"])
+    text = clt_plt_text(read_csv(results, "compare"))
     traced = read_csv(results, "attribution")
-    k = int(max(compare.index.get_level_values("k")))
-    clt, plt_ = compare.loc[("CLT", k)], compare.loc[("PLT", k)]
-    text = (f"At {k} active features per layer (L0 {fmt(clt.l0_read)}), replacing every MLP output by the CLT recovers "
-            f"{fmt(clt.ce_recovered)} [{fmt(clt.ce_recovered_lo)}, {fmt(clt.ce_recovered_hi)}] of the CE loss, "
-            f"the PLTs {fmt(plt_.ce_recovered)} [{fmt(plt_.ce_recovered_lo)}, {fmt(plt_.ce_recovered_hi)}] "
-            f"(MLP-output FVU {fmt(clt.fvu)} vs {fmt(plt_.fvu)}).")
     if len(traced):
         row = traced.iloc[0]
         text += (f" Traced through the CLT, {latex_escape(repr(row.prompt))} keeps {int(row.n_kept_features)} of "
-                 f"{int(row.n_active_features)} active features; its strongest path is {latex_escape(row.top_path)}.")
+                 f"{int(row.n_active_features)} active features; its strongest path is {latex_escape(row.top_path)}, "
+                 f"and through features only {latex_escape(row.top_feature_path)}.")
     return text
 
 
@@ -198,7 +271,6 @@ STUDY = Study(name=NAME, title="Cross-layer transcoders and attribution graphs",
               figures=figures, tables=tables, answer=answer,
               presets={"micro": Config(width=16, ks=(2, 4), train_tokens=2_048, heldout_tokens=1_024, epochs=1,
                                        batch_size=128, eval_windows=4, prompts=("The capital of France is",)),
-                       "standard": Config(width=512, ks=(8, 16, 32), train_tokens=100_000, heldout_tokens=20_000,
-                                          epochs=2,
+                       "standard": Config(width=128, ks=(4, 16), train_tokens=48_000, heldout_tokens=12_000,
                                           eval_windows=64)},
               order=90)

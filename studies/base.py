@@ -20,6 +20,8 @@ class StudyContext(Protocol):
 
     preset_name: str
     progress: bool
+    preset: "Preset"
+    """:class:`studies.presets.Preset` of the run (every study's config: a study may reuse another's results)."""
 
     @property
     def sizes(self): ...

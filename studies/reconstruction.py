@@ -29,6 +29,9 @@ Method
       (later layers' inputs replaced by their mean), and each dictionary's multi-layer splice where it
       has a defined meaning (SAEs: sequential; weakly causal crosscoder: causal), listed under its name
       and never compared across names (:mod:`crosslayer.evals`).
+    - Transcoders (``clt_vs_plt.csv``): a cross-layer transcoder against per-layer transcoders at matched L0, every
+      MLP output replaced, CE recovered with document intervals -- trained and evaluated once per run by
+      :func:`studies.attribution.transcoder_comparison` (settings: the attribution study's config).
 
 Answer
     Generated from the CSVs by every run into ``paper/tables/reconstruction_answer.tex`` (numbers are
@@ -44,10 +47,14 @@ import numpy as np
 import pandas as pd
 
 from crosslayer.io import write_csv
+from studies.attribution import clt_plt_figure, clt_plt_table, clt_plt_text, transcoder_comparison
 from studies.base import Study
 from studies.common import fmt, latex_table, read_csv, save_figure, theme
 
 NAME = "reconstruction"
+CLT_PLT = "clt_vs_plt"
+"""``clt_vs_plt.csv``: the attribution study's CLT-vs-PLT comparison (:func:`studies.attribution.transcoder_comparison`,
+trained once per run and shared), reported here as the transcoders' reconstruction result."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +149,8 @@ def run(ctx, cfg: Config) -> dict:
     down = pd.concat([downstream_rows(a, ctx.evaluation(MAIN[a])) for a in (SAE, CC, WC)
                       if MAIN[a] in set(sweep.dictionary)], ignore_index=True)
     write_csv(down, results / "downstream.csv")
+    transcoders, _ = transcoder_comparison(ctx, ctx.preset.config("attribution"))
+    write_csv(transcoders, results / f"{CLT_PLT}.csv")
     mid = headline.iloc[len(headline) // 2] if len(headline) else None
     per_layer = down[down.splice == "layer"].groupby("approach").ce_recovered.mean()
     return {"points": len(sweep), "l0_ratio_mid": None if mid is None else float(mid["l0_ratio"]),
@@ -248,7 +257,16 @@ def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, s
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1, 1), fontsize=7)
         paths.append((save_figure(fig, figures_dir / "reconstruction_per_layer.png"),
                       "FVU per layer of the main dictionaries (per-layer SAEs and crosscoders at the main k)."))
+    transcoders = _optional(results, CLT_PLT)
+    if transcoders is not None:
+        paths.append(clt_plt_figure(transcoders, figures_dir / "reconstruction_clt_vs_plt.png"))
     return paths
+
+
+def _optional(results: Path, name: str) -> pd.DataFrame | None:
+    """``<name>.csv`` of the results, or None for a run made before the study wrote it."""
+    path = Path(results) / f"{name}.csv"
+    return pd.read_csv(path) if path.is_file() else None
 
 
 def _interval(frame: pd.DataFrame, name: str) -> pd.Series:
@@ -284,7 +302,9 @@ def tables(results: Path, tables_dir: Path, cfg: Config) -> list[Path]:
                         caption="Downstream loss of the main dictionaries: CE recovered against mean (and zero) "
                                 "ablation and KL(clean || spliced), with 95\\% bootstrap intervals over held-out "
                                 "documents. Rows compare only within one splice name.")
-    return [main, second, third]
+    transcoders = _optional(results, CLT_PLT)
+    extra = [] if transcoders is None else [clt_plt_table(transcoders, tables_dir / f"{NAME}_{CLT_PLT}.tex")]
+    return [main, second, third] + extra
 
 
 def _layer_text(down: pd.DataFrame) -> str:
@@ -351,7 +371,9 @@ def _sweep_text(sweep: pd.DataFrame, head: pd.DataFrame) -> list[str]:
 
 def answer(results: Path, cfg: Config) -> str:
     sweep, head, down = read_csv(results, "sweep"), read_csv(results, "headline"), read_csv(results, "downstream")
-    parts = _sweep_text(sweep, head) + [_layer_text(down), _prefix_text(down)]
+    transcoders = _optional(results, CLT_PLT)
+    parts = _sweep_text(sweep, head) + [_layer_text(down), _prefix_text(down),
+                                        "" if transcoders is None else clt_plt_text(transcoders)]
     return " ".join(p for p in parts if p)
 
 

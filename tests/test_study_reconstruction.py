@@ -98,9 +98,18 @@ def test_reconstruction_study_micro(micro_ctx):
     answer = (micro_ctx.paper / "tables" / "reconstruction_answer.tex").read_text()
     assert f"{head.l0_ratio.median():.2g}" in answer  # the answer quotes the median ratio from the CSV
     for name in ("reconstruction.tex", "reconstruction_headline.tex", "reconstruction_downstream.tex",
-                 "reconstruction_figures.tex"):
+                 "reconstruction_figures.tex", "reconstruction_clt_vs_plt.tex"):
         assert (micro_ctx.paper / "tables" / name).stat().st_size > 0
     assert info["points"] == len(sweep)
+    # CLT vs PLT: the attribution study's comparison, trained once and shared (its own CSV is the same table)
+    transcoders = pd.read_csv(results / "clt_vs_plt.csv")
+    acfg = micro_ctx.preset.config("attribution")
+    assert sorted(zip(transcoders.approach, transcoders.k)) == sorted((a, k) for a in ("CLT", "PLT") for k in acfg.ks)
+    pd.testing.assert_frame_equal(transcoders, pd.read_csv(micro_ctx.results("attribution") / "compare.csv"))
+    assert (micro_ctx.paper / "figures" / "reconstruction_clt_vs_plt.png").is_file()
+    k = max(acfg.ks)
+    clt = transcoders[(transcoders.approach == "CLT") & (transcoders.k == k)].iloc[0]
+    assert f"the CLT recovers {clt.ce_recovered:.3g}" in answer
 
 
 def test_reconstruction_figures_tables_answer_from_fixture_csvs(tmp_path):
