@@ -281,6 +281,14 @@ def _output(feats_BF: Tensor | None, recon_BLD: Tensor, acts_BLD: Tensor, losses
     return CrosscoderOutput(feats_BF, recon_BLD, total, detached, fired_F, l0)
 
 
+def sparse_firing(vals_NK: Tensor, idx_NK: Tensor, n_features: int, n_rows: int) -> tuple[Tensor, float]:
+    """``(fired_F, l0)`` from a TopK selection (no dense ``[B, F]`` tensor): the features with a positive value
+    somewhere, and the positive values per row (``n_rows`` rows; idx may number features over several groups)."""
+    active = vals_NK > 0
+    fired_F = torch.zeros(n_features, dtype=torch.bool, device=idx_NK.device).index_fill_(0, idx_NK[active], True)
+    return fired_F, float(active.sum()) / n_rows
+
+
 class CrosscoderOutput(NamedTuple):
     """What :meth:`Crosscoder.loss` returns."""
 
@@ -445,12 +453,13 @@ class Crosscoder(Dictionary):
             dead_F = dead_F if dead_F is not None and bool(dead_F.any()) else None
             vals_BK, idx_BK, aux_vals, aux_idx = self._topk(acts_BLD, norm_F, dead_F)
             recon_BLD = self.decode_sparse(vals_BK, idx_BK, W_dec_FLD=W_dec_FLD)
-            feats_BF = vals_BK.new_zeros(vals_BK.shape[0], cfg.n_features).scatter_(1, idx_BK, vals_BK.detach())
             if dead_F is not None:
                 resid_BLD = (acts_BLD - recon_BLD).detach()
                 aux_BLD = self.decode_sparse(aux_vals, aux_idx, bias=False, W_dec_FLD=W_dec_FLD)
                 scale = min(int(dead_F.sum()) / self.k_aux, 1.0)
                 losses["aux"] = cfg.aux_coef * scale * _SumSquaredError.apply(aux_BLD, resid_BLD)
+            fired_F, l0 = sparse_firing(vals_BK.detach(), idx_BK, cfg.n_features, acts_BLD.shape[0])
+            return _output(None, recon_BLD, acts_BLD, losses, fired_F=fired_F, l0=l0)  # no dense [B, F] in training
         else:
             pre_BF = self.pre_acts(acts_BLD)
             f_BF = self._activate(pre_BF, norm_F, training=True)

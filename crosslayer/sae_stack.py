@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F_
 from torch import Tensor, nn
 
-from crosslayer.crosscoder import CrosscoderOutput, _output, sparse_topk
+from crosslayer.crosscoder import CrosscoderOutput, _output, sparse_firing, sparse_topk
 from crosslayer.dictionary import Dictionary
 from crosslayer.errors import CrosslayerError
 
@@ -179,10 +179,9 @@ class SAEStack(Dictionary):
             err_L = (self._decode(aux_vals, aux_idx, bias=False) - resid_BLD).pow(2).sum((0, 2)) / acts_BLD.shape[0]
             scale_L = (dead_LW.sum(1).float() / self.k_aux).clamp(max=1.0)
             losses["aux"] = self.cfg.aux_coef * (scale_L * err_L).sum()
-        active = vals > 0
         gid = idx + torch.arange(L, device=idx.device)[:, None, None] * W
-        fired_F = torch.zeros(self.n_features, dtype=torch.bool, device=idx.device).index_fill_(0, gid[active], True)
-        return _output(None, recon_BLD, acts_BLD, losses, fired_F=fired_F, l0=float(active.sum() / acts_BLD.shape[0]))
+        fired_F, l0 = sparse_firing(vals.detach(), gid, self.n_features, acts_BLD.shape[0])
+        return _output(None, recon_BLD, acts_BLD, losses, fired_F=fired_F, l0=l0)
 
     # ---------------------------------------------------------------- save / load
     @torch.no_grad()

@@ -82,7 +82,10 @@ def test_parity_topk_training_sae_loss(n_dead):
                                                    n_training_steps=0, is_logging_step=False))
     out = cc.loss(x[:, None], dead_F=dead)
     norms = sae.W_dec.norm(dim=-1)
-    torch.testing.assert_close(out.feats_BF * norms, ref.feature_acts.detach(), atol=1e-5, rtol=1e-5)
+    assert out.feats_BF is None  # the training pass never builds the dense [B, F] activations
+    torch.testing.assert_close(cc.encode_normalized(x[:, None]) * norms, ref.feature_acts.detach(), atol=1e-5, rtol=1e-5)
+    active = ref.feature_acts.detach() > 0
+    assert out.l0 == pytest.approx(float(active.sum(1).float().mean())) and torch.equal(out.fired_F, active.any(0))
     torch.testing.assert_close(out.recon_BLD[:, 0], ref.sae_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.losses["mse"], ref.losses["mse_loss"].detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.losses["aux"], ref.losses["auxiliary_reconstruction_loss"].detach(),
