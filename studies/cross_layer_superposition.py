@@ -13,6 +13,12 @@ Method
       relative decoder norm r_i^l = ||d_i^l|| / max_l ||d_i^l|| (normalised units), peak layer,
       span #{l : r_i^l > Config.span_tau} (also at 0.5), normalised entropy of r_i and direction drift
       cos(d_i^peak, d_i^l) over the spanned layers.
+    - Nulls for the profiles (``profile_nulls.csv``): a TopK crosscoder puts no per-layer sparsity pressure on its
+      profile and contiguous layers share most of the residual stream, so "spans every layer" is compared with
+      (a) the same crosscoder at initialisation (flat by construction) and (b) residual persistence: the
+      least-squares decoder of every layer given only the projection on one direction at one layer (random, or
+      a top principal direction of that layer), :func:`persistence_profiles`. Means of span and entropy with 95 %
+      bootstrap intervals over features / directions; the figure groups profiles by peak layer (Anthropic's).
     - SAE chains (SAE Match, Balagansky et al. 2024; feature flow, Laptev et al. 2025): the live
       latents of the SAEs at adjacent layers l, l+1 are matched one-to-one by decoder cosine
       (Hungarian assignment, :func:`scipy.optimize.linear_sum_assignment`); a match with cosine >
@@ -78,6 +84,10 @@ class Config:
     """Held-out rows sampled to find live features and activation correlations."""
     synthetic_tokens: int = 30_000
     """Rows of the synthetic ground-truth data."""
+    null_random: int = 256
+    """Random directions per layer in the residual-persistence null."""
+    null_pcs: int = 16
+    """Top principal directions per layer in the residual-persistence null."""
     # The synthetic benchmark: layers, width of each layer, true features G (the crosscoder gets 2G
     # latents, each single-layer dictionary G), and its training runs' batch size, learning rate and
     # epochs over the rows (at least syn_min_steps steps).
@@ -194,6 +204,76 @@ def synthetic_recovery(cfg: Config, out_dir: Path, *, seed: int = 0, progress: b
                 "recovered_span", "multi", "often"]]
 
 
+# ----------------------------------------------------------------------------- nulls for the decoder-norm profiles
+
+NULL_COLUMNS = ["kind", "source_layer", "direction", "peak_layer", "span", "span_50", "entropy"]
+
+
+def persistence_profiles(x_NLD: Tensor, layers: list[int], *, n_random: int, n_pcs: int, span_tau: float,
+                         seed: int = 0) -> pd.DataFrame:
+    """Decoder-norm profiles that residual persistence alone produces (the null for "a feature spans many layers").
+
+    For a direction v at layer p -- ``n_random`` random unit directions, and the ``n_pcs`` top principal directions
+    of layer p's centred activations -- the least-squares decoder of every layer l given only the centred projection
+    s = (x_p - mean_p) . v is w_l = E[(x_l - mean_l) s] / E[s^2]; its profile r_l = ||w_l|| / max_l ||w_l|| is what a
+    crosscoder latent that only carries "v at layer p" forward would learn (``x_NLD`` in the dictionary's normalised
+    units). Columns: :data:`NULL_COLUMNS` plus ``r_<layer>``.
+    """
+    from crosslayer.features import profile_stats
+
+    X = x_NLD.double() - x_NLD.double().mean(0)
+    gen = torch.Generator().manual_seed(seed)
+    frames = []
+    for p in range(X.shape[1]):
+        principal = torch.linalg.svd(X[:, p], full_matrices=False).Vh[:n_pcs]
+        random = unit(torch.randn(n_random, X.shape[2], generator=gen)).double()
+        for kind, dirs in (("random direction", random), ("principal direction", principal)):
+            s_NV = X[:, p] @ dirs.T
+            W_VLD = torch.einsum("nv,nld->vld", s_NV, X) / s_NV.pow(2).sum(0).clamp_min(1e-12)[:, None, None]
+            _, peak, r_VL, span, ent = profile_stats(W_VLD.norm(dim=-1).float(), tau=span_tau)
+            frame = pd.DataFrame({"kind": kind, "source_layer": layers[p], "direction": np.arange(len(dirs)),
+                                  "peak_layer": np.asarray(layers)[peak.numpy()], "span": span.numpy(),
+                                  "span_50": (r_VL > 0.5).sum(1).numpy(), "entropy": ent.numpy()})
+            for i, l in enumerate(layers):
+                frame[f"r_{l}"] = r_VL[:, i].numpy()
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def init_profiles(cc, span_tau: float) -> pd.DataFrame:
+    """The profiles of the same crosscoder at initialisation (same config, a fresh seed): the other null."""
+    from crosslayer.crosscoder import Crosscoder
+    from crosslayer.features import decoder_profile
+
+    fresh = Crosscoder(cc.cfg, seed=1_000)
+    prof = decoder_profile(fresh, tau=span_tau)
+    r = prof[[c for c in prof.columns if c.startswith("r_")]].to_numpy()
+    return prof.assign(kind="initialisation", source_layer=np.nan, direction=prof.feature, span_50=(r > 0.5).sum(1))
+
+
+def _null_rows(null: pd.DataFrame, live_prof: pd.DataFrame, n_layers: int, add) -> None:
+    """Summary rows comparing the live crosscoder features' profiles with each null: mean span and entropy with
+    95 % bootstrap intervals over features / directions, and the fraction spanning every layer."""
+    groups = [("crosscoder", live_prof)] + [(kind, part) for kind, part in null.groupby("kind", sort=False)]
+    for kind, part in groups:
+        for col in ("span", "span_50", "entropy"):
+            lo, hi = _boot_mean(part[col].to_numpy(float))
+            add("null", f"{kind}|mean_{col}", part[col].mean())
+            add("null", f"{kind}|mean_{col}_lo", lo)
+            add("null", f"{kind}|mean_{col}_hi", hi)
+        add("null", f"{kind}|frac_span_all", (part.span == n_layers).mean())
+        add("null", f"{kind}|n", len(part))
+
+
+def _boot_mean(values: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of the mean of ``values``."""
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (n, len(values)))].mean(1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
 # ----------------------------------------------------------------------------- the study
 
 def run(ctx, cfg: Config) -> dict:
@@ -232,6 +312,11 @@ def run(ctx, cfg: Config) -> dict:
         add("profiles", name, live_prof[col].mean())
     add("profiles", "frac_span_1", (live_prof.span == 1).mean())
     add("profiles", "frac_span_all", (live_prof.span == L).mean())
+    x_NLD = cc.normalize(heldout.get(rows, layers=layers).float())
+    null = pd.concat([persistence_profiles(x_NLD, layers, n_random=cfg.null_random, n_pcs=cfg.null_pcs,
+                                           span_tau=cfg.span_tau), init_profiles(cc, cfg.span_tau)], ignore_index=True)
+    write_csv(null[NULL_COLUMNS + [f"r_{l}" for l in layers]], results / "profile_nulls.csv")
+    _null_rows(null, live_prof, L, add)
 
     # -- per-layer SAE chains
     blocks, index = sae_blocks(saes)
@@ -361,6 +446,9 @@ def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, s
         paths.append((save_figure(fig, figures_dir / f"{NAME}_profiles.png"),
                       "Relative decoder norms $r_i^l = \\|d_i^l\\| / \\max_l \\|d_i^l\\|$ of a random sample of live "
                       "crosscoder features, sorted by peak layer."))
+    nulls = Path(results) / "profile_nulls.csv"
+    if len(live) and nulls.is_file():
+        paths.append(_profiles_by_peak(live, pd.read_csv(nulls), layers, figures_dir / f"{NAME}_profiles_vs_null.png"))
     chains = read_csv(results, "sae_chains")
     L = len(layers)
     frames = []
@@ -410,6 +498,53 @@ def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, s
                       "of distinct latents that best match a true feature across its layers, and the span of the "
                       "latent that matches it best at its peak layer; dotted: the true span."))
     return paths
+
+
+def _profiles_by_peak(live: pd.DataFrame, null: pd.DataFrame, layers: list[int], path: Path) -> tuple[Path, str]:
+    """Mean decoder-norm profile by peak layer (Anthropic's grouping): live crosscoder features against the
+    residual-persistence nulls (the initialisation null is flat by construction and left out)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    rcols = [f"r_{l}" for l in layers]
+    frames = [live.assign(kind="crosscoder (live features)")] + [null[null.kind != "initialisation"]]
+    long = pd.concat(frames, ignore_index=True).melt(id_vars=["kind", "peak_layer"], value_vars=rcols,
+                                                      var_name="layer", value_name="r")
+    long["layer"] = long.layer.str[2:].astype(int)
+    peaks = [l for l in layers if (long.peak_layer == l).any()]
+    fig, axes = plt.subplots(1, len(peaks), figsize=(2.6 * len(peaks) + 1.8, 3.2), sharey=True, squeeze=False)
+    for ax, peak in zip(axes[0], peaks):
+        sns.lineplot(data=long[long.peak_layer == peak], x="layer", y="r", hue="kind", marker="o", errorbar=("ci", 95),
+                     ax=ax, legend=ax is axes[0][-1])
+        ax.set(title=f"peak at layer {peak}", xlabel="layer", ylabel="mean $r^l$", ylim=(0, 1.05), xticks=layers)
+    sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1, 1), fontsize=7, title=None)
+    return (save_figure(fig, path),
+            "Mean relative decoder norm by layer, grouped by the layer where it peaks: live crosscoder features against "
+            "what residual persistence alone gives (the least-squares decoder of every layer given one random or top "
+            "principal direction at the source layer), 95\\% intervals.")
+
+
+def _null_text(get, cfg: Config, n_layers: int) -> str:
+    """The crosscoder's spans and entropies against the nulls (from the summary's ``null`` rows)."""
+    def mean(kind: str, col: str) -> str:
+        return (f"{fmt(get('null', f'{kind}|mean_{col}'), 3)} [{fmt(get('null', f'{kind}|mean_{col}_lo'), 3)}, "
+                f"{fmt(get('null', f'{kind}|mean_{col}_hi'), 3)}]")
+
+    if not np.isfinite(get("null", "random direction|mean_entropy")):
+        return ""
+    cc_lo, cc_hi = get("null", "crosscoder|mean_entropy_lo"), get("null", "crosscoder|mean_entropy_hi")
+    nu_lo, nu_hi = get("null", "random direction|mean_entropy_lo"), get("null", "random direction|mean_entropy_hi")
+    verdict = ("more concentrated in few layers than persistence alone gives" if cc_hi < nu_lo else
+               "flatter across layers than persistence alone gives" if cc_lo > nu_hi else
+               "indistinguishable from what persistence alone gives")
+    return (f"Against nulls (mean over features or directions, 95\\% bootstrap intervals): a random direction at one "
+            f"layer carried to every layer by least squares spans {mean('random direction', 'span')} of {n_layers} layers "
+            f"with profile entropy {mean('random direction', 'entropy')}; a top principal direction "
+            f"{mean('principal direction', 'span')} (entropy {mean('principal direction', 'entropy')}); the crosscoder "
+            f"at initialisation {mean('initialisation', 'span')} (entropy {mean('initialisation', 'entropy')}). The live "
+            f"crosscoder features span {mean('crosscoder', 'span')} layers with entropy {mean('crosscoder', 'entropy')}: "
+            f"{verdict}, so span alone {'does' if cc_hi < nu_lo else 'does not'} show cross-layer structure beyond "
+            f"the residual stream's persistence.")
 
 
 def _metric_rows(summ: pd.DataFrame, cfg: Config) -> pd.DataFrame:
@@ -477,6 +612,8 @@ def answer(results: Path, cfg: Config) -> str:
              f"{fmt(100 * get('profiles', 'frac_span_all'), 2)}\\% every layer, with normalised entropy "
              f"{fmt(get('profiles', 'mean_entropy'), 3)}; their decoder direction keeps a mean cosine of "
              f"{fmt(get('profiles', 'mean_drift'), 3)} with its peak-layer direction (drift)."]
+    if (summ.part == "null").any():
+        parts.append(_null_text(get, cfg, n_layers))
     parts.append(f"Per-layer SAE latents matched one-to-one between adjacent layers have median decoder cosine "
                  f"{fmt(get('chains', 'median_matched_cos'), 3)} (chance: {fmt(get('chains', 'chance_cos_p99'), 2)}); "
                  f"at cosine $>{cfg.tau}$, {fmt(100 * get('chains', 'frac_latents_chained', cfg.tau), 2)}\\% of the live SAE "

@@ -185,3 +185,28 @@ def test_cross_layer_superposition_study_micro(micro_ctx):
     for name in (f"{xl.NAME}.tex", f"{xl.NAME}_synthetic.tex", f"{xl.NAME}_answer.tex", f"{xl.NAME}_figures.tex"):
         assert (tables / name).stat().st_size > 0
     assert "nan" not in (tables / f"{xl.NAME}_answer.tex").read_text().lower()
+    nulls = pd.read_csv(results / "profile_nulls.csv")
+    assert set(nulls.kind) == {"random direction", "principal direction", "initialisation"}
+    assert (nulls[nulls.kind == "random direction"].groupby("source_layer").size() == cfg.null_random).all()
+    init = nulls[nulls.kind == "initialisation"]
+    assert (init.span == L).all() and np.allclose(init.entropy, 1.0)  # every feature starts flat over the layers
+    assert "persistence alone" in (tables / f"{xl.NAME}_answer.tex").read_text()
+    assert (micro_ctx.paper / "figures" / f"{xl.NAME}_profiles_vs_null.png").is_file()
+
+
+def test_persistence_null_ground_truth():
+    """Independent layers: a direction at layer p explains nothing elsewhere (span 1, peak p); identical layers: the
+    least-squares decoder is the same at every layer (span L, entropy 1); a layer that copies p at half scale has r
+    = 0.5 there."""
+    torch.manual_seed(0)
+    n, d, layers = 20_000, 8, [2, 5, 9]
+    kw = dict(n_random=32, n_pcs=4, span_tau=0.1)
+    indep = xl.persistence_profiles(torch.randn(n, 3, d), layers, **kw)
+    assert (indep.span == 1).all() and (indep.peak_layer == indep.source_layer).all()
+    base = torch.randn(n, 1, d)
+    same = xl.persistence_profiles(base.expand(n, 3, d).clone(), layers, **kw)
+    assert (same.span == 3).all() and np.allclose(same.entropy, 1.0, atol=1e-4)
+    half = xl.persistence_profiles(torch.cat([base, 0.5 * base, torch.randn(n, 1, d)], 1), layers, **kw)
+    from_first = half[half.source_layer == 2]
+    np.testing.assert_allclose(from_first.r_5, 0.5, atol=1e-4)
+    assert (from_first.r_9 < 0.1).all()
