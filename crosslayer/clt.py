@@ -40,7 +40,7 @@ import torch.nn.functional as F_
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from crosslayer.crosscoder import CrosscoderOutput, _JumpReLU, _output, _SumSquaredError, sparse_topk
+from crosslayer.crosscoder import CrosscoderOutput, _JumpReLU, _output, _SumSquaredError, aux_row_count, sparse_topk
 from crosslayer.dictionary import Dictionary, meta_from_cfg, read_saved_cfg, register_dictionary
 from crosslayer.errors import CrosslayerError
 from crosslayer.hooks import hook_name
@@ -75,6 +75,9 @@ class CLTConfig:
     step 8 of a SmolLM2 run.)"""
     aux_coef: float = 1 / 32
     """AuxK loss coefficient."""
+    aux_frac: float = 1.0
+    """Share of each batch's rows that carry the AuxK loss (:func:`crosslayer.crosscoder.aux_row_count`; 1 = all,
+    the published recipe; less makes the AuxK decode and backward proportionally cheaper)."""
     jump_bandwidth: float = 2.0
     """JumpReLU rectangle-kernel width."""
     jump_init_threshold: float = 0.1
@@ -96,6 +99,8 @@ class CLTConfig:
         if (self.k_aux is not None and self.k_aux < 1) or min(self.init_dec_norm, self.jump_bandwidth,
                                                               self.jump_init_threshold) <= 0:
             raise CrosslayerError("k_aux must be >= 1 or None; init_dec_norm, jump_bandwidth, jump_init_threshold > 0")
+        if not 0 < self.aux_frac <= 1:
+            raise CrosslayerError(f"aux_frac must be in (0, 1], got {self.aux_frac}")
 
     @property
     def n_layers(self) -> int:
@@ -203,7 +208,7 @@ class CrossLayerTranscoder(Dictionary):
     def _topk(self, acts_BLD: Tensor, dead_LW: Tensor | None = None) -> tuple[Tensor, ...]:
         k_aux = min(self.k_aux_group, int(dead_LW.sum(1).max())) if dead_LW is not None else 0
         return sparse_topk(acts_BLD.transpose(0, 1), self.W_enc, self.b_enc, self.norms_LW(), self.cfg.k,
-                           dead_LW, k_aux)
+                           dead_LW, k_aux, aux_row_count(self.cfg.aux_frac, acts_BLD.shape[0]))
 
     def _dense_feats(self, acts_BLD: Tensor) -> tuple[Tensor, Tensor]:
         """JumpReLU: ``(pre_LBW, f_LBW)``."""
@@ -292,9 +297,9 @@ class CrossLayerTranscoder(Dictionary):
             vals, idx, aux_vals, aux_idx = self._topk(acts_BLD, dead_LW)
             recon_BLD = self.decode_groups(vals, idx)
             if dead_LW is not None:
-                resid_BLD = (target_BLD - recon_BLD).detach()
                 scale = min(int(dead_LW.sum()) / self.k_aux, 1.0)
                 aux_BLD = self.decode_groups(aux_vals, aux_idx, bias=False)
+                resid_BLD = (target_BLD[:len(aux_BLD)] - recon_BLD[:len(aux_BLD)]).detach()
                 losses["aux"] = cfg.aux_coef * scale * _SumSquaredError.apply(aux_BLD, resid_BLD)
             active = vals > 0
             gid = idx + torch.arange(L, device=idx.device)[:, None, None] * W

@@ -51,6 +51,7 @@ nothing, and d/2 (Gao et al.'s value, sae-lens parity) is kept.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -98,6 +99,9 @@ class CrosscoderConfig:
     truth scaling with the input width gave no lower FVU and more dead latents (module docstring)."""
     aux_coef: float = 1 / 32
     """AuxK loss coefficient (Gao et al.)."""
+    aux_frac: float = 1.0
+    """Share of each batch's rows that carry the AuxK loss (:func:`crosslayer.crosscoder.aux_row_count`; 1 = all,
+    the published recipe; less makes the AuxK decode and backward proportionally cheaper)."""
     threshold_lr: float = 0.01
     """BatchTopK: EMA rate of the running threshold during training (min selected score per batch, started
     at the first batch's); the trainer replaces it at the end by :meth:`Crosscoder.calibrate_threshold_`."""
@@ -126,6 +130,8 @@ class CrosscoderConfig:
             raise CrosslayerError(f"{self.activation} needs 0 < k <= n_features ({self.n_features}), got k={self.k}")
         if self.k_aux is not None and self.k_aux < 1:
             raise CrosslayerError(f"k_aux must be >= 1 or None, got {self.k_aux}")
+        if not 0 < self.aux_frac <= 1:
+            raise CrosslayerError(f"aux_frac must be in (0, 1], got {self.aux_frac}")
         if self.init_dec_norm <= 0 or self.jump_bandwidth <= 0 or self.jump_init_threshold <= 0:
             raise CrosslayerError("init_dec_norm, jump_bandwidth and jump_init_threshold must be positive")
 
@@ -184,16 +190,15 @@ class _JumpReLU(torch.autograd.Function):
         return (pre_BF > theta_F) * grad_BF + ste_BF, -ste_BF.sum(0), None
 
 
-def _sorted_csr(idx_BK: Tensor, vals_BK: Tensor, n_rows: int) -> Tensor:
-    """The sparse ``[n_rows, B]`` matrix S with S[idx[b, j], b] = vals[b, j] (CSR, rows sorted by feature)."""
-    B, K = idx_BK.shape
-    flat = idx_BK.reshape(-1)
-    order = flat.argsort(stable=True)  # columns ascending within each row
-    crow = flat.new_zeros(n_rows + 1)
-    crow[1:] = torch.bincount(flat, minlength=n_rows).cumsum(0)
+def _sorted_csr(row_N: Tensor, col_N: Tensor, val_N: Tensor, n_rows: int, n_cols: int) -> Tensor:
+    """The sparse ``[n_rows, n_cols]`` matrix with S[row[n], col[n]] += val[n] (CSR, columns ascending within a row;
+    duplicate entries kept in their given order)."""
+    order = (row_N * n_cols + col_N).argsort(stable=True)
+    crow = row_N.new_zeros(n_rows + 1)
+    crow[1:] = torch.bincount(row_N, minlength=n_rows).cumsum(0)
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, order // K, vals_BK.reshape(-1)[order], (n_rows, B), check_invariants=False)
+        return torch.sparse_csr_tensor(crow, col_N[order], val_N[order], (n_rows, n_cols), check_invariants=False)
 
 
 class _SparseTopKEncode(torch.autograd.Function):
@@ -212,17 +217,19 @@ class _SparseTopKEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_GBI, W_GIF, b_GF, scale_GF, k: int, dead_GF: Tensor | None, k_aux: int):
+    def forward(ctx, x_GBI, W_GIF, b_GF, scale_GF, k: int, dead_GF: Tensor | None, k_aux: int, aux_rows: int):
         xw_GBF = torch.bmm(x_GBI, W_GIF)  # the bias is added only where needed: score, and the selected entries
         score_GBF = torch.addcmul((b_GF * scale_GF)[:, None], xw_GBF, scale_GF[:, None])
         idx = score_GBF.topk(k, dim=-1, sorted=False).indices
         b_GBF = b_GF[:, None].expand_as(xw_GBF)
         vals = (xw_GBF.gather(-1, idx) + b_GBF.gather(-1, idx)).relu_()
-        aux_idx, aux_on = idx[..., :0], vals[..., :0]
+        xw_aux, b_aux = xw_GBF[:, :aux_rows], b_GBF[:, :aux_rows]  # AuxK on the first aux_rows rows only
+        aux_idx, aux_on = idx[:, :aux_rows, :0], vals[:, :aux_rows, :0]
         if dead_GF is not None and k_aux > 0:
-            aux_idx = score_GBF.masked_fill_(~dead_GF[:, None], -torch.inf).topk(k_aux, dim=-1, sorted=False).indices
-            aux_on = dead_GF[:, None].expand_as(xw_GBF).gather(-1, aux_idx).to(xw_GBF.dtype)
-        aux_vals = (xw_GBF.gather(-1, aux_idx) + b_GBF.gather(-1, aux_idx)) * aux_on
+            aux_idx = score_GBF[:, :aux_rows].masked_fill_(~dead_GF[:, None], -torch.inf).topk(
+                k_aux, dim=-1, sorted=False).indices
+            aux_on = dead_GF[:, None].expand_as(xw_aux).gather(-1, aux_idx).to(xw_GBF.dtype)
+        aux_vals = (xw_aux.gather(-1, aux_idx) + b_aux.gather(-1, aux_idx)) * aux_on
         ctx.save_for_backward(x_GBI, W_GIF, idx, vals, aux_idx, aux_on)
         ctx.mark_non_differentiable(idx, aux_idx)
         return vals, idx, aux_vals, aux_idx
@@ -230,27 +237,46 @@ class _SparseTopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):
         x_GBI, W_GIF, idx, vals, aux_idx, aux_on = ctx.saved_tensors
-        (G, B, I), n_feats = x_GBI.shape, W_GIF.shape[-1]
+        (G, B, I), n_feats, A = x_GBI.shape, W_GIF.shape[-1], aux_idx.shape[1]
         # in the weights' dtype (float32 under bf16 autocast: the CPU's sparse kernels have no bfloat16)
-        g_NK = torch.cat([g_vals * (vals > 0), g_aux * aux_on], -1).to(W_GIF.dtype).reshape(G * B, -1)
+        g_main, g_aux = (g_vals * (vals > 0)).to(W_GIF.dtype), (g_aux * aux_on).to(W_GIF.dtype)
         offset_G = torch.arange(G, device=idx.device)[:, None, None] * n_feats
-        gid_NK = (torch.cat([idx, aux_idx], -1) + offset_G).reshape(G * B, -1)  # feature ids over all groups
+        gid_main, gid_aux = idx + offset_G, aux_idx + offset_G  # feature ids over all groups
+        rows_G = torch.arange(G, device=idx.device)[:, None, None] * B
+        row_main = (rows_G + torch.arange(B, device=idx.device)[None, :, None]).expand_as(idx)
+        row_aux = (rows_G + torch.arange(A, device=idx.device)[None, :, None]).expand_as(aux_idx)
+        entries = [torch.cat([m.reshape(-1), a.reshape(-1)]) for m, a in
+                   ((gid_main, gid_aux), (row_main, row_aux), (g_main, g_aux))]
         g_x = g_W = g_b = None
         if ctx.needs_input_grad[1]:
-            g_FI = _sorted_csr(gid_NK, g_NK, G * n_feats) @ x_GBI.reshape(G * B, I).to(W_GIF.dtype)
+            g_FI = _sorted_csr(*entries, G * n_feats, G * B) @ x_GBI.reshape(G * B, I).to(W_GIF.dtype)
             g_W = g_FI.reshape(G, n_feats, I).transpose(1, 2)
         if ctx.needs_input_grad[2]:
-            g_b = g_NK.new_zeros(G * n_feats).index_add_(0, gid_NK.reshape(-1), g_NK.reshape(-1)).reshape(G, n_feats)
+            g_b = g_main.new_zeros(G * n_feats).index_add_(0, entries[0], entries[2]).reshape(G, n_feats)
         if ctx.needs_input_grad[0]:
             W_FI = W_GIF.transpose(1, 2).reshape(G * n_feats, I)
-            g_x = F_.embedding_bag(gid_NK, W_FI, mode="sum", per_sample_weights=g_NK).reshape(G, B, I)
-        return g_x, g_W, g_b, None, None, None, None
+            g_x = F_.embedding_bag(gid_main.reshape(G * B, -1), W_FI, mode="sum",
+                                   per_sample_weights=g_main.reshape(G * B, -1)).reshape(G, B, I)
+            if A and aux_idx.shape[-1]:
+                g_x[:, :A] += F_.embedding_bag(gid_aux.reshape(G * A, -1), W_FI, mode="sum",
+                                               per_sample_weights=g_aux.reshape(G * A, -1)).reshape(G, A, I)
+        return g_x, g_W, g_b, None, None, None, None, None
 
 
 def sparse_topk(x_GBI: Tensor, W_GIF: Tensor, b_GF: Tensor, scale_GF: Tensor, k: int,
-                dead_GF: Tensor | None = None, k_aux: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:class:`_SparseTopKEncode` (TopK of G groups, sparse backward): ``(vals, idx, aux_vals, aux_idx)``."""
-    return _SparseTopKEncode.apply(x_GBI, W_GIF, b_GF, scale_GF.detach(), k, dead_GF, k_aux)
+                dead_GF: Tensor | None = None, k_aux: int = 0, aux_rows: int | None = None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:class:`_SparseTopKEncode` (TopK of G groups, sparse backward): ``(vals, idx, aux_vals, aux_idx)``; the AuxK
+    part covers the first ``aux_rows`` rows (None: all; see :func:`aux_row_count`)."""
+    rows = x_GBI.shape[1] if aux_rows is None else min(aux_rows, x_GBI.shape[1])
+    return _SparseTopKEncode.apply(x_GBI, W_GIF, b_GF, scale_GF.detach(), k, dead_GF, k_aux, rows)
+
+
+def aux_row_count(aux_frac: float, n_rows: int) -> int:
+    """Rows of a batch that carry the AuxK loss: ceil(aux_frac * n_rows), at least 1. Batches are shuffled, so the
+    first rows are a uniform sample and the loss, a mean over rows, stays an unbiased estimate; the AuxK decode
+    and its backward shrink in proportion."""
+    return max(1, math.ceil(aux_frac * n_rows))
 
 
 class _SumSquaredError(torch.autograd.Function):
@@ -399,7 +425,8 @@ class Crosscoder(Dictionary):
         L, d = self.n_layers, self.d_model
         k_aux = min(self.k_aux, int(dead_F.sum())) if dead_F is not None else 0
         out = sparse_topk(acts_BLD.reshape(1, -1, L * d), self.W_enc_masked().reshape(1, L * d, -1), self.b_enc[None],
-                          norm_F[None], self.cfg.k, None if dead_F is None else dead_F[None], k_aux)
+                          norm_F[None], self.cfg.k, None if dead_F is None else dead_F[None], k_aux,
+                          aux_row_count(self.cfg.aux_frac, acts_BLD.shape[0]))
         return tuple(t[0] for t in out)
 
     @property
@@ -454,8 +481,8 @@ class Crosscoder(Dictionary):
             vals_BK, idx_BK, aux_vals, aux_idx = self._topk(acts_BLD, norm_F, dead_F)
             recon_BLD = self.decode_sparse(vals_BK, idx_BK, W_dec_FLD=W_dec_FLD)
             if dead_F is not None:
-                resid_BLD = (acts_BLD - recon_BLD).detach()
                 aux_BLD = self.decode_sparse(aux_vals, aux_idx, bias=False, W_dec_FLD=W_dec_FLD)
+                resid_BLD = (acts_BLD[:len(aux_BLD)] - recon_BLD[:len(aux_BLD)]).detach()
                 scale = min(int(dead_F.sum()) / self.k_aux, 1.0)
                 losses["aux"] = cfg.aux_coef * scale * _SumSquaredError.apply(aux_BLD, resid_BLD)
             fired_F, l0 = sparse_firing(vals_BK.detach(), idx_BK, cfg.n_features, acts_BLD.shape[0])

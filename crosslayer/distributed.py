@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F_
 from torch import Tensor, nn
 
-from crosslayer.crosscoder import Crosscoder, _output, _SumSquaredError, sparse_topk
+from crosslayer.crosscoder import Crosscoder, _output, _SumSquaredError, aux_row_count, sparse_topk
 from crosslayer.errors import CrosslayerError
 
 SHARD_DIM = {"W_enc": -1, "W_dec": 0, "b_enc": 0}
@@ -363,7 +363,7 @@ class ShardedCrosscoder(nn.Module):
         local_aux = min(k_aux, self.n_features)
         vals, idx, aux_vals, aux_idx = (t[0] for t in sparse_topk(
             acts_BLD.reshape(1, B, L * d), self.W_enc_masked().reshape(1, L * d, -1), self.b_enc[None], norm_F[None],
-            min(cfg.k, self.n_features), dead_F[None] if local_aux else None, local_aux))
+            min(cfg.k, self.n_features), dead_F[None] if local_aux else None, local_aux, aux_row_count(cfg.aux_frac, B)))
         keep, top_BK = self._merge((vals * norm_F[idx]).detach(), cfg.k)
         vals = vals * keep
         recon_BLD = self._decode(vals, idx, W_dec_FLD) + self.b_dec
@@ -373,7 +373,7 @@ class ShardedCrosscoder(nn.Module):
             aux_on = dead_F[aux_idx]
             aux_keep = self._merge(torch.where(aux_on, aux_vals.detach() * norm_F[aux_idx], -torch.inf), k_aux)[0]
             aux_BLD = self._decode(aux_vals * aux_keep, aux_idx, W_dec_FLD)
-            resid_BLD = (acts_BLD - recon_BLD).detach()
+            resid_BLD = (acts_BLD[:len(aux_BLD)] - recon_BLD[:len(aux_BLD)]).detach()
             losses["aux"] = cfg.aux_coef * min(n_dead / self.k_aux, 1.0) * _SumSquaredError.apply(aux_BLD, resid_BLD)
         active = vals > 0
         fired_F = torch.zeros(self.n_features, dtype=torch.bool, device=idx.device).index_fill_(0, idx[active], True)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F_
 from torch import Tensor, nn
 
-from crosslayer.crosscoder import CrosscoderOutput, _output, sparse_firing, sparse_topk
+from crosslayer.crosscoder import CrosscoderOutput, _output, aux_row_count, sparse_firing, sparse_topk
 from crosslayer.dictionary import Dictionary
 from crosslayer.errors import CrosslayerError
 
@@ -53,6 +53,9 @@ class SAEStackConfig:
     """Dead latents per layer in the AuxK loss; None = d_model // 2 (as the crosscoder's)."""
     aux_coef: float = 1 / 32
     """AuxK loss coefficient (Gao et al.)."""
+    aux_frac: float = 1.0
+    """Share of each batch's rows that carry the AuxK loss (:func:`crosslayer.crosscoder.aux_row_count`; 1 = all,
+    the published recipe; less makes the AuxK decode and backward proportionally cheaper)."""
     init_dec_norm: float = 0.08
     """Initial decoder norm of each latent."""
 
@@ -67,6 +70,8 @@ class SAEStackConfig:
                                   f"k={self.k}, width={self.width}")
         if (self.k_aux is not None and self.k_aux < 1) or self.init_dec_norm <= 0:
             raise CrosslayerError("k_aux must be >= 1 or None and init_dec_norm positive")
+        if not 0 < self.aux_frac <= 1:
+            raise CrosslayerError(f"aux_frac must be in (0, 1], got {self.aux_frac}")
 
     @property
     def n_layers(self) -> int:
@@ -109,7 +114,7 @@ class SAEStack(Dictionary):
         """:func:`sparse_topk` over the layers: ``(vals_LBK, idx_LBK, aux_vals_LBA, aux_idx_LBA)``."""
         k_aux = min(self.k_aux, int(dead_LW.sum(1).max())) if dead_LW is not None else 0
         return sparse_topk(acts_BLD.transpose(0, 1), self.W_enc, self.b_enc, self.W_dec.norm(dim=-1), self.cfg.k,
-                           dead_LW, k_aux)
+                           dead_LW, k_aux, aux_row_count(self.cfg.aux_frac, acts_BLD.shape[0]))
 
     def _decode(self, vals_LBK: Tensor, idx_LBK: Tensor, *, bias: bool = True) -> Tensor:
         """sum of the active rows of each layer's decoder (one ``embedding_bag`` bag per layer and token)."""
@@ -175,8 +180,9 @@ class SAEStack(Dictionary):
         recon_BLD = self._decode(vals, idx)
         losses = {"sparsity": recon_BLD.new_zeros(()), "aux": recon_BLD.new_zeros(()), "pre_act": recon_BLD.new_zeros(())}
         if dead_LW is not None:
-            resid_BLD = (acts_BLD - recon_BLD).detach()
-            err_L = (self._decode(aux_vals, aux_idx, bias=False) - resid_BLD).pow(2).sum((0, 2)) / acts_BLD.shape[0]
+            aux_BLD = self._decode(aux_vals, aux_idx, bias=False)
+            resid_BLD = (acts_BLD[:len(aux_BLD)] - recon_BLD[:len(aux_BLD)]).detach()
+            err_L = (aux_BLD - resid_BLD).pow(2).sum((0, 2)) / len(aux_BLD)
             scale_L = (dead_LW.sum(1).float() / self.k_aux).clamp(max=1.0)
             losses["aux"] = self.cfg.aux_coef * (scale_L * err_L).sum()
         gid = idx + torch.arange(L, device=idx.device)[:, None, None] * W

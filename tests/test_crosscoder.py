@@ -197,13 +197,14 @@ def test_masks_exact_zero_weights_and_grads(variant, activation):
 
 
 # ----------------------------------------------------------------------------- invariants
-@pytest.mark.parametrize("variant", ["acausal", "weakly_causal"])
-def test_sparse_topk_backward_equals_dense_autograd(variant):
+@pytest.mark.parametrize("variant,aux_frac", [("acausal", 1.0), ("weakly_causal", 1.0), ("acausal", 0.3)])
+def test_sparse_topk_backward_equals_dense_autograd(variant, aux_frac):
     """The sparse TopK encoder (_SparseTopKEncode) gives autograd's dense gradients: for W_enc, b_enc, the
-    input and, with dead latents, through the AuxK selection (brute force: pre-activations from a dense
-    matmul, the same selections gathered, autograd)."""
+    input and, with dead latents, through the AuxK selection -- on every row, or on the first ceil(aux_frac B)
+    (brute force: pre-activations from a dense matmul, the same selections gathered, autograd)."""
     torch.manual_seed(0)
-    cc = Crosscoder(CrosscoderConfig(layers=(0, 1, 2), d_model=D, n_features=F, k=K, variant=variant, k_aux=5))
+    cc = Crosscoder(CrosscoderConfig(layers=(0, 1, 2), d_model=D, n_features=F, k=K, variant=variant, k_aux=5,
+                                     aux_frac=aux_frac))
     x = torch.randn(40, 3, D, requires_grad=True)
     dead_F = torch.rand(F) < 0.3
     norm_F = cc._norm_F(cc.W_dec_masked())
@@ -213,11 +214,33 @@ def test_sparse_topk_backward_equals_dense_autograd(variant):
     pre = cc.pre_acts(x)
     score = pre * norm_F.detach()
     assert torch.equal(idx.sort(1).values, score.topk(K, dim=1).indices.sort(1).values)
-    dead_score = score.masked_fill(~dead_F, -torch.inf)
-    assert torch.equal(aux_idx.sort(1).values, dead_score.topk(5, dim=1).indices.sort(1).values)
-    ref = (pre.gather(1, idx).relu() * g1).sum() + (pre.gather(1, aux_idx) * g2).sum()
+    A = 12 if aux_frac < 1 else 40  # ceil(0.3 * 40)
+    dead_score = score.masked_fill(~dead_F, -torch.inf)[:A]
+    assert aux_idx.shape == (A, 5) and torch.equal(aux_idx.sort(1).values, dead_score.topk(5, dim=1).indices.sort(1).values)
+    ref = (pre.gather(1, idx).relu() * g1).sum() + (pre[:A].gather(1, aux_idx) * g2).sum()
     for got, want in zip(grads, torch.autograd.grad(ref, (cc.W_enc, cc.b_enc, x))):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", ["crosscoder", "sae_stack"])
+def test_auxk_on_a_row_share_is_the_full_auxk_of_those_rows(make):
+    """With aux_frac < 1 the AuxK term is exactly the full-batch AuxK of the batch's first ceil(aux_frac B) rows
+    (a uniform sample of a shuffled batch: an unbiased estimate of the mean), and the reconstruction is untouched."""
+    from crosslayer.sae_stack import SAEStack, SAEStackConfig
+
+    def build(frac):
+        torch.manual_seed(0)
+        if make == "crosscoder":
+            return Crosscoder(CrosscoderConfig(layers=(0, 1, 2), d_model=D, n_features=F, k=K, k_aux=5, aux_frac=frac))
+        return SAEStack(SAEStackConfig(layers=(0, 1, 2), d_model=D, width=F // 3, k=K, k_aux=5, aux_frac=frac))
+
+    x = torch.randn(40, 3, D)
+    dead = torch.rand(build(1.0).n_features) < 0.3
+    part, full = build(0.25).loss(x, dead_F=dead), build(1.0).loss(x[:10], dead_F=dead)
+    torch.testing.assert_close(part.losses["aux"], full.losses["aux"])
+    torch.testing.assert_close(part.recon_BLD, build(1.0).loss(x, dead_F=dead).recon_BLD)
+    with pytest.raises(CrosslayerError, match="aux_frac"):
+        build(0.0)
 
 
 def test_sparse_and_dense_decoding_agree():

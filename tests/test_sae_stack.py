@@ -19,10 +19,12 @@ def stack(**kw) -> SAEStack:
     return s
 
 
-def dense_reference(s: SAEStack, x_BLD: torch.Tensor, dead_LW: torch.Tensor | None):
+def dense_reference(s: SAEStack, x_BLD: torch.Tensor, dead_LW: torch.Tensor | None, aux_rows: int | None = None):
     """L dense TopK SAEs written the obvious way: scores relu(pre) * ||W_dec||, k best per layer,
-    AuxK over each layer's dead latents (raw pre-activations), squared errors summed, mean over rows."""
+    AuxK over each layer's dead latents (raw pre-activations) on the first ``aux_rows`` rows, squared errors
+    summed, mean over rows."""
     B = x_BLD.shape[0]
+    A = aux_rows or B
     loss, aux, recons = 0.0, 0.0, []
     for l in range(L):
         pre = x_BLD[:, l] @ s.W_enc[l] + s.b_enc[l]
@@ -37,21 +39,21 @@ def dense_reference(s: SAEStack, x_BLD: torch.Tensor, dead_LW: torch.Tensor | No
             score = (pre * norm).masked_fill(~dead_LW[l], -torch.inf)
             pick = torch.zeros_like(keep).scatter(1, score.topk(min(k_aux, n_dead), dim=1).indices, True)
             resid = (x_BLD[:, l] - recon).detach()
-            err = ((pre * pick) @ s.W_dec[l] - resid).pow(2).sum() / B
+            err = ((pre * pick) @ s.W_dec[l] - resid)[:A].pow(2).sum() / A
             aux = aux + s.cfg.aux_coef * min(n_dead / s.k_aux, 1.0) * err
     return loss + aux, torch.stack(recons, 1)
 
 
-@pytest.mark.parametrize("with_dead", [False, True])
-def test_loss_and_gradients_match_dense_per_layer_saes(with_dead):
-    s = stack(k_aux=5)
+@pytest.mark.parametrize("with_dead,aux_frac", [(False, 1.0), (True, 1.0), (True, 0.3)])
+def test_loss_and_gradients_match_dense_per_layer_saes(with_dead, aux_frac):
+    s = stack(k_aux=5, aux_frac=aux_frac)
     x = torch.randn(50, L, D)
     dead_LW = torch.zeros(L, W, dtype=torch.bool)
     dead_LW[0, :7] = True  # layer 0: 7 dead (> k_aux), layer 1: 2 (< k_aux), layer 2: none
     dead_LW[1, 10:12] = True
     dead = dead_LW if with_dead else None
     out = s.loss(x, dead_F=None if dead is None else dead.reshape(-1))
-    want, recon = dense_reference(s, x, dead)
+    want, recon = dense_reference(s, x, dead, aux_rows=15 if aux_frac < 1 else None)  # ceil(0.3 * 50)
     torch.testing.assert_close(out.recon_BLD, recon, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.loss, want, atol=1e-4, rtol=1e-5)
     params = [s.W_enc, s.b_enc, s.W_dec, s.b_dec]
