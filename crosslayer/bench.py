@@ -129,10 +129,11 @@ def _bench_train_config(steps: int, batch_size: int, lr: float = 3e-4):
                        dead_after_tokens=10_000_000)
 
 
-def _trainer_step(cfg, batches: list[torch.Tensor]):
+def _trainer_step(cfg, batches: list[torch.Tensor], *, dead_frac: float = 0.0):
     """A function running the trainer's next optimiser step on the next of ``batches`` (a fresh crosscoder,
     no folder): :func:`crosslayer.training._train_step`, i.e. bias calibration at step 0, loss, backward,
-    gradient clipping, Adam and the dead-latent counters, exactly as :func:`train_crosscoder` runs it."""
+    gradient clipping, Adam and the dead-latent counters, exactly as :func:`train_crosscoder` runs it. With
+    ``dead_frac``, that share of the latents counts as dead at every step (AuxK active, as early in a run)."""
     from crosslayer.crosscoder import Crosscoder
     from crosslayer.training import _Run, _train_step
 
@@ -140,8 +141,13 @@ def _trainer_step(cfg, batches: list[torch.Tensor]):
     train_cfg = replace(_bench_train_config(len(batches) + 1, batches[0].shape[0]), log_every=10**9)
     no_ckpt = Path(os.devnull)  # not a file: nothing is resumed, nothing written
     run = _Run.start(Crosscoder(cfg, seed=train_cfg.seed), train_cfg, no_ckpt, {}, "cpu")
-    stream = iter(batches)
-    return lambda: _train_step(run, train_cfg, next(stream), no_ckpt, None)
+    stream, n_dead = iter(batches), round(dead_frac * cfg.n_features)
+
+    def step():
+        run.since_fired_F[:n_dead] = train_cfg.dead_after  # dead again, whether or not they fired last step
+        _train_step(run, train_cfg, next(stream), no_ckpt, None)
+
+    return step
 
 
 def _profile_ops(fn, top: int = 8) -> tuple[list[dict], float, float]:
@@ -180,8 +186,16 @@ def _bench_step(cfg, batches: list[torch.Tensor]) -> dict:
           f"top ops by self CPU time (share of the ops' time):")
     for row in breakdown:
         print(f"    {row['op'][:56]:<56} {row['ms']:>9,.1f} ms {row['share']:>6.1%}")
+    auxk = {}
+    for frac in (1.0, 0.25):  # a quarter of the latents dead: AuxK on every row, then on a quarter of them
+        auxk[frac] = _median_seconds(_trainer_step(replace(cfg, aux_frac=frac), batches, dead_frac=0.25),
+                                     len(batches) - 2)
+    print(f"    with 25 % of the latents dead (AuxK active, k_aux = {cfg.k_aux or cfg.d_model // 2}): step / encoder "
+          f"GEMM = {auxk[1.0] / gemm_s:.2f} with AuxK on every row, {auxk[0.25] / gemm_s:.2f} on a quarter of "
+          f"them (aux_frac 0.25)")
     return {"step_s": step_s, "gemm_s": gemm_s, "step_gemm_ratio": step_s / gemm_s, "tok_s": B / step_s,
-            "breakdown": breakdown, "profiled_ops_ms": ops_ms, "profiled_wall_ms": profiled_ms}
+            "breakdown": breakdown, "profiled_ops_ms": ops_ms, "profiled_wall_ms": profiled_ms,
+            "auxk_step_gemm_ratio": {frac: t / gemm_s for frac, t in auxk.items()}}
 
 
 @torch.no_grad()

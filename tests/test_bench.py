@@ -26,6 +26,9 @@ def test_step_gemm_ratio_and_breakdown(bench_out):
     assert 1 <= len(breakdown) <= 8 and all(row["ms"] >= 0 and 0 <= row["share"] <= 1 for row in breakdown)
     assert [row["ms"] for row in breakdown] == sorted((row["ms"] for row in breakdown), reverse=True)
     assert breakdown[0]["op"] in printed
+    auxk = result["step"]["auxk_step_gemm_ratio"]  # AuxK active on every row / on a quarter of the rows
+    assert set(auxk) == {1.0, 0.25} and all(v > 0 for v in auxk.values())
+    assert f"{auxk[1.0]:.2f} with AuxK on every row, {auxk[0.25]:.2f} on a quarter" in printed
 
 
 def test_peer_rows(bench_out):
