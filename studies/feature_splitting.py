@@ -3,32 +3,45 @@
 Question
     When a dictionary's width doubles, does a latent of the smaller dictionary reappear as one latent
     of the larger one, split into several more specific ones, or vanish? How often does each happen,
-    how faithful is the larger dictionary to the smaller one, and does splitting differ between
-    per-layer SAEs and sparse crosscoders?
+    and more often than between two dictionaries of the same width that differ only by their seed?
+    Does splitting differ between per-layer SAEs and sparse crosscoders?
 
 Method
-    - Dictionaries (trained on the training store with the preset's token budgets): single-layer
-      sae-lens TopK SAEs at the middle stored layer at each width of ``Config.sae_widths`` (k =
-      ``Config.sae_k``), and acausal TopK crosscoders over every stored layer at each width of
-      ``Config.cc_widths`` (k = the run's ``cc_k``; the width equal to the main crosscoder's is the main one).
-    - Decoder directions, in normalised units (each layer scaled to mean norm sqrt(d)). An SAE latent
-      is its decoder row ``[d]``. A crosscoder feature is one latent that writes a ``[L, d]`` vector,
-      so it is compared as that vector concatenated over layers and unit-normalised ``[L*d]``: the
-      cosine of two such vectors is the norm-weighted mean of their per-layer cosines, so layers where
-      both features write strongly dominate, and a child that writes other layers than its parent is
-      (rightly) a weaker match. The crosscoder's decoder at the SAE's layer alone is reported as a
-      sensitivity check (``space`` column of ``summary.csv``).
-    - Families (Towards Monosemanticity; Bussmann et al. 2025, research-notes section 4): for the
-      small dictionary's latent i and the big dictionary's latents j, the children are
-      C(i) = {j : cos(d_i^small, d_j^big) > tau}; the split count is |C(i)|, the fidelity
-      max_j cos(d_i^small, d_j^big). Each adjacent pair of widths (w -> 2w) and the smallest ->
-      largest pair are compared; tau = ``Config.tau`` for the main numbers, with a sweep over ``Config.taus``.
-    - Activation version: on a fixed random sample of held-out rows (``Config.n_rows``), the correlation
-      of f_i with sum_{j in C(i)} f_j, and with the best child's f_j alone. A latent counts as live
-      when it fires on at least one sampled row; the rates are over live small-dictionary latents.
-    - Example families: per approach, a live parent with 2-4 live children and the highest
-      activation correlation, shown with the tokens of its top sampled activations and the tokens
-      its decoder (at its last written layer) raises most through the unembedding.
+    1. Dictionaries (trained on the training store with the preset's trainer and token budget), each at
+       seed 0 and at ``Config.baseline_seed``: single-layer TopK SAEs at the middle stored layer at each
+       width of ``Config.sae_widths`` (k = ``Config.sae_k``; ``split_sae_w<W>``, ``split_sae_w<W>_seed1``),
+       and acausal TopK crosscoders over every stored layer at each width of ``Config.cc_widths`` (k = the
+       run's ``cc_k``; ``split_cc_w<W>``, ``split_cc_w<W>_seed1``; the width equal to the main crosscoder's
+       reuses ``crosscoder`` and ``crosscoder_seed1``).
+    2. Decoder directions, in normalised units (each layer scaled to mean norm sqrt(d)), unit-normalised.
+       Headline space, the same for both approaches: the decoder at the middle layer (``space`` =
+       ``"layer <mid>"``, d = d_model), so one cosine threshold means the same in both. A crosscoder
+       feature's ``[L, d]`` decoder concatenated over layers (``space`` = ``"concat"``, L*d dimensions) is
+       reported as a secondary view: its cosine is the norm-weighted mean of per-layer cosines, which is
+       not on the scale of a d-dimensional cosine, so its threshold is not comparable with the SAE's.
+    3. Families (Towards Monosemanticity; Bussmann et al. 2025, research-notes section 4): for latent i of
+       dictionary A and the latents j of dictionary B, the children are C(i) = {j : cos(d_i^A, d_j^B) > tau};
+       i splits when |C(i)| >= 2; its fidelity is max_j cos(d_i^A, d_j^B); a live latent of B with no
+       parent in A is new. A is always the seed-0 dictionary and B the baseline seed's: each doubling
+       (w at seed 0 -> 2w at seed 1, ``pair_kind`` ``"adjacent"``), the smallest -> largest width, and the
+       seed baseline, every width against its second seed (w -> w, ``pair_kind`` ``"seed"``). Two
+       dictionaries of one seed share the initialisation of their first w latents (the seeded ``randn``
+       of the wider one starts with the narrower one's) and the order of their training batches, so a
+       same-seed doubling would measure persistence of the initialisation, not splitting. tau =
+       ``Config.tau`` for the main numbers; every statistic, the baseline's too, at each tau of ``Config.taus``.
+    4. Tests (``tests.csv``): each fraction as a count k/n with its exact (Clopper-Pearson) 95% interval,
+       against the seed baseline at the width of the latents counted, by two-sided Fisher's exact test on
+       the 2x2 counts, per pair and pooled over the doublings (summed counts). Split counts the same
+       parents (w, seed 0) against 2w or w at seed 1; new counts the same latents (2w, seed 1) against w
+       or 2w at seed 0: only the partner's width differs. Fisher's test ignores that pairing, which is
+       conservative when the two outcomes are positively correlated. p-values are not corrected across
+       taus or pairs.
+    5. Activation version: on a fixed random sample of held-out rows (``Config.n_rows``), the correlation
+       of f_i with sum_{j in C(i)} f_j, and with the best child's f_j alone. A latent counts as live
+       when it fires on at least one sampled row; every fraction is over live latents.
+    6. Example families: per approach, a live parent with 2-4 live children (headline space, a doubling)
+       and the highest activation correlation, shown with the tokens of its top sampled activations and
+       the tokens its decoder (at its last written layer) raises most through the unembedding.
 
 Answer
     Generated from the CSVs by every run into ``paper/tables/feature_splitting_answer.tex`` (numbers are never
@@ -72,14 +85,35 @@ class Config:
     """Thresholds of the sensitivity sweep (must include ``tau``)."""
     n_rows: int = 4096
     """Held-out rows sampled for the activation correlations (and the examples' top tokens)."""
-ADJACENT, OVERALL = "adjacent", "smallest-largest"
-FAMILY_COLUMNS = ["approach", "width_small", "width_big", "pair", "pair_kind", "step", "parent", "density",
+    baseline_seed: int = 1
+    """Seed of the same-width baseline dictionary trained at every width (the others use seed 0)."""
+
+
+ADJACENT, OVERALL, SEED, POOLED = "adjacent", "smallest-largest", "seed", "pooled"
+"""``pair_kind`` values: a width doubling, smallest -> largest width, same width at another seed, and (in
+``tests.csv``) the doublings' counts summed."""
+CONCAT = "concat"
+"""The crosscoder's decoders concatenated over layers (secondary; every other ``space`` is one layer)."""
+ALPHA = 0.05
+"""Level of the intervals (1 - ALPHA) and of the verdicts in the answer."""
+FAMILY_COLUMNS = ["approach", "space", "width_small", "width_big", "pair", "pair_kind", "step", "parent", "density",
                   "n_children", "fidelity", "best_child", "act_corr", "act_corr_best", "children"]
 SUMMARY_COLUMNS = ["approach", "space", "width_small", "width_big", "pair", "pair_kind", "step", "tau", "n_live",
-                   "n_dead", "mean_children", "mean_children_matched", "frac_split", "frac_kept", "frac_unmatched",
-                   "median_fidelity", "mean_fidelity", "median_act_corr", "median_act_corr_split", "frac_new_big"]
+                   "n_dead", "n_split", "n_kept", "n_unmatched", "mean_children", "mean_children_matched",
+                   "frac_split", "frac_kept", "frac_unmatched", "median_fidelity", "mean_fidelity", "median_act_corr",
+                   "median_act_corr_split", "n_live_big", "n_new_big", "frac_new_big"]
+TEST_COLUMNS = ["approach", "space", "tau", "statistic", "pair", "pair_kind", "width_small", "width_big", "k", "n",
+                "frac", "ci_lo", "ci_hi", "k_seed", "n_seed", "frac_seed", "ci_lo_seed", "ci_hi_seed", "odds_ratio",
+                "p_fisher"]
+STATISTICS = {"split": ("n_split", "n_live", "width_small"), "new": ("n_new_big", "n_live_big", "width_big")}
+"""Tested statistic -> (count column, total column, width of the counted latents) of ``summary.csv``."""
 EXAMPLE_COLUMNS = ["approach", "width_small", "width_big", "role", "feature", "cos_to_parent", "act_corr", "density",
                    "top_tokens", "top_context", "logits_up"]
+
+
+def headline(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``frame`` in the headline (single-layer) decoder space."""
+    return frame[frame.space != CONCAT]
 
 
 # ----------------------------------------------------------------------------- helpers (shared with other studies)
@@ -148,11 +182,16 @@ def families(matches: dict[str, Tensor], tau: float, *, f_small: Tensor | None =
 
 
 def _pairs(widths: list[int]) -> list[tuple[int, int, str, int]]:
-    """(small, big, kind, step) of each adjacent pair of sorted ``widths`` and the smallest -> largest pair."""
+    """(small, big, kind, step) of each adjacent pair of sorted ``widths``, the smallest -> largest pair, and
+    each width against itself (``SEED``: its second seed; step = the width's 1-based rank)."""
     pairs = [(a, b, ADJACENT, i + 1) for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))]
     if len(widths) > 2:
         pairs.append((widths[0], widths[-1], OVERALL, len(widths)))
-    return pairs
+    return pairs + [(w, w, SEED, i + 1) for i, w in enumerate(widths)]
+
+
+def pair_label(small: int, big: int, kind: str) -> str:
+    return f"{small}->{big}" + (" (seed)" if kind == SEED else "")
 
 
 def analyse_pair(approach: str, space: str, small: int, big: int, kind: str, step: int, dirs_small: Tensor,
@@ -160,27 +199,29 @@ def analyse_pair(approach: str, space: str, small: int, big: int, kind: str, ste
     """The family table (at ``cfg.tau``) and one summary row per tau of one (small, big) pair."""
     matches = decoder_matches(dirs_small, dirs_big, min_cos=min(cfg.taus))
     live_s, live_b = (f_small > 0).any(0), (f_big > 0).any(0)
-    pair = f"{small}->{big}"
+    pair = pair_label(small, big, kind)
+    base = {"approach": approach, "space": space, "width_small": small, "width_big": big, "pair": pair,
+            "pair_kind": kind, "step": step}
     rows, table = [], None
     for tau in cfg.taus:
         fam = families(matches, tau, f_small=f_small, f_big=f_big)
         n = fam["n_children"][live_s].float()
         corr = fam["act_corr"][live_s]
         split = fam["act_corr"][live_s & (fam["n_children"] >= 2)]
-        rows.append({"approach": approach, "space": space, "width_small": small, "width_big": big, "pair": pair,
-                     "pair_kind": kind, "step": step, "tau": tau, "n_live": int(live_s.sum()),
-                     "n_dead": int((~live_s).sum()), "mean_children": _mean(n),
-                     "mean_children_matched": _mean(n[n > 0]), "frac_split": _mean(n >= 2), "frac_kept": _mean(n == 1),
-                     "frac_unmatched": _mean(n == 0), "median_fidelity": _median(matches["fidelity"][live_s]),
+        new = ~fam["has_parent"][live_b]
+        rows.append({**base, "tau": tau, "n_live": int(live_s.sum()), "n_dead": int((~live_s).sum()),
+                     "n_split": int((n >= 2).sum()), "n_kept": int((n == 1).sum()), "n_unmatched": int((n == 0).sum()),
+                     "mean_children": _mean(n), "mean_children_matched": _mean(n[n > 0]), "frac_split": _mean(n >= 2),
+                     "frac_kept": _mean(n == 1), "frac_unmatched": _mean(n == 0),
+                     "median_fidelity": _median(matches["fidelity"][live_s]),
                      "mean_fidelity": _mean(matches["fidelity"][live_s]), "median_act_corr": _median(corr),
-                     "median_act_corr_split": _median(split),
-                     "frac_new_big": _mean(~fam["has_parent"][live_b])})
+                     "median_act_corr_split": _median(split), "n_live_big": int(live_b.sum()),
+                     "n_new_big": int(new.sum()), "frac_new_big": _mean(new)})
         if tau == cfg.tau:
             order = torch.argsort(fam["parent"] * dirs_big.shape[0] + fam["child"])  # by parent, then child
             counts = fam["n_children"].numpy()
             lists = np.split(fam["child"][order].numpy(), np.cumsum(counts)[:-1])
-            table = pd.DataFrame({"approach": approach, "width_small": small, "width_big": big, "pair": pair,
-                                  "pair_kind": kind, "step": step, "parent": np.arange(dirs_small.shape[0]),
+            table = pd.DataFrame({**base, "parent": np.arange(dirs_small.shape[0]),
                                   "density": (f_small > 0).float().mean(0).numpy(),
                                   "n_children": fam["n_children"].numpy(), "fidelity": matches["fidelity"].numpy(),
                                   "best_child": matches["best"].numpy(), "act_corr": fam["act_corr"].numpy(),
@@ -201,10 +242,65 @@ def _median(x: Tensor) -> float:
     return float(x.median()) if x.numel() else float("nan")
 
 
+# ----------------------------------------------------------------------------- counts, intervals, exact tests
+
+def clopper_pearson(k, n, alpha: float = ALPHA) -> tuple[np.ndarray, np.ndarray]:
+    """Exact (Clopper-Pearson) two-sided ``1 - alpha`` interval of each binomial proportion ``k / n``
+    (arrays; NaN where ``n`` is 0)."""
+    from scipy.stats import beta
+
+    k, n = np.asarray(k, dtype=float), np.asarray(n, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lo = np.where(k > 0, beta.ppf(alpha / 2, np.maximum(k, 1), n - k + 1), 0.0)
+        hi = np.where(k < n, beta.isf(alpha / 2, k + 1, np.maximum(n - k, 1)), 1.0)
+    return np.where(n > 0, lo, np.nan), np.where(n > 0, hi, np.nan)
+
+
+def fisher_tests(k1, n1, k2, n2) -> tuple[np.ndarray, np.ndarray]:
+    """Two-sided Fisher's exact test of ``k1/n1`` against ``k2/n2``, per element of the arrays: (sample odds
+    ratio, p); NaN where either total is 0. One scipy call per comparison (a few hundred rows, never features)."""
+    from scipy.stats import fisher_exact
+
+    out = [fisher_exact([[a, b - a], [c, d - c]]) if b > 0 and d > 0 else (np.nan, np.nan)
+           for a, b, c, d in zip(*(np.asarray(x, dtype=np.int64) for x in (k1, n1, k2, n2)))]
+    odds, p = np.array(out, dtype=float).reshape(-1, 2).T
+    return odds, p
+
+
+def seed_tests(summary: pd.DataFrame) -> pd.DataFrame:
+    """``tests.csv``: each doubling's (and the smallest -> largest pair's) split and new-latent counts against
+    the seed baseline at the width of the counted latents (:data:`STATISTICS`), per approach, space and tau;
+    plus the doublings pooled (counts summed). Clopper-Pearson 95% intervals and Fisher's exact test."""
+    keys = ["approach", "space", "tau"]
+    wide = summary[summary.pair_kind.isin([ADJACENT, OVERALL])]
+    seed = summary[summary.pair_kind == SEED]
+    parts = []
+    for stat, (k, n, width) in STATISTICS.items():
+        base = seed[keys + [width, k, n]].rename(columns={k: "k_seed", n: "n_seed"})
+        both = wide.merge(base, on=keys + [width], validate="many_to_one")
+        parts.append(both.assign(statistic=stat, k=both[k], n=both[n]))
+    table = pd.concat(parts, ignore_index=True)
+    pooled = (table[table.pair_kind == ADJACENT].groupby(keys + ["statistic"], as_index=False)
+              .agg(width_small=("width_small", "min"), width_big=("width_big", "max"), k=("k", "sum"),
+                   n=("n", "sum"), k_seed=("k_seed", "sum"), n_seed=("n_seed", "sum"))
+              .assign(pair="doublings pooled", pair_kind=POOLED))
+    table = pd.concat([table, pooled], ignore_index=True)
+    for suffix in ("", "_seed"):
+        k, n = table[f"k{suffix}"].to_numpy(), table[f"n{suffix}"].to_numpy()
+        table[f"frac{suffix}"] = np.where(n > 0, k / np.maximum(n, 1), np.nan)
+        table[f"ci_lo{suffix}"], table[f"ci_hi{suffix}"] = clopper_pearson(k, n)
+    table["odds_ratio"], table["p_fisher"] = fisher_tests(table.k, table.n, table.k_seed, table.n_seed)
+    order = table.assign(concat=table.space == CONCAT, stat=table.statistic.map(list(STATISTICS).index),
+                         kind=table.pair_kind.map({ADJACENT: 0, OVERALL: 1, POOLED: 2}))
+    order = order.sort_values(["approach", "concat", "space", "stat", "tau", "kind", "width_small"])
+    return order[TEST_COLUMNS].reset_index(drop=True)
+
+
 # ----------------------------------------------------------------------------- examples
 
 def _pick_example(table: pd.DataFrame, f_big: dict[int, Tensor]) -> pd.Series | None:
-    """A live parent with 2-4 live children, highest activation correlation (adjacent pairs only)."""
+    """A live parent with 2-4 live children, highest activation correlation (doublings, headline space)."""
+    table = headline(table[table.pair_kind != SEED])
     cand = table[(table.pair_kind == ADJACENT) & table.n_children.between(2, 4) & (table.density > 0)].copy()
     if cand.empty:
         cand = table[(table.n_children >= 1) & (table.density > 0)].copy()
@@ -236,72 +332,108 @@ def _describe(dictionary, feature: int, f_N: Tensor, store, rows: np.ndarray, mo
             "top_context": context, "logits_up": json.dumps(up[up.direction == "up"].token.tolist())}
 
 
-# ----------------------------------------------------------------------------- the study
-
-def run(ctx, cfg: Config) -> dict:
-    results = ctx.results(NAME)
-    heldout = ctx.store("heldout")
-    train = ctx.store("train")
-    mid = train.layers[train.n_layers // 2]
-    sae_widths, cc_widths = sorted(set(cfg.sae_widths)), sorted(set(cfg.cc_widths))
-    if len(sae_widths) < 2 or len(cc_widths) < 2 or cfg.tau not in cfg.taus:
-        raise CrosslayerError(f"feature splitting needs at least two widths per approach and tau among taus, got "
-                              f"sae_widths={cfg.sae_widths}, cc_widths={cfg.cc_widths}, tau={cfg.tau}, taus={cfg.taus}")
-    dicts = {SAE: {w: ctx.saes(f"split_sae_w{w}", width=w, k=cfg.sae_k, layers=[mid]) for w in sae_widths},
-             CC: {w: ctx.crosscoder() if w == ctx.cc_width else
-                  ctx.crosscoder(f"split_cc_w{w}", width=w, k=ctx.sizes.cc_k) for w in cc_widths}}
-    rows = sample_rows(heldout, cfg.n_rows)
-    feats = {a: {w: encode_rows(d, heldout, rows) for w, d in ds.items()} for a, ds in dicts.items()}
-    spaces = {SAE: [("layer", None)], CC: [("concat", None), (f"layer {mid}", [mid])]}
-    tables, summary = [], []
-    for approach, ds in dicts.items():
-        for space, layers in spaces[approach]:
-            dirs = {w: unit_decoders(d, layers) for w, d in ds.items()}
-            for small, big, kind, step in _pairs(sorted(ds)):
-                table, srows = analyse_pair(approach, space, small, big, kind, step, dirs[small], dirs[big],
-                                            feats[approach][small], feats[approach][big], cfg)
-                summary += srows
-                if space in ("layer", "concat"):
-                    tables.append(table)
-    fam = pd.concat(tables, ignore_index=True)[FAMILY_COLUMNS]
-    summ = pd.DataFrame(summary)[SUMMARY_COLUMNS]
-    write_csv(fam, results / "families.csv")
-    write_csv(summ, results / "summary.csv")
+def _examples(ctx, dicts: dict, feats: dict, fam: pd.DataFrame, rows: np.ndarray, mid: int,
+              seed: int) -> pd.DataFrame:
+    """One example family per approach (parent at seed 0, children at ``seed``; cosines at layer ``mid``)."""
+    heldout, model = ctx.store("heldout"), ctx.model
     examples = []
-    model = ctx.model
     for approach, ds in dicts.items():
-        pick = _pick_example(fam[fam.approach == approach], feats[approach])
+        f_big = {w: f for (w, s), f in feats[approach].items() if s == seed}
+        pick = _pick_example(fam[fam.approach == approach], f_big)
         if pick is None:
             continue
-        small, big = int(pick.width_small), int(pick.width_big)
-        parent = int(pick.parent)
-        children = [int(j) for j in pick.children.split()]
-        dirs_s, dirs_b = unit_decoders(ds[small]), unit_decoders(ds[big])
-        f_s, f_b = feats[approach][small][:, parent], feats[approach][big]
+        small, big, parent = int(pick.width_small), int(pick.width_big), int(pick.parent)
+        d_s, d_b = ds[(small, 0)], ds[(big, seed)]
+        dirs_s, dirs_b = unit_decoders(d_s, [mid]), unit_decoders(d_b, [mid])
+        f_s, f_b = feats[approach][(small, 0)][:, parent], f_big[big]
         base = {"approach": approach, "width_small": small, "width_big": big}
         examples.append({**base, "role": "parent", "feature": parent, "cos_to_parent": 1.0,
                          "act_corr": float(pick.act_corr),
-                         **_describe(ds[small], parent, f_s, heldout, rows, model, model.tokenizer)})
-        for j in children:
+                         **_describe(d_s, parent, f_s, heldout, rows, model, model.tokenizer)})
+        for j in (int(j) for j in pick.children.split()):
             corr = float(column_corr(f_s[:, None], f_b[:, j:j + 1])[0])
-            described = _describe(ds[big], j, f_b[:, j], heldout, rows, model, model.tokenizer)
+            described = _describe(d_b, j, f_b[:, j], heldout, rows, model, model.tokenizer)
             examples.append({**base, "role": "child", "feature": j, "cos_to_parent": float(dirs_s[parent] @ dirs_b[j]),
                              "act_corr": corr, **described})
-    write_csv(pd.DataFrame(examples, columns=EXAMPLE_COLUMNS), results / "example.csv")
-    main = summ[(summ.tau == cfg.tau) & (summ.pair_kind == ADJACENT) & summ.space.isin(["layer", "concat"])]
+    return pd.DataFrame(examples, columns=EXAMPLE_COLUMNS)
+
+
+# ----------------------------------------------------------------------------- the study
+
+def _dictionaries(ctx, cfg: Config, mid: int) -> dict[str, dict[tuple[int, int], object]]:
+    """Every dictionary of the study, by approach and (width, seed): seed 0 and ``cfg.baseline_seed`` at every
+    width. The main crosscoder's width reuses the run's ``crosscoder`` (and its seed's ``crosscoder_seed<s>``)."""
+    from studies.pipeline import seed_name
+
+    def sae(w: int, seed: int):
+        return ctx.saes(seed_name(f"split_sae_w{w}", seed), width=w, k=cfg.sae_k, layers=[mid], seed=seed)
+
+    def cc(w: int, seed: int):
+        if w == ctx.cc_width:
+            return ctx.crosscoder(seed_name("crosscoder", seed), seed=seed)
+        return ctx.crosscoder(seed_name(f"split_cc_w{w}", seed), width=w, k=ctx.sizes.cc_k, seed=seed)
+
+    seeds = (0, cfg.baseline_seed)
+    return {SAE: {(w, s): sae(w, s) for w in sorted(set(cfg.sae_widths)) for s in seeds},
+            CC: {(w, s): cc(w, s) for w in sorted(set(cfg.cc_widths)) for s in seeds}}
+
+
+def _check(cfg: Config) -> None:
+    if len(set(cfg.sae_widths)) < 2 or len(set(cfg.cc_widths)) < 2 or cfg.tau not in cfg.taus \
+            or cfg.baseline_seed == 0:
+        raise CrosslayerError(f"feature splitting needs at least two widths per approach, tau among taus and a "
+                              f"baseline seed other than 0, got sae_widths={cfg.sae_widths}, cc_widths="
+                              f"{cfg.cc_widths}, tau={cfg.tau}, taus={cfg.taus}, baseline_seed={cfg.baseline_seed}")
+
+
+def run(ctx, cfg: Config) -> dict:
+    _check(cfg)
+    results, heldout, train = ctx.results(NAME), ctx.store("heldout"), ctx.store("train")
+    mid = train.layers[train.n_layers // 2]
+    dicts = _dictionaries(ctx, cfg, mid)
+    rows = sample_rows(heldout, cfg.n_rows)
+    feats = {a: {key: encode_rows(d, heldout, rows) for key, d in ds.items()} for a, ds in dicts.items()}
+    spaces = {SAE: [(f"layer {mid}", None)], CC: [(f"layer {mid}", [mid]), (CONCAT, None)]}
+    tables, summary = [], []
+    for approach, ds in dicts.items():
+        for space, layers in spaces[approach]:
+            dirs = {key: unit_decoders(d, layers) for key, d in ds.items()}
+            for small, big, kind, step in _pairs(sorted({w for w, _ in ds})):
+                a, b = (small, 0), (big, cfg.baseline_seed)  # never a shared initialisation (see Method 3)
+                table, srows = analyse_pair(approach, space, small, big, kind, step, dirs[a], dirs[b],
+                                            feats[approach][a], feats[approach][b], cfg)
+                tables.append(table)
+                summary += srows
+    fam = pd.concat(tables, ignore_index=True)[FAMILY_COLUMNS]
+    summ = pd.DataFrame(summary)[SUMMARY_COLUMNS]
+    tests = seed_tests(summ)
+    write_csv(fam, results / "families.csv")
+    write_csv(summ, results / "summary.csv")
+    write_csv(tests, results / "tests.csv")
+    write_csv(_examples(ctx, dicts, feats, fam, rows, mid, cfg.baseline_seed), results / "example.csv")
     info = {"layer": mid, "rows": len(rows)}
-    for approach, part in main.groupby("approach"):
-        key = approach.lower()
-        info[f"{key}_frac_split"] = round(float(part.frac_split.mean()), 4)
-        info[f"{key}_mean_children_matched"] = round(float(part.mean_children_matched.mean()), 3)
-        info[f"{key}_median_fidelity"] = round(float(part.median_fidelity.mean()), 4)
+    pooled = headline(tests[(tests.tau == cfg.tau) & (tests.pair_kind == POOLED)])
+    for r in pooled.itertuples():
+        key = f"{r.approach.lower()}_{r.statistic}"
+        info |= {key: f"{r.k}/{r.n}", f"{key}_seed": f"{r.k_seed}/{r.n_seed}", f"{key}_p": float(f"{r.p_fisher:.3g}")}
     return info
 
 
 # ----------------------------------------------------------------------------- figures, tables, answer
 
+KIND_ORDER = {ADJACENT: 0, OVERALL: 1, SEED: 2}
+
+
 def _step_label(frame: pd.DataFrame) -> np.ndarray:
-    return np.where(frame.pair_kind == ADJACENT, "×2 (step " + frame.step.astype(str) + ")", "smallest→largest")
+    step = frame.step.astype(str)
+    labels = np.where(frame.pair_kind == ADJACENT, "×2 (step " + step + ")", "smallest→largest")
+    return np.where(frame.pair_kind == SEED, "same width (w" + step + ")", labels)
+
+
+def _label_order(frame: pd.DataFrame) -> list[str]:
+    """The step labels of ``frame`` ordered doublings, smallest->largest, then seed baselines by width."""
+    keyed = frame.assign(kind_order=frame.pair_kind.map(KIND_ORDER)).sort_values(["kind_order", "step"])
+    return list(dict.fromkeys(keyed.step_label))
 
 
 def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, str]]:
@@ -309,12 +441,13 @@ def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, s
     import seaborn as sns
 
     theme()
-    fam = read_csv(results, "families")
+    fam = headline(read_csv(results, "families"))
     live = fam[fam.density > 0].copy()
     live["children"] = live.n_children.clip(upper=5).map(lambda n: "5+" if n >= 5 else str(n))
     live["pair"] = live.pair.str.replace("->", "→")
-    counts = (live.groupby(["approach", "pair", "step", "children"]).size()
-              / live.groupby(["approach", "pair", "step"]).size()).rename("fraction").reset_index()
+    grown = live[live.pair_kind != SEED]
+    counts = (grown.groupby(["approach", "pair", "step", "children"]).size()
+              / grown.groupby(["approach", "pair", "step"]).size()).rename("fraction").reset_index()
     order = ["0", "1", "2", "3", "4", "5+"]
     approaches = [a for a in (SAE, CC) if a in set(counts.approach)]
     fig, axes = plt.subplots(1, len(approaches), figsize=(5.2 * len(approaches), 3.8), squeeze=False, sharey=True)
@@ -323,44 +456,84 @@ def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, s
         sns.barplot(data=part, x="children", y="fraction", hue="pair", order=order, ax=ax, palette="viridis")
         ax.set(title=approach, xlabel=f"children (decoder cosine > {cfg.tau})", ylabel="fraction of live latents")
         ax.legend(title="widths", fontsize=7, title_fontsize=8)
+    space = fam.space.iloc[0] if len(fam) else "one layer"
     paths = [(save_figure(fig, figures_dir / f"{NAME}_counts.png"),
-              f"Split counts: how many latents of the wider dictionary have decoder cosine above {cfg.tau} with each "
-              "live latent of the narrower one (0: no counterpart, 1: kept, 2+: split), per approach and width pair.")]
+              f"Split counts: how many latents of the wider dictionary have decoder cosine above {cfg.tau} (decoders "
+              f"at {space} for both approaches) with each live latent of the narrower one (0: no counterpart, "
+              "1: kept, 2+: split), per approach and width pair.")]
 
     live["step_label"] = _step_label(live)
     long = pd.concat([live.assign(metric="fidelity (max decoder cosine)", value=live.fidelity),
                       live.assign(metric="act. corr. with children's sum", value=live.act_corr)])
     long = long[long.value.notna()]
-    fig, axes = plt.subplots(1, 2, figsize=(10.4, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     for ax, metric in zip(axes, ["fidelity (max decoder cosine)", "act. corr. with children's sum"]):
-        part = long[long.metric == metric].sort_values("step")
+        part = long[long.metric == metric]
         sns.boxplot(data=part, x="step_label", y="value", hue="approach", hue_order=approaches, ax=ax,
-                    fliersize=1.5, linewidth=0.8)
+                    order=_label_order(part), fliersize=1.5, linewidth=0.8)
         ax.set(xlabel="", ylabel=metric, ylim=(-0.05 if metric.startswith("act") else 0, 1.02))
-        ax.tick_params(axis="x", labelsize=8)
+        ax.tick_params(axis="x", labelsize=7, rotation=30)
     paths.append((save_figure(fig, figures_dir / f"{NAME}_fidelity.png"),
                   "Fidelity of each live latent of the narrower dictionary (its largest decoder cosine with the "
                   "wider one) and the held-out correlation of its activation with the summed activations of its "
-                  f"children (cosine $>{cfg.tau}$), per width doubling and from the smallest to the largest width."))
+                  f"children (cosine $>{cfg.tau}$), per width doubling, from the smallest to the largest width, and "
+                  "against a second seed of the same width (w1 the smallest width)."))
+    paths.append(_tau_figure(read_csv(results, "summary"), figures_dir, cfg))
+    paths.append(_seed_figure(read_csv(results, "tests"), figures_dir, cfg))
+    return paths
 
-    summ = read_csv(results, "summary")
-    summ = summ[(summ.pair_kind == ADJACENT)].copy()
-    summ["dictionary"] = np.where(summ.space.isin(["layer", "concat"]), summ.approach,
-                                  summ.approach + " (" + summ.space + " only)")
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+
+def _tau_figure(summ: pd.DataFrame, figures_dir: Path, cfg: Config) -> tuple[Path, str]:
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    summ = summ[summ.pair_kind.isin([ADJACENT, SEED])].copy()
+    summ["dictionary"] = np.where(summ.space == CONCAT, summ.approach + " (concat)", summ.approach)
+    summ["comparison"] = np.where(summ.pair_kind == SEED, "same width (seed baseline)", "×2 width")
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
     panels = [("frac_split", "fraction split (2+ children)"), ("frac_kept", "fraction kept (1 child)"),
-              ("frac_unmatched", "fraction without children")]
+              ("frac_unmatched", "fraction without children"), ("frac_new_big", "fraction of wider latents new")]
     for ax, (col, label) in zip(axes, panels):
-        sns.lineplot(data=summ, x="tau", y=col, hue="dictionary", marker="o", ax=ax, errorbar=("pi", 100))
+        sns.lineplot(data=summ, x="tau", y=col, hue="dictionary", style="comparison", marker="o", ax=ax,
+                     errorbar=("pi", 100))
         ax.set(xlabel="cosine threshold τ", ylabel=label, ylim=(0, 1))
         ax.axvline(cfg.tau, color="grey", lw=0.8, ls=":")
     for ax in axes[1:]:
         if ax.get_legend():
             ax.get_legend().remove()
-    paths.append((save_figure(fig, figures_dir / f"{NAME}_tau.png"),
-                  "Sensitivity to the child threshold $\\tau$: mean over the width doublings (band: range over them). "
-                  "The crosscoder compared at the SAE's layer only is a check of the concatenated-layer comparison."))
-    return paths
+    return (save_figure(fig, figures_dir / f"{NAME}_tau.png"),
+            "Sensitivity to the child threshold $\\tau$: mean over the width doublings (solid; band: range over them) "
+            "and over the same-width second-seed baselines (dashed). Single-layer decoders unless marked concat "
+            "(the crosscoder's decoders concatenated over layers, a different cosine scale).")
+
+
+def _seed_figure(tests: pd.DataFrame, figures_dir: Path, cfg: Config) -> tuple[Path, str]:
+    import matplotlib.pyplot as plt
+
+    part = headline(tests[(tests.tau == cfg.tau) & (tests.pair_kind == ADJACENT)])
+    approaches = [a for a in (SAE, CC) if a in set(part.approach)]
+    fig, axes = plt.subplots(2, len(approaches), figsize=(5.2 * len(approaches), 6.6), squeeze=False)
+    labels = {"split": "% of live latents split (2+ children)", "new": "% of live latents new (no parent)"}
+    for col, approach in enumerate(approaches):
+        for row, (stat, (_, _, width)) in enumerate(STATISTICS.items()):
+            ax, sub = axes[row, col], part[(part.approach == approach) & (part.statistic == stat)]
+            for shift, suffix, label in ((0.96, "", "×2 width"), (1.04, "_seed", "same width (seed baseline)")):
+                frac = 100 * sub[f"frac{suffix}"]
+                err = [frac - 100 * sub[f"ci_lo{suffix}"], 100 * sub[f"ci_hi{suffix}"] - frac]
+                ax.errorbar(sub[width] * shift, frac, yerr=err, fmt="o", capsize=3, label=label)
+            for x, y, p in zip(sub[width], 100 * sub[["ci_hi", "ci_hi_seed"]].max(axis=1), sub.p_fisher):
+                ax.annotate(f"p={fmt(p, 2)}", (x, y), textcoords="offset points", xytext=(0, 4), ha="center",
+                            fontsize=7)
+            ax.set_xscale("log", base=2)
+            ax.margins(y=0.15)
+            ax.set(title=f"{approach}: {stat}", xlabel="width of the latents counted", ylabel=labels[stat])
+            ax.legend(fontsize=7)
+    space = part.space.iloc[0] if len(part) else "one layer"
+    return (save_figure(fig, figures_dir / f"{NAME}_seed.png"),
+            f"Split and new-latent fractions at $\\tau={cfg.tau}$ (decoders at {space}): each width doubling (the "
+            "wider dictionary at a second seed) against the same statistic between two seeds of the same width "
+            "(split: the same parent latents of the narrower width; new: the same latents of the wider width), "
+            "with exact 95\\% intervals and two-sided Fisher's exact p.")
 
 
 def _tokens_tex(value, n: int = 4) -> str:
@@ -368,21 +541,44 @@ def _tokens_tex(value, n: int = 4) -> str:
     return ", ".join(token_tex(t) for t in tokens) if tokens else "--"
 
 
+def count_text(k, n, lo, hi, *, ci: str = "95\\% CI ") -> str:
+    """``k/n (x%, 95% CI lo--hi%)`` for the paper (no interval for an empty total; ``ci`` names the interval)."""
+    k, n = int(k), int(n)
+    if n == 0:
+        return f"{k:,}/{n:,}"
+    return f"{k:,}/{n:,} ({_pct(k / n)}, {ci}{fmt(100 * float(lo), 3)}--{_pct(hi)})"
+
+
+def p_text(p) -> str:
+    return fmt(float(p), 2)
+
+
+def _pct(x) -> str:
+    return f"{fmt(100 * float(x), 3)}\\%"
+
+
 def tables(results: Path, tables_dir: Path, cfg: Config) -> list[Path]:
     summ = read_csv(results, "summary")
-    main = summ[(summ.tau == cfg.tau) & summ.space.isin(["layer", "concat"])].copy()
-    main["widths"] = main.width_small.astype(str) + r"$\to$" + main.width_big.astype(str)
+    main = summ[summ.tau == cfg.tau].copy()
+    main = main.assign(kind_order=main.pair_kind.map(KIND_ORDER)).sort_values(["approach", "space", "kind_order",
+                                                                               "width_small"])
+    main["widths"] = (main.width_small.astype(str) + r"$\to$" + main.width_big.astype(str)
+                      + np.where(main.pair_kind == SEED, " (seeds)", ""))
     out = [latex_table(main, tables_dir / f"{NAME}.tex", raw_columns=("widths",),
-                       columns={"approach": "approach", "widths": "widths", "n_live": "live", "frac_split": "split",
-                                "frac_kept": "kept", "frac_unmatched": "none", "mean_children_matched": "children",
-                                "median_fidelity": "fidelity", "median_act_corr": "act. corr.",
-                                "frac_new_big": "new"},
+                       columns={"approach": "approach", "space": "decoder", "widths": "widths", "n_live": "live",
+                                "frac_split": "split", "frac_kept": "kept", "frac_unmatched": "none",
+                                "mean_children_matched": "children", "median_fidelity": "fidelity",
+                                "median_act_corr": "act. corr.", "frac_new_big": "new"},
                        caption=f"Feature splitting at decoder-cosine threshold {cfg.tau}: fractions of the narrower "
                                "dictionary's live latents with 2+ children (split), one (kept) or none; mean children "
                                "of those with any; median fidelity (max cosine) and median held-out correlation with "
                                "the children's summed activation; fraction of the wider dictionary's live latents "
-                               "that are nobody's child (new). SAEs: one layer; crosscoders: decoders concatenated "
-                               "over layers.", label=f"tab:{NAME}")]
+                               "that are nobody's child (new). The wider dictionary of a pair is trained with a "
+                               "second seed (no shared initialisation); rows marked seeds compare a dictionary with a "
+                               "second seed of the same width (the baseline). Decoder: one layer for both approaches "
+                               "(headline), or the crosscoder's decoders concatenated over layers.",
+                       label=f"tab:{NAME}")]
+    out.append(_tests_table(read_csv(results, "tests"), tables_dir, cfg))
     ex = read_csv(results, "example")
     if len(ex):
         ex = ex.copy()
@@ -395,53 +591,98 @@ def tables(results: Path, tables_dir: Path, cfg: Config) -> list[Path]:
                                         "act_corr": "act. corr.", "density": "density", "tokens": "top tokens",
                                         "logits": "raises logits of"},
                                caption="An example family per approach: a parent latent of the narrower dictionary "
-                                       "and its children in the wider one, with decoder cosine and held-out activation "
-                                       "correlation to the parent, firing density on the sampled held-out rows, the "
-                                       "tokens of its top activations and the tokens its decoder raises most.",
+                                       "and its children in the wider one, with decoder cosine (at the middle layer) "
+                                       "and held-out activation correlation to the parent, firing density on the "
+                                       "sampled held-out rows, the tokens of its top activations and the tokens its "
+                                       "decoder raises most.",
                                label=f"tab:{NAME}-example", digits=2))
     return out
 
 
-def answer(results: Path, cfg: Config) -> str:
-    summ = read_csv(results, "summary")
-    main = summ[summ.space.isin(["layer", "concat"])]
-    at = main[main.tau == cfg.tau]
-    parts = []
-    for approach, label in ((SAE, "single-layer SAEs"), (CC, "crosscoders")):
-        adj = at[(at.approach == approach) & (at.pair_kind == ADJACENT)]
-        if adj.empty:
-            continue
-        overall = at[(at.approach == approach) & (at.pair_kind == OVERALL)]
-        widths = sorted(set(adj.width_small) | set(adj.width_big))
-        def pct(x: float) -> str:
-            return f"{fmt(100 * x, 2)}\\%"
+def _tests_table(tests: pd.DataFrame, tables_dir: Path, cfg: Config) -> Path:
+    at = tests[tests.tau == cfg.tau].copy()
+    at["widths"] = at.pair.str.replace("->", r"$\to$", regex=False)
+    at["wider"] = [count_text(r.k, r.n, r.ci_lo, r.ci_hi, ci="") for r in at.itertuples()]
+    at["seed"] = [count_text(r.k_seed, r.n_seed, r.ci_lo_seed, r.ci_hi_seed, ci="") for r in at.itertuples()]
+    return latex_table(at, tables_dir / f"{NAME}_tests.tex", raw_columns=("widths", "wider", "seed"),
+                       columns={"approach": "approach", "space": "decoder", "statistic": "statistic",
+                                "widths": "widths", "wider": "wider: k/n", "seed": "same width: k/n",
+                                "odds_ratio": "odds ratio", "p_fisher": "p"},
+                       caption=f"Width doubling against the same-width seed baseline at $\\tau={cfg.tau}$: split "
+                               "(live latents of the narrower dictionary with 2+ children in the wider one, against "
+                               "2+ matches in a second seed of the narrower width) and new (live latents of the wider "
+                               "dictionary with no parent, against those of a second seed of the wider width with no "
+                               "match in the first). Counts k/n (percentage, exact 95\\% interval); two-sided "
+                               "Fisher's exact test, uncorrected.", label=f"tab:{NAME}-tests", digits=2)
 
-        text = (f"For {label} (widths {', '.join(str(int(w)) for w in widths)}), at each doubling "
-                f"{pct(adj.frac_split.mean())} of the live latents split into two or more children "
-                f"(decoder cosine $>{cfg.tau}$; range {fmt(100 * adj.frac_split.min(), 2)}--{pct(adj.frac_split.max())}), "
-                f"{pct(adj.frac_kept.mean())} keep exactly one and {pct(adj.frac_unmatched.mean())} "
-                f"have none; latents with children have {fmt(adj.mean_children_matched.mean(), 3)} on average. "
-                f"Median fidelity is {fmt(adj.median_fidelity.mean(), 3)} and the median held-out correlation of a "
-                f"latent with its children's summed activation {fmt(adj.median_act_corr.mean(), 3)}; "
-                f"{pct(adj.frac_new_big.mean())} of the wider dictionary's live latents are nobody's child.")
-        if len(overall):
-            o = overall.iloc[0]
-            text += (f" From {int(o.width_small)} to {int(o.width_big)} latents, {fmt(100 * o.frac_split, 2)}\\% split "
-                     f"(median fidelity {fmt(o.median_fidelity, 3)}).")
-        parts.append(text)
-    sweep = main[(main.pair_kind == ADJACENT)].groupby(["approach", "tau"]).frac_split.mean().reset_index()
-    if len(sweep):
-        lo, hi = min(cfg.taus), max(cfg.taus)
-        bits = [f"{a}: {fmt(100 * g[g.tau == lo].frac_split.iloc[0], 2)}\\% at $\\tau={lo}$ to "
-                f"{fmt(100 * g[g.tau == hi].frac_split.iloc[0], 2)}\\% at $\\tau={hi}$"
-                for a, g in sweep.groupby("approach")]
-        parts.append("The split fraction depends on the threshold (" + "; ".join(bits) + ").")
-    check = summ[(summ.approach == CC) & ~summ.space.isin(["layer", "concat"]) & (summ.tau == cfg.tau)
-                 & (summ.pair_kind == ADJACENT)]
-    if len(check):
-        parts.append(f"Comparing crosscoder decoders at the SAE's layer only ({check.space.iloc[0]}) instead of "
-                     f"concatenated over layers gives {fmt(100 * check.frac_split.mean(), 2)}\\% split.")
-    ex = read_csv(results, "example")
+
+def _verdict(r) -> str:
+    if not r.p_fisher < ALPHA:
+        return f"no difference at the {fmt(100 * ALPHA)}\\% level"
+    return "more than the baseline" if r.frac > r.frac_seed else "fewer than the baseline"
+
+
+def _versus(r, what: str, baseline: str) -> str:
+    """One test of ``tests.csv`` as a clause: counts, intervals, p and the verdict."""
+    return (f"{count_text(r.k, r.n, r.ci_lo, r.ci_hi)} {what}, against "
+            f"{count_text(r.k_seed, r.n_seed, r.ci_lo_seed, r.ci_hi_seed)} {baseline} "
+            f"(Fisher's exact test p = {p_text(r.p_fisher)}; {_verdict(r)})")
+
+
+SPLIT_WORDS = ("of the narrower dictionaries' live latents split into two or more children",
+               "of the same latents with two or more matches in a second seed of their own width")
+NEW_WORDS = ("of the wider dictionaries' live latents are nobody's child",
+             "of a second seed's live latents with no match in the first seed of the same width")
+
+
+def _headline_text(tests: pd.DataFrame, approach: str, label: str, cfg: Config) -> str:
+    part = headline(tests[(tests.approach == approach) & (tests.tau == cfg.tau)])
+    pooled = part[part.pair_kind == POOLED].set_index("statistic")
+    split, new = pooled.loc["split"], pooled.loc["new"]
+    adj = part[part.pair_kind == ADJACENT]
+    p_adj = {s: ", ".join(p_text(p) for p in g.sort_values("width_small").p_fisher)
+             for s, g in adj.groupby("statistic")}
+    return (f"For {label} (decoders at {split.space}; widths {int(split.width_small)} to {int(split.width_big)}, "
+            f"{len(adj) // 2} doublings pooled; cosine $>{cfg.tau}$), "
+            f"{_versus(split, *SPLIT_WORDS)}; {_versus(new, *NEW_WORDS)}. "
+            f"Per doubling, the split test gives p = {p_adj['split']} and the new-latent test p = {p_adj['new']}.")
+
+
+def _sweep_text(tests: pd.DataFrame, approach: str) -> str:
+    part = headline(tests[(tests.approach == approach) & (tests.pair_kind == POOLED)])
+    bits = []
+    for tau, g in part.groupby("tau"):
+        s, n = g.set_index("statistic").loc["split"], g.set_index("statistic").loc["new"]
+        bits.append(f"$\\tau={tau:g}$: split {_pct(s.frac)} vs {_pct(s.frac_seed)} (p = {p_text(s.p_fisher)}), "
+                    f"new {_pct(n.frac)} vs {_pct(n.frac_seed)} (p = {p_text(n.p_fisher)})")
+    sig = part.groupby("statistic").p_fisher.apply(lambda p: int((p < ALPHA).sum()))
+    return (f"Across thresholds ({approach}, doublings pooled vs seed baseline): " + "; ".join(bits)
+            + f" --- p below {fmt(ALPHA)} at {sig.get('split', 0)} of {part.tau.nunique()} thresholds for the split "
+            f"fraction and {sig.get('new', 0)} for the new fraction.")
+
+
+def _fidelity_text(summ: pd.DataFrame, cfg: Config) -> str:
+    at = headline(summ[summ.tau == cfg.tau])
+    med = at.groupby(["approach", "pair_kind"]).median_fidelity.mean()
+    bits = [f"{a}: {fmt(med[(a, ADJACENT)], 3)} at a doubling, {fmt(med[(a, SEED)], 3)} against a second seed"
+            for a in (SAE, CC) if (a, ADJACENT) in med and (a, SEED) in med]
+    return ("Median fidelity (a latent's best decoder cosine in the other dictionary, mean over pairs): "
+            + "; ".join(bits) + ".") if bits else ""
+
+
+def _concat_text(tests: pd.DataFrame, cfg: Config) -> str:
+    part = tests[(tests.space == CONCAT) & (tests.tau == cfg.tau) & (tests.pair_kind == POOLED)]
+    if part.empty:
+        return ""
+    s, n = part.set_index("statistic").loc["split"], part.set_index("statistic").loc["new"]
+    return ("Comparing crosscoder decoders concatenated over layers instead (a cosine over all layers' dimensions, "
+            "not on the single-layer scale, hence not the headline): "
+            f"split {_versus(s, 'of the narrower latents', 'for a second seed')}; "
+            f"new {_versus(n, 'of the wider latents', 'for a second seed')}.")
+
+
+def _example_text(ex: pd.DataFrame) -> list[str]:
+    parts = []
     for approach, grp in ex.groupby("approach", sort=False):
         par = grp[grp.role == "parent"].iloc[0]
         kids = grp[grp.role == "child"]
@@ -453,7 +694,24 @@ def answer(results: Path, cfg: Config) -> str:
                      f"{'child' if len(kids) == 1 else 'children'} at width "
                      f"{int(par.width_big)} (" + "; ".join(f"{int(c.feature)}: {t or '--'}" for c, t in
                                                           zip(kids.itertuples(), kid_tokens)) + ").")
-    return " ".join(parts)
+    return parts
+
+
+def answer(results: Path, cfg: Config) -> str:
+    tests, summ = read_csv(results, "tests"), read_csv(results, "summary")
+    parts = ["Each width doubling (the narrower dictionary at one seed, the wider at another, so that no two "
+             "compared dictionaries share an initialisation) is compared with the same statistic between two seeds "
+             "of one width: a dictionary differs from a second seed of itself too, so only an excess over that "
+             "baseline is evidence of splitting. Both approaches are compared in the same single-layer decoder "
+             "space."]
+    present = set(tests.approach)
+    for approach, label in ((SAE, "single-layer SAEs"), (CC, "crosscoders")):
+        if approach in present:
+            parts.append(_headline_text(tests, approach, label, cfg))
+    parts += [_sweep_text(tests, a) for a in (SAE, CC) if a in present]
+    parts += [_fidelity_text(summ, cfg), _concat_text(tests, cfg)]
+    parts += _example_text(read_csv(results, "example"))
+    return " ".join(p for p in parts if p)
 
 
 STUDY = Study(name=NAME, title="Feature splitting across dictionary widths", config=Config, run=run, figures=figures,
