@@ -94,7 +94,8 @@ def _plain(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
-def claim_folder(out: str | Path, plan: dict, *, record: str, what: str, extra: dict | None = None) -> dict | None:
+def claim_folder(out: str | Path, plan: dict, *, record: str, what: str, extra: dict | None = None,
+                 defaults: dict | None = None) -> dict | None:
     """Make folder ``out`` the home of the job described by ``plan``: the one way every resumable job
     (harvest, SAE and crosscoder training, reproduction) decides between start, resume and refuse.
 
@@ -105,6 +106,8 @@ def claim_folder(out: str | Path, plan: dict, *, record: str, what: str, extra: 
     - ``out`` is a file, or a non-empty folder without ``record``: refuse.
     - Another live process holds ``out`` (:func:`lock_folder`): refuse, naming it. On resume, the stale
       temporaries of a killed run are swept (:func:`sweep_temporaries`).
+    - ``defaults``: ``{plan key: {field: value}}`` for fields added to a nested part of the plan after folders
+      were written; a record lacking such a field is compared as if it held that value.
     Every refusal is a one-line :class:`CrosslayerError` that names the folder and the fix, and leaves
     no folder this call created.
     """
@@ -116,7 +119,7 @@ def claim_folder(out: str | Path, plan: dict, *, record: str, what: str, extra: 
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock_folder(out)
-        return _claim_locked(out, plan, record=record, what=what, extra=extra)
+        return _claim_locked(out, plan, record=record, what=what, extra=extra, defaults=defaults or {})
     except OSError as err:
         _undo_claim(out, created)
         raise CrosslayerError(f"cannot write to {out} ({err.strerror or err}); choose a writable folder") from None
@@ -125,7 +128,7 @@ def claim_folder(out: str | Path, plan: dict, *, record: str, what: str, extra: 
         raise
 
 
-def _claim_locked(out: Path, plan: dict, *, record: str, what: str, extra: dict | None) -> dict | None:
+def _claim_locked(out: Path, plan: dict, *, record: str, what: str, extra: dict | None, defaults: dict) -> dict | None:
     path = out / record
     if path.is_file():
         try:
@@ -134,11 +137,16 @@ def _claim_locked(out: Path, plan: dict, *, record: str, what: str, extra: dict 
             raise CrosslayerError(f"{path} cannot be read ({type(err).__name__}); delete {out} and run the "
                                   "command again") from None
         wanted = _plain(plan)
-        diff = [key for key in wanted if existing.get(key) != wanted[key]]
+        seen = {key: {**_plain(defaults[key]), **existing[key]} if isinstance(existing.get(key), dict) and key in defaults
+                else existing.get(key) for key in wanted}
+        diff = [key for key in wanted if seen[key] != wanted[key]]
         if diff:
-            key = diff[0]
-            raise CrosslayerError(f"{out} holds a different {what} ({key}: {_short(existing.get(key))} there, "
-                                  f"{_short(wanted[key])} now); choose another output folder or delete that one")
+            key, there, now = diff[0], seen[diff[0]], wanted[diff[0]]
+            if isinstance(there, dict) and isinstance(now, dict):  # name the first differing field inside it
+                sub = next(k for k in [*now, *there] if there.get(k) != now.get(k))
+                key, there, now = f"{key}.{sub}", there.get(sub), now.get(sub)
+            raise CrosslayerError(f"{out} holds a different {what} ({key}: {_short(there)} there, "
+                                  f"{_short(now)} now); choose another output folder or delete that one")
         sweep_temporaries(out)
         return existing
     _refuse_foreign(out, record, what)

@@ -210,6 +210,17 @@ NOT_IN_PLAN = ("diverge_factor",)
 the plan a folder is claimed with, so that changing them does not orphan finished or resumable runs."""
 
 
+ADDED_AT_DEFAULT = {"aux_frac": 1.0}
+"""Architecture fields added after folders were written, with the value every older folder trained with: a record
+without the field counts as having it (such a folder still resumes and is reused when finished)."""
+
+
+def _with_added_defaults(plan: dict) -> dict:
+    """A recorded plan with :data:`ADDED_AT_DEFAULT` filled into its architecture part (the first key)."""
+    arch = next(iter(plan))
+    return {**plan, arch: {**ADDED_AT_DEFAULT, **plan[arch]}}
+
+
 def _plan(cfg: TrainConfig, model_cfg) -> dict:
     training = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_PLAN}
     return {_architecture(model_cfg)[0]: json.loads(json.dumps(asdict(model_cfg))),
@@ -267,7 +278,7 @@ class _Run:
         if ckpt_path.is_file():
             # on the CPU: a rank of a latent group keeps only its slice on the device
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            if ckpt["plan"] != plan:
+            if _with_added_defaults(ckpt["plan"]) != plan:
                 raise CrosslayerError(f"{ckpt_path} is from a different run; use the same arguments or another out_dir")
             run.since_fired_F = distributed.load_full_state(model, optim, ckpt["model"], ckpt["optim"],
                                                             ckpt["since_fired"].to(device))
@@ -349,7 +360,8 @@ def _claim(out: Path, plan: dict, mesh: distributed.Mesh | None) -> dict | None:
     """:func:`claim_folder` for a training run; with several ranks, rank 0 claims (and holds the folder's lock) and
     the others read the record it found or wrote."""
     def claim():
-        return claim_folder(out, plan, record=CFG_FILENAME, what="dictionary training", extra={"status": "training"})
+        return claim_folder(out, plan, record=CFG_FILENAME, what="dictionary training", extra={"status": "training"},
+                            defaults={next(iter(plan)): ADDED_AT_DEFAULT})  # as _with_added_defaults, for cfg.json
 
     if mesh is None:
         return claim()

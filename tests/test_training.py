@@ -144,7 +144,7 @@ def test_training_reduces_loss_and_writes_artifacts(tmp_path, activation):
     # a rerun of a finished run loads it; a different run in the same folder is refused
     again = train_crosscoder(cfg, model_cfg(activation), make_batches(acts), out_dir=tmp_path / "cc", progress=False)
     assert torch.equal(again.W_enc, cc.W_enc)
-    with pytest.raises(CrosslayerError, match="holds a different dictionary training \\(training: "):
+    with pytest.raises(CrosslayerError, match="holds a different dictionary training \\(training\\.tokens: "):
         train_crosscoder(TrainConfig(tokens=7 * 64, batch_size=64), model_cfg(activation), make_batches(acts),
                          out_dir=tmp_path / "cc", progress=False)
 
@@ -314,3 +314,17 @@ def test_the_same_command_twice_gives_identical_weights(verb, tmp_path, tiny_sto
 
 def _wall_clock_columns(header: str) -> set[int]:
     return {i for i, name in enumerate(header.split(",")) if "second" in name or name.endswith("_s")}
+
+
+def test_a_field_added_at_its_default_keeps_older_folders(tmp_path):
+    """aux_frac at its default is left out of the plan: a folder trained before the field existed (the same
+    cfg.json) is reused as finished and loads; another value is a different run and is refused."""
+    acts, cfg = data(512), TrainConfig(tokens=4 * 64, batch_size=64, lr=1e-3)
+    first = train_crosscoder(cfg, model_cfg(), make_batches(acts), out_dir=tmp_path / "cc", progress=False)
+    record = json.loads((tmp_path / "cc" / "cfg.json").read_text())
+    del record["crosscoder"]["aux_frac"]  # as written before the field existed
+    (tmp_path / "cc" / "cfg.json").write_text(json.dumps(record))
+    again = train_crosscoder(cfg, model_cfg(aux_frac=1.0), make_batches(acts), out_dir=tmp_path / "cc", progress=False)
+    assert torch.equal(first.W_enc, again.W_enc) and load_dictionary(tmp_path / "cc").cfg.aux_frac == 1.0
+    with pytest.raises(CrosslayerError, match="aux_frac"):
+        train_crosscoder(cfg, model_cfg(aux_frac=0.5), make_batches(acts), out_dir=tmp_path / "cc", progress=False)
