@@ -385,7 +385,7 @@ def resample_medians(counter: Callable, n_docs: int, groups: dict[str, torch.Ten
     out: dict = {}
     for s in range(0, len(weights), counter.chunk):
         for family, counts_BUC in counter(torch.from_numpy(weights[s:s + counter.chunk]).float()).items():
-            entropy, specificity = entropy_specificity(counts_BUC)
+            entropy, specificity = entropy_specificity(counts_BUC.double())
             for metric, values in (("entropy_norm", entropy / log_c[family]), ("specificity", specificity)):
                 for name, cols in groups.items():
                     out.setdefault((name, family, metric), []).append(_median(values, cols))
