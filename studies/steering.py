@@ -1,44 +1,61 @@
-"""Steering: can one SAE feature and one crosscoder feature make the model say "scam"?
+"""Steering: does clamping one SAE feature or one crosscoder feature make the model say "scam"?
 
 Question
-    Find a feature tied to a concept (scam / fraud / suspicion) in the main per-layer SAEs and in the
-    main crosscoder, clamp it up and down, and measure what moves: the concept tokens' next-token
-    probabilities, the KL to the clean distribution, the tokens that rise and fall, and a seeded
-    generation (Templeton et al. 2024, "Scaling Monosemanticity", steering; research-notes section 5).
+    The seed's motivating example: clamping a "suspicion" feature up makes " scam" more probable and clamping it
+    down makes it less probable. Does that reproduce here, for a feature of the main per-layer SAEs and one of the
+    main crosscoder (Templeton et al. 2024, "Scaling Monosemanticity", steering; research-notes section 5)?
 
 Method
-    - Concept tokens: the entries of ``CONCEPT_TOKENS`` that are one token for the model's tokenizer
-      (``concept_tokens.csv`` also counts how often each occurs in the training store).
-    - Candidates: (a) per concept token the ``Config.n_logit`` features whose raw decoder direction most
-      raises its logit (:func:`crosslayer.features.find_features_for_token`, best layer per feature);
-      (b) the ``Config.n_act`` features whose mean activation on concept sentences (``CONCEPT_TEXTS``) most
-      exceeds that on control sentences (``CONTROL_TEXTS``), position 0 excluded. For each candidate:
-      ``logit_z``, the mean over concept tokens of the standardised logit effect (effect minus its
-      vocabulary mean, over its vocabulary standard deviation; direct logit attribution through the
-      final norm's gain, as :func:`crosslayer.features.logit_effects`), the best vocabulary rank of a
-      concept token, the activation contrast, and from :func:`crosslayer.features.top_activations` on
-      the held-out store its density, maximum activation and top examples. A candidate's ``layer`` is
-      its own layer (per-layer SAEs) or, for a crosscoder, the layer of its largest concept logit
-      effect (logit candidates) or of its largest decoder norm (activation candidates).
-    - Choice: features firing on more than ``Config.max_density`` of held-out tokens are excluded (session 1
-      found that the top " scam" feature by logit effect was a dense one whose clamping lowered
-      " scam"), as are features that never fire (a feature silent on the store but active on the
-      sentences is scaled by its maximum there). Score = ``logit_z`` + activation contrast, each
-      standardised over the candidate pool; the best-scoring eligible feature is chosen (if none is
-      eligible, the best-scoring one that fires, flagged ``eligible`` False in ``candidates.csv``).
-    - Clamp (:func:`crosslayer.interventions.run_with_edits`, error term kept, every position but the
-      first; a crosscoder feature edited as ``Config.at`` says: ``each`` pins every layer it writes to
-      the clean run plus its intended change, ``first`` / ``peak`` edit one layer and let the model carry
-      it) to ``Config.multiples`` of the feature's maximum
-      held-out activation (0 = ablation; negative = pushed against) on ``STEER_PROMPTS``. Per concept
-      token: p clean / steered and their ratio; per prompt: KL(clean || steered) and the top tokens up
-      and down, and as a control the vocabulary ratio (geometric mean of p steered / p clean over the
-      whole vocabulary: a flattened distribution raises rare tokens without any concept). The "best"
-      multiple is the positive one with the largest concept ratio (geometric mean of p steered / p clean
-      over concept tokens and prompts); the answer calls a feature steering when that ratio, and its
-      ratio to the vocabulary ratio, are both at least ``Config.steer_ratio``. Generations: ``Config.gen_tokens`` tokens
-      sampled with one seed, clean and clamped at the best multiple, on the first ``Config.gen_prompts``
-      prompt(s) (:func:`crosslayer.interventions.generate`).
+    Three disjoint sets of text, all fixed in this module before any steering outcome was computed on them:
+    the selection sentences (``CONCEPT_TEXTS`` / ``CONTROL_TEXTS``, used only to choose the feature), the
+    development prompts (``PROMPTS`` rows ``dev``, used only to choose the clamp-up value) and the evaluation
+    prompts (``PROMPTS`` rows ``eval``, the only source of reported effects).
+
+    1. Concept tokens: the entries of ``CONCEPT_TOKENS`` that are one token for the model's tokenizer
+       (``concept_tokens.csv`` also counts how often each occurs in the training and held-out stores). The key
+       token is the first of them (" scam").
+    2. Candidates: (a) per concept token the ``Config.n_logit`` features whose raw decoder direction most
+       raises its logit (:func:`crosslayer.features.find_features_for_token`, best layer per feature);
+       (b) the ``Config.n_act`` features whose mean activation on concept sentences (``CONCEPT_TEXTS``) most
+       exceeds that on control sentences (``CONTROL_TEXTS``), position 0 excluded. For each candidate:
+       ``logit_z``, the mean over concept tokens of the standardised logit effect (effect minus its
+       vocabulary mean, over its vocabulary standard deviation; direct logit attribution through the
+       final norm's gain, as :func:`crosslayer.features.logit_effects`), the best vocabulary rank of a
+       concept token, the activation contrast, and from :func:`crosslayer.features.top_activations` on
+       the held-out store its density, maximum activation and top examples. A candidate's ``layer`` is
+       its own layer (per-layer SAEs) or, for a crosscoder, the layer of its largest concept logit
+       effect (logit candidates) or of its largest decoder norm (activation candidates).
+    3. Choice of the feature (fixed before any steering outcome): features firing on more than
+       ``Config.max_density`` of held-out tokens are excluded (session 1 found that the top " scam" feature by
+       logit effect was a dense one whose clamping lowered " scam"), as are features that never fire (a feature
+       silent on the store but active on the sentences is scaled by its maximum there). Score = ``logit_z`` +
+       activation contrast, each standardised over the candidate pool; the best-scoring eligible feature is
+       chosen (if none is eligible, the best-scoring one that fires, flagged ``eligible`` False).
+    4. Clamp (:func:`crosslayer.interventions.run_with_edits`, error term kept, every position but the
+       first; a crosscoder feature edited as ``Config.at`` says: ``each`` pins every layer it writes to
+       the clean run plus its intended change, ``first`` / ``peak`` edit one layer and let the model carry
+       it) to each of ``Config.multiples`` times the feature's maximum held-out activation (0 = ablation;
+       negative = pushed against), on every prompt, at the last position: per concept token p clean / steered
+       and their ratio; per prompt KL(clean || steered), the top tokens up and down, and the vocabulary ratio
+       (geometric mean of p steered / p clean over the whole vocabulary: a flattened distribution raises rare
+       tokens without any concept) (``effects.csv``, ``split`` dev / eval).
+    5. Clamp-up value, from development rows only (:func:`choose_multiples`): per positive multiple the
+       concept ratio (geometric mean of p steered / p clean over concept tokens and dev prompts) and the lift
+       (concept ratio / vocabulary ratio); the chosen multiple maximises the smaller of the two logs (the
+       verdict needs both above 1). Clamp-down: the fixed ``Config.down``.
+    6. Per evaluation prompt, clamped up and down (``prompts.csv``): p(key token), the concept tokens' total
+       probability (mass), the concept ratio (geometric mean over concept tokens), the vocabulary ratio, the
+       lift and the KL. Over evaluation prompts (``stats.csv``, all prompts and per context, concept / neutral):
+       the geometric mean of each ratio with a 95 % percentile-bootstrap interval over prompts
+       (:func:`bootstrap_mean` on logs, ``Config.n_boot`` resamples), and the mean KL.
+    7. Verdict (:func:`verdict`, all evaluation prompts): the seed's result reproduces with a feature only if
+       clamping up raises the concept tokens (concept-ratio interval above 1) beyond the vocabulary control
+       (lift interval above 1) and clamping down lowers them (concept-ratio interval below 1).
+    8. Generations: ``Config.gen_tokens`` tokens sampled with one seed, clean, clamped up and clamped down,
+       on the first ``Config.gen_prompts`` evaluation prompts (:func:`crosslayer.interventions.generate`).
+
+    Cost: every (dictionary, multiple) is one batched clamped forward (plus the clean encode) over all
+    ``len(PROMPTS)`` prompts, so the prompt count sets the batch, not the number of passes.
 
 Answer
     Generated from the CSVs by every run into ``paper/tables/steering_answer.tex`` (numbers are never
@@ -78,10 +95,34 @@ CONTROL_TEXTS = (
     "He read the instructions twice before assembling the shelf.",
     "The recipe needs two cups of flour and a pinch of salt.",
 )
-STEER_PROMPTS = (
-    "The email asked me to send my bank details, which seemed",
-    "He offered me a deal that was",
-    "The caller said I had won a prize, but it was clearly a",
+PROMPTS = (
+    # (split, context, prompt). dev: the earlier study's three prompts (their outcomes were seen) and one neutral
+    # context, used only to choose the clamp-up value. eval: written for this protocol before any outcome on them
+    # was computed; "concept" contexts make a concept token plausible but not certain, "neutral" ones do not.
+    ("dev", "concept", "The email asked me to send my bank details, which seemed"),
+    ("dev", "concept", "He offered me a deal that was"),
+    ("dev", "concept", "The caller said I had won a prize, but it was clearly a"),
+    ("dev", "neutral", "The garden gate was open, and the dog ran into the"),
+    ("eval", "concept", "I got a text saying my parcel was stuck at customs, and it turned out to be a"),
+    ("eval", "concept", "The website wanted my card number before it showed the price, which felt"),
+    ("eval", "concept", "My grandmother nearly lost her savings to a phone"),
+    ("eval", "concept", "The bank blocked the payment because it looked"),
+    ("eval", "concept", "All the reviews for that shop were five stars and looked"),
+    ("eval", "concept", "He was sentenced to three years for insurance"),
+    ("eval", "concept", "The police said the bike in his garage had been"),
+    ("eval", "concept", "Before you click the link, check whether the message is a"),
+    ("eval", "concept", "The investment promised to double her money in a week, a classic"),
+    ("eval", "concept", "The auditor flagged several transactions as"),
+    ("eval", "concept", "She forwarded the email to the IT team as a possible"),
+    ("eval", "concept", "The man collecting money for the charity had a badge that was"),
+    ("eval", "concept", "They warned customers about a new wave of online"),
+    ("eval", "concept", "The landlord asked for the deposit in gift cards, which is a sign of a"),
+    ("eval", "neutral", "After lunch we walked along the river and watched the"),
+    ("eval", "neutral", "The teacher asked the class to open their books to the"),
+    ("eval", "neutral", "The forecast for tomorrow says it will be"),
+    ("eval", "neutral", "She poured the tea and said the cake was"),
+    ("eval", "neutral", "The new library has a quiet reading room on the"),
+    ("eval", "neutral", "He tuned the guitar before the concert and then"),
 )
 
 
@@ -91,20 +132,22 @@ class Config:
 
     multiples: tuple[float, ...] = (-1.0, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
     """Clamp values as multiples of the feature's maximum activation on the held-out store."""
+    down: float = -1.0
+    """The clamp-down multiple reported against the dev-chosen clamp-up one (negative, one of ``multiples``)."""
+    n_boot: int = 2000
+    """Bootstrap resamples of the evaluation prompts."""
     gen_tokens: int = 12
     """Tokens sampled per generation."""
-    gen_prompts: int = 1
-    """Prompts generated from (the first ones)."""
+    gen_prompts: int = 3
+    """Evaluation prompts generated from (the first ones)."""
     gen_temperature: float = 0.7
     """Sampling temperature of the generations."""
     seed: int = 0
-    """Sampling seed, shared by the clean and steered generations."""
+    """Seeds the generations (the clean and steered ones share it) and the bootstrap."""
     at: str = "each"
     """Where a multi-layer feature is edited (:data:`crosslayer.interventions.AT`): first | peak | each."""
     max_density: float = 0.10
     """Candidates firing on more of the held-out tokens than this are not chosen."""
-    steer_ratio: float = 2.0
-    """A feature "steers" when its concept ratio, and that ratio over the vocabulary-wide one, reach this."""
     n_logit: int = 8
     """Candidates per concept token by logit effect."""
     n_act: int = 16
@@ -112,12 +155,31 @@ class Config:
     top_tokens: int = 5
     """Tokens listed per direction (up / down) and per feature."""
 
+    def __post_init__(self):
+        if self.down >= 0 or self.down not in self.multiples:
+            raise CrosslayerError(f"down={self.down} must be a negative entry of multiples {self.multiples}")
+        if not any(m > 0 for m in self.multiples):
+            raise CrosslayerError(f"multiples {self.multiples} need a positive entry to clamp up")
+
 
 CANDIDATE_COLUMNS = ["dictionary", "feature", "layer", "source", "logit_effect", "logit_z", "concept_rank",
                      "concept_act", "control_act", "act_contrast", "density", "store_max", "scale", "eligible",
                      "score", "chosen", "top_logits", "top_examples"]
-EFFECT_COLUMNS = ["dictionary", "feature", "at", "multiple", "value", "prompt_id", "prompt", "clean_activation", "token",
-                  "p_clean", "p_steered", "ratio", "vocab_ratio", "kl"]
+EFFECT_COLUMNS = ["dictionary", "feature", "at", "multiple", "value", "split", "context", "prompt_id", "prompt",
+                  "clean_activation", "token", "p_clean", "p_steered", "ratio", "vocab_ratio", "kl"]
+PROMPT_COLUMNS = ["dictionary", "feature", "at", "direction", "multiple", "value", "prompt_id", "context", "prompt",
+                  "key_token", "p_key_clean", "p_key", "key_ratio", "mass_clean", "mass", "mass_ratio",
+                  "concept_ratio", "vocab_ratio", "lift", "kl"]
+RATIOS = ("concept_ratio", "lift", "vocab_ratio", "mass_ratio", "key_ratio")
+"""Per-prompt ratios summarised by geometric means over evaluation prompts (``stats.csv``)."""
+STAT_COLUMNS = (["dictionary", "feature", "at", "direction", "multiple", "prompts", "n_prompts"]
+                + [f"{m}{s}" for m in (*RATIOS, "kl") for s in ("", "_lo", "_hi")])
+
+
+def prompt_table() -> pd.DataFrame:
+    """``PROMPTS`` as a frame: prompt_id (row order), split, context, prompt."""
+    table = pd.DataFrame(PROMPTS, columns=["split", "context", "prompt"])
+    return table.rename_axis("prompt_id").reset_index()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -256,17 +318,18 @@ def clamp_effects(model, dictionary, feature: int, values: dict[float, float], p
     return pd.DataFrame(effects), pd.DataFrame(tops)
 
 
-def _generations(model, dictionary, feature: int, multiple: float, value: float, cfg: Config) -> pd.DataFrame:
-    """Seeded generations on the first ``cfg.gen_prompts`` prompts, clean (``dictionary`` None) or with
-    ``feature`` clamped at ``value`` (edited ``cfg.at``)."""
+def _generations(model, dictionary, feature: int, direction: str, multiple: float, value: float,
+                 prompts: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    """Seeded generations on ``prompts``, clean (``dictionary`` None) or with ``feature`` clamped at ``value``
+    (edited ``cfg.at``)."""
     from crosslayer.interventions import Edit, generate
 
     edits = [] if dictionary is None else [Edit(feature, "clamp", value)]
-    rows = [{"dictionary": "clean", "feature": feature, "multiple": multiple, "value": value, "prompt_id": p,
-             "prompt": prompt, "at": cfg.at if edits else "",
-             "text": generate(model, dictionary, prompt, edits, at=cfg.at, max_new_tokens=cfg.gen_tokens,
+    rows = [{"dictionary": "clean", "feature": feature, "direction": direction, "multiple": multiple, "value": value,
+             "prompt_id": int(r.prompt_id), "prompt": r.prompt, "at": cfg.at if edits else "",
+             "text": generate(model, dictionary, r.prompt, edits, at=cfg.at, max_new_tokens=cfg.gen_tokens,
                               seed=cfg.seed, temperature=cfg.gen_temperature)}
-            for p, prompt in enumerate(STEER_PROMPTS[:cfg.gen_prompts])]
+            for r in prompts.itertuples()]
     return pd.DataFrame(rows)
 
 
@@ -284,70 +347,133 @@ def run(ctx, cfg: Config) -> dict:
     write_csv(pd.DataFrame({"token": list(ids), "token_id": list(ids.values()),
                             "n_train": [train_counts[t] for t in ids], "n_heldout": [heldout_counts[t] for t in ids]}),
               results / "concept_tokens.csv")
-    cands, effects, tops, gens = [], [], [], [_generations(model, None, -1, float("nan"), float("nan"), cfg)]
+    prompts = prompt_table()
+    gen_prompts = prompts[prompts["split"] == "eval"].head(cfg.gen_prompts)
+    nan = float("nan")
+    cands, effects, tops, gens = [], [], [], [_generations(model, None, -1, "clean", nan, nan, gen_prompts, cfg)]
     for name, dictionary in (("SAE", ctx.saes()), ("crosscoder", ctx.crosscoder())):
         table = candidates(model, dictionary, heldout, ids, cfg, name=name)
         cands.append(table)
         chosen = table[table["chosen"]].iloc[0]
         feature, scale = int(chosen["feature"]), float(chosen["scale"])
-        eff, top = clamp_effects(model, dictionary, feature, {m: m * scale for m in cfg.multiples}, STEER_PROMPTS, ids,
-                                 top=cfg.top_tokens, at=cfg.at)
-        effects.append(eff.assign(dictionary=name))
-        tops.append(top.assign(dictionary=name))
-        best = float(headline(eff.assign(dictionary=name)).iloc[0]["best_multiple"])
-        gens.append(_generations(model, dictionary, feature, best, best * scale, cfg).assign(dictionary=name))
+        eff, top = clamp_effects(model, dictionary, feature, {m: m * scale for m in cfg.multiples},
+                                 prompts["prompt"].tolist(), ids, top=cfg.top_tokens, at=cfg.at)
+        split = prompts[["prompt_id", "split", "context"]]
+        effects.append(eff.merge(split, on="prompt_id").assign(dictionary=name))
+        tops.append(top.merge(split, on="prompt_id").assign(dictionary=name))
+        up = float(choose_multiples(effects[-1], cfg.down)["up"].iloc[0])  # dev rows only
+        gens += [_generations(model, dictionary, feature, d, m, m * scale, gen_prompts, cfg).assign(dictionary=name)
+                 for d, m in (("up", up), ("down", cfg.down))]
     write_csv(pd.concat(cands, ignore_index=True), results / "candidates.csv")
     effects = pd.concat(effects, ignore_index=True)[EFFECT_COLUMNS]
     write_csv(effects, results / "effects.csv")
-    write_csv(pd.concat(tops, ignore_index=True)[["dictionary", "feature", "multiple", "value", "prompt_id", "prompt",
-                                                  "direction", "rank", "token", "p_clean", "p_steered"]],
+    write_csv(pd.concat(tops, ignore_index=True)[["dictionary", "feature", "multiple", "value", "split", "prompt_id",
+                                                  "prompt", "direction", "rank", "token", "p_clean", "p_steered"]],
               results / "top_tokens.csv")
     write_csv(pd.concat(gens, ignore_index=True), results / "generations.csv")
-    head = headline(effects)
-    return {f"{r.dictionary}_{k}": float(getattr(r, k)) for r in head.itertuples()
-            for k in ("feature", "best_multiple", "concept_ratio_best", "kl_best")}
+    stats = write_summaries(effects, results, cfg)
+    main = stats[stats["prompts"] == "all"]
+    info = {f"{r.dictionary}_{r.direction}_{k}": float(getattr(r, k)) for r in main.itertuples()
+            for k in ("multiple", "concept_ratio", "lift")}
+    return {**info, **{f"{d}_reproduces": bool(v) for d, v in verdict(stats)["reproduces"].items()}}
 
 
-def _gmean(x: pd.Series) -> float:
-    return float(np.exp(np.log(x.clip(lower=1e-30)).mean()))
+# ----------------------------------------------------------------------------- protocol and statistics
+
+def dev_curve(effects: pd.DataFrame) -> pd.DataFrame:
+    """Development rows only, per (dictionary, multiple): concept_ratio (geometric mean of p steered / p clean
+    over concept tokens and prompts), vocab_ratio (geometric mean over prompts), lift (their ratio), mean kl."""
+    dev = effects[effects["split"] == "dev"]
+    dev = dev.assign(log_ratio=np.log(dev["ratio"].clip(lower=1e-30)),
+                     log_vocab=np.log(dev["vocab_ratio"].clip(lower=1e-30)))
+    per = dev.groupby(["dictionary", "multiple", "prompt_id"], sort=False)[["log_ratio", "log_vocab", "kl"]].mean()
+    curve = per.groupby(level=["dictionary", "multiple"], sort=False).mean()
+    return pd.DataFrame({"concept_ratio": np.exp(curve["log_ratio"]), "vocab_ratio": np.exp(curve["log_vocab"]),
+                         "lift": np.exp(curve["log_ratio"] - curve["log_vocab"]), "kl": curve["kl"]}).reset_index()
 
 
-def headline(effects: pd.DataFrame) -> pd.DataFrame:
-    """Per dictionary: feature; the best positive multiple (largest concept ratio: geometric mean of p steered /
-    p clean over concept tokens and prompts) with its concept ratio, the vocabulary ratio and the mean KL; the
-    concept ratio when ablated (0) and the concept ratio and KL at the largest multiple."""
+def choose_multiples(effects: pd.DataFrame, down: float) -> pd.DataFrame:
+    """Per dictionary (feature, at): the clamp-up multiple ``up``, the positive multiple whose smaller of log
+    concept ratio and log lift on the development prompts is largest, and the fixed ``down``."""
+    curve = dev_curve(effects)
+    curve = curve[curve["multiple"] > 0]
+    score = np.minimum(np.log(curve["concept_ratio"]), np.log(curve["lift"]))
+    best = curve.loc[score.groupby(curve["dictionary"], sort=False).idxmax()]
+    first = effects.drop_duplicates("dictionary").set_index("dictionary")
+    return pd.DataFrame({"dictionary": best["dictionary"], "feature": best["dictionary"].map(first["feature"]),
+                         "at": best["dictionary"].map(first["at"]), "up": best["multiple"], "down": down}
+                        ).reset_index(drop=True)
+
+
+def per_prompt(effects: pd.DataFrame, choice: pd.DataFrame) -> pd.DataFrame:
+    """Evaluation rows only, per (dictionary, direction up / down at ``choice``'s multiples, prompt): the key
+    token's (the first concept token) probability, the concept mass, concept_ratio (geometric mean over concept
+    tokens), vocab_ratio, lift = concept_ratio / vocab_ratio, and kl (:data:`PROMPT_COLUMNS`)."""
+    runs = choice.melt(id_vars="dictionary", value_vars=["up", "down"], var_name="direction", value_name="multiple")
+    ev = effects[effects["split"] == "eval"].merge(runs, on=["dictionary", "multiple"])
+    key = str(effects["token"].iloc[0])
+    ev = ev.assign(log_ratio=np.log(ev["ratio"].clip(lower=1e-30)),
+                   p_key_clean=ev["p_clean"].where(ev["token"] == key, 0.0),
+                   p_key=ev["p_steered"].where(ev["token"] == key, 0.0))
+    out = ev.groupby(["dictionary", "direction", "prompt_id"], sort=False).agg(
+        feature=("feature", "first"), at=("at", "first"), multiple=("multiple", "first"), value=("value", "first"),
+        context=("context", "first"), prompt=("prompt", "first"), p_key_clean=("p_key_clean", "sum"),
+        p_key=("p_key", "sum"), mass_clean=("p_clean", "sum"), mass=("p_steered", "sum"),
+        log_ratio=("log_ratio", "mean"), vocab_ratio=("vocab_ratio", "first"), kl=("kl", "first")).reset_index()
+    out["concept_ratio"] = np.exp(out["log_ratio"])
+    return out.assign(key_token=key, key_ratio=out["p_key"] / out["p_key_clean"].clip(lower=1e-30),
+                      mass_ratio=out["mass"] / out["mass_clean"].clip(lower=1e-30),
+                      lift=out["concept_ratio"] / out["vocab_ratio"].clip(lower=1e-30))[PROMPT_COLUMNS]
+
+
+def bootstrap_mean(values_PM: np.ndarray, *, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean over prompts (rows) of each column of ``values_PM`` and its 95 % percentile-bootstrap interval
+    (``n_boot`` resamples of the P prompts with replacement, the same draws for every column)."""
+    from crosslayer.evals import bootstrap_counts
+
+    values_PM = np.asarray(values_PM, dtype=np.float64)
+    means_BM = bootstrap_counts(len(values_PM), n_boot, seed) @ values_PM / len(values_PM)
+    lo_M, hi_M = np.quantile(means_BM, [0.025, 0.975], axis=0)
+    return values_PM.mean(0), lo_M, hi_M
+
+
+def prompt_stats(prompts: pd.DataFrame, *, n_boot: int, seed: int) -> pd.DataFrame:
+    """Per (prompt subset: all / each context, dictionary, direction): the geometric mean over evaluation prompts
+    of each of :data:`RATIOS` and the mean kl, each with its 95 % bootstrap interval over prompts."""
     rows = []
-    for name, part in effects.groupby("dictionary", sort=False):
-        ratio = part.groupby("multiple")["ratio"].apply(_gmean)
-        per_prompt = part.drop_duplicates(["multiple", "prompt_id"]).groupby("multiple")
-        kl, vocab = per_prompt["kl"].mean(), per_prompt["vocab_ratio"].apply(_gmean)
-        positive = ratio[ratio.index > 0]
-        best = float(positive.idxmax() if len(positive) else ratio.idxmax())
-        top = float(ratio.index.max())
-        rows.append({"dictionary": name, "feature": int(part["feature"].iloc[0]),
-                     "best_multiple": best, "concept_ratio_best": float(ratio.loc[best]),
-                     "kl_best": float(kl.loc[best]),
-                     "vocab_ratio_best": float(vocab.loc[best]),
-                     "concept_ratio_abl": float(ratio.loc[0.0]) if 0.0 in ratio.index else float("nan"),
-                     "max_multiple": top, "concept_ratio_max": float(ratio.loc[top]), "kl_max": float(kl.loc[top])})
-    return pd.DataFrame(rows)
+    for subset, part in [("all", prompts), *prompts.groupby("context", sort=True)]:
+        for (name, direction), grp in part.groupby(["dictionary", "direction"], sort=False):
+            values_PM = np.column_stack([np.log(grp[list(RATIOS)].clip(lower=1e-30)), grp["kl"]])
+            est, lo, hi = bootstrap_mean(values_PM, n_boot=n_boot, seed=seed)
+            back = np.r_[np.ones(len(RATIOS), bool), False]  # logs back to ratios; kl stays a mean
+            est, lo, hi = (np.where(back, np.exp(v), v) for v in (est, lo, hi))
+            row = {"dictionary": name, "feature": int(grp["feature"].iloc[0]), "at": grp["at"].iloc[0],
+                   "direction": direction, "multiple": float(grp["multiple"].iloc[0]), "prompts": subset,
+                   "n_prompts": len(grp)}
+            for j, metric in enumerate((*RATIOS, "kl")):
+                row.update({metric: est[j], f"{metric}_lo": lo[j], f"{metric}_hi": hi[j]})
+            rows.append(row)
+    return pd.DataFrame(rows, columns=STAT_COLUMNS)
 
 
-def concept_mass(effects: pd.DataFrame, dictionary: str, multiple: float) -> pd.DataFrame:
-    """Per prompt: the concept tokens' total probability clean and steered at ``multiple`` (``p_clean``,
-    ``p_steered``, ``prompt_id``): a number not dominated by tokens whose probability is ~0."""
-    part = effects[(effects["dictionary"] == dictionary) & np.isclose(effects["multiple"], multiple)]
-    return part.groupby("prompt_id", sort=True)[["p_clean", "p_steered"]].sum().reset_index()
+def write_summaries(effects: pd.DataFrame, results: Path, cfg: Config) -> pd.DataFrame:
+    """From ``effects``: ``prompts.csv`` (:func:`per_prompt` at the dev-chosen multiples) and ``stats.csv``
+    (:func:`prompt_stats`); returns the stats."""
+    prompts = per_prompt(effects, choose_multiples(effects, cfg.down))
+    stats = prompt_stats(prompts, n_boot=cfg.n_boot, seed=cfg.seed)
+    write_csv(prompts, results / "prompts.csv")
+    write_csv(stats, results / "stats.csv")
+    return stats
 
 
-def _mass_text(mass: pd.DataFrame) -> str:
-    """``p 0.01 -> 0.03 (rises) on prompt 1, ...``: each prompt's direction read from its numbers."""
-    digits = [3 if fmt(r.p_clean) != fmt(r.p_steered) else 6 for r in mass.itertuples()]
-    parts = [f"{fmt(r.p_clean, d)} $\\to$ {fmt(r.p_steered, d)} on prompt {int(r.prompt_id) + 1} ("
-             + ("rises" if r.p_steered > r.p_clean else "falls" if r.p_steered < r.p_clean else "unchanged") + ")"
-             for r, d in zip(mass.itertuples(), digits)]
-    n_up = int((mass["p_steered"] > mass["p_clean"]).sum())
-    return f"{'; '.join(parts)}: it rises on {n_up} of {len(mass)} prompts"
+def verdict(stats: pd.DataFrame) -> pd.DataFrame:
+    """Per dictionary, over all evaluation prompts: up_raises (concept-ratio interval above 1), up_beyond_vocab
+    (lift interval above 1), down_lowers (concept-ratio interval below 1) and reproduces (all three)."""
+    main = stats[stats["prompts"] == "all"].set_index(["direction", "dictionary"])
+    up, down = main.loc["up"], main.loc["down"]
+    out = pd.DataFrame({"up_raises": up["concept_ratio_lo"] > 1, "up_beyond_vocab": up["lift_lo"] > 1,
+                        "down_lowers": down["concept_ratio_hi"].reindex(up.index) < 1})
+    return out.assign(reproduces=out.all(axis=1))
 
 
 # ----------------------------------------------------------------------------- rendering (CSVs only)
@@ -357,111 +483,175 @@ def _tex_tokens(joined: str, n: int = 4) -> str:
     return ", ".join(token_tex(t) for t in parts) if parts else "--"
 
 
+def _ci(row, metric: str) -> str:
+    """``estimate [lo, hi]`` of ``metric`` in a stats row."""
+    return f"{fmt(float(row[metric]))} [{fmt(float(row[metric + '_lo']))}, {fmt(float(row[metric + '_hi']))}]"
+
+
 def _clamp_axis(ax, multiples) -> None:
     """Evenly spaced clamp multiples on the x axis (the data's x is their index)."""
     ax.set_xticks(range(len(multiples)), [fmt(float(m)) for m in multiples], rotation=45)
     ax.set_xlabel("clamp / max activation")
 
 
-def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, str]]:
+def _dev_figure(effects: pd.DataFrame, stats: pd.DataFrame, path: Path):
+    import matplotlib.pyplot as plt
+
+    curve = dev_curve(effects)
+    multiples = sorted(curve["multiple"].unique())
+    curve["x"] = curve["multiple"].map({m: i for i, m in enumerate(multiples)})
+    up = stats[(stats["direction"] == "up") & (stats["prompts"] == "all")].set_index("dictionary")["multiple"]
+    names = list(dict.fromkeys(curve["dictionary"]))
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names) + 1.2, 3.4), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        part = curve[curve["dictionary"] == name]
+        for col, style, label in (("concept_ratio", "o-", "concept tokens"), ("lift", "s--", "concept / vocabulary"),
+                                  ("vocab_ratio", ":", "whole vocabulary")):
+            ax.plot(part["x"], np.log2(part[col].clip(lower=1e-30)), style, label=label)
+        if name in up.index:
+            ax.axvline(multiples.index(float(up[name])), color="black", lw=0.8, ls="-.", label="chosen clamp-up")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(title=name, ylabel="log2 p steered / p clean (dev prompts)" if ax is axes[0, 0] else "")
+        _clamp_axis(ax, multiples)
+    axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1, 1), fontsize=7)
+    return (save_figure(fig, path),
+            "Steering, development prompts only (where the clamp-up value is chosen): log2 geometric-mean ratio of "
+            "steered to clean probability of the concept tokens, of the whole vocabulary, and their ratio, against "
+            "the clamp value (multiples of the feature's maximum held-out activation; 0 = ablated); dash-dotted: "
+            "the chosen clamp-up multiple.")
+
+
+def _eval_figure(prompts: pd.DataFrame, stats: pd.DataFrame, path: Path):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    theme()
-    effects = read_csv(results, "effects")
+    names = list(dict.fromkeys(prompts["dictionary"]))
+    main = stats[stats["prompts"] == "all"]
+    fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names) + 1.2, 6.0), sharey="row", squeeze=False)
+    for j, name in enumerate(names):
+        part = prompts[prompts["dictionary"] == name].assign(
+            **{f"log2_{m}": lambda d, m=m: np.log2(d[m].clip(lower=1e-30)) for m in ("concept_ratio", "lift")})
+        for i, metric in enumerate(("concept_ratio", "lift")):
+            ax = axes[i, j]
+            sns.stripplot(data=part, x="direction", y=f"log2_{metric}", hue="context", order=["down", "up"],
+                          hue_order=["concept", "neutral"], ax=ax, size=4, alpha=0.7,
+                          legend=(i, j) == (0, len(names) - 1))
+            s = main[main["dictionary"] == name].set_index("direction").reindex(["down", "up"])
+            mid, lo, hi = (np.log2(s[c].to_numpy(float)) for c in (metric, f"{metric}_lo", f"{metric}_hi"))
+            ax.errorbar([0, 1], mid, yerr=[mid - lo, hi - mid], fmt="D", color="black", capsize=4, zorder=5)
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.set(title=name if i == 0 else "", xlabel="clamp" if i == 1 else "",
+                   ylabel="log2 concept / vocabulary" if i else "log2 concept p steered / clean")
+    sns.move_legend(axes[0, -1], "upper left", bbox_to_anchor=(1, 1), fontsize=7, title="context")
+    return (save_figure(fig, path),
+            "Steering, held-out evaluation prompts: per prompt (points), the log2 geometric-mean ratio of steered to "
+            "clean probability of the concept tokens (top) and that ratio over the whole vocabulary's (bottom), "
+            "clamped down and at the clamp-up value chosen on the development prompts; black: geometric mean over "
+            "prompts with its 95\\% bootstrap interval over prompts.")
+
+
+def _kl_figure(effects: pd.DataFrame, path: Path):
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
     multiples = sorted(effects["multiple"].unique())
-    effects["x"] = effects["multiple"].map({m: i for i, m in enumerate(multiples)})
-    token = effects["token"].iloc[0]
-    one = effects[effects["token"] == token]
-    names = list(dict.fromkeys(one["dictionary"]))
-    prompts = list(dict.fromkeys(one["prompt"]))
-    palette = dict(zip(prompts, sns.color_palette(n_colors=len(prompts))))
-    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names) + 1.2, 3.6), sharey=True, squeeze=False)
-    for ax, name in zip(axes[0], names):
-        part = one[one["dictionary"] == name]
-        sns.lineplot(data=part, x="x", y="p_steered", hue="prompt", hue_order=prompts, palette=palette,
-                     marker="o", ax=ax, legend=ax is axes[0, -1])
-        for prompt, grp in part.groupby("prompt"):
-            ax.axhline(grp["p_clean"].iloc[0], color=palette[prompt], ls=":", lw=1)
-        ax.set(yscale="log", title=f"{name}, feature {int(part['feature'].iloc[0])}", ylabel=f"p({token!r}) steered")
-        _clamp_axis(ax, multiples)
-    sns.move_legend(axes[0, -1], "upper left", bbox_to_anchor=(1, 1), fontsize=7, title="prompt")
-    paths = [(save_figure(fig, figures_dir / "steering_concept_prob.png"),
-              f"Steering: next-token probability of {token_tex(token)} when the chosen feature is clamped to "
-              f"multiples of its maximum held-out activation (0 = ablated), per dictionary and prompt; dotted "
-              f"lines: the clean probability.")]
-
-    eff = effects.assign(log2_ratio=np.log2(effects["ratio"].clip(lower=1e-30)))
-    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names) + 1.2, 3.6), sharey=True, squeeze=False)
-    order = list(dict.fromkeys(eff["token"]))
-    for ax, name in zip(axes[0], names):
-        sns.lineplot(data=eff[eff["dictionary"] == name], x="x", y="log2_ratio", hue="token", hue_order=order,
-                     estimator="mean", errorbar=None, marker="o", ax=ax, legend=ax is axes[0, -1])
-        vocab = eff[eff["dictionary"] == name].drop_duplicates(["x", "prompt_id"]).groupby("x")["vocab_ratio"]
-        ax.plot(vocab.apply(lambda r: np.log2(r.clip(lower=1e-30)).mean()), color="black", ls="--", lw=1.2,
-                label="whole vocabulary")
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set(title=name, ylabel="log2 p steered / p clean")
-        _clamp_axis(ax, multiples)
-    sns.move_legend(axes[0, -1], "upper left", bbox_to_anchor=(1, 1), fontsize=7, title="token")
-    paths.append((save_figure(fig, figures_dir / "steering_concept_ratio.png"),
-                  "Steering: log2 ratio of steered to clean probability of each concept token (mean over the "
-                  "prompts) against the clamp value, per dictionary; dashed: the mean log2 ratio over the whole "
-                  "vocabulary (a flattened distribution raises rare tokens without any concept)."))
-
     kl = effects.drop_duplicates(["dictionary", "multiple", "prompt_id"])
+    kl = kl.assign(x=kl["multiple"].map({m: i for i, m in enumerate(multiples)}))
     fig, ax = plt.subplots(figsize=(5.2, 3.4))
-    sns.lineplot(data=kl, x="x", y="kl", hue="dictionary", hue_order=names, marker="o", errorbar=None, ax=ax)
+    sns.lineplot(data=kl, x="x", y="kl", hue="dictionary", style="split", marker="o", errorbar=None, ax=ax)
     ax.set_yscale("symlog", linthresh=0.1)
     ax.set(ylabel="KL(clean || steered) [nats]", ylim=(0, None))
     _clamp_axis(ax, multiples)
-    paths.append((save_figure(fig, figures_dir / "steering_kl.png"),
-                  "Steering: KL divergence of the steered from the clean next-token distribution at the last "
-                  "position (mean over prompts) against the clamp value."))
-    return paths
+    return (save_figure(fig, path),
+            "Steering: KL divergence of the steered from the clean next-token distribution at the last position "
+            "(mean over development or evaluation prompts) against the clamp value.")
 
 
-def tables(results: Path, tables_dir: Path, cfg: Config) -> list[Path]:
-    cands = read_csv(results, "candidates")
-    head = headline(read_csv(results, "effects")).set_index("dictionary")
+def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, str]]:
+    theme()
+    effects, prompts, stats = (read_csv(results, n) for n in ("effects", "prompts", "stats"))
+    return [_dev_figure(effects, stats, figures_dir / "steering_dev.png"),
+            _eval_figure(prompts, stats, figures_dir / "steering_eval.png"),
+            _kl_figure(effects, figures_dir / "steering_kl.png")]
+
+
+def _chosen_table(results: Path, tables_dir: Path) -> Path:
+    cands, stats = read_csv(results, "candidates"), read_csv(results, "stats")
+    main = stats[stats["prompts"] == "all"].set_index(["direction", "dictionary"])
     chosen = cands[cands["chosen"].astype(str) == "True"].copy()
     chosen["dict_tex"] = chosen["dictionary"].map(latex_escape)
     chosen["feature_tex"] = chosen["feature"].astype(int).astype(str)
     chosen["logits_tex"] = chosen["top_logits"].map(_tex_tokens)
     chosen["examples_tex"] = chosen["top_examples"].map(_tex_tokens)
-    for col in ("best_multiple", "concept_ratio_best", "kl_best", "concept_ratio_abl", "kl_max"):
-        chosen[col] = chosen["dictionary"].map(head[col])
-    main = latex_table(chosen, tables_dir / f"{NAME}.tex", label="tab:steering",
-                       caption=("Steering: the feature chosen in each dictionary -- its density on held-out tokens, "
-                                "maximum activation, mean standardised logit effect on the concept tokens (z), best "
-                                "vocabulary rank of a concept token by logit effect, top logit effects and "
-                                "top-activating held-out tokens -- and, clamped at its best multiple of the maximum "
-                                "activation, the concept ratio (geometric mean of p steered / p clean over concept "
-                                "tokens and prompts) and the KL (nats); then the concept ratio when ablated and the "
-                                "KL at the largest clamp."),
-                       columns={"dict_tex": "dictionary", "feature_tex": "feature", "layer": "layer",
-                                "density": "density", "scale": "max act.", "logit_z": "z", "concept_rank": "rank",
-                                "logits_tex": "top logits", "examples_tex": "top examples",
-                                "best_multiple": "best x", "concept_ratio_best": "ratio", "kl_best": "KL",
-                                "concept_ratio_abl": "ratio abl.", "kl_max": "KL max"},
-                       raw_columns=("dict_tex", "feature_tex", "logits_tex", "examples_tex"))
+    for d in ("up", "down"):
+        part = main.loc[d]
+        chosen[f"{d}_x"] = chosen["dictionary"].map(part["multiple"])
+        chosen[f"{d}_ratio"] = chosen["dictionary"].map(lambda n: _ci(part.loc[n], "concept_ratio"))
+        chosen[f"{d}_lift"] = chosen["dictionary"].map(lambda n: _ci(part.loc[n], "lift"))
+        chosen[f"{d}_kl"] = chosen["dictionary"].map(part["kl"])
+    n = int(main["n_prompts"].iloc[0])
+    return latex_table(
+        chosen, tables_dir / f"{NAME}.tex", label="tab:steering",
+        caption=("Steering: the feature chosen in each dictionary -- density on held-out tokens, maximum activation, "
+                 "mean standardised logit effect on the concept tokens (z), best vocabulary rank of a concept token "
+                 "by logit effect, top logit effects and top-activating held-out tokens -- and, clamped up (at the "
+                 "multiple of the maximum activation chosen on the development prompts) and down, on "
+                 f"{n} held-out evaluation prompts: the concept ratio (geometric mean over prompts of p steered / "
+                 "p clean, itself a geometric mean over concept tokens), its ratio to the vocabulary-wide ratio, "
+                 "each with a 95\\% bootstrap interval over prompts, and the mean KL (nats)."),
+        columns={"dict_tex": "dictionary", "feature_tex": "feature", "layer": "layer", "density": "density",
+                 "scale": "max act.", "logit_z": "z", "concept_rank": "rank", "logits_tex": "top logits",
+                 "examples_tex": "top examples", "up_x": "up x", "up_ratio": "ratio up", "up_lift": "/ vocab. up",
+                 "up_kl": "KL up", "down_x": "down x", "down_ratio": "ratio down", "down_lift": "/ vocab. down",
+                 "down_kl": "KL down"},
+        raw_columns=("dict_tex", "feature_tex", "logits_tex", "examples_tex", "up_ratio", "up_lift", "down_ratio",
+                     "down_lift"))
+
+
+def _prompt_table(results: Path, tables_dir: Path) -> Path:
+    prompts = read_csv(results, "prompts")
+    wide = prompts.pivot_table(index=["prompt_id", "prompt", "context", "p_key_clean"],
+                               columns=["dictionary", "direction"], values=["p_key", "lift", "kl"], sort=False)
+    wide.columns = [f"{d}|{s}|{m}" for m, d, s in wide.columns]
+    wide = wide.reset_index()
+    wide["prompt_tex"] = wide["prompt"].map(_ascii)
+    key = token_tex(str(prompts["key_token"].iloc[0]))
+    columns = {"prompt_tex": "prompt", "context": "context", "p_key_clean": "p clean"}
+    for name in dict.fromkeys(prompts["dictionary"]):
+        columns.update({f"{name}|up|p_key": f"{name} p up", f"{name}|down|p_key": f"{name} p down",
+                        f"{name}|up|lift": f"{name} / vocab. up", f"{name}|down|lift": f"{name} / vocab. down",
+                        f"{name}|up|kl": f"{name} KL up"})
+    return latex_table(wide, tables_dir / f"{NAME}_prompts.tex", label="tab:steering_prompts",
+                       caption=(f"Steering, per held-out evaluation prompt: p({key}) clean and with the chosen feature "
+                                "clamped up (dev-chosen multiple) and down, the concept tokens' geometric-mean ratio "
+                                "steered / clean over the vocabulary-wide one, and the KL (nats) when clamped up."),
+                       columns=columns, raw_columns=("prompt_tex",))
+
+
+def _generation_table(results: Path, tables_dir: Path, cfg: Config) -> Path:
     gens = read_csv(results, "generations")
     lines = ["% generated from CSV results; do not edit", "\\begin{table}[tbp]", "\\centering\\small",
-             f"\\caption{{Steering: {cfg.gen_tokens} sampled tokens (temperature {fmt(cfg.gen_temperature)}, seed {cfg.seed}, "
-             f"the same random draws in every row) after the prompt, clean and with the chosen feature clamped at "
-             f"its best multiple of its maximum activation.}}", "\\label{tab:steering_generations}",
+             f"\\caption{{Steering: {cfg.gen_tokens} sampled tokens (temperature {fmt(cfg.gen_temperature)}, seed "
+             f"{cfg.seed}, the same random draws in every row) after held-out evaluation prompts, clean and with the "
+             f"chosen feature clamped up (dev-chosen multiple of its maximum activation) and down.}}",
+             "\\label{tab:steering_generations}",
              "\\begin{tabular}{p{0.24\\linewidth}p{0.68\\linewidth}}", "\\toprule", "run & continuation \\\\"]
     for _, grp in gens.groupby("prompt_id", sort=True):
         prompt = _ascii(grp["prompt"].iloc[0])
         lines += ["\\midrule", f"\\multicolumn{{2}}{{p{{0.94\\linewidth}}}}{{\\emph{{{prompt}}}}} \\\\"]
         for r in grp.itertuples():
             run = "clean" if r.dictionary == "clean" else \
-                f"{latex_escape(r.dictionary)} {int(r.feature)} at {fmt(float(r.multiple))}$\\times$"
+                f"{latex_escape(r.dictionary)} {int(r.feature)} {r.direction} ({fmt(float(r.multiple))}$\\times$)"
             lines.append(f"{run} & {_ascii(r.text)} \\\\")
     lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
-    gen_path = tables_dir / f"{NAME}_generations.tex"
-    write_text("\n".join(lines) + "\n", gen_path)
-    return [main, gen_path]
+    path = tables_dir / f"{NAME}_generations.tex"
+    write_text("\n".join(lines) + "\n", path)
+    return path
+
+
+def tables(results: Path, tables_dir: Path, cfg: Config) -> list[Path]:
+    return [_chosen_table(results, tables_dir), _prompt_table(results, tables_dir),
+            _generation_table(results, tables_dir, cfg)]
 
 
 def _ascii(text) -> str:
@@ -474,42 +664,68 @@ _AT_TEXT = {"each": "every layer the feature writes is set to the clean run plus
             "peak": "only its peak layer is edited; the model carries the change on"}
 
 
+def _failures(v) -> str:
+    """What part of the seed's result fails for one :func:`verdict` row."""
+    parts = (["clamping up does not raise the concept tokens' probability (its interval does not lie above 1)"]
+             if not v.up_raises else [] if v.up_beyond_vocab else
+             ["clamping up raises the concept tokens no more than the whole vocabulary (the interval of its ratio to "
+              "the vocabulary-wide ratio does not lie above 1)"])
+    if not v.down_lowers:
+        parts.append("clamping down does not lower the concept tokens' probability (its interval does not lie below 1)")
+    return "; ".join(parts)
+
+
+def _feature_text(name: str, cands: pd.DataFrame, stats: pd.DataFrame, prompts: pd.DataFrame, v, cfg: Config,
+                  n_dev: int) -> str:
+    mine = cands[cands["dictionary"] == name]
+    c = mine[mine["chosen"].astype(str) == "True"].iloc[0]
+    s = stats[(stats["dictionary"] == name) & (stats["prompts"] == "all")].set_index("direction")
+    up, down = s.loc["up"], s.loc["down"]
+    p = prompts[prompts["dictionary"] == name]
+    rises = int((p[p["direction"] == "up"].eval("mass > mass_clean")).sum())
+    falls = int((p[p["direction"] == "down"].eval("mass < mass_clean")).sum())
+    key = token_tex(str(p["key_token"].iloc[0]))
+    return (
+        f"The chosen {latex_escape(name)} feature {int(c['feature'])} (layer {int(c['layer'])}, density "
+        f"{fmt(100 * float(c['density']))}\\%; {int((mine['density'] > cfg.max_density).sum())} of {len(mine)} "
+        f"candidates excluded as denser than {fmt(100 * cfg.max_density)}\\%) has its best-ranked concept token at "
+        f"rank {int(c['concept_rank'])} of the vocabulary by logit effect. On the {n_dev} development prompts the "
+        f"clamp-up value is {fmt(float(up['multiple']))}$\\times$ its maximum activation ({fmt(float(c['scale']))}). "
+        f"On the {int(up['n_prompts'])} evaluation prompts, clamping up multiplies the concept tokens' probability by "
+        f"{_ci(up, 'concept_ratio')} ({_ci(up, 'lift')} times the vocabulary-wide ratio; {key} alone "
+        f"{_ci(up, 'key_ratio')}) at a mean KL of {fmt(float(up['kl']))} nats, and their total probability rises on "
+        f"{rises} of {len(p[p['direction'] == 'up'])} prompts; clamping down ({fmt(float(down['multiple']))}$\\times$) "
+        f"multiplies it by {_ci(down, 'concept_ratio')} ({_ci(down, 'lift')} times the vocabulary-wide ratio; {key} "
+        f"alone {_ci(down, 'key_ratio')}), KL {fmt(float(down['kl']))} nats, the total falling on {falls} of "
+        f"{len(p[p['direction'] == 'down'])} prompts. "
+        + ("With this feature the seed's result reproduces." if v.reproduces else
+           f"With this feature the seed's result does not reproduce: {_failures(v)}."))
+
+
+def _summary(verdicts: pd.DataFrame) -> str:
+    ok = verdicts["reproduces"]
+    yes, no = ([latex_escape(n) for n in verdicts.index[mask]] for mask in (ok, ~ok))
+    if not yes:
+        return "In short, the seed's result does not reproduce on \\texttt{\\clmodelname} with any chosen feature."
+    return (f"In short, the seed's result reproduces on \\texttt{{\\clmodelname}} with the {' and the '.join(yes)} "
+            f"feature{'s' if len(yes) > 1 else ''}" + (f", not with the {' or the '.join(no)} feature" if no else "")
+            + ".")
+
+
 def answer(results: Path, cfg: Config) -> str:
-    cands = read_csv(results, "candidates")
-    effects = read_csv(results, "effects")
-    concept = read_csv(results, "concept_tokens")
-    head = headline(effects)
-    n_prompts, n_tokens = effects["prompt_id"].nunique(), effects["token"].nunique()
-    at = str(effects["at"].iloc[0]) if "at" in effects else cfg.at
+    cands, effects, concept = (read_csv(results, n) for n in ("candidates", "effects", "concept_tokens"))
+    stats, prompts = read_csv(results, "stats"), read_csv(results, "prompts")
+    verdicts = verdict(stats)
+    at = str(stats["at"].iloc[0])
+    n_dev = int(effects.loc[effects["split"] == "dev", "prompt_id"].nunique())
     text = [f"The {len(concept)} one-token concept words ({', '.join(token_tex(t) for t in concept['token'])}) "
-            f"occur {int(concept['n_train'].sum())} times in the training store. Features are clamped in mode "
-            f"\\texttt{{{at}}} ({_AT_TEXT.get(at, 'see crosslayer.interventions')})."]
-    for r in head.itertuples():
-        c = cands[(cands["dictionary"] == r.dictionary) & (cands["chosen"].astype(str) == "True")].iloc[0]
-        mine = cands[cands["dictionary"] == r.dictionary]
-        n_dense = int((mine["density"] > cfg.max_density).sum())
-        lift = r.concept_ratio_best / max(r.vocab_ratio_best, 1e-30)
-        works = r.concept_ratio_best >= cfg.steer_ratio and lift >= cfg.steer_ratio
-        text.append(
-            f"The chosen {latex_escape(r.dictionary)} feature {r.feature} (layer {int(c['layer'])}, density "
-            f"{fmt(100 * float(c['density']))}\\%; {n_dense} of {len(mine)} candidates excluded as denser than "
-            f"{fmt(100 * cfg.max_density)}\\%) has its best-ranked concept token at rank {int(c['concept_rank'])} of "
-            f"the vocabulary by logit effect. Clamped at {fmt(r.best_multiple)}$\\times$ its maximum activation "
-            f"({fmt(float(c['scale']))}), the best of the grid, it multiplies the concept tokens' probabilities by "
-            f"{fmt(r.concept_ratio_best)} (geometric mean over {n_tokens} tokens and {n_prompts} prompts; "
-            f"{fmt(lift)} times the vocabulary-wide ratio) at a KL of {fmt(r.kl_best)} nats. The concept words' "
-            f"total probability goes {_mass_text(concept_mass(effects, r.dictionary, r.best_multiple))}. "
-            + ("It passes" if works else "It fails")
-            + f" the steering criterion (concept ratio and its ratio to the vocabulary-wide one both at least "
-            f"{fmt(cfg.steer_ratio)})"
-            + (f"; at {fmt(r.max_multiple)}$\\times$ the KL is {fmt(r.kl_max)} nats (concept ratio "
-               f"{fmt(r.concept_ratio_max)})" if r.max_multiple != r.best_multiple else "")
-            + f"; ablating it gives a concept ratio of {fmt(r.concept_ratio_abl)}.")
-    if len(head) == 2:
-        a, b = head.iloc[0], head.iloc[1]
-        more, less = (a, b) if a.concept_ratio_best >= b.concept_ratio_best else (b, a)
-        text.append(f"The {latex_escape(more.dictionary)} feature moves the concept more "
-                    f"({fmt(more.concept_ratio_best)}$\\times$ against {fmt(less.concept_ratio_best)}$\\times$).")
+            f"occur {int(concept['n_train'].sum())} times in the training store. Features are chosen on selection "
+            f"sentences, the clamp-up value on {n_dev} development prompts, and every effect below is measured on "
+            f"held-out evaluation prompts (ratios are geometric means over prompts with 95\\% bootstrap intervals "
+            f"over prompts). Features are clamped in mode \\texttt{{{at}}} "
+            f"({_AT_TEXT.get(at, 'see crosslayer.interventions')})."]
+    text += [_feature_text(name, cands, stats, prompts, v, cfg, n_dev) for name, v in verdicts.iterrows()]
+    text.append(_summary(verdicts))
     return " ".join(text)
 
 
