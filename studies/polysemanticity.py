@@ -746,9 +746,9 @@ def _intervals(tests: pd.DataFrame, path: Path):
         sub = sel[sel.concept_family == family].reset_index(drop=True)
         y = np.arange(len(sub))[::-1]
         sig = (sub.p_holm < 0.05).to_numpy()
-        for mask, colour in ((sig, "black"), (~sig, "0.6")):
-            ax.errorbar(sub.delta[mask], y[mask], xerr=[(sub.delta - sub.ci_lo)[mask], (sub.ci_hi - sub.delta)[mask]],
-                        fmt="o", color=colour, ms=3, capsize=2)
+        for mask, colour in ((sig, "black"), (~sig, "0.6")):  # a percentile interval need not contain the estimate
+            ax.hlines(y[mask], sub.ci_lo[mask], sub.ci_hi[mask], color=colour, lw=1)
+            ax.plot(sub.delta[mask], y[mask], "o", color=colour, ms=3)
         ax.axvline(0, color="0.3", lw=0.8, ls="--")
         ax.set_title(FAMILY_LABELS[family] + ("" if family not in DEPENDENT_FAMILIES else " (coarsens source)"))
         ax.set_xlabel("difference of median H / log C (a - b)")
