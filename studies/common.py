@@ -36,7 +36,8 @@ def fmt(value, digits: int = 3) -> str:
     if isinstance(value, (int,)) or (isinstance(value, float) and value.is_integer() and abs(value) >= 100):
         return f"{int(value):,}"
     if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:,.0f}"
+        text = f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:,.0f}"
+        return f"{value:,.0f}" if "e+" in text else text  # 100, not 1e+02 (more integer digits than ``digits``)
     return latex_escape(value)
 
 

@@ -336,17 +336,23 @@ def _prefix_text(down: pd.DataFrame) -> str:
             f"rises): what it gains from reading the future.")
 
 
+def _times(ratio: float) -> str:
+    """A ratio L0(SAEs) / L0(crosscoder) as what the crosscoder needs: "2.1x fewer" or "1.5x more"."""
+    return f"{fmt(ratio, 2)}$\\times$ fewer" if ratio >= 1 else f"{fmt(1 / ratio, 2)}$\\times$ more"
+
+
 def _sweep_text(sweep: pd.DataFrame, head: pd.DataFrame) -> list[str]:
     parts = []
     if len(head):
         how = ("over the FVU range both sweeps reach" if bool(head.interpolated.iloc[0])
                else "at the sweep points closest in FVU (the curves do not overlap, so this is not interpolated)")
         mid = head.iloc[len(head) // 2]
-        parts.append(f"At equal FVU, {how}, the acausal crosscoder needs {fmt(head.l0_ratio.min(), 2)}--"
-                     f"{fmt(head.l0_ratio.max(), 2)}$\\times$ fewer active (feature, layer) pairs than the per-layer "
-                     f"SAEs together (median {fmt(float(head.l0_ratio.median()), 2)}$\\times$; at FVU "
-                     f"{fmt(float(mid.fvu), 2)}: {fmt(float(mid.l0_sae), 3)} vs {fmt(float(mid.l0_cc), 3)}); counting "
-                     f"each crosscoder feature once, {fmt(float(head.feat_ratio.median()), 2)}$\\times$.")
+        parts.append(f"At equal FVU, {how}, the ratio L0(per-layer SAEs) / L0(acausal crosscoder) in active (feature, "
+                     f"layer) pairs is {fmt(head.l0_ratio.min(), 2)}--{fmt(head.l0_ratio.max(), 2)} (median "
+                     f"{fmt(float(head.l0_ratio.median()), 2)}: the crosscoder needs {_times(float(head.l0_ratio.median()))}"
+                     f" pairs; at FVU {fmt(float(mid.fvu), 2)}: {fmt(float(mid.l0_sae), 3)} vs {fmt(float(mid.l0_cc), 3)}); "
+                     f"counting each crosscoder feature once, the ratio is {fmt(float(head.feat_ratio.median()), 2)} (the "
+                     f"crosscoder needs {_times(float(head.feat_ratio.median()))} active latents).")
     for name in (SAE, CC):
         part = sweep[sweep.approach == name]
         if len(part):

@@ -28,3 +28,11 @@ def test_paper_builds_from_micro_outputs(micro_ctx, tmp_path):
     assert len(wanted) >= 19 and all((build / "tables" / f"{name}.tex").is_file() for name in wanted), \
         [name for name in wanted if not (build / "tables" / f"{name}.tex").is_file()]
     assert "Output written on main.pdf" in log
+
+
+def test_numbers_are_written_without_exponents_where_they_fit():
+    """fmt (every number in the generated paper): significant digits, separators, and never "1e+02" for 100."""
+    from studies.common import fmt
+
+    assert fmt(100.0, 2) == "100" and fmt(99.7, 2) == "100" and fmt(0.123456) == "0.123" and fmt(12345.6) == "12,346"
+    assert fmt(2.5e-7) == "2.5e-07" and fmt(1234) == "1,234" and fmt(float("nan")) == "--" and fmt(4.07, 3) == "4.07"
