@@ -775,7 +775,7 @@ def figures(results, figures_dir, cfg: Config) -> list:
                       "concept family. " + setup))
     path = _intervals(tests, Path(figures_dir) / f"{NAME}_intervals.png")
     out.append((path, f"Polysemanticity: differences of median normalised concept entropy between unit types (a - b; "
-                      f"negative: a is more monosemantic) with 95 % intervals from {int(tests.n_boot.iloc[0])} "
+                      f"negative: a is more monosemantic) with 95\\% intervals from {int(tests.n_boot.iloc[0])} "
                       f"bootstrap resamples of the {int(tests.n_docs.iloc[0])} documents; black: Holm-adjusted "
                       "p < 0.05. Matched: equal numbers of SAE and crosscoder latents with matched firing density."))
     return out
@@ -822,7 +822,7 @@ def tables(results, tables_dir, cfg: Config) -> list:
                        columns={"family": "family", "pair": "a vs b", "n_a": "n a", "n_b": "n b",
                                 "median_a": "median a", "median_b": "median b", "delta": "a - b", "ci": "95 % CI",
                                 "p_holm": "p (Holm)"},
-                       caption=(f"Differences of median normalised concept entropy between unit types with 95 % "
+                       caption=(f"Differences of median normalised concept entropy between unit types with 95\\% "
                                 f"intervals from {int(tests.n_boot.iloc[0])} bootstrap resamples of the "
                                 f"{int(tests.n_docs.iloc[0])} documents (rule top unless marked f>0); negative: a is "
                                 "more monosemantic. Holm over every row of tests.csv (both metrics). *Language "

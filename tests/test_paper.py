@@ -36,3 +36,27 @@ def test_numbers_are_written_without_exponents_where_they_fit():
 
     assert fmt(100.0, 2) == "100" and fmt(99.7, 2) == "100" and fmt(0.123456) == "0.123" and fmt(12345.6) == "12,346"
     assert fmt(2.5e-7) == "2.5e-07" and fmt(1234) == "1,234" and fmt(float("nan")) == "--" and fmt(4.07, 3) == "4.07"
+
+
+STRAY_PERCENT = re.compile(r"(?<!\\)%\s*\S")
+
+
+def _stray_percents(tables: Path) -> list[str]:
+    """Lines of generated .tex with an unescaped % followed by text (it would comment out the rest of a caption or
+    a row and break the build); comment lines and a % that ends a line (TeX's line-end idiom) are fine."""
+    return [f"{path.name}: {line[:80]}" for path in sorted(tables.glob("*.tex"))
+            for line in path.read_text().splitlines()
+            if not line.lstrip().startswith("%") and STRAY_PERCENT.search(line)]
+
+
+def test_committed_tables_have_no_stray_percent(tmp_path):
+    (tmp_path / "t.tex").write_text("% comment\n\\resizebox{x}{!}{%\n\\caption{95 % intervals}\nok 95\\% here\n")
+    assert _stray_percents(tmp_path) == ["t.tex: \\caption{95 % intervals}"]  # the check catches what broke the build
+    assert _stray_percents(PAPER.parent / "tables") == []
+
+
+@pytest.mark.slow
+def test_generated_tables_have_no_stray_percent(micro_ctx):
+    """Every table, caption and answer a micro reproduction writes (no TeX needed to check this)."""
+    reproduce("micro", out=micro_ctx.out, paper=micro_ctx.paper, progress=False)
+    assert _stray_percents(micro_ctx.paper / "tables") == []
