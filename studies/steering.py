@@ -13,7 +13,9 @@ Method
 
     1. Concept tokens: the entries of ``CONCEPT_TOKENS`` that are one token for the model's tokenizer
        (``concept_tokens.csv`` also counts how often each occurs in the training and held-out stores). The key
-       token is the first of them (" scam").
+       token is the first of them (" scam"). The builtin corpus carries the concept in its ``concept_fraud``
+       label (SMS scam messages and chat excerpts about scams, fraud, lying and suspicion; data/README.md gives
+       the words' counts).
     2. Candidates: (a) per concept token the ``Config.n_logit`` features whose raw decoder direction most
        raises its logit (:func:`crosslayer.features.find_features_for_token`, best layer per feature);
        (b) the ``Config.n_act`` features whose mean activation on concept sentences (``CONCEPT_TEXTS``) most

@@ -117,3 +117,18 @@ def test_shipped_corpus_has_every_label_in_both_splits_and_no_leaks():
     assert train and held and not (train & held)
     for label in labels:
         assert {d.split for d in corpus.documents if d.label == label} == {"train", "heldout"}
+
+
+@pytest.mark.skipif(not builtin_corpus_path().exists(), reason="shipped corpus not built")
+def test_shipped_corpus_has_the_steering_concept_in_its_training_split(tok):
+    """The steering study's concept words occur in the training text of the concept label (data/README.md)."""
+    from studies.steering import concept_ids
+
+    corpus = load_corpus("builtin").select("train", ["concept_fraud"])
+    counts = dict.fromkeys(concept_ids(tok).values(), 0)
+    for doc in corpus.documents:
+        for token in tok(doc.text, add_special_tokens=False)["input_ids"]:
+            if token in counts:
+                counts[token] += 1
+    core = concept_ids(tok, (" scam", " fraud", " suspicious", " fake", " stolen"))
+    assert len(core) == 5 and all(counts[i] > 0 for i in core.values()), counts
