@@ -131,13 +131,14 @@ class Handler(SimpleHTTPRequestHandler):
         if not self.steerer.lock.acquire(blocking=False):
             return self._json(429, {"error": "another steering request is running; try again when it finishes"})
         try:
-            return self._json(200, self.steerer.run(req))
+            status, answer = 200, self.steerer.run(req)
         except CrosslayerError as err:
-            return self._json(400, {"error": str(err)})
+            status, answer = 400, {"error": str(err)}
         except Exception as err:  # a bug must not kill the server; report it as JSON
-            return self._json(500, {"error": f"{type(err).__name__}: {err}"})
-        finally:
+            status, answer = 500, {"error": f"{type(err).__name__}: {err}"}
+        finally:  # released before answering: a client that sends its next request on reading this one is not refused
             self.steerer.lock.release()
+        return self._json(status, answer)
 
 
 def make_server(site: str | Path, steerer: Steerer, *, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:

@@ -331,7 +331,7 @@ def test_resume_skips_finished_layers(tiny_store, tmp_path, monkeypatch):
     calls.clear()
     train_per_layer_saes(tiny_store, small, out_dir=out, progress=False)
     assert calls == []
-    with pytest.raises(CrosslayerError, match=r"different per-layer SAE training \(training:"):
+    with pytest.raises(CrosslayerError, match=r"different per-layer SAE training \(training\.seed:"):
         train_per_layer_saes(tiny_store, replace(small, seed=1), out_dir=out, progress=False)
 
 
