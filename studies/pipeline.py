@@ -392,7 +392,10 @@ def reproduce(preset: str = "demo", *, out: str | Path | None = None, corpus: st
     from crosslayer.corpus import load_corpus
 
     documents = load_corpus(corpus)  # a bad corpus fails before preset.json is written
-    claim_folder(out, {**chosen.record(), "corpus": corpus}, record="preset.json", what="reproduction")
+    # the corpus's content fingerprint too: a folder whose stores came from other text (an edited builtin corpus)
+    # is refused instead of mixing its stores with windows of the new text
+    claim_folder(out, {**chosen.record(), "corpus": corpus, "corpus_id": documents.corpus_id}, record="preset.json",
+                 what="reproduction")
     ctx = RunContext(chosen, out, corpus=corpus, paper=paper, progress=progress, device=device)
     ctx._corpus = documents
     total = time.time()

@@ -201,6 +201,11 @@ def test_reproduce_rejects_bad_input(tmp_path):
     (tmp_path / "other" / "preset.json").write_text(json.dumps({"preset": "micro", "layers": "0"}))
     with pytest.raises(CrosslayerError, match="different reproduction"):
         reproduce("micro", out=tmp_path / "other")
+    record = {**get_preset("micro").record(), "corpus": "builtin", "corpus_id": "corpus.jsonl.xz:sha256:older"}
+    (tmp_path / "older").mkdir()
+    (tmp_path / "older" / "preset.json").write_text(json.dumps(record))  # the same preset over another corpus text
+    with pytest.raises(CrosslayerError, match="different reproduction \\(corpus_id: 'corpus.jsonl.xz:sha256:older'"):
+        reproduce("micro", out=tmp_path / "older")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("mine")
     with pytest.raises(CrosslayerError, match="not a reproduction folder"):
