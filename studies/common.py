@@ -125,3 +125,18 @@ def column_corr(a_NF: Tensor, b_NF: Tensor) -> Tensor:
     b = b_NF.double() - b_NF.double().mean(0)
     den = (a.pow(2).sum(0) * b.pow(2).sum(0)).sqrt()
     return torch.where(den > 0, (a * b).sum(0) / den.clamp_min(1e-300), torch.full_like(den, float("nan"))).float()
+
+
+def bootstrap_mean(values_PM: np.ndarray, *, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean over the rows (prompts, features, ...: the resampled unit) of each column of ``values_PM`` and its 95 %
+    percentile-bootstrap interval (``n_boot`` resamples of the P rows with replacement, the same draws for every
+    column; NaN without rows)."""
+    from crosslayer.evals import bootstrap_counts
+
+    values_PM = np.asarray(values_PM, dtype=np.float64)
+    if len(values_PM) == 0:
+        nan_M = np.full(values_PM.shape[1], np.nan)
+        return nan_M, nan_M, nan_M
+    means_BM = bootstrap_counts(len(values_PM), n_boot, seed) @ values_PM / len(values_PM)
+    lo_M, hi_M = np.quantile(means_BM, [0.025, 0.975], axis=0)
+    return values_PM.mean(0), lo_M, hi_M

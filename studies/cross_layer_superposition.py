@@ -64,7 +64,8 @@ from crosslayer.io import write_csv
 from crosslayer.matching import (build_chains, chance_cosine, decoders, match_adjacent, sae_blocks,  # noqa: F401
                                  sae_per_crosscoder, unit)
 from studies.base import Study
-from studies.common import column_corr, encode_rows, fmt, latex_table, read_csv, sample_rows, save_figure, theme
+from studies.common import (bootstrap_mean, column_corr, encode_rows, fmt, latex_table, read_csv, sample_rows,
+                            save_figure, theme)
 
 NAME = "cross_layer_superposition"
 SAE, CC = "per-layer SAEs", "crosscoder"
@@ -257,21 +258,12 @@ def _null_rows(null: pd.DataFrame, live_prof: pd.DataFrame, n_layers: int, add) 
     groups = [("crosscoder", live_prof)] + [(kind, part) for kind, part in null.groupby("kind", sort=False)]
     for kind, part in groups:
         for col in ("span", "span_50", "entropy"):
-            lo, hi = _boot_mean(part[col].to_numpy(float))
+            _, (lo,), (hi,) = bootstrap_mean(part[col].to_numpy(float)[:, None], n_boot=1000, seed=0)
             add("null", f"{kind}|mean_{col}", part[col].mean())
             add("null", f"{kind}|mean_{col}_lo", lo)
             add("null", f"{kind}|mean_{col}_hi", hi)
         add("null", f"{kind}|frac_span_all", (part.span == n_layers).mean())
         add("null", f"{kind}|n", len(part))
-
-
-def _boot_mean(values: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile-bootstrap interval of the mean of ``values``."""
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (n, len(values)))].mean(1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
 # ----------------------------------------------------------------------------- the study

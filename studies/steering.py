@@ -78,7 +78,7 @@ from crosslayer.errors import CrosslayerError
 from crosslayer.models import tokenize_padded
 from crosslayer.io import write_csv, write_text
 from studies.base import Study
-from studies.common import fmt, latex_escape, latex_table, read_csv, save_figure, theme, token_tex
+from studies.common import bootstrap_mean, fmt, latex_escape, latex_table, read_csv, save_figure, theme, token_tex
 
 NAME = "steering"
 
@@ -426,17 +426,6 @@ def per_prompt(effects: pd.DataFrame, choice: pd.DataFrame) -> pd.DataFrame:
     return out.assign(key_token=key, key_ratio=out["p_key"] / out["p_key_clean"].clip(lower=1e-30),
                       mass_ratio=out["mass"] / out["mass_clean"].clip(lower=1e-30),
                       lift=out["concept_ratio"] / out["vocab_ratio"].clip(lower=1e-30))[PROMPT_COLUMNS]
-
-
-def bootstrap_mean(values_PM: np.ndarray, *, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean over prompts (rows) of each column of ``values_PM`` and its 95 % percentile-bootstrap interval
-    (``n_boot`` resamples of the P prompts with replacement, the same draws for every column)."""
-    from crosslayer.evals import bootstrap_counts
-
-    values_PM = np.asarray(values_PM, dtype=np.float64)
-    means_BM = bootstrap_counts(len(values_PM), n_boot, seed) @ values_PM / len(values_PM)
-    lo_M, hi_M = np.quantile(means_BM, [0.025, 0.975], axis=0)
-    return values_PM.mean(0), lo_M, hi_M
 
 
 def prompt_stats(prompts: pd.DataFrame, *, n_boot: int, seed: int) -> pd.DataFrame:
