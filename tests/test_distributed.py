@@ -197,6 +197,8 @@ def test_killed_two_rank_runs_resume_on_one_or_two_ranks(tmp_path):
         assert resumed_on_1.meta["resumed_from_step"] == resumed_on_2.meta["resumed_from_step"] == 5
         assert_same_weights(reference, resumed_on_1)
         assert_same_weights(reference, resumed_on_2)
+        assert_same_snapshots(tmp_path / "single-topk", tmp_path / f"{name}-on-1")  # none lost or taken twice
+        assert_same_snapshots(tmp_path / "single-topk", tmp_path / name)
 
 
 def test_store_parts_are_disjoint_and_make_the_whole_batch(tiny_store):
