@@ -43,7 +43,8 @@ for dead latents; research-notes §3):
    checkpoint like the curve, so a resumed run keeps those taken before its checkpoint and retakes, bit-identical,
    those taken after it; the finished run writes them to ``out_dir/profile_snapshots.npz``
    (:func:`read_profile_snapshots`). A tidy CSV would need one row per (snapshot, feature, layer), millions at the
-   standard preset; the array is about 0.5 MB per snapshot there, one norm over the decoder costs less than a step.
+   paper preset; the array takes 2 bytes per (feature, layer): 74 kB per snapshot at the standard preset, 4 MB at
+   the paper preset's 30 layers, far below the checkpoint's weights; one norm over the decoder costs less than a step.
 """
 
 from __future__ import annotations
@@ -288,7 +289,8 @@ class _Run:
     mesh: distributed.Mesh | None = None
     """This process's place among several (None: one process)."""
     snapshots: list = field(default_factory=list)
-    """Decoder-norm snapshots taken so far: ``{"step", "tokens", "norms_FL"}`` (float16, CPU; module docstring, step 9)."""
+    """Decoder-norm snapshots taken so far: ``{"step", "tokens", "norms_FL"}`` (float16, CPU; module docstring,
+    step 9)."""
     profiles: bool = False
     """Whether this run takes them (latents that write several layers)."""
 
@@ -318,7 +320,8 @@ class _Run:
         if self.mesh is None or self.mesh.writer:
             with atomic_path(path) as tmp:
                 torch.save({"model": model, "optim": optim, "plan": plan, "rng": torch.get_rng_state(),
-                            "step": self.step, "log": self.log, "since_fired": since_fired, "snapshots": self.snapshots}, tmp)
+                            "step": self.step, "log": self.log, "since_fired": since_fired,
+                            "snapshots": self.snapshots}, tmp)
         self.last_good = self.step
 
 
@@ -541,8 +544,8 @@ def read_profile_snapshots(folder: str | Path) -> ProfileSnapshots:
     """The decoder-norm snapshots a training run wrote into ``folder`` (module docstring, step 9)."""
     path = Path(folder) / PROFILE_SNAPSHOTS
     if not path.is_file():
-        raise CrosslayerError(f"no {PROFILE_SNAPSHOTS} in {folder}: it was trained before training kept decoder-norm "
-                              "snapshots, or is a per-layer SAE stack; retrain it (delete the folder) to get them")
+        raise CrosslayerError(f"no {PROFILE_SNAPSHOTS} in {folder}: not a finished multi-layer dictionary, or trained "
+                              "before training kept decoder-norm snapshots; retrain it (delete the folder) to get them")
     with np.load(path) as z:
         return ProfileSnapshots(z["step"], z["tokens"], z["layers"].tolist(), z["norms"])
 

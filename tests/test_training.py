@@ -271,6 +271,8 @@ def test_train_from_store(tmp_path, tiny_store):
                                       progress=False)
     assert one.hooks == [store.hooks[1]] and torch.equal(one.norm_factors, store.norm_factors[1:].float())
     assert (tmp_path / "cc" / PROFILE_SNAPSHOTS).is_file() and not (tmp_path / "one" / PROFILE_SNAPSHOTS).exists()
+    with pytest.raises(CrosslayerError, match="no profile_snapshots.npz in .*one: not a finished multi-layer"):
+        read_profile_snapshots(tmp_path / "one")
     with pytest.raises(CrosslayerError, match="not in store"):
         train_crosscoder_from_store(store, CrosscoderConfig(layers=(0, 5), d_model=store.width, n_features=16, k=2),
                                     TrainConfig(tokens=64, batch_size=64), out_dir=tmp_path / "bad", progress=False)
