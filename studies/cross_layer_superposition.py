@@ -19,6 +19,14 @@ Method
       least-squares decoder of every layer given only the projection on one direction at one layer (random, or
       a top principal direction of that layer), :func:`persistence_profiles`. Means of span and entropy with 95 %
       bootstrap intervals over features / directions; the figure groups profiles by peak layer (Anthropic's).
+    - Profiles over training (``profiles_over_training.csv``): training keeps every multi-layer dictionary's
+      per-feature per-layer decoder norms at step 0 (after calibration), ten steps evenly spaced by tokens and the
+      final step (:func:`crosslayer.training.read_profile_snapshots`). For the main crosscoder, and the ReLU /
+      L1-of-norms crosscoder (``crosscoder_relu``) when the run has trained it, each snapshot's span and entropy
+      (:func:`crosslayer.features.profile_stats`, the code behind ``decoder_profile``) are averaged over the features
+      live at the end, with 95 % bootstrap intervals over those features (:func:`profiles_over_training`), and set
+      against the step-0 profile (flat) and the two persistence nulls: the answer says whether the final interval
+      lies below the initial one and below, within or above each null's.
     - SAE chains (SAE Match, Balagansky et al. 2024; feature flow, Laptev et al. 2025): the live
       latents of the SAEs at adjacent layers l, l+1 are matched one-to-one by decoder cosine
       (Hungarian assignment, :func:`scipy.optimize.linear_sum_assignment`); a match with cosine >
@@ -64,8 +72,8 @@ from crosslayer.io import write_csv
 from crosslayer.matching import (build_chains, chance_cosine, decoders, match_adjacent, sae_blocks,  # noqa: F401
                                  sae_per_crosscoder, unit)
 from studies.base import Study
-from studies.common import (bootstrap_mean, column_corr, encode_rows, fmt, latex_table, read_csv, sample_rows,
-                            save_figure, theme)
+from studies.common import (bootstrap_mean, column_corr, encode_rows, fmt, latex_escape, latex_table, read_csv,
+                            sample_rows, save_figure, theme)
 
 NAME = "cross_layer_superposition"
 SAE, CC = "per-layer SAEs", "crosscoder"
@@ -266,6 +274,55 @@ def _null_rows(null: pd.DataFrame, live_prof: pd.DataFrame, n_layers: int, add) 
         add("null", f"{kind}|n", len(part))
 
 
+TRAINING_COLUMNS = ["dictionary", "step", "tokens", "n_live"] + [f"{m}{s}" for m in ("mean_span", "mean_entropy",
+                                                                                    "frac_span_1", "frac_span_all")
+                                                                   for s in ("", "_lo", "_hi")]
+RELU_NAME = "crosscoder_relu"
+"""The ReLU / L1-of-norms crosscoder the reconstruction study trains (presets with ``relu_crosscoder``)."""
+
+
+def profiles_over_training(snaps, live_F: np.ndarray, *, dictionary: str, span_tau: float,
+                           n_boot: int = 1000) -> pd.DataFrame:
+    """One row per decoder-norm snapshot (:func:`crosslayer.training.read_profile_snapshots`) of the features live at
+    the end (``live_F``): mean span and normalised entropy, the fractions spanning one and every layer, each with a
+    95 % bootstrap interval over those features (the same draws for every snapshot).
+    Columns: :data:`TRAINING_COLUMNS`."""
+    from crosslayer.features import profile_stats
+
+    _, _, _, span_SF, ent_SF = profile_stats(snaps.norms_SFL[:, live_F], tau=span_tau)
+    span_FS, L, S = span_SF.T.double().numpy(), len(snaps.layers), len(snaps.step_S)
+    values_FM = np.concatenate([span_FS, ent_SF.T.double().numpy(), span_FS == 1, span_FS == L], axis=1)
+    mean_M, lo_M, hi_M = bootstrap_mean(values_FM, n_boot=n_boot, seed=0)
+    table = pd.DataFrame({"dictionary": dictionary, "step": snaps.step_S, "tokens": snaps.tokens_S,
+                          "n_live": int(live_F.sum())})
+    for i, metric in enumerate(("mean_span", "mean_entropy", "frac_span_1", "frac_span_all")):
+        for suffix, values in (("", mean_M), ("_lo", lo_M), ("_hi", hi_M)):
+            table[metric + suffix] = values[i * S:(i + 1) * S]
+    return table[TRAINING_COLUMNS]
+
+
+def _training_rows(ctx, rows: np.ndarray, live_cc: Tensor, span_tau: float) -> pd.DataFrame:
+    """:func:`profiles_over_training` of the main crosscoder and, when the run has trained it, the ReLU / L1-of-norms
+    crosscoder (liveness: firing on the sampled held-out ``rows``); a dictionary trained before training kept
+    snapshots is skipped with a note."""
+    from crosslayer.dictionary import load_dictionary
+    from crosslayer.training import PROFILE_SNAPSHOTS, read_profile_snapshots
+
+    names = ["crosscoder"] + ([RELU_NAME] if ctx.sizes.relu_crosscoder and (ctx.dicts / RELU_NAME).is_dir() else [])
+    frames = []
+    for name in names:
+        folder = ctx.dicts / name
+        if not (folder / PROFILE_SNAPSHOTS).is_file():
+            print(f"[{NAME}] {folder} has no {PROFILE_SNAPSHOTS} (unfinished, or trained before training kept "
+                  "decoder-norm snapshots): left out of the profiles over training", flush=True)
+            continue
+        live = live_cc if name == "crosscoder" else (encode_rows(load_dictionary(folder), ctx.store("heldout"),
+                                                                 rows) > 0).any(0)
+        frames.append(profiles_over_training(read_profile_snapshots(folder), live.numpy(), dictionary=name,
+                                             span_tau=span_tau))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TRAINING_COLUMNS)
+
+
 # ----------------------------------------------------------------------------- the study
 
 def run(ctx, cfg: Config) -> dict:
@@ -309,6 +366,7 @@ def run(ctx, cfg: Config) -> dict:
                                            span_tau=cfg.span_tau), init_profiles(cc, cfg.span_tau)], ignore_index=True)
     write_csv(null[NULL_COLUMNS + [f"r_{l}" for l in layers]], results / "profile_nulls.csv")
     _null_rows(null, live_prof, L, add)
+    write_csv(_training_rows(ctx, rows, live_cc, cfg.span_tau), results / "profiles_over_training.csv")
 
     # -- per-layer SAE chains
     blocks, index = sae_blocks(saes)
@@ -441,6 +499,10 @@ def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, s
     nulls = Path(results) / "profile_nulls.csv"
     if len(live) and nulls.is_file():
         paths.append(_profiles_by_peak(live, pd.read_csv(nulls), layers, figures_dir / f"{NAME}_profiles_vs_null.png"))
+    training = Path(results) / "profiles_over_training.csv"
+    if training.is_file() and len(frame := pd.read_csv(training)):
+        paths.append(_training_figure(frame, pd.read_csv(nulls) if nulls.is_file() else None, cfg.span_tau,
+                                      figures_dir / f"{NAME}_profiles_over_training.png"))
     chains = read_csv(results, "sae_chains")
     L = len(layers)
     frames = []
@@ -514,6 +576,67 @@ def _profiles_by_peak(live: pd.DataFrame, null: pd.DataFrame, layers: list[int],
             "Mean relative decoder norm by layer, grouped by the layer where it peaks: live crosscoder features against "
             "what residual persistence alone gives (the least-squares decoder of every layer given one random or top "
             "principal direction at the source layer), 95\\% intervals.")
+
+
+def _training_figure(frame: pd.DataFrame, nulls: pd.DataFrame | None, span_tau: float, path: Path) -> tuple[Path, str]:
+    """Mean entropy and span of the live features at each training snapshot (95 % intervals over features), with the
+    mean levels of the initialisation and residual-persistence nulls as reference lines."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    names = list(dict.fromkeys(frame.dictionary))
+    colors = dict(zip(names, sns.color_palette(n_colors=len(names))))
+    levels = nulls.groupby("kind", sort=False)[["entropy", "span"]].mean() if nulls is not None else pd.DataFrame()
+    fig, axes = plt.subplots(1, 2, figsize=(10.4, 3.6))
+    labels = {"entropy": "normalised entropy of $r$", "span": f"span ($r>{span_tau}$)"}
+    for ax, (col, label) in zip(axes, labels.items()):
+        for name in names:
+            part = frame[frame.dictionary == name]
+            sns.lineplot(data=part, x="tokens", y=f"mean_{col}", marker="o", color=colors[name], label=name, ax=ax)
+            ax.fill_between(part.tokens, part[f"mean_{col}_lo"], part[f"mean_{col}_hi"], color=colors[name], alpha=0.25)
+        for (kind, level), style in zip(levels.get(col, pd.Series(dtype=float)).items(), (":", "--", "-.")):
+            ax.axhline(level, color="0.3", ls=style, lw=1.2, label=f"null: {kind}")
+        ax.set(xlabel="training tokens", ylabel=f"{label}, live features")
+    axes[0].get_legend().remove()
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7)  # off the data: the lines and the nulls
+    return (save_figure(fig, path),
+            "Decoder-norm profiles over training: mean normalised entropy and span of the features live at the end, at "
+            "each snapshot of the decoder norms (95\\% bootstrap intervals over features), against the mean levels of "
+            "the nulls (the crosscoder at initialisation; least-squares profiles of random and top principal "
+            "directions carried across layers by residual persistence).")
+
+
+def _training_text(results: Path, get) -> str:
+    """One sentence per dictionary from ``profiles_over_training.csv``: entropy and span at the first snapshot (step 0,
+    unless the run resumed from a checkpoint older than the snapshots) vs the last, whether the entropy moved away
+    from the initial profile (intervals apart) and where it ends against the persistence nulls' intervals."""
+    path = Path(results) / "profiles_over_training.csv"
+    frame = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=TRAINING_COLUMNS)
+
+    def ci(row, col: str) -> str:
+        return f"{fmt(row[col], 3)} [{fmt(row[col + '_lo'], 3)}, {fmt(row[col + '_hi'], 3)}]"
+
+    def side(row, kind: str) -> str:
+        lo, hi = get("null", f"{kind}|mean_entropy_lo"), get("null", f"{kind}|mean_entropy_hi")
+        where = ("below" if row.mean_entropy_hi < lo else "above" if row.mean_entropy_lo > hi else "within")
+        return f"{where} the interval of {kind}s carried across layers by least squares ({fmt(lo, 3)} to {fmt(hi, 3)})"
+
+    parts = []
+    for name, part in frame.groupby("dictionary", sort=False):
+        part = part.sort_values("step")
+        first, last = part.iloc[0], part.iloc[-1]
+        moved = last.mean_entropy_hi < first.mean_entropy_lo
+        start = "the flat initial profile" if first.step == 0 else f"the profile at step {int(first.step)}"
+        text = (f"Over training ({len(part)} snapshots of the decoder norms), the {int(last.n_live)} live features of "
+                f"the {latex_escape(name)} go from mean profile entropy {ci(first, 'mean_entropy')} and span "
+                f"{ci(first, 'mean_span')} at step {int(first.step)} to {ci(last, 'mean_entropy')} and "
+                f"{ci(last, 'mean_span')} after {fmt(int(last.tokens))} tokens "
+                f"({fmt(100 * last.frac_span_1, 2)}\\% single-layer): "
+                f"{'away from' if moved else 'not measurably away from'} {start}")
+        if np.isfinite(get("null", "random direction|mean_entropy_lo")):
+            text += f"; its final entropy is {side(last, 'random direction')} and {side(last, 'principal direction')}"
+        parts.append(text + ".")
+    return " ".join(parts)
 
 
 def _null_text(get, cfg: Config, n_layers: int) -> str:
@@ -606,6 +729,8 @@ def answer(results: Path, cfg: Config) -> str:
              f"{fmt(get('profiles', 'mean_drift'), 3)} with its peak-layer direction (drift)."]
     if (summ.part == "null").any():
         parts.append(_null_text(get, cfg, n_layers))
+    if training := _training_text(results, get):
+        parts.append(training)
     parts.append(f"Per-layer SAE latents matched one-to-one between adjacent layers have median decoder cosine "
                  f"{fmt(get('chains', 'median_matched_cos'), 3)} (chance: {fmt(get('chains', 'chance_cos_p99'), 2)}); "
                  f"at cosine $>{cfg.tau}$, {fmt(100 * get('chains', 'frac_latents_chained', cfg.tau), 2)}\\% of the live SAE "
