@@ -678,14 +678,15 @@ def _seed_text(seed: pd.DataFrame, get, cfg: Config) -> str:
         return _interval(row["mean"], row.lo, row.hi)
 
     cc, sd = at.loc[("crosscoder", "latents_per_layer")], at.loc[("sae_seed", "latents_per_layer")]
-    verdict = ("fewer" if cc.hi < sd.lo else "more" if cc.lo > sd.hi else "statistically as many (overlapping intervals)")
+    verdict = ("fewer matches than" if cc.hi < sd.lo else "more matches than" if cc.lo > sd.hi else
+               "as many matches (overlapping intervals) as")
     return (f"Seed baseline (cosine $>{cfg.tau}$, means with 95\\% bootstrap intervals over features or latents): a "
             f"crosscoder feature is matched by {val('crosscoder', 'latents_per_layer')} SAE latents per layer it spans "
             f"(fraction of spanned layers matched {val('crosscoder', 'frac_matched')}, best cosine "
             f"{val('crosscoder', 'best_cos')}), while a seed-0 SAE latent is matched by "
             f"{val('sae_seed', 'latents_per_layer')} latents of a second seed of the same SAEs (fraction matched "
-            f"{val('sae_seed', 'frac_matched')}, best cosine {val('sae_seed', 'best_cos')}): {verdict} matches than an "
-            f"SAE latent gets from its own re-run. The second seed's SAE latents chain at a rate of "
+            f"{val('sae_seed', 'frac_matched')}, best cosine {val('sae_seed', 'best_cos')}): a crosscoder feature gets "
+            f"{verdict} an SAE latent gets from its own re-run (the seed baseline). The second seed's SAE latents chain at a rate of "
             f"{fmt(100 * get('chains_seed1', 'frac_latents_chained', cfg.tau), 3)}\\% (mean chain length "
             f"{fmt(get('chains_seed1', 'mean_chain_length', cfg.tau), 3)}) against "
             f"{fmt(100 * get('chains', 'frac_latents_chained', cfg.tau), 3)}\\% "
@@ -703,7 +704,7 @@ def _causal_text(get, cfg: Config) -> str:
     parts = []
     for at in cfg.causal_at:
         closer = get("causal", f"{at}|difference_lo") > 0
-        parts.append(f"{names.get(at, at)}: KL(feature $\\|$ chain) {kl(at, 'feature_vs_chain')} against "
+        parts.append(f"Removal by {names.get(at, at)}: KL(feature $\\|$ chain) {kl(at, 'feature_vs_chain')} against "
                      f"KL(feature $\\|$ random chain) {kl(at, 'feature_vs_random')} (paired difference "
                      f"{kl(at, 'difference')}, chain closer for {fmt(100 * get('causal', f'{at}|frac_chain_closer'), 3)}\\% "
                      f"of features, one-sided Wilcoxon $p={fmt(get('causal', f'{at}|wilcoxon_p'), 2)}$), so the matched "
@@ -714,7 +715,7 @@ def _causal_text(get, cfg: Config) -> str:
     return (f"Causal check on {n} crosscoder features drawn in advance (matched at two or more layers, density in "
             f"[{fmt(cfg.causal_density[0], 2)}, {fmt(cfg.causal_density[1], 2)}]; up to {cfg.causal_windows} held-out "
             f"windows each, KL in nats at the positions where the feature fires, 95\\% bootstrap intervals over "
-            f"features). " + "; ".join(parts) + ".")
+            f"features). " + ". ".join(parts) + ".")
 
 
 def _metric_rows(summ: pd.DataFrame, cfg: Config) -> pd.DataFrame:
