@@ -3,7 +3,8 @@
 Question
     Over how many layers does a crosscoder feature write, where does it peak and how much does its
     direction drift? Do per-layer SAEs learn the same feature again at adjacent layers (chains of
-    matching latents), and how many SAE latents correspond to one crosscoder feature? On synthetic
+    matching latents), and how many SAE latents correspond to one crosscoder feature, against two SAE seeds matched
+    the same way? Does removing a crosscoder feature change the next token as removing its SAE chain does? On synthetic
     data with known multi-layer features, which approach recovers a feature as one latent?
 
 Method
@@ -31,6 +32,21 @@ Method
       the live SAE latents of that layer with cosine > tau to the crosscoder's layer-l decoder
       direction, summed over layers (one SAE copy per spanned layer gives the span), with the
       number of distinct SAE chains among the best matches and their activation correlation.
+    - Seed-to-seed baseline (research-notes section 10; ``seed_baseline.csv``): the same matching between two seeds of
+      the SAE set (``saes`` and ``saes_seed1``, same budget, :func:`seed_matches`): for each live seed-0 latent at
+      layer l, the live seed-1 latents of layer l with cosine > tau and the best cosine. Per tau, side by side with
+      95 % bootstrap intervals over features / latents (:func:`seed_baseline_rows`): SAE latents per spanned layer
+      of a crosscoder feature vs seed-1 latents per seed-0 latent, fraction matched, mean best cosine. The chain
+      statistics of the seed-1 set (summary part ``chains_seed1``) give the chain counts a seed spread.
+    - Causal check (:mod:`studies.superposition_causal`, ``causal.csv``): for ``Config.causal_features`` live
+      crosscoder features drawn by a seeded draw among those matched at >= 2 layers at tau with density in
+      ``Config.causal_density`` (fixed before any outcome), on up to ``Config.causal_windows`` held-out windows each
+      (first ``Config.causal_ctx`` tokens), remove (a) the feature's f_i(x) d_i^l at every layer it writes, (b) its
+      SAE chain (the best-matching latent's contribution at each matched layer), (c) a random chain (one live SAE
+      latent per layer, nearest in density); raw residual units, clean-run activations, removal pinned per layer
+      (``each``) or subtracted from the running residual (``add``). KL(p_a || p_b), KL(p_a || p_c) and each against
+      clean at the positions where the feature fires; 95 % bootstrap intervals over features and a paired one-sided
+      Wilcoxon test of "chain KL < random-chain KL".
     - Synthetic ground truth (:mod:`crosslayer.synthetic`): ``Config.syn_features`` features in
       ``Config.syn_d`` dimensions over ``Config.syn_layers`` layers, half spanning 2+ layers,
       ``Config.synthetic_tokens`` rows; an
@@ -486,7 +502,8 @@ def run(ctx, cfg: Config) -> dict:
             "sae_frac_chained": round(get("chains", "frac_latents_chained", cfg.tau), 4),
             "sae_latents_per_cc": round(get("sae_per_cc", "mean_sae_latents", cfg.tau), 3),
             "syn_cc_latents_per_multi": round(get("synthetic", "crosscoder_latents_per_multi"), 3),
-            "syn_sae_latents_per_multi": round(get("synthetic", "saes_latents_per_multi"), 3)}
+            "syn_sae_latents_per_multi": round(get("synthetic", "saes_latents_per_multi"), 3),
+            "causal_random_minus_chain_kl": round(get("causal", f"{cfg.causal_at[0]}|difference"), 4)}
 
 
 def _getter(summ: pd.DataFrame) -> Callable[..., float]:
@@ -734,6 +751,9 @@ def _metric_rows(summ: pd.DataFrame, cfg: Config) -> pd.DataFrame:
         ("SAEs", f"latents in a chain of 2+ (cos $>{cfg.tau}$)", get("chains", "frac_latents_chained", cfg.tau)),
         ("SAEs", "latents in a full-length chain", get("chains", "frac_latents_full_length", cfg.tau)),
         ("SAEs", "mean chain length", get("chains", "mean_chain_length", cfg.tau)),
+        ("SAEs, second seed", f"latents in a chain of 2+ (cos $>{cfg.tau}$)",
+         get("chains_seed1", "frac_latents_chained", cfg.tau)),
+        ("SAEs, second seed", "mean chain length", get("chains_seed1", "mean_chain_length", cfg.tau)),
         ("SAEs", "median act. corr. of linked latents", get("chains", "median_link_act_corr", cfg.tau)),
         ("SAEs per crosscoder feature", f"SAE latents with cos $>{cfg.tau}$", get("sae_per_cc", "mean_sae_latents", cfg.tau)),
         ("SAEs per crosscoder feature", "its mean span", get("sae_per_cc", "mean_span", cfg.tau)),
