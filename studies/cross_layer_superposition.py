@@ -703,7 +703,8 @@ def _seed_text(seed: pd.DataFrame, get, cfg: Config) -> str:
             f"{val('crosscoder', 'best_cos')}), while a seed-0 SAE latent is matched by "
             f"{val('sae_seed', 'latents_per_layer')} latents of a second seed of the same SAEs (fraction matched "
             f"{val('sae_seed', 'frac_matched')}, best cosine {val('sae_seed', 'best_cos')}): a crosscoder feature gets "
-            f"{verdict} an SAE latent gets from its own re-run (the seed baseline). The second seed's SAE latents chain at a rate of "
+            f"{verdict} an SAE latent gets from its own re-run (the seed baseline). The second seed's SAE latents "
+            f"chain at a rate of "
             f"{fmt(100 * get('chains_seed1', 'frac_latents_chained', cfg.tau), 3)}\\% (mean chain length "
             f"{fmt(get('chains_seed1', 'mean_chain_length', cfg.tau), 3)}) against "
             f"{fmt(100 * get('chains', 'frac_latents_chained', cfg.tau), 3)}\\% "
@@ -723,10 +724,12 @@ def _causal_text(get, cfg: Config) -> str:
         closer = get("causal", f"{at}|difference_lo") > 0
         parts.append(f"Removal by {names.get(at, at)}: KL(feature $\\|$ chain) {kl(at, 'feature_vs_chain')} against "
                      f"KL(feature $\\|$ random chain) {kl(at, 'feature_vs_random')} (paired difference "
-                     f"{kl(at, 'difference')}, chain closer for {fmt(100 * get('causal', f'{at}|frac_chain_closer'), 3)}\\% "
+                     f"{kl(at, 'difference')}, chain closer for "
+                     f"{fmt(100 * get('causal', f'{at}|frac_chain_closer'), 3)}\\% "
                      f"of features, one-sided Wilcoxon $p={fmt(get('causal', f'{at}|wilcoxon_p'), 2)}$), so the matched "
                      f"chain {'does' if closer else 'does not demonstrably'} act more like the feature than a random "
-                     f"chain; removing the feature itself moves the clean distribution by {kl(at, 'clean_vs_feature')}, "
+                     f"chain; removing the feature itself moves the clean distribution by "
+                     f"{kl(at, 'clean_vs_feature')}, "
                      f"its chain by {kl(at, 'clean_vs_chain')}, a random chain by {kl(at, 'clean_vs_random')}")
     n = int(get("causal", f"{cfg.causal_at[0]}|n_features"))
     return (f"Causal check on {n} crosscoder features drawn in advance (matched at two or more layers, density in "

@@ -7,7 +7,8 @@ Method (issue 14; the removal semantics of :mod:`crosslayer.interventions`, rese
        (:func:`select_features`). Per feature, up to ``n_windows`` of those windows, seeded.
     2. Three removals, each from the clean run's activations (raw residual units: a dictionary's decoder divided by
        its layer's norm factor, :meth:`Dictionary.decoder_vectors` with ``normalized=False``), position 0 untouched:
-       (a) the crosscoder feature: f_i(x) d_i^l at every layer it writes (:func:`crosslayer.interventions.written_layers`);
+       (a) the crosscoder feature: f_i(x) d_i^l at every layer it writes
+       (:func:`crosslayer.interventions.written_layers`);
        (b) its SAE chain: at each matched layer, the best-matching SAE latent's g_j(x) e_j^l;
        (c) a random chain: at the same layers, one random live SAE latent among the ``pool`` nearest in firing density
        to the chain's latent (:func:`random_chain`).
@@ -17,8 +18,8 @@ Method (issue 14; the removal semantics of :mod:`crosslayer.interventions`, rese
        below is carried up and removed again: compounding, the same for (a), (b) and (c)).
     4. At every position where the crosscoder feature fires (clean run): KL(p_a || p_b) (feature vs chain),
        KL(p_a || p_c) (feature vs random chain) and KL(p_clean || p_x) for each removal; averaged per feature.
-       :func:`summarise`: means with 95 % bootstrap intervals over features, and the paired test "chain KL < random-chain
-       KL" (Wilcoxon signed-rank over features, and the bootstrap interval of the mean paired difference).
+       :func:`summarise`: means with 95 % bootstrap intervals over features, and the paired test "chain KL <
+       random-chain KL" (Wilcoxon signed-rank over features, and the bootstrap interval of the mean paired difference).
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ def removal_logprobs(model, hooks: list[str], tokens_RT: Tensor, clean_RTLD: Ten
 
 def _logprobs_at(model, resid_RTD: Tensor, pos_RT: Tensor) -> Tensor:
     """Log-probabilities ``[P, V]`` from the last block's residual at ``pos_RT`` only (the unembedding of P rows)."""
-    logits = model.unembed(model.ln_final(resid_RTD[pos_RT][:, None]))[:, 0]
-    return torch.log_softmax(logits.float(), -1)
+    logits = model.unembed(model.ln_final(resid_RTD[pos_RT.to(resid_RTD.device)][:, None]))[:, 0]
+    return torch.log_softmax(logits.float(), -1).cpu()
 
 
 def kl(logp_PV: Tensor, logq_PV: Tensor) -> Tensor:
@@ -133,12 +134,11 @@ def causal_table(model, cc, saes, tokens_RT: Tensor, kept_RT: Tensor, feature_R:
         sl = slice(s, s + batch)
         tok = tokens_RT[sl]
         resid, cache = model.run_with_cache(tok, names_filter=lambda n: n in cc.hooks, stop_at_layer=model.cfg.n_layers)
-        clean = torch.stack([cache[h] for h in cc.hooks], 2).float()
-        deltas, act = {}, None
+        clean = torch.stack([cache[h] for h in cc.hooks], 2).float().cpu()
+        deltas, acts = {}, {}
         for name, dictionary in (("feature", cc), ("chain", saes), ("random", saes)):
-            deltas[name], a = removal_delta(dictionary, clean, latents[name][sl])
-            act = a if name == "feature" else act
-        pos = (act > 0).any(-1) & kept_RT[sl]
+            deltas[name], acts[name] = removal_delta(dictionary, clean, latents[name][sl])
+        pos = (acts["feature"] > 0).any(-1) & kept_RT[sl]
         pos[:, 0] = False
         logp = {"clean": _logprobs_at(model, resid, pos)}
         row_P = pos.nonzero()[:, 0].numpy() + s
