@@ -480,6 +480,7 @@ def run(ctx, cfg: Config) -> dict:
                           chain_CL=chain_CL, sae_density=(f_sae > 0).float().mean(0), sae_live=live_sae,
                           index=index, cfg=cfg)
     write_csv(causal, results / "causal.csv")
+    add("causal", "n_features_drawn", causal.feature.nunique())
     for metric, value in summarise(causal):
         add("causal", metric, value)
 
@@ -579,8 +580,9 @@ def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, s
                       "crosscoder feature's decoder at a layer the feature spans, by the feature's span "
                       "(mean, 95\\% CI)."))
     for name, draw in (("seed_baseline", _seed_figure), ("causal", _causal_figure)):
-        if (Path(results) / f"{name}.csv").is_file():
-            paths.append(draw(read_csv(results, name), figures_dir, cfg))
+        frame = read_csv(results, name) if (Path(results) / f"{name}.csv").is_file() else pd.DataFrame()
+        if len(frame):
+            paths.append(draw(frame, figures_dir, cfg))
     syn = read_csv(results, "synthetic")
     if len(syn):
         syn = syn[syn.often.astype(str).str.lower() == "true"]
@@ -717,6 +719,12 @@ def _causal_text(get, cfg: Config) -> str:
         return _interval(get("causal", f"{at}|{comp}"), get("causal", f"{at}|{comp}_lo"),
                          get("causal", f"{at}|{comp}_hi"))
 
+    n = int(get("causal", "n_features_drawn"))
+    rule = (f"matched at two or more layers, density in [{fmt(cfg.causal_density[0], 2)}, "
+            f"{fmt(cfg.causal_density[1], 2)}], firing in the first {cfg.causal_ctx} tokens of one of "
+            f"{cfg.causal_search_windows} held-out windows")
+    if n == 0:
+        return f"Causal check: no live crosscoder feature met the pre-declared criterion ({rule}), so none was run."
     names = {"each": "pinning each edited layer to clean minus the contribution",
              "add": "subtracting the contribution from the running residual at each edited layer (compounding)"}
     parts = []
@@ -731,9 +739,7 @@ def _causal_text(get, cfg: Config) -> str:
                      f"chain; removing the feature itself moves the clean distribution by "
                      f"{kl(at, 'clean_vs_feature')}, "
                      f"its chain by {kl(at, 'clean_vs_chain')}, a random chain by {kl(at, 'clean_vs_random')}")
-    n = int(get("causal", f"{cfg.causal_at[0]}|n_features"))
-    return (f"Causal check on {n} crosscoder features drawn in advance (matched at two or more layers, density in "
-            f"[{fmt(cfg.causal_density[0], 2)}, {fmt(cfg.causal_density[1], 2)}]; up to {cfg.causal_windows} held-out "
+    return (f"Causal check on {n} crosscoder features drawn in advance ({rule}; up to {cfg.causal_windows} held-out "
             f"windows each, KL in nats at the positions where the feature fires, 95\\% bootstrap intervals over "
             f"features). " + ". ".join(parts) + ".")
 

@@ -216,7 +216,8 @@ def pick_windows(fires_MC: Tensor, n: int, *, seed: int) -> tuple[np.ndarray, np
 def causal_check(model, cc, saes, store, *, candidates: np.ndarray, n_matched: np.ndarray, density: np.ndarray,
                  chain_CL: Tensor, sae_density: Tensor, sae_live: Tensor, index: list[Tensor], cfg) -> pd.DataFrame:
     """Method steps 1-4 for the crosscoder features ``candidates`` (with their matched-layer counts, densities and SAE
-    chains ``chain_CL``, global SAE ids or -1); settings from the study config's ``causal_*`` fields."""
+    chains ``chain_CL``, global SAE ids or -1); settings from the study config's ``causal_*`` fields. No row when no
+    feature meets the criterion."""
     from crosslayer.interventions import written_layers
 
     ok = (n_matched >= 2) & (density >= cfg.causal_density[0]) & (density <= cfg.causal_density[1])
@@ -226,9 +227,8 @@ def causal_check(model, cc, saes, store, *, candidates: np.ndarray, n_matched: n
     fires_C[ok] = fires.any(0).numpy()
     chosen = select_features(candidates, n_matched, density, fires_C, n=cfg.causal_features,
                              density_bounds=cfg.causal_density, seed=0)
-    if not len(chosen):
-        raise CrosslayerError("no crosscoder feature is matched at >= 2 layers within the density bounds and fires in "
-                              "the searched windows; widen causal_density or raise causal_search_windows")
+    if not len(chosen):  # an outcome of the data, reported as such (the answer says no feature qualified)
+        return pd.DataFrame(columns=COLUMNS)
     at_C = np.searchsorted(candidates, chosen)
     col_R, w_R = pick_windows(fires[:, np.searchsorted(candidates[ok], chosen)], cfg.causal_windows, seed=1)
     written_EL = written_layers(cc, chosen.tolist())

@@ -32,8 +32,7 @@ def test_chain_equal_to_feature_gives_zero_kl(tiny_model):
     own = torch.as_tensor(feature_R)[:, None].expand(-1, 2).clone()
     other = torch.as_tensor(np.repeat(feats.roll(1).numpy(), 2))[:, None].expand(-1, 2).clone()
     latents = {"feature": own, "chain": own.clone(), "random": other}
-    rows = torch.arange(6) % 6
-    table = sc.causal_table(tiny_model, cc, cc, tokens[rows], torch.ones(6, 10, dtype=torch.bool), feature_R,
+    table = sc.causal_table(tiny_model, cc, cc, tokens, torch.ones(6, 10, dtype=torch.bool), feature_R,
                             latents, batch=4)
     assert list(table.columns) == sc.COLUMNS and set(table["at"]) == set(sc.AT)
     assert len(table) == len(feats) * len(sc.AT) * len(sc.COMPARISONS)
@@ -142,6 +141,7 @@ def _causal_fixture(folder):
                       for t in xl.Config().taus])
     seed.to_csv(folder / "seed_baseline.csv", index=False)
     extra = [("causal", m, np.nan, v) for m, v in sc.summarise(causal, n_boot=100)]
+    extra += [("causal", "n_features_drawn", np.nan, causal.feature.nunique())]
     extra += [("chains_seed1", m, t, 0.4) for t in xl.Config().taus for m in ("frac_latents_chained",
                                                                               "mean_chain_length")]
     return pd.DataFrame(extra, columns=["part", "metric", "tau", "value"])
@@ -162,3 +162,11 @@ def test_causal_and_seed_figures_and_answer_from_csvs(tmp_path):
     text = (tmp_path / "paper" / "tables" / f"{xl.NAME}_answer.tex").read_text()
     assert "nan" not in text.lower() and "Seed baseline" in text and "Causal check on 6" in text
     assert "random chain" in text and "re-run" in text
+
+
+def test_no_qualifying_feature_is_reported_not_invented():
+    """When no feature meets the pre-declared criterion the answer says so (no numbers from nothing)."""
+    get = lambda part, metric, tau=None: 0.0 if metric == "n_features_drawn" else float("nan")  # noqa: E731
+    text = xl._causal_text(get, xl.Config())
+    assert "no live crosscoder feature met the pre-declared criterion" in text and "nan" not in text.lower()
+    assert sc.summarise(pd.DataFrame(columns=sc.COLUMNS)) == []
