@@ -3,7 +3,8 @@
 Question
     Over how many layers does a crosscoder feature write, where does it peak and how much does its
     direction drift? Do per-layer SAEs learn the same feature again at adjacent layers (chains of
-    matching latents), and how many SAE latents correspond to one crosscoder feature? On synthetic
+    matching latents), and how many SAE latents correspond to one crosscoder feature, against two SAE seeds matched
+    the same way? Does removing a crosscoder feature change the next token as removing its SAE chain does? On synthetic
     data with known multi-layer features, which approach recovers a feature as one latent?
 
 Method
@@ -39,6 +40,21 @@ Method
       the live SAE latents of that layer with cosine > tau to the crosscoder's layer-l decoder
       direction, summed over layers (one SAE copy per spanned layer gives the span), with the
       number of distinct SAE chains among the best matches and their activation correlation.
+    - Seed-to-seed baseline (research-notes section 10; ``seed_baseline.csv``): the same matching between two seeds of
+      the SAE set (``saes`` and ``saes_seed1``, same budget, :func:`seed_matches`): for each live seed-0 latent at
+      layer l, the live seed-1 latents of layer l with cosine > tau and the best cosine. Per tau, side by side with
+      95 % bootstrap intervals over features / latents (:func:`seed_baseline_rows`): SAE latents per spanned layer
+      of a crosscoder feature vs seed-1 latents per seed-0 latent, fraction matched, mean best cosine. The chain
+      statistics of the seed-1 set (summary part ``chains_seed1``) give the chain counts a seed spread.
+    - Causal check (:mod:`studies.superposition_causal`, ``causal.csv``): for ``Config.causal_features`` live
+      crosscoder features drawn by a seeded draw among those matched at >= 2 layers at tau with density in
+      ``Config.causal_density`` (fixed before any outcome), on up to ``Config.causal_windows`` held-out windows each
+      (first ``Config.causal_ctx`` tokens), remove (a) the feature's f_i(x) d_i^l at every layer it writes, (b) its
+      SAE chain (the best-matching latent's contribution at each matched layer), (c) a random chain (one live SAE
+      latent per layer, nearest in density); raw residual units, clean-run activations, removal pinned per layer
+      (``each``) or subtracted from the running residual (``add``). KL(p_a || p_b), KL(p_a || p_c) and each against
+      clean at the positions where the feature fires; 95 % bootstrap intervals over features and a paired one-sided
+      Wilcoxon test of "chain KL < random-chain KL".
     - Synthetic ground truth (:mod:`crosslayer.synthetic`): ``Config.syn_features`` features in
       ``Config.syn_d`` dimensions over ``Config.syn_layers`` layers, half spanning 2+ layers,
       ``Config.synthetic_tokens`` rows; an
@@ -60,7 +76,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -109,9 +125,25 @@ class Config:
     syn_min_steps: int = 300
     often: float = 0.02
     """Synthetic features firing at least this often count as learnable at these token budgets."""
+    # The causal check (studies.superposition_causal): features drawn (seeded, fixed in advance) among live crosscoder
+    # features matched at >= 2 layers at tau with held-out density within causal_density; per feature up to
+    # causal_windows of causal_search_windows held-out windows, cut to causal_ctx tokens; random chains drawn among
+    # the causal_pool SAE latents nearest in density; removal semantics causal_at; causal_batch windows per forward.
+    causal_features: int = 8
+    causal_windows: int = 4
+    causal_ctx: int = 32
+    causal_search_windows: int = 256
+    causal_density: tuple[float, float] = (1e-3, 0.1)
+    causal_pool: int = 16
+    causal_at: tuple[str, ...] = ("each", "add")
+    causal_batch: int = 16
 
 
 CHAIN_COLUMNS = ["chain", "start_layer", "end_layer", "length", "mean_cos", "min_cos", "mean_act_corr", "latents"]
+SEED_COLUMNS = ["tau", "matching", "statistic", "mean", "lo", "hi", "n"]
+SEED_MATCHINGS = {"crosscoder": "crosscoder feature -> seed-0 SAE latents (per spanned layer)",
+                  "sae_seed": "seed-0 SAE latent -> seed-1 SAE latents (its layer)"}
+SEED_STATISTICS = ["latents_per_layer", "frac_matched", "best_cos"]
 PER_CC_COLUMNS = ["feature", "peak_layer", "span", "n_sae_latents", "n_matched_layers", "frac_layers_matched",
                   "mean_best_cos", "mean_best_act_corr", "n_chains"]
 
@@ -141,6 +173,90 @@ def distinct_per_row(ids_FL: np.ndarray) -> np.ndarray:
     s = np.sort(ids_FL, axis=1)
     new = (s[:, 1:] != s[:, :-1]) & (s[:, 1:] >= 0)
     return (s[:, :1] >= 0).sum(1) + new.sum(1)
+
+
+class SAEChains(NamedTuple):
+    """One SAE set's latents per layer and its chains (:func:`sae_chain_stats`)."""
+
+    blocks: list[Tensor]
+    index: list[Tensor]
+    widths: list[int]
+    live_blocks: list[Tensor]
+    f_blocks: list[Tensor]
+    chain_ids: dict[float, np.ndarray]
+
+
+def sae_chain_stats(saes, f_sae: Tensor, cfg: Config, add, part: str, table_path: Path | None) -> SAEChains:
+    """Match the live latents of adjacent layers, build the chains at every tau, and ``add`` the chain statistics
+    as ``part`` rows (``f_sae``: the held-out activations; the table at ``cfg.tau`` goes to ``table_path``)."""
+    L, layers = saes.n_layers, saes.layers
+    live_sae = (f_sae > 0).any(0)
+    blocks, index = sae_blocks(saes)
+    widths = [len(i) for i in index]
+    live_blocks = [live_sae[i] for i in index]
+    f_blocks = [f_sae[:, i] for i in index]
+    matches, cosines, corrs = [], [], []
+    for l in range(L - 1):
+        m, c = match_adjacent(blocks[l], blocks[l + 1], live_a=live_blocks[l], live_b=live_blocks[l + 1])
+        corr = column_corr(f_blocks[l], f_blocks[l + 1][:, np.maximum(m, 0)]).numpy()
+        matches.append(m)
+        cosines.append(c)
+        corrs.append(np.where(m >= 0, corr, np.nan))
+    add(part, "chance_cos_p99", chance_cosine(blocks[L // 2]) if L > 1 else float("nan"))
+    layer_N = np.repeat(np.arange(L), widths)
+    latent_N = np.concatenate([np.arange(w) for w in widths])
+    keep_N = torch.cat(live_blocks).numpy()
+    chain_ids = {}
+    for tau in cfg.taus:
+        chain_ids[tau] = build_chains(matches, cosines, widths, tau)
+        link_cos = np.concatenate([np.where(c > tau, c, np.nan) for c in cosines] + [np.full(widths[-1], np.nan)])
+        link_corr = np.concatenate([np.where(c > tau, k, np.nan) for c, k in zip(cosines, corrs)]
+                                   + [np.full(widths[-1], np.nan)])
+        table = chain_table(chain_ids[tau], layer_N, latent_N, link_cos, link_corr, keep_N, layers)
+        per_latent = np.repeat(table.length.to_numpy(), table.length.to_numpy())  # chain length seen by each latent
+        add(part, "n_live_latents", int(keep_N.sum()), tau)
+        add(part, "n_chains", len(table), tau)
+        add(part, "mean_chain_length", table.length.mean(), tau)
+        add(part, "frac_latents_chained", (per_latent >= 2).mean(), tau)
+        add(part, "frac_latents_full_length", (per_latent == L).mean(), tau)
+        add(part, "mean_link_cos", np.nanmean(link_cos) if np.isfinite(link_cos).any() else np.nan, tau)
+        add(part, "median_link_act_corr", np.nanmedian(link_corr) if np.isfinite(link_corr).any() else np.nan, tau)
+        if tau == cfg.tau and table_path is not None:
+            write_csv(table, table_path)
+    all_cos = np.concatenate(cosines) if cosines else np.array([np.nan])
+    add(part, "median_matched_cos", np.nanmedian(all_cos) if np.isfinite(all_cos).any() else np.nan)
+    return SAEChains(blocks, index, widths, live_blocks, f_blocks, chain_ids)
+
+
+def seed_matches(blocks0: list[Tensor], live0: list[Tensor], blocks1: list[Tensor], live1: list[Tensor],
+                 tau: float) -> tuple[Tensor, Tensor]:
+    """For each live latent of SAE set 0 (concatenated over layers), the live latents of set 1 at its layer with
+    decoder cosine > ``tau``: ``(count_N, best_cos_N)`` (:func:`sae_per_crosscoder` with one-layer spans)."""
+    L, d = len(blocks0), blocks0[0].shape[1]
+    layer_N = torch.cat([torch.full((len(b),), l) for l, b in enumerate(blocks0)])[torch.cat(live0)]
+    W_NLD = torch.zeros(len(layer_N), L, d)
+    W_NLD[torch.arange(len(layer_N)), layer_N] = torch.cat(blocks0)[torch.cat(live0)]
+    span_NL = torch.nn.functional.one_hot(layer_N, L).bool()
+    m = sae_per_crosscoder(W_NLD, span_NL, blocks1, live1, tau)
+    return m["count_FL"].sum(1), m["best_FL"].nan_to_num(-2.0).max(1).values
+
+
+def seed_values(ch: SAEChains, ch1: SAEChains, tau: float) -> np.ndarray:
+    """``[N, 3]`` per live latent of ``ch``'s SAEs against the seed-1 set ``ch1``: matches, matched (0/1), best cos."""
+    count_N, best_N = seed_matches(ch.blocks, ch.live_blocks, ch1.blocks, ch1.live_blocks, tau)
+    return np.stack([count_N.numpy(), (count_N > 0).numpy(), best_N.numpy()], 1).astype(np.float64)
+
+
+def seed_baseline_rows(tau: float, cc_FM: np.ndarray, sae_NM: np.ndarray) -> pd.DataFrame:
+    """Rows of ``seed_baseline.csv`` at ``tau``: the mean of each statistic (columns: latents per layer, fraction
+    matched, best cosine) over crosscoder features ``cc_FM`` and over seed-0 SAE latents ``sae_NM``, with 95 %
+    bootstrap intervals over features / latents."""
+    frames = []
+    for key, values in (("crosscoder", cc_FM), ("sae_seed", sae_NM)):
+        mean, lo, hi = bootstrap_mean(values, n_boot=1000, seed=0)
+        frames.append(pd.DataFrame({"tau": tau, "matching": key, "statistic": SEED_STATISTICS, "mean": mean,
+                                    "lo": lo, "hi": hi, "n": len(values)}))
+    return pd.concat(frames, ignore_index=True)[SEED_COLUMNS]
 
 
 # ----------------------------------------------------------------------------- synthetic ground truth
@@ -327,6 +443,7 @@ def _training_rows(ctx, rows: np.ndarray, live_cc: Tensor, span_tau: float) -> p
 
 def run(ctx, cfg: Config) -> dict:
     from crosslayer.features import decoder_profile
+    from studies.pipeline import seed_name
 
     if cfg.tau not in cfg.taus:
         raise CrosslayerError(f"tau {cfg.tau} must be one of taus {cfg.taus}")
@@ -368,49 +485,18 @@ def run(ctx, cfg: Config) -> dict:
     _null_rows(null, live_prof, L, add)
     write_csv(_training_rows(ctx, rows, live_cc, cfg.span_tau), results / "profiles_over_training.csv")
 
-    # -- per-layer SAE chains
-    blocks, index = sae_blocks(saes)
-    widths = [len(i) for i in index]
-    live_blocks = [live_sae[i] for i in index]
-    f_blocks = [f_sae[:, i] for i in index]
-    matches, cosines, corrs = [], [], []
-    for l in range(L - 1):
-        m, c = match_adjacent(blocks[l], blocks[l + 1], live_a=live_blocks[l], live_b=live_blocks[l + 1])
-        corr = column_corr(f_blocks[l], f_blocks[l + 1][:, np.maximum(m, 0)]).numpy()
-        matches.append(m)
-        cosines.append(c)
-        corrs.append(np.where(m >= 0, corr, np.nan))
-    chance = chance_cosine(blocks[L // 2]) if L > 1 else float("nan")
-    add("chains", "chance_cos_p99", chance)
-    layer_N = np.repeat(np.arange(L), widths)
-    latent_N = np.concatenate([np.arange(w) for w in widths])
-    keep_N = live_sae.numpy()
-    chain_ids = {}
-    for tau in cfg.taus:
-        chain_N = build_chains(matches, cosines, widths, tau)
-        chain_ids[tau] = chain_N
-        link_cos = np.concatenate([np.where(c > tau, c, np.nan) for c in cosines] + [np.full(widths[-1], np.nan)])
-        link_corr = np.concatenate([np.where(c > tau, k, np.nan) for c, k in zip(cosines, corrs)]
-                                   + [np.full(widths[-1], np.nan)])
-        table = chain_table(chain_N, layer_N, latent_N, link_cos, link_corr, keep_N, layers)
-        per_latent = np.repeat(table.length.to_numpy(), table.length.to_numpy())  # chain length seen by each latent
-        add("chains", "n_live_latents", int(keep_N.sum()), tau)
-        add("chains", "n_chains", len(table), tau)
-        add("chains", "mean_chain_length", table.length.mean(), tau)
-        add("chains", "frac_latents_chained", (per_latent >= 2).mean(), tau)
-        add("chains", "frac_latents_full_length", (per_latent == L).mean(), tau)
-        add("chains", "mean_link_cos", np.nanmean(link_cos) if np.isfinite(link_cos).any() else np.nan, tau)
-        add("chains", "median_link_act_corr", np.nanmedian(link_corr) if np.isfinite(link_corr).any() else np.nan, tau)
-        if tau == cfg.tau:
-            write_csv(table, results / "sae_chains.csv")
-    all_cos = np.concatenate(cosines) if cosines else np.array([np.nan])
-    add("chains", "median_matched_cos", np.nanmedian(all_cos) if np.isfinite(all_cos).any() else np.nan)
+    # -- per-layer SAE chains, of the main SAEs and of a second seed of them
+    ch = sae_chain_stats(saes, f_sae, cfg, add, "chains", results / "sae_chains.csv")
+    blocks, index, widths, live_blocks, f_blocks, chain_ids = ch
+    saes1 = ctx.saes(seed_name("saes", 1), seed=1)
+    ch1 = sae_chain_stats(saes1, encode_rows(saes1, heldout, rows), cfg, add, "chains_seed1", None)
 
     # -- SAE latents per crosscoder feature
     idx = live_cc.nonzero().squeeze(1)
     W_FLD = decoders(cc)[idx]
     span_FL = torch.as_tensor(r[idx.numpy()] > cfg.span_tau)
     f_live = f_cc[:, idx]
+    seed_frames = []
     for tau in cfg.taus:
         m = sae_per_crosscoder(W_FLD, span_FL, blocks, live_blocks, tau)
         n_FL = m["count_FL"]
@@ -424,7 +510,12 @@ def run(ctx, cfg: Config) -> dict:
         add("sae_per_cc", "frac_features_matched", matched_FL.any(1).float().mean(), tau)
         add("sae_per_cc", "mean_distinct_chains", distinct_per_row(chain_FL)[matched_FL.any(1).numpy()].mean()
             if bool(matched_FL.any()) else np.nan, tau)
+        cc_FM = np.stack([(n_FL.sum(1) / spans).numpy(), (matched_FL.sum(1) / spans).numpy(),
+                          m["best_FL"].nanmean(1).numpy()], 1)
+        seed_frames.append(seed_baseline_rows(tau, cc_FM, seed_values(ch, ch1, tau)))
         if tau == cfg.tau:
+            chain_CL = torch.stack([torch.where(matched_FL[:, l], index[l][m["arg_FL"][:, l].clamp_min(0)], -1)
+                                    for l in range(L)], 1)
             corr_FL = torch.stack([column_corr(f_live, f_blocks[l][:, m["arg_FL"][:, l].clamp_min(0)])
                                    for l in range(L)], 1).masked_fill(~matched_FL, float("nan"))
             per_cc = pd.DataFrame({"feature": idx.numpy(), "peak_layer": prof.peak_layer.to_numpy()[idx.numpy()],
@@ -437,6 +528,19 @@ def run(ctx, cfg: Config) -> dict:
             write_csv(per_cc[PER_CC_COLUMNS], results / "sae_per_cc.csv")
             add("sae_per_cc", "mean_best_cos", per_cc.mean_best_cos.mean(), tau)
             add("sae_per_cc", "mean_span", per_cc.span.mean(), tau)
+    write_csv(pd.concat(seed_frames, ignore_index=True), results / "seed_baseline.csv")
+
+    # -- causal check: removing a crosscoder feature vs its SAE chain vs a random chain
+    from studies.superposition_causal import causal_check, summarise
+
+    causal = causal_check(ctx.model, cc, saes, heldout, candidates=idx.numpy(),
+                          n_matched=per_cc.n_matched_layers.to_numpy(), density=prof.density.to_numpy()[idx.numpy()],
+                          chain_CL=chain_CL, sae_density=(f_sae > 0).float().mean(0), sae_live=live_sae,
+                          index=index, cfg=cfg)
+    write_csv(causal, results / "causal.csv")
+    add("causal", "n_features_drawn", causal.feature.nunique())
+    for metric, value in summarise(causal):
+        add("causal", metric, value)
 
     # -- synthetic ground truth
     syn = synthetic_recovery(cfg, ctx.dicts, progress=ctx.progress)
@@ -457,7 +561,8 @@ def run(ctx, cfg: Config) -> dict:
             "sae_frac_chained": round(get("chains", "frac_latents_chained", cfg.tau), 4),
             "sae_latents_per_cc": round(get("sae_per_cc", "mean_sae_latents", cfg.tau), 3),
             "syn_cc_latents_per_multi": round(get("synthetic", "crosscoder_latents_per_multi"), 3),
-            "syn_sae_latents_per_multi": round(get("synthetic", "saes_latents_per_multi"), 3)}
+            "syn_sae_latents_per_multi": round(get("synthetic", "saes_latents_per_multi"), 3),
+            "causal_random_minus_chain_kl": round(get("causal", f"{cfg.causal_at[0]}|difference"), 4)}
 
 
 def _getter(summ: pd.DataFrame) -> Callable[..., float]:
@@ -536,6 +641,10 @@ def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, s
                       f"Number of live per-layer SAE latents whose decoder has cosine above {cfg.tau} with a live "
                       "crosscoder feature's decoder at a layer the feature spans, by the feature's span "
                       "(mean, 95\\% CI)."))
+    for name, draw in (("seed_baseline", _seed_figure), ("causal", _causal_figure)):
+        frame = read_csv(results, name) if (Path(results) / f"{name}.csv").is_file() else pd.DataFrame()
+        if len(frame):
+            paths.append(draw(frame, figures_dir, cfg))
     syn = read_csv(results, "synthetic")
     if len(syn):
         syn = syn[syn.often.astype(str).str.lower() == "true"]
@@ -552,6 +661,42 @@ def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, s
                       "of distinct latents that best match a true feature across its layers, and the span of the "
                       "latent that matches it best at its peak layer; dotted: the true span."))
     return paths
+
+
+def _seed_figure(seed: pd.DataFrame, figures_dir: Path, cfg: Config) -> tuple[Path, str]:
+    """SAE latents per crosscoder feature against the seed baseline, over the tau sweep (``seed_baseline.csv``)."""
+    import matplotlib.pyplot as plt
+
+    labels = {"latents_per_layer": "matching latents per layer", "frac_matched": "fraction matched",
+              "best_cos": "best cosine"}
+    fig, axes = plt.subplots(1, len(labels), figsize=(11.5, 3.4))
+    for ax, (stat, label) in zip(axes, labels.items()):
+        for i, (key, part) in enumerate(seed[seed.statistic == stat].groupby("matching", sort=False)):
+            ax.errorbar(part.tau, part["mean"], yerr=[part["mean"] - part.lo, part.hi - part["mean"]], marker="o",
+                        capsize=2, color=f"C{i}", label=SEED_MATCHINGS.get(key, key))
+        ax.set(xlabel="cosine threshold $\\tau$", ylabel=label)
+    axes[0].legend(fontsize=7)
+    return (save_figure(fig, figures_dir / f"{NAME}_seed_baseline.png"),
+            "SAE latents matching a crosscoder feature (per layer it spans) against the seed baseline: seed-1 SAE "
+            "latents matching a seed-0 SAE latent at its layer, by cosine threshold (means, 95\\% bootstrap "
+            "intervals over features / latents).")
+
+
+def _causal_figure(causal: pd.DataFrame, figures_dir: Path, cfg: Config) -> tuple[Path, str]:
+    """Mean KL per comparison and removal semantics (``causal.csv``), 95 % bootstrap intervals over features."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(7.2, 3.6))
+    sns.barplot(data=causal, x="comparison", y="kl", hue="at", errorbar=("ci", 95), n_boot=1000, seed=0, ax=ax)
+    ax.set(xlabel="", ylabel="KL (nats)", yscale="log")
+    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    ax.legend(title="removal", fontsize=8)
+    return (save_figure(fig, figures_dir / f"{NAME}_causal.png"),
+            f"Removing a crosscoder feature vs its matched SAE chain vs a density-matched random chain, at the "
+            f"positions where the feature fires: KL between the two ablated next-token distributions and of each to "
+            f"the clean run, per removal semantics ({len(causal.feature.unique())} features, mean and 95\\% "
+            "bootstrap interval over features).")
 
 
 def _profiles_by_peak(live: pd.DataFrame, null: pd.DataFrame, layers: list[int], path: Path) -> tuple[Path, str]:
@@ -662,6 +807,66 @@ def _null_text(get, cfg: Config, n_layers: int) -> str:
             f"the residual stream's persistence.")
 
 
+def _interval(mean: float, lo: float, hi: float, digits: int = 3) -> str:
+    return f"{fmt(mean, digits)} [{fmt(lo, digits)}, {fmt(hi, digits)}]"
+
+
+def _seed_text(seed: pd.DataFrame, get, cfg: Config) -> str:
+    """Crosscoder-to-SAE matching against the same matching between two SAE seeds, at ``cfg.tau``."""
+    at = seed[np.isclose(seed.tau, cfg.tau)].set_index(["matching", "statistic"])
+
+    def val(key: str, stat: str) -> str:
+        row = at.loc[(key, stat)]
+        return _interval(row["mean"], row.lo, row.hi)
+
+    cc, sd = at.loc[("crosscoder", "latents_per_layer")], at.loc[("sae_seed", "latents_per_layer")]
+    verdict = ("fewer matches than" if cc.hi < sd.lo else "more matches than" if cc.lo > sd.hi else
+               "as many matches (overlapping intervals) as")
+    return (f"Seed baseline (cosine $>{cfg.tau}$, means with 95\\% bootstrap intervals over features or latents): a "
+            f"crosscoder feature is matched by {val('crosscoder', 'latents_per_layer')} SAE latents per layer it spans "
+            f"(fraction of spanned layers matched {val('crosscoder', 'frac_matched')}, best cosine "
+            f"{val('crosscoder', 'best_cos')}), while a seed-0 SAE latent is matched by "
+            f"{val('sae_seed', 'latents_per_layer')} latents of a second seed of the same SAEs (fraction matched "
+            f"{val('sae_seed', 'frac_matched')}, best cosine {val('sae_seed', 'best_cos')}): a crosscoder feature gets "
+            f"{verdict} an SAE latent gets from its own re-run (the seed baseline). The second seed's SAE latents "
+            f"chain at a rate of "
+            f"{fmt(100 * get('chains_seed1', 'frac_latents_chained', cfg.tau), 3)}\\% (mean chain length "
+            f"{fmt(get('chains_seed1', 'mean_chain_length', cfg.tau), 3)}) against "
+            f"{fmt(100 * get('chains', 'frac_latents_chained', cfg.tau), 3)}\\% "
+            f"({fmt(get('chains', 'mean_chain_length', cfg.tau), 3)}) for the first.")
+
+
+def _causal_text(get, cfg: Config) -> str:
+    """The causal check's outcome per removal semantics (summary rows of part ``causal``)."""
+    def kl(at: str, comp: str) -> str:
+        return _interval(get("causal", f"{at}|{comp}"), get("causal", f"{at}|{comp}_lo"),
+                         get("causal", f"{at}|{comp}_hi"))
+
+    n = int(get("causal", "n_features_drawn"))
+    rule = (f"matched at two or more layers, density in [{fmt(cfg.causal_density[0], 2)}, "
+            f"{fmt(cfg.causal_density[1], 2)}], firing in the first {cfg.causal_ctx} tokens of one of "
+            f"{cfg.causal_search_windows} held-out windows")
+    if n == 0:
+        return f"Causal check: no live crosscoder feature met the pre-declared criterion ({rule}), so none was run."
+    names = {"each": "pinning each edited layer to clean minus the contribution",
+             "add": "subtracting the contribution from the running residual at each edited layer (compounding)"}
+    parts = []
+    for at in cfg.causal_at:
+        closer = get("causal", f"{at}|difference_lo") > 0
+        parts.append(f"Removal by {names.get(at, at)}: KL(feature $\\|$ chain) {kl(at, 'feature_vs_chain')} against "
+                     f"KL(feature $\\|$ random chain) {kl(at, 'feature_vs_random')} (paired difference "
+                     f"{kl(at, 'difference')}, chain closer for "
+                     f"{fmt(100 * get('causal', f'{at}|frac_chain_closer'), 3)}\\% "
+                     f"of features, one-sided Wilcoxon $p={fmt(get('causal', f'{at}|wilcoxon_p'), 2)}$), so the matched "
+                     f"chain {'does' if closer else 'does not demonstrably'} act more like the feature than a random "
+                     f"chain; removing the feature itself moves the clean distribution by "
+                     f"{kl(at, 'clean_vs_feature')}, "
+                     f"its chain by {kl(at, 'clean_vs_chain')}, a random chain by {kl(at, 'clean_vs_random')}")
+    return (f"Causal check on {n} crosscoder features drawn in advance ({rule}; up to {cfg.causal_windows} held-out "
+            f"windows each, KL in nats at the positions where the feature fires, 95\\% bootstrap intervals over "
+            f"features). " + ". ".join(parts) + ".")
+
+
 def _metric_rows(summ: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     get = _getter(summ)
     rows = [
@@ -678,6 +883,9 @@ def _metric_rows(summ: pd.DataFrame, cfg: Config) -> pd.DataFrame:
         ("SAEs", f"latents in a chain of 2+ (cos $>{cfg.tau}$)", get("chains", "frac_latents_chained", cfg.tau)),
         ("SAEs", "latents in a full-length chain", get("chains", "frac_latents_full_length", cfg.tau)),
         ("SAEs", "mean chain length", get("chains", "mean_chain_length", cfg.tau)),
+        ("SAEs, second seed", f"latents in a chain of 2+ (cos $>{cfg.tau}$)",
+         get("chains_seed1", "frac_latents_chained", cfg.tau)),
+        ("SAEs, second seed", "mean chain length", get("chains_seed1", "mean_chain_length", cfg.tau)),
         ("SAEs", "median act. corr. of linked latents", get("chains", "median_link_act_corr", cfg.tau)),
         ("SAEs per crosscoder feature", f"SAE latents with cos $>{cfg.tau}$", get("sae_per_cc", "mean_sae_latents", cfg.tau)),
         ("SAEs per crosscoder feature", "its mean span", get("sae_per_cc", "mean_span", cfg.tau)),
@@ -746,6 +954,10 @@ def answer(results: Path, cfg: Config) -> str:
                  f"{fmt(100 * get('sae_per_cc', 'frac_layers_matched', cfg.tau), 2)}\\% of its spanned layers have such a "
                  f"latent, and those with any match spread over "
                  f"{fmt(get('sae_per_cc', 'mean_distinct_chains', cfg.tau), 3)} distinct SAE chains.")
+    if (Path(results) / "seed_baseline.csv").is_file():
+        parts.append(_seed_text(read_csv(results, "seed_baseline"), get, cfg))
+    if (summ.part == "causal").any():
+        parts.append(_causal_text(get, cfg))
     if np.isfinite(get("synthetic", "crosscoder_mmcs")):
         parts.append(f"On synthetic data with known spans, the crosscoder recovers the true features with MMCS "
                      f"{fmt(get('synthetic', 'crosscoder_mmcs'), 3)} "
@@ -761,4 +973,5 @@ def answer(results: Path, cfg: Config) -> str:
 
 STUDY = Study(name=NAME, title="Cross-layer superposition", config=Config, run=run, figures=figures, tables=tables,
               answer=answer, dictionaries=("saes", "crosscoder"), order=50,
-              presets={"micro": Config(synthetic_tokens=4_000), "paper": Config(synthetic_tokens=200_000)})
+              presets={"micro": Config(synthetic_tokens=4_000), "standard": Config(causal_features=24),
+                       "paper": Config(synthetic_tokens=200_000, causal_features=24)})

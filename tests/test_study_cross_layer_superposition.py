@@ -179,8 +179,21 @@ def test_cross_layer_superposition_study_micro(micro_ctx):
     assert len(syn) == 2 * cfg.syn_features and set(syn.approach) == {xl.CC, xl.SAE}
     cc = syn[(syn.approach == xl.CC) & syn.multi & syn.often]
     assert cc.n_latents.mean() <= 1.2 and syn[syn.approach == xl.SAE].recovered_span.eq(1).all()
-    chained = summ[summ.metric == "frac_latents_chained"].sort_values("tau").value
-    assert chained.is_monotonic_decreasing  # a stricter link threshold never chains more
+    for part in ("chains", "chains_seed1"):
+        chained = summ[(summ.part == part) & (summ.metric == "frac_latents_chained")].sort_values("tau").value
+        assert len(chained) == len(cfg.taus) and chained.is_monotonic_decreasing  # stricter links never chain more
+    seed = pd.read_csv(results / "seed_baseline.csv")
+    assert list(seed.columns) == xl.SEED_COLUMNS and set(seed.matching) == set(xl.SEED_MATCHINGS)
+    assert ((seed.lo <= seed["mean"] + 1e-9) & (seed["mean"] <= seed.hi + 1e-9)).all()
+    for _, part in seed[seed.statistic != "best_cos"].groupby(["matching", "statistic"]):
+        assert part.sort_values("tau")["mean"].is_monotonic_decreasing  # a stricter threshold never matches more
+    causal = pd.read_csv(results / "causal.csv", keep_default_na=False)
+    from studies import superposition_causal as sc
+    assert list(causal.columns) == sc.COLUMNS and 1 <= causal.feature.nunique() <= cfg.causal_features
+    assert (causal.groupby("feature").size() == len(sc.COMPARISONS) * len(cfg.causal_at)).all()
+    assert (causal.kl > -1e-6).all() and (causal.chain_layers >= 2).all()
+    assert (causal.n_windows <= cfg.causal_windows).all()
+    assert per_cc.set_index("feature").loc[causal.feature.unique()].n_matched_layers.ge(2).all()
     tables = micro_ctx.paper / "tables"
     for name in (f"{xl.NAME}.tex", f"{xl.NAME}_synthetic.tex", f"{xl.NAME}_answer.tex", f"{xl.NAME}_figures.tex"):
         assert (tables / name).stat().st_size > 0
@@ -191,6 +204,8 @@ def test_cross_layer_superposition_study_micro(micro_ctx):
     init = nulls[nulls.kind == "initialisation"]
     assert (init.span == L).all() and np.allclose(init.entropy, 1.0)  # every feature starts flat over the layers
     assert "persistence alone" in (tables / f"{xl.NAME}_answer.tex").read_text()
+    assert "Causal check" in (tables / f"{xl.NAME}_answer.tex").read_text()
+    assert (micro_ctx.paper / "figures" / f"{xl.NAME}_causal.png").is_file()
     assert (micro_ctx.paper / "figures" / f"{xl.NAME}_profiles_vs_null.png").is_file()
     over = pd.read_csv(results / "profiles_over_training.csv")  # the main crosscoder's snapshots (micro: no ReLU one)
     assert list(over.columns) == xl.TRAINING_COLUMNS and set(over.dictionary) == {"crosscoder"}
