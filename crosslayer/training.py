@@ -123,7 +123,10 @@ class TrainConfig:
     lr_warm_up_steps: int = 0
     """Linear learning-rate warm-up steps."""
     lr_decay_steps: int | None = None
-    """Linear decay to 0 over the last steps; None = the last 20 %."""
+    """Linear decay to 0 over the last steps; None = the last ``lr_decay_frac`` of the run."""
+    lr_decay_frac: float = 0.2
+    """Share of the steps the linear decay to 0 takes when ``lr_decay_steps`` is None: 0.2 = the last 20 %
+    (Anthropic's schedule), 1.0 = a straight line from the peak to 0 over the whole run (after warm-up)."""
     sparsity_coef: float | None = None
     """lambda for ReLU (default 5) and JumpReLU (default 1); unused by TopK / BatchTopK."""
     sparsity_warm_up_steps: int | None = None
@@ -165,6 +168,8 @@ class TrainConfig:
             raise CrosslayerError("grad_clip and sparsity_coef must be >= 0")
         if self.diverge_factor is not None and not self.diverge_factor > 1:
             raise CrosslayerError(f"diverge_factor must be > 1 or None, got {self.diverge_factor}")
+        if not 0 <= self.lr_decay_frac <= 1:
+            raise CrosslayerError(f"lr_decay_frac must be in [0, 1], got {self.lr_decay_frac}")
         if self.sparsity_warm_up_frac is not None and not 0 <= self.sparsity_warm_up_frac <= 1:
             raise CrosslayerError(f"sparsity_warm_up_frac must be in [0, 1], got {self.sparsity_warm_up_frac}")
 
@@ -191,7 +196,7 @@ class TrainConfig:
         return sorted({0} | {i * self.steps // PROFILE_POINTS for i in range(1, PROFILE_POINTS + 1)})
 
     def lr_at(self, step: int) -> float:
-        decay = self.lr_decay_steps if self.lr_decay_steps is not None else self.steps // 5
+        decay = self.lr_decay_steps if self.lr_decay_steps is not None else int(self.steps * self.lr_decay_frac)
         warm = min(1.0, (step + 1) / self.lr_warm_up_steps) if self.lr_warm_up_steps else 1.0
         left = self.steps - step
         return self.lr * warm * (min(1.0, left / decay) if decay else 1.0)
@@ -234,12 +239,19 @@ the plan a folder is claimed with, so that changing them does not orphan finishe
 ADDED_AT_DEFAULT = {"aux_frac": 1.0}
 """Architecture fields added after folders were written, with the value every older folder trained with: a record
 without the field counts as having it (such a folder still resumes and is reused when finished)."""
+TRAINING_ADDED_AT_DEFAULT = {"lr_decay_frac": 0.2}
+"""The same for :class:`TrainConfig` fields (the plan's ``training`` part)."""
+
+
+def _added_defaults(plan: dict) -> dict:
+    """Per part of a plan, the fields added after folders were written (:data:`ADDED_AT_DEFAULT`)."""
+    return {next(iter(plan)): ADDED_AT_DEFAULT, "training": TRAINING_ADDED_AT_DEFAULT}
 
 
 def _with_added_defaults(plan: dict) -> dict:
-    """A recorded plan with :data:`ADDED_AT_DEFAULT` filled into its architecture part (the first key)."""
-    arch = next(iter(plan))
-    return {**plan, arch: {**ADDED_AT_DEFAULT, **plan[arch]}}
+    """A recorded plan with :data:`ADDED_AT_DEFAULT` filled into its architecture part (the first key) and
+    :data:`TRAINING_ADDED_AT_DEFAULT` into its training part."""
+    return {**plan, **{part: {**added, **plan.get(part, {})} for part, added in _added_defaults(plan).items()}}
 
 
 def _plan(cfg: TrainConfig, model_cfg) -> dict:
@@ -390,7 +402,7 @@ def _claim(out: Path, plan: dict, mesh: distributed.Mesh | None) -> dict | None:
     the others read the record it found or wrote."""
     def claim():
         return claim_folder(out, plan, record=CFG_FILENAME, what="dictionary training", extra={"status": "training"},
-                            defaults={next(iter(plan)): ADDED_AT_DEFAULT})  # as _with_added_defaults, for cfg.json
+                            defaults=_added_defaults(plan))  # as _with_added_defaults, for cfg.json
 
     if mesh is None:
         return claim()

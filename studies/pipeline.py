@@ -125,6 +125,7 @@ class RunContext:
         while True:
             rate = lr if lr is not None else self._claimed_lr(name) or self.lr(approach)
             cfg = TrainConfig(tokens=tokens or s.dict_tokens, batch_size=s.dict_batch, lr=rate, seed=seed,
+                              lr_decay_frac=s.lr_decay_frac,
                               sparsity_coef=sparsity_coef, checkpoint_every=50, bf16=self.device.startswith("cuda"),
                               diverge_factor=None if sparsity_coef else TrainConfig.diverge_factor)
             try:

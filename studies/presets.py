@@ -40,6 +40,9 @@ class Sizes:
     """Training tokens of every dictionary of the run, per-layer SAEs and crosscoders alike."""
     dict_batch: int = 512
     """Rows per optimiser step of every dictionary."""
+    lr_decay_frac: float = 0.2
+    """Share of every dictionary's steps over which the learning rate decays linearly to 0 (``TrainConfig.lr_decay_frac``:
+    0.2 = the last 20 %, 1.0 = a straight line from the peak to 0 over the whole run)."""
     aux_frac: float = 1.0
     """Share of each batch's rows that carry the AuxK loss of dead latents (every TopK dictionary of the run;
     :func:`crosslayer.crosscoder.aux_row_count`): below 1 the AuxK decode and backward shrink in proportion."""

@@ -3,6 +3,7 @@ kill, NaN handling, finished-run reuse, and training from an activation store.
 """
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -50,6 +51,13 @@ def test_schedules():
                       sparsity_coef=2.0, sparsity_warm_up_steps=50)
     assert cfg.lr_at(0) == pytest.approx(0.1) and cfg.lr_at(9) == 1.0 and cfg.lr_at(50) == 1.0
     assert cfg.lr_at(90) == pytest.approx(0.5) and cfg.lr_at(99) == pytest.approx(0.05)
+    # the decay's share of the run: 20 % by default, a straight line to 0 over the whole run at 1.0
+    assert TrainConfig(tokens=100 * 64, batch_size=64, lr=1.0).lr_at(79) == 1.0
+    assert TrainConfig(tokens=100 * 64, batch_size=64, lr=1.0).lr_at(90) == pytest.approx(0.5)
+    line = TrainConfig(tokens=100 * 64, batch_size=64, lr=1.0, lr_decay_frac=1.0)
+    assert [line.lr_at(s) for s in (0, 50, 99)] == pytest.approx([1.0, 0.5, 0.01])
+    with pytest.raises(CrosslayerError, match="lr_decay_frac"):
+        TrainConfig(tokens=640, batch_size=64, lr_decay_frac=1.5)
     assert cfg.sparsity_at(24, "relu") == pytest.approx(1.0) and cfg.sparsity_at(80, "relu") == 2.0
     assert cfg.steps == 100 and TrainConfig(tokens=64 * 100 + 63, batch_size=64).steps == 100
     assert TrainConfig(tokens=640, batch_size=64).sparsity_at(5, "relu") == 5.0  # default lambda, no warm-up
@@ -346,14 +354,18 @@ def _wall_clock_columns(header: str) -> set[int]:
 
 
 def test_a_field_added_at_its_default_keeps_older_folders(tmp_path):
-    """aux_frac at its default is left out of the plan: a folder trained before the field existed (the same
-    cfg.json) is reused as finished and loads; another value is a different run and is refused."""
+    """Fields added later (aux_frac of the architecture, lr_decay_frac of the training config) at their defaults: a
+    folder trained before they existed (the same cfg.json without them) is reused as finished and loads; another
+    value is a different run and is refused, naming the field."""
     acts, cfg = data(512), TrainConfig(tokens=4 * 64, batch_size=64, lr=1e-3)
     first = train_crosscoder(cfg, model_cfg(), make_batches(acts), out_dir=tmp_path / "cc", progress=False)
     record = json.loads((tmp_path / "cc" / "cfg.json").read_text())
-    del record["crosscoder"]["aux_frac"]  # as written before the field existed
+    del record["crosscoder"]["aux_frac"], record["training"]["lr_decay_frac"]  # as written before the fields existed
     (tmp_path / "cc" / "cfg.json").write_text(json.dumps(record))
     again = train_crosscoder(cfg, model_cfg(aux_frac=1.0), make_batches(acts), out_dir=tmp_path / "cc", progress=False)
     assert torch.equal(first.W_enc, again.W_enc) and load_dictionary(tmp_path / "cc").cfg.aux_frac == 1.0
     with pytest.raises(CrosslayerError, match="aux_frac"):
         train_crosscoder(cfg, model_cfg(aux_frac=0.5), make_batches(acts), out_dir=tmp_path / "cc", progress=False)
+    with pytest.raises(CrosslayerError, match="lr_decay_frac"):
+        train_crosscoder(replace(cfg, lr_decay_frac=1.0), model_cfg(), make_batches(acts), out_dir=tmp_path / "cc",
+                         progress=False)
