@@ -176,16 +176,16 @@ def test_masks_exact_zero_weights_and_grads(variant, activation):
     cc = Crosscoder(cfg)
     x = torch.randn(128, 4, 8)
     cc.calibrate_(x)
-    enc_off = ~cc.read_FL.T[:, None, :].expand_as(cc.W_enc)
+    enc_off = ~cc.read_FL[..., None].expand_as(cc.W_enc_FLD)
     dec_off = ~cc.write_FL[..., None].expand_as(cc.W_dec)
     optim = torch.optim.Adam(cc.parameters(), lr=1e-2)
     for _ in range(3):
         optim.zero_grad()
         cc.loss(x, sparsity_coef=1.0, dead_F=torch.ones(24, dtype=torch.bool)).loss.backward()
-        assert (cc.W_enc.grad[enc_off] == 0).all() and (cc.W_dec.grad[dec_off] == 0).all()
-        assert cc.W_enc.grad[~enc_off].abs().sum() > 0 and cc.W_dec.grad[~dec_off].abs().sum() > 0
+        assert (cc.W_enc_FLD.grad[enc_off] == 0).all() and (cc.W_dec.grad[dec_off] == 0).all()
+        assert cc.W_enc_FLD.grad[~enc_off].abs().sum() > 0 and cc.W_dec.grad[~dec_off].abs().sum() > 0
         optim.step()
-    assert (cc.W_enc[enc_off] == 0).all() and (cc.W_dec[dec_off] == 0).all()
+    assert (cc.W_enc_FLD[enc_off] == 0).all() and (cc.W_dec[dec_off] == 0).all()
     assert (cc.decoder_norms()[~cc.write_FL] == 0).all()
     # weakly causal: a feature's activation depends on its home layer only
     if variant == "weakly_causal":
@@ -210,7 +210,7 @@ def test_sparse_topk_backward_equals_dense_autograd(variant, aux_frac):
     norm_F = cc._norm_F(cc.W_dec_masked())
     vals, idx, aux_vals, aux_idx = cc._topk(x, norm_F, dead_F)
     g1, g2 = torch.randn_like(vals), torch.randn_like(aux_vals)
-    grads = torch.autograd.grad((vals * g1).sum() + (aux_vals * g2).sum(), (cc.W_enc, cc.b_enc, x))
+    grads = torch.autograd.grad((vals * g1).sum() + (aux_vals * g2).sum(), (cc.W_enc_FLD, cc.b_enc, x))
     pre = cc.pre_acts(x)
     score = pre * norm_F.detach()
     assert torch.equal(idx.sort(1).values, score.topk(K, dim=1).indices.sort(1).values)
@@ -218,7 +218,7 @@ def test_sparse_topk_backward_equals_dense_autograd(variant, aux_frac):
     dead_score = score.masked_fill(~dead_F, -torch.inf)[:A]
     assert aux_idx.shape == (A, 5) and torch.equal(aux_idx.sort(1).values, dead_score.topk(5, dim=1).indices.sort(1).values)
     ref = (pre.gather(1, idx).relu() * g1).sum() + (pre[:A].gather(1, aux_idx) * g2).sum()
-    for got, want in zip(grads, torch.autograd.grad(ref, (cc.W_enc, cc.b_enc, x))):
+    for got, want in zip(grads, torch.autograd.grad(ref, (cc.W_enc_FLD, cc.b_enc, x))):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
