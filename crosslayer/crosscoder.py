@@ -214,15 +214,15 @@ class _SparseTopKEncode(torch.autograd.Function):
     AuxK selection: the ``k_aux`` best scores among each group's dead latents, with their raw
     pre-activations (0 where a group has fewer dead latents). Returns
     ``(vals_GBK, idx_GBK, aux_vals_GBA, aux_idx_GBA)``.
-    Backward: only the k + k_aux selected entries per row carry gradient, so dL/dW = x^T G is one
+    Backward: only the k + k_aux selected entries per row carry gradient, so dL/dW = G^T x is one
     sparse-dense product over G B (k + k_aux) entries (O(B k I), as EleutherAI sparsify's fused
-    encoder), never the dense [I, B] x [B, F] GEMM autograd would run; dL/db = column sums of G;
-    dL/dx = G W^T (gathered rows of W^T, only when x requires grad).
+    encoder), never the dense [F, B] x [B, I] GEMM autograd would run; dL/db = column sums of G;
+    dL/dx = G W (gathered rows of W, only when x requires grad).
     """
 
     @staticmethod
     def forward(ctx, x_GBI, W_GFI, b_GF, scale_GF, k: int, dead_GF: Tensor | None, k_aux: int, aux_rows: int):
-        xw_GBF = torch.bmm(x_GBI, W_GFI.transpose(1, 2))  # the bias is added only where needed: score, and the selected entries
+        xw_GBF = torch.bmm(x_GBI, W_GFI.transpose(1, 2))  # bias added only where needed: score, selected entries
         score_GBF = torch.addcmul((b_GF * scale_GF)[:, None], xw_GBF, scale_GF[:, None])
         idx = score_GBF.topk(k, dim=-1, sorted=False).indices
         b_GBF = b_GF[:, None].expand_as(xw_GBF)
@@ -253,7 +253,10 @@ class _SparseTopKEncode(torch.autograd.Function):
                    ((gid_main, gid_aux), (row_main, row_aux), (g_main, g_aux))]
         g_x = g_W = g_b = None
         if ctx.needs_input_grad[1]:
-            g_FI = _sorted_csr(*entries, G * n_feats, G * B) @ x_GBI.reshape(G * B, I).to(W_GFI.dtype)
+            # into a fresh buffer (beta=0: never read): ``csr @ x`` fills a zeros tensor and copies it in first
+            g_FI = W_GFI.new_empty(G * n_feats, I)
+            torch.addmm(g_FI, _sorted_csr(*entries, G * n_feats, G * B), x_GBI.reshape(G * B, I).to(W_GFI.dtype),
+                        beta=0, out=g_FI)
             g_W = g_FI.reshape(G, n_feats, I)  # contiguous, the parameter's own layout: accumulated without a copy
         if ctx.needs_input_grad[2]:
             g_b = g_main.new_zeros(G * n_feats).index_add_(0, entries[0], entries[2]).reshape(G, n_feats)
@@ -271,7 +274,8 @@ def sparse_topk(x_GBI: Tensor, W_GFI: Tensor, b_GF: Tensor, scale_GF: Tensor, k:
                 dead_GF: Tensor | None = None, k_aux: int = 0, aux_rows: int | None = None
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:class:`_SparseTopKEncode` (TopK of G groups, sparse backward; ``W_GFI`` feature-major):
-    ``(vals, idx, aux_vals, aux_idx)``; the AuxK part covers the first ``aux_rows`` rows (None: all; see :func:`aux_row_count`)."""
+    ``(vals, idx, aux_vals, aux_idx)``; the AuxK part covers the first ``aux_rows`` rows (None: all; see
+    :func:`aux_row_count`)."""
     rows = x_GBI.shape[1] if aux_rows is None else min(aux_rows, x_GBI.shape[1])
     return _SparseTopKEncode.apply(x_GBI, W_GFI, b_GF, scale_GF.detach(), k, dead_GF, k_aux, rows)
 
@@ -373,7 +377,7 @@ class Crosscoder(Dictionary):
         return self.cfg.n_features
 
     enc_param, enc_from_saved = "W_enc_FLD", (2, 0, 1)
-    """The encoder parameter's name and the permutation from the saved ``W_enc`` [L, d, F] to it (:func:`saved_state`)."""
+    """The encoder parameter's name; the permutation from the saved ``W_enc`` [L, d, F] to it (:func:`saved_state`)."""
 
     @property
     def W_enc(self) -> Float[Tensor, "layer d_model feat"]:
@@ -602,7 +606,7 @@ class Crosscoder(Dictionary):
                     meta=meta_from_cfg(cfg, ("crosscoder",)))
         try:
             model.load_state_dict(from_saved(model, load_file(str(Path(path) / WEIGHTS_FILE))))
-        except (OSError, RuntimeError, KeyError) as err:
+        except (OSError, RuntimeError) as err:
             raise CrosslayerError(f"{Path(path) / WEIGHTS_FILE} cannot be loaded ({err}); train again") from None
         return model.to(device)
 

@@ -8,7 +8,8 @@ layer, i.e. group l of ``width`` latents is a TopK SAE of layer l:
 
 1. Encode: pre[l] = a^l @ W_enc[l] + b_enc[l] for all layers in one batched GEMM ([L, B, d] x
    [L, d, W]; the parameter ``W_enc_LWD`` is feature-major, so its gradient needs no copy); each layer
-   keeps its own k best scores relu(pre_i) * ||W_dec,i|| (k per layer, so the stack's L0 is L k). The backward is sparse (:func:`crosslayer.crosscoder.sparse_topk`, G = L).
+   keeps its own k best scores relu(pre_i) * ||W_dec,i|| (k per layer, so the stack's L0 is L k). The
+   backward is sparse (:func:`crosslayer.crosscoder.sparse_topk`, G = L).
 2. Decode: a_hat^l = sum over layer l's active latents of f_i W_dec[l, i] + b_dec[l] (gathered rows,
    ``embedding_bag`` with one bag per (layer, token)).
 3. Loss: sum_l ||a^l - a_hat^l||^2 (mean over tokens), plus AuxK per layer: layer l's k_aux dead
@@ -109,6 +110,9 @@ class SAEStack(Dictionary):
     def k_aux(self) -> int:
         return self.cfg.k_aux or max(1, self.d_model // 2)
 
+    enc_param = "W_enc_LWD"
+    """The encoder parameter's name (feature-major, [L, W, d]); saved only as sae-lens folders (``per_layer_weights``)."""
+
     @property
     def W_enc(self) -> Tensor:
         """The encoders as readers see them, ``[L, d, W]``: a view of the parameter ``W_enc_LWD`` (feature-major, so
@@ -146,7 +150,8 @@ class SAEStack(Dictionary):
     def reconstruct_layer(self, acts_ND: Tensor, index: int, *, normalized: bool = True) -> Tensor:
         x_ND = acts_ND if normalized else acts_ND * self.norm_factors[index].to(acts_ND)
         one = slice(index, index + 1)
-        vals, idx = sparse_topk(x_ND[None], self.W_enc_LWD[one], self.b_enc[one], self.W_dec[one].norm(dim=-1), self.cfg.k)[:2]
+        vals, idx = sparse_topk(x_ND[None], self.W_enc_LWD[one], self.b_enc[one], self.W_dec[one].norm(dim=-1),
+                                self.cfg.k)[:2]
         recon = F_.embedding_bag(idx[0], self.W_dec[index], mode="sum", per_sample_weights=vals[0]) + self.b_dec[index]
         return recon if normalized else recon / self.norm_factors[index].to(acts_ND)
 
