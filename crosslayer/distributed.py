@@ -320,6 +320,7 @@ class ShardedCrosscoder(nn.Module):
         return self.hi - self.lo
 
     check_acts = Crosscoder.check_acts
+    enc_param, enc_from_saved = Crosscoder.enc_param, Crosscoder.enc_from_saved
     W_enc_masked = Crosscoder.W_enc_masked
     W_dec_masked = Crosscoder.W_dec_masked
     _norm_F = Crosscoder._norm_F

@@ -110,8 +110,8 @@ class SAEStack(Dictionary):
     def k_aux(self) -> int:
         return self.cfg.k_aux or max(1, self.d_model // 2)
 
-    enc_param = "W_enc_LWD"
-    """The encoder parameter's name (feature-major, [L, W, d]); saved only as sae-lens folders (``per_layer_weights``)."""
+    enc_param, enc_from_saved = "W_enc_LWD", (0, 2, 1)
+    """The encoder parameter's name; the permutation from the [L, d, W] layout of ``W_enc`` to it."""
 
     @property
     def W_enc(self) -> Tensor:
