@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from crosslayer.crosscoder import ACTIVATIONS, VARIANTS, Crosscoder, CrosscoderConfig, _JumpReLU, layer_masks
 from crosslayer.dictionary import load_dictionary
@@ -396,6 +397,8 @@ def test_save_load_round_trip(tmp_path, activation, variant):
         cc.update_threshold_(cc.loss(x).feats_BF)
         assert cc.threshold > 0
     cc.save(tmp_path / "cc")
+    saved = load_file(str(tmp_path / "cc" / "crosscoder.safetensors"))  # the format of folders from before issue 13
+    assert "W_enc_FLD" not in saved and saved["W_enc"].shape == (3, 8, 12) and torch.equal(saved["W_enc"], cc.W_enc)
     back = load_dictionary(tmp_path / "cc")
     assert isinstance(back, Crosscoder) and back.cfg == cfg and back.meta == cc.meta
     assert back.layers == cc.layers and back.hooks == cc.hooks
