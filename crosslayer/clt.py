@@ -214,7 +214,8 @@ class CrossLayerTranscoder(Dictionary):
 
     # ---------------------------------------------------------------- encode / decode
     def pre_acts(self, acts_BLD: Tensor) -> Float[Tensor, "layer batch width"]:
-        return torch.baddbmm(self.b_enc[:, None], acts_BLD.transpose(0, 1), self.W_enc)
+        # as (W x^T)^T: autograd then hands the feature-major encoder its gradient in its own layout (no copy)
+        return torch.baddbmm(self.b_enc[:, :, None], self.W_enc_LWD, acts_BLD.permute(1, 2, 0)).transpose(1, 2)
 
     def _topk(self, acts_BLD: Tensor, dead_LW: Tensor | None = None) -> tuple[Tensor, ...]:
         k_aux = min(self.k_aux_group, int(dead_LW.sum(1).max())) if dead_LW is not None else 0

@@ -111,7 +111,7 @@ class SAEStack(Dictionary):
         return self.cfg.k_aux or max(1, self.d_model // 2)
 
     enc_param, enc_from_saved = "W_enc_LWD", (0, 2, 1)
-    """The encoder parameter's name; the permutation from the [L, d, W] layout of ``W_enc`` to it."""
+    """The encoder parameter's name; the permutation from ``W_enc``'s [L, d, W] (old checkpoints' layout) to it."""
 
     @property
     def W_enc(self) -> Tensor:

@@ -301,9 +301,9 @@ class _Run:
 def _feature_major_encoder(ckpt: dict, model) -> None:
     """A checkpoint written before the encoder parameter became feature-major (issue 13) brought to today's layout,
     in place: its ``W_enc`` ([..., d, F], as saved folders still hold it) and that parameter's Adam moments permuted
-    into ``model.enc_param`` (exact: the run resumes as it would have)."""
-    name = getattr(model, "enc_param", None)
-    if name is None or "W_enc" not in ckpt["model"]:
+    into ``model.enc_param`` (a permutation: no value changes)."""
+    name = model.enc_param
+    if "W_enc" not in ckpt["model"]:
         return
     ckpt["model"][name] = ckpt["model"].pop("W_enc").permute(model.enc_from_saved)
     moments = ckpt["optim"]["state"].get([n for n, _ in model.named_parameters()].index(name), {})

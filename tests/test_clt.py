@@ -75,6 +75,18 @@ def test_save_load_keeps_the_input_major_w_enc_on_disk(tmp_path):
         assert torch.equal(back.state_dict()[key], value), key
 
 
+def test_dense_encoder_gradient_needs_no_copy():
+    """JumpReLU's dense pre-activations hand the feature-major encoder its gradient in its own layout: autograd's
+    AccumulateGrad copies nothing (torch's profiler)."""
+    clt = _clt(activation="jumprelu")
+    loss = clt.pre_acts(torch.randn(29, 3, 8)).pow(2).sum()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    accumulate = [e for e in prof.events() if e.name == "torch::autograd::AccumulateGrad"]
+    assert len(accumulate) == 2  # W_enc_LWD and b_enc
+    assert not [e for e in prof.events() if e.name in ("aten::copy_", "aten::clone") and e.cpu_parent in accumulate]
+
+
 def test_config_rejects_bad_layers():
     with pytest.raises(CrosslayerError, match="contiguous"):
         CLTConfig(layers=(0, 2), d_model=4, width=8, k=2)
