@@ -40,7 +40,8 @@ import torch.nn.functional as F_
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from crosslayer.crosscoder import CrosscoderOutput, _JumpReLU, _output, _SumSquaredError, aux_row_count, sparse_topk
+from crosslayer.crosscoder import (CrosscoderOutput, _JumpReLU, _output, _SumSquaredError, aux_row_count, from_saved,
+                                   saved_state, sparse_topk)
 from crosslayer.dictionary import Dictionary, meta_from_cfg, read_saved_cfg, register_dictionary
 from crosslayer.errors import CrosslayerError
 from crosslayer.hooks import hook_name
@@ -133,7 +134,7 @@ class CrossLayerTranscoder(Dictionary):
             n_out = self.n_written(l)
             W_dec = torch.randn(W, n_out, d, generator=gen)
             decs.append(W_dec / W_dec.norm(dim=-1, keepdim=True) * cfg.init_dec_norm / n_out)
-        self.W_enc = nn.Parameter(torch.stack([w[:, 0].T * n for w, n in zip(decs, map(self.n_written, range(L)))]))
+        self.W_enc_LWD = nn.Parameter(torch.stack([w[:, 0] * n for w, n in zip(decs, map(self.n_written, range(L)))]))
         self.W_dec = nn.ParameterList([nn.Parameter(torch.cat([decs[l][:, m - l] for l in self.sources(m)]))
                                        for m in range(L)])
         self.b_enc = nn.Parameter(torch.zeros(L, W))
@@ -157,6 +158,16 @@ class CrossLayerTranscoder(Dictionary):
     def k_aux(self) -> int:
         """AuxK dead latents over all groups (``cfg.k_aux``, default d_model // 2)."""
         return self.cfg.k_aux or max(1, self.d_model // 2)
+
+    enc_param, enc_from_saved = "W_enc_LWD", (0, 2, 1)
+    """The encoder parameter's name and the permutation from the saved ``W_enc`` [L, d, W] to it."""
+
+    @property
+    def W_enc(self) -> Tensor:
+        """The encoders as readers and saved folders see them, ``[L, d, W]``: a view of the parameter ``W_enc_LWD``
+        (feature-major, so its gradient needs no copy: :class:`~crosslayer.crosscoder._SparseTopKEncode`). In-place
+        edits under ``torch.no_grad()`` write through; train, and read ``.grad`` of, ``W_enc_LWD``."""
+        return self.W_enc_LWD.transpose(1, 2)
 
     @property
     def k_aux_group(self) -> int:
@@ -203,11 +214,12 @@ class CrossLayerTranscoder(Dictionary):
 
     # ---------------------------------------------------------------- encode / decode
     def pre_acts(self, acts_BLD: Tensor) -> Float[Tensor, "layer batch width"]:
-        return torch.baddbmm(self.b_enc[:, None], acts_BLD.transpose(0, 1), self.W_enc)
+        # as (W x^T)^T: autograd then hands the feature-major encoder its gradient in its own layout (no copy)
+        return torch.baddbmm(self.b_enc[:, :, None], self.W_enc_LWD, acts_BLD.permute(1, 2, 0)).transpose(1, 2)
 
     def _topk(self, acts_BLD: Tensor, dead_LW: Tensor | None = None) -> tuple[Tensor, ...]:
         k_aux = min(self.k_aux_group, int(dead_LW.sum(1).max())) if dead_LW is not None else 0
-        return sparse_topk(acts_BLD.transpose(0, 1), self.W_enc, self.b_enc, self.norms_LW(), self.cfg.k,
+        return sparse_topk(acts_BLD.transpose(0, 1), self.W_enc_LWD, self.b_enc, self.norms_LW(), self.cfg.k,
                            dead_LW, k_aux, aux_row_count(self.cfg.aux_frac, acts_BLD.shape[0]))
 
     def _dense_feats(self, acts_BLD: Tensor) -> tuple[Tensor, Tensor]:
@@ -245,7 +257,7 @@ class CrossLayerTranscoder(Dictionary):
         if self.cfg.activation == "jumprelu":
             pre = x_ND @ self.W_enc[index] + self.b_enc[index]
             return _JumpReLU.apply(pre, self.log_threshold[index].exp(), self.cfg.jump_bandwidth)
-        vals, idx = sparse_topk(x_ND[None], self.W_enc[one], self.b_enc[one], self.norms_LW()[one], self.cfg.k)[:2]
+        vals, idx = sparse_topk(x_ND[None], self.W_enc_LWD[one], self.b_enc[one], self.norms_LW()[one], self.cfg.k)[:2]
         return vals.new_zeros(x_ND.shape[0], self.cfg.width).scatter(1, idx[0], vals[0])
 
     def decode_group(self, f_NW: Tensor, index: int, *, normalized: bool = True) -> Tensor:
@@ -321,9 +333,8 @@ class CrossLayerTranscoder(Dictionary):
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         with atomic_path(path / WEIGHTS_FILE) as tmp:
-            save_file(tensors, str(tmp))
+            save_file(saved_state(self), str(tmp))
         self.write_cfg(path, clt=asdict(self.cfg), target_hooks=self.target_hooks,
                        target_norm_factors=self.target_norm_factors.tolist())
 
@@ -337,7 +348,7 @@ class CrossLayerTranscoder(Dictionary):
                     target_hooks=cfg["target_hooks"], target_norm_factors=cfg["target_norm_factors"],
                     meta=meta_from_cfg(cfg, ("clt", "target_hooks", "target_norm_factors")))
         try:
-            model.load_state_dict(load_file(str(Path(path) / WEIGHTS_FILE)))
+            model.load_state_dict(from_saved(model, load_file(str(Path(path) / WEIGHTS_FILE))))
         except (OSError, RuntimeError) as err:
             raise CrosslayerError(f"{Path(path) / WEIGHTS_FILE} cannot be loaded ({err}); train again") from None
         return model.to(device)

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from crosslayer.crosscoder import Crosscoder, _output, _SumSquaredError, aux_row_count, sparse_topk
 from crosslayer.errors import CrosslayerError
 
-SHARD_DIM = {"W_enc": -1, "W_dec": 0, "b_enc": 0}
+SHARD_DIM = {"W_enc_FLD": 0, "W_dec": 0, "b_enc": 0}
 """The feature dimension of each sharded parameter of a crosscoder (``b_dec`` is replicated)."""
 
 
@@ -320,6 +320,7 @@ class ShardedCrosscoder(nn.Module):
         return self.hi - self.lo
 
     check_acts = Crosscoder.check_acts
+    enc_param, enc_from_saved = Crosscoder.enc_param, Crosscoder.enc_from_saved
     W_enc_masked = Crosscoder.W_enc_masked
     W_dec_masked = Crosscoder.W_dec_masked
     _norm_F = Crosscoder._norm_F
@@ -334,7 +335,7 @@ class ShardedCrosscoder(nn.Module):
         crosses 0 on min(1, 4 k / F) of the sample (F the whole dictionary's width)."""
         rate = min(1.0, 4 * self.cfg.k / self.cfg.n_features)
         self.b_dec.copy_(sample_BLD.mean(0) * self.writes_L[:, None])
-        pre_NF = sample_BLD.reshape(sample_BLD.shape[0], -1) @ self.W_enc_masked().reshape(-1, self.n_features)
+        pre_NF = sample_BLD.reshape(sample_BLD.shape[0], -1) @ self.W_enc_masked().reshape(self.n_features, -1).T
         n = pre_NF.shape[0]
         self.b_enc.copy_(-pre_NF.kthvalue(min(n, max(1, round((1 - rate) * n))), dim=0).values)
 
@@ -362,7 +363,7 @@ class ShardedCrosscoder(nn.Module):
         k_aux = min(self.k_aux, n_dead)
         local_aux = min(k_aux, self.n_features)
         vals, idx, aux_vals, aux_idx = (t[0] for t in sparse_topk(
-            acts_BLD.reshape(1, B, L * d), self.W_enc_masked().reshape(1, L * d, -1), self.b_enc[None], norm_F[None],
+            acts_BLD.reshape(1, B, L * d), self.W_enc_masked().reshape(1, -1, L * d), self.b_enc[None], norm_F[None],
             min(cfg.k, self.n_features), dead_F[None] if local_aux else None, local_aux, aux_row_count(cfg.aux_frac, B)))
         keep, top_BK = self._merge((vals * norm_F[idx]).detach(), cfg.k)
         vals = vals * keep

@@ -7,8 +7,9 @@ to a TopK :class:`~crosslayer.crosscoder.Crosscoder` except that each latent rea
 layer, i.e. group l of ``width`` latents is a TopK SAE of layer l:
 
 1. Encode: pre[l] = a^l @ W_enc[l] + b_enc[l] for all layers in one batched GEMM ([L, B, d] x
-   [L, d, W]); each layer keeps its own k best scores relu(pre_i) * ||W_dec,i|| (k per layer, so the
-   stack's L0 is L k). The backward is sparse (:func:`crosslayer.crosscoder.sparse_topk`, G = L).
+   [L, d, W]; the parameter ``W_enc_LWD`` is feature-major, so its gradient needs no copy); each layer
+   keeps its own k best scores relu(pre_i) * ||W_dec,i|| (k per layer, so the stack's L0 is L k). The
+   backward is sparse (:func:`crosslayer.crosscoder.sparse_topk`, G = L).
 2. Decode: a_hat^l = sum over layer l's active latents of f_i W_dec[l, i] + b_dec[l] (gathered rows,
    ``embedding_bag`` with one bag per (layer, token)).
 3. Loss: sum_l ||a^l - a_hat^l||^2 (mean over tokens), plus AuxK per layer: layer l's k_aux dead
@@ -96,7 +97,7 @@ class SAEStack(Dictionary):
         L, W, d = cfg.n_layers, cfg.width, cfg.d_model
         W_dec_LWD = torch.randn(L, W, d, generator=torch.Generator().manual_seed(seed))
         W_dec_LWD = W_dec_LWD / W_dec_LWD.norm(dim=-1, keepdim=True) * cfg.init_dec_norm
-        self.W_enc = nn.Parameter(W_dec_LWD.transpose(1, 2).contiguous())
+        self.W_enc_LWD = nn.Parameter(W_dec_LWD.clone())  # feature-major: see :attr:`W_enc`
         self.W_dec = nn.Parameter(W_dec_LWD)
         self.b_enc = nn.Parameter(torch.zeros(L, W))
         self.b_dec = nn.Parameter(torch.zeros(L, d))
@@ -109,11 +110,21 @@ class SAEStack(Dictionary):
     def k_aux(self) -> int:
         return self.cfg.k_aux or max(1, self.d_model // 2)
 
+    enc_param, enc_from_saved = "W_enc_LWD", (0, 2, 1)
+    """The encoder parameter's name; the permutation from ``W_enc``'s [L, d, W] (old checkpoints' layout) to it."""
+
+    @property
+    def W_enc(self) -> Tensor:
+        """The encoders as readers see them, ``[L, d, W]``: a view of the parameter ``W_enc_LWD`` (feature-major, so
+        its gradient needs no copy: :class:`~crosslayer.crosscoder._SparseTopKEncode`). In-place edits under
+        ``torch.no_grad()`` write through; train, and read ``.grad`` of, ``W_enc_LWD``."""
+        return self.W_enc_LWD.transpose(1, 2)
+
     # ---------------------------------------------------------------- encode / decode
     def _encode(self, acts_BLD: Tensor, dead_LW: Tensor | None = None) -> tuple[Tensor, ...]:
         """:func:`sparse_topk` over the layers: ``(vals_LBK, idx_LBK, aux_vals_LBA, aux_idx_LBA)``."""
         k_aux = min(self.k_aux, int(dead_LW.sum(1).max())) if dead_LW is not None else 0
-        return sparse_topk(acts_BLD.transpose(0, 1), self.W_enc, self.b_enc, self.W_dec.norm(dim=-1), self.cfg.k,
+        return sparse_topk(acts_BLD.transpose(0, 1), self.W_enc_LWD, self.b_enc, self.W_dec.norm(dim=-1), self.cfg.k,
                            dead_LW, k_aux, aux_row_count(self.cfg.aux_frac, acts_BLD.shape[0]))
 
     def _decode(self, vals_LBK: Tensor, idx_LBK: Tensor, *, bias: bool = True) -> Tensor:
@@ -139,7 +150,8 @@ class SAEStack(Dictionary):
     def reconstruct_layer(self, acts_ND: Tensor, index: int, *, normalized: bool = True) -> Tensor:
         x_ND = acts_ND if normalized else acts_ND * self.norm_factors[index].to(acts_ND)
         one = slice(index, index + 1)
-        vals, idx = sparse_topk(x_ND[None], self.W_enc[one], self.b_enc[one], self.W_dec[one].norm(dim=-1), self.cfg.k)[:2]
+        vals, idx = sparse_topk(x_ND[None], self.W_enc_LWD[one], self.b_enc[one], self.W_dec[one].norm(dim=-1),
+                                self.cfg.k)[:2]
         recon = F_.embedding_bag(idx[0], self.W_dec[index], mode="sum", per_sample_weights=vals[0]) + self.b_dec[index]
         return recon if normalized else recon / self.norm_factors[index].to(acts_ND)
 
@@ -193,7 +205,8 @@ class SAEStack(Dictionary):
     @torch.no_grad()
     def per_layer_weights(self, index: int) -> dict[str, Tensor]:
         """Layer ``layers[index]``'s SAE in normalised units: W_enc [d, W], b_enc, W_dec [W, d], b_dec."""
-        return {"W_enc": self.W_enc[index].detach().cpu().clone(), "b_enc": self.b_enc[index].detach().cpu().clone(),
+        W_enc_DW = self.W_enc[index].detach().cpu().clone(memory_format=torch.contiguous_format)
+        return {"W_enc": W_enc_DW, "b_enc": self.b_enc[index].detach().cpu().clone(),
                 "W_dec": self.W_dec[index].detach().cpu().clone(), "b_dec": self.b_dec[index].detach().cpu().clone()}
 
     def save(self, path: str | Path) -> None:

@@ -318,6 +318,7 @@ class _Run:
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
             if _with_added_defaults(ckpt["plan"]) != plan:
                 raise CrosslayerError(f"{ckpt_path} is from a different run; use the same arguments or another out_dir")
+            _feature_major_encoder(ckpt, model)
             run.since_fired_F = distributed.load_full_state(model, optim, ckpt["model"], ckpt["optim"],
                                                             ckpt["since_fired"].to(device))
             torch.set_rng_state(ckpt["rng"])
@@ -335,6 +336,20 @@ class _Run:
                             "step": self.step, "log": self.log, "since_fired": since_fired,
                             "snapshots": self.snapshots}, tmp)
         self.last_good = self.step
+
+
+def _feature_major_encoder(ckpt: dict, model) -> None:
+    """A checkpoint written before the encoder parameter became feature-major (issue 13) brought to today's layout,
+    in place: its ``W_enc`` ([..., d, F], as saved folders still hold it) and that parameter's Adam moments permuted
+    into ``model.enc_param`` (a permutation: no value changes)."""
+    name = model.enc_param
+    if "W_enc" not in ckpt["model"]:
+        return
+    ckpt["model"][name] = ckpt["model"].pop("W_enc").permute(model.enc_from_saved)
+    moments = ckpt["optim"]["state"].get([n for n, _ in model.named_parameters()].index(name), {})
+    for key, value in moments.items():
+        if key != "step":
+            moments[key] = value.permute(model.enc_from_saved).contiguous()
 
 
 def train_crosscoder(cfg: TrainConfig, model_cfg, batches: Iterable[Tensor] | Callable[[int], Iterator[Tensor]], *,

@@ -61,6 +61,32 @@ def test_raw_units_use_input_and_target_factors():
     assert torch.allclose(clt.decoder_vectors(1, normalized=False), clt.decoder_vectors(1) / 3.0)
 
 
+def test_save_load_keeps_the_input_major_w_enc_on_disk(tmp_path):
+    """Saved CLTs hold ``W_enc`` [L, d, W] (the format from before the feature-major parameter, issue 13) and load back
+    to the same state."""
+    from safetensors.torch import load_file
+
+    clt = _clt()
+    clt.save(tmp_path / "clt")
+    saved = load_file(str(tmp_path / "clt" / "clt.safetensors"))
+    assert "W_enc_LWD" not in saved and saved["W_enc"].shape == (3, 8, 16) and torch.equal(saved["W_enc"], clt.W_enc)
+    back = load_dictionary(tmp_path / "clt")
+    for key, value in clt.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+
+
+def test_dense_encoder_gradient_needs_no_copy():
+    """JumpReLU's dense pre-activations hand the feature-major encoder its gradient in its own layout: autograd's
+    AccumulateGrad copies nothing (torch's profiler)."""
+    clt = _clt(activation="jumprelu")
+    loss = clt.pre_acts(torch.randn(29, 3, 8)).pow(2).sum()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    accumulate = [e for e in prof.events() if e.name == "torch::autograd::AccumulateGrad"]
+    assert len(accumulate) == 2  # W_enc_LWD and b_enc
+    assert not [e for e in prof.events() if e.name in ("aten::copy_", "aten::clone") and e.cpu_parent in accumulate]
+
+
 def test_config_rejects_bad_layers():
     with pytest.raises(CrosslayerError, match="contiguous"):
         CLTConfig(layers=(0, 2), d_model=4, width=8, k=2)

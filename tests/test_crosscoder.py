@@ -2,9 +2,12 @@
 layer masks, sparse vs dense decoding, save / load, and the evaluation suite on a crosscoder.
 """
 
+import math
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from crosslayer.crosscoder import ACTIVATIONS, VARIANTS, Crosscoder, CrosscoderConfig, _JumpReLU, layer_masks
 from crosslayer.dictionary import load_dictionary
@@ -176,16 +179,16 @@ def test_masks_exact_zero_weights_and_grads(variant, activation):
     cc = Crosscoder(cfg)
     x = torch.randn(128, 4, 8)
     cc.calibrate_(x)
-    enc_off = ~cc.read_FL.T[:, None, :].expand_as(cc.W_enc)
+    enc_off = ~cc.read_FL[..., None].expand_as(cc.W_enc_FLD)
     dec_off = ~cc.write_FL[..., None].expand_as(cc.W_dec)
     optim = torch.optim.Adam(cc.parameters(), lr=1e-2)
     for _ in range(3):
         optim.zero_grad()
         cc.loss(x, sparsity_coef=1.0, dead_F=torch.ones(24, dtype=torch.bool)).loss.backward()
-        assert (cc.W_enc.grad[enc_off] == 0).all() and (cc.W_dec.grad[dec_off] == 0).all()
-        assert cc.W_enc.grad[~enc_off].abs().sum() > 0 and cc.W_dec.grad[~dec_off].abs().sum() > 0
+        assert (cc.W_enc_FLD.grad[enc_off] == 0).all() and (cc.W_dec.grad[dec_off] == 0).all()
+        assert cc.W_enc_FLD.grad[~enc_off].abs().sum() > 0 and cc.W_dec.grad[~dec_off].abs().sum() > 0
         optim.step()
-    assert (cc.W_enc[enc_off] == 0).all() and (cc.W_dec[dec_off] == 0).all()
+    assert (cc.W_enc_FLD[enc_off] == 0).all() and (cc.W_dec[dec_off] == 0).all()
     assert (cc.decoder_norms()[~cc.write_FL] == 0).all()
     # weakly causal: a feature's activation depends on its home layer only
     if variant == "weakly_causal":
@@ -210,7 +213,7 @@ def test_sparse_topk_backward_equals_dense_autograd(variant, aux_frac):
     norm_F = cc._norm_F(cc.W_dec_masked())
     vals, idx, aux_vals, aux_idx = cc._topk(x, norm_F, dead_F)
     g1, g2 = torch.randn_like(vals), torch.randn_like(aux_vals)
-    grads = torch.autograd.grad((vals * g1).sum() + (aux_vals * g2).sum(), (cc.W_enc, cc.b_enc, x))
+    grads = torch.autograd.grad((vals * g1).sum() + (aux_vals * g2).sum(), (cc.W_enc_FLD, cc.b_enc, x))
     pre = cc.pre_acts(x)
     score = pre * norm_F.detach()
     assert torch.equal(idx.sort(1).values, score.topk(K, dim=1).indices.sort(1).values)
@@ -218,8 +221,69 @@ def test_sparse_topk_backward_equals_dense_autograd(variant, aux_frac):
     dead_score = score.masked_fill(~dead_F, -torch.inf)[:A]
     assert aux_idx.shape == (A, 5) and torch.equal(aux_idx.sort(1).values, dead_score.topk(5, dim=1).indices.sort(1).values)
     ref = (pre.gather(1, idx).relu() * g1).sum() + (pre[:A].gather(1, aux_idx) * g2).sum()
-    for got, want in zip(grads, torch.autograd.grad(ref, (cc.W_enc, cc.b_enc, x))):
+    for got, want in zip(grads, torch.autograd.grad(ref, (cc.W_enc_FLD, cc.b_enc, x))):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["acausal", "weakly_causal"])
+def test_encoder_grad_is_in_the_parameter_layout_and_equals_dense_autograd(variant):
+    """After a TopK training backward (with AuxK) the feature-major encoder's ``.grad`` is contiguous with the
+    parameter's strides (accumulated without a copy, issue 13) and equals dense autograd's gradient of the same
+    loss, written with an input-major [L, d, F] leaf (brute force: every pre-activation, dense decodes)."""
+    cc = Crosscoder(CrosscoderConfig(layers=(0, 1, 2), d_model=D, n_features=F, k=K, variant=variant, k_aux=5))
+    x, dead_F = torch.randn(40, 3, D), torch.rand(F) < 0.3
+    cc.loss(x, dead_F=dead_F).loss.backward()
+    assert cc.W_enc_FLD.grad.is_contiguous() and cc.W_enc_FLD.grad.stride() == cc.W_enc_FLD.stride()
+    W_LDF = cc.W_enc.detach().clone().requires_grad_()
+    W_dec_FX = cc.W_dec_masked().detach().reshape(F, -1)
+    norm_F = cc._norm_F(cc.W_dec_masked()).detach()
+    pre = x.reshape(40, -1) @ (W_LDF * cc.read_FL.T[:, None, :]).reshape(-1, F) + cc.b_enc.detach()
+    keep = torch.zeros_like(pre).scatter(1, (pre * norm_F).topk(K, dim=1).indices, 1.0)
+    pick = torch.zeros_like(pre).scatter(1, (pre * norm_F).masked_fill(~dead_F, -torch.inf).topk(5, dim=1).indices, 1.0)
+    recon = (pre.relu() * keep) @ W_dec_FX + cc.b_dec.detach().reshape(-1)
+    resid = (x.reshape(40, -1) - recon).detach()
+    aux = cc.cfg.aux_coef * min(int(dead_F.sum()) / 5, 1.0) * ((pre * pick) @ W_dec_FX - resid).pow(2).sum() / 40
+    (g_LDF,) = torch.autograd.grad((recon - x.reshape(40, -1)).pow(2).sum() / 40 + aux, W_LDF)
+    torch.testing.assert_close(cc.W_enc_FLD.grad, g_LDF.permute(2, 0, 1), atol=1e-5, rtol=1e-5)
+
+
+def _dictionary(name: str):
+    """A tiny dictionary over 3 layers: a crosscoder with activation ``name``, or ``sae_stack`` / ``clt_topk``."""
+    from crosslayer.clt import CLTConfig, CrossLayerTranscoder
+    from crosslayer.sae_stack import SAEStack, SAEStackConfig
+
+    if name == "sae_stack":
+        return SAEStack(SAEStackConfig(layers=(0, 1, 2), d_model=D, width=F // 3, k=K))
+    if name == "clt_topk":
+        return CrossLayerTranscoder(CLTConfig(layers=(0, 1, 2), d_model=D, width=F // 3, k=K))
+    return Crosscoder(CrosscoderConfig(layers=(0, 1, 2), d_model=D, n_features=F, k=K, activation=name))
+
+
+@pytest.mark.parametrize("name", [*ACTIVATIONS, "sae_stack", "clt_topk"])
+def test_encoder_grad_is_accumulated_without_a_copy(name):
+    """Every dictionary kind and activation: after a training backward the encoder parameter's ``.grad`` has the
+    parameter's own strides, and (torch's profiler) no copy or clone of an encoder-sized tensor ran in the
+    backward (AccumulateGrad copies a gradient whose layout differs from its parameter's: issue 13)."""
+    model = _dictionary(name)
+    enc = getattr(model, model.enc_param)
+    x, dead_F = torch.randn(29, 3, D), torch.rand(model.n_features) < 0.3  # 29 rows: no index list of W_enc's size
+    target = {"target_BLD": torch.randn(29, 3, D)} if name.startswith("clt") else {}
+    out = model.loss(x, sparsity_coef=0.1, dead_F=dead_F, **target)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        out.loss.backward()
+    assert enc.grad.stride() == enc.stride() and enc.is_contiguous()
+    copies = [(e.name, e.input_shapes, _parents(e)) for e in prof.events() if e.name in ("aten::copy_", "aten::clone")
+              and any(math.prod(s) == enc.numel() for s in e.input_shapes if s)]
+    # the sparse product's addmm(..., out=buffer) records result.copy_(self) on the buffer itself: a no-op
+    assert [c for c in copies if c[2][:2] != ["aten::addmm", "_SparseTopKEncodeBackward"]] == []
+
+
+def _parents(event) -> list[str]:
+    """Names of the profiler ops enclosing ``event``, innermost first."""
+    out, event = [], event.cpu_parent
+    while event is not None:
+        out, event = [*out, event.name], event.cpu_parent
+    return out
 
 
 @pytest.mark.parametrize("make", ["crosscoder", "sae_stack"])
@@ -333,6 +397,8 @@ def test_save_load_round_trip(tmp_path, activation, variant):
         cc.update_threshold_(cc.loss(x).feats_BF)
         assert cc.threshold > 0
     cc.save(tmp_path / "cc")
+    saved = load_file(str(tmp_path / "cc" / "crosscoder.safetensors"))  # the format of folders from before issue 13
+    assert "W_enc_FLD" not in saved and saved["W_enc"].shape == (3, 8, 12) and torch.equal(saved["W_enc"], cc.W_enc)
     back = load_dictionary(tmp_path / "cc")
     assert isinstance(back, Crosscoder) and back.cfg == cfg and back.meta == cc.meta
     assert back.layers == cc.layers and back.hooks == cc.hooks

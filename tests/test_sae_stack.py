@@ -56,7 +56,7 @@ def test_loss_and_gradients_match_dense_per_layer_saes(with_dead, aux_frac):
     want, recon = dense_reference(s, x, dead, aux_rows=15 if aux_frac < 1 else None)  # ceil(0.3 * 50)
     torch.testing.assert_close(out.recon_BLD, recon, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.loss, want, atol=1e-4, rtol=1e-5)
-    params = [s.W_enc, s.b_enc, s.W_dec, s.b_dec]
+    params = [s.W_enc_LWD, s.b_enc, s.W_dec, s.b_dec]
     for got, ref in zip(torch.autograd.grad(out.loss, params), torch.autograd.grad(want, params)):
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     assert out.l0 == pytest.approx(L * K, abs=0.2)

@@ -204,6 +204,27 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, activation, factory
     assert (snaps.norms_SFL == whole.norms_SFL).all() and (snaps.tokens_S == whole.tokens_S).all()
 
 
+def test_checkpoint_from_before_the_feature_major_encoder_resumes_exactly(tmp_path):
+    """A checkpoint whose encoder (and its Adam moments) is input-major ``W_enc`` [L, d, F], as written before
+    issue 13, resumes to the same weights as an uninterrupted run."""
+    acts = data()
+    cfg = TrainConfig(tokens=30 * 64, batch_size=64, lr=3e-3, checkpoint_every=10, dead_after_tokens=256)
+    full = train_crosscoder(cfg, model_cfg("topk"), make_batches(acts), out_dir=tmp_path / "full", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train_crosscoder(cfg, model_cfg("topk"), make_batches(acts, kill_at=15), out_dir=tmp_path / "run",
+                         progress=False)
+    ckpt = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)
+    ckpt["model"] = {("W_enc" if k == "W_enc_FLD" else k): (v.permute(1, 2, 0) if k == "W_enc_FLD" else v)
+                     for k, v in ckpt["model"].items()}
+    moments = ckpt["optim"]["state"][0]  # W_enc_FLD is the first parameter
+    moments.update({k: v.permute(1, 2, 0).contiguous() for k, v in moments.items() if k != "step"})
+    torch.save(ckpt, tmp_path / "run" / CHECKPOINT)
+    resumed = train_crosscoder(cfg, model_cfg("topk"), make_batches(acts), out_dir=tmp_path / "run", progress=False)
+    assert resumed.meta["resumed_from_step"] == 10
+    for key, value in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     acts = data()
     cfg = TrainConfig(tokens=30 * 64, batch_size=64, lr=3e-3, checkpoint_every=5)
