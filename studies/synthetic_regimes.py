@@ -23,7 +23,8 @@ Method
    multi-layer feature; false merges (a true feature whose best latent at some layer, cosine > ``tau``, is also the
    best latent of another true feature); absorption per child (Chanin et al. 2024): 1 - P(parent's latent fires |
    child fires) / P(parent's latent fires | parent fires, none of its children does), on held-out rows, for parents
-   recovered at their peak layer (cosine > ``tau``); held-out FVU. Null: MMCS of a random decoder with the same
+   recovered at their peak layer (cosine > ``tau``) whose latent fires on >= 10 % of the parent-alone rows;
+   held-out FVU. Null: MMCS of a random decoder with the same
    per-(latent, layer) support.
 5. Intervals: mean over seeds with a 95 % t-interval (the seed is the independent unit). The crosscoder-minus-SAEs
    difference is paired by seed (same data); its interval decides: the crosscoder wins, the SAEs win, or they tie
@@ -52,6 +53,8 @@ FEATURE_COLUMNS = ["regime", "approach", "seed", "feature", "start", "span", "fr
 HIGHER_BETTER = {"mmcs": True, "mmcs_multi": True, "mmcs_weak": True, "false_merge": False, "absorption": False,
                  "fvu": False}
 """Metrics with a winner, and whether higher is better (the others are descriptive)."""
+MIN_DETECTION = 0.1
+"""Absorption is measured only through a parent latent that fires on at least this share of the parent-alone rows."""
 METRIC_NAMES = {"mmcs": "MMCS", "mmcs_multi": "MMCS (multi-layer)", "mmcs_weak": "MMCS (weak)",
                 "latents_per_multi": "latents per multi-layer feature", "false_merge": "false merges",
                 "absorption": "absorption", "fvu": "held-out FVU", "mmcs_null": "MMCS of a random decoder"}
@@ -147,7 +150,8 @@ def false_merges(table: pd.DataFrame, tau: float) -> np.ndarray:
 
 def absorption(f_NF: Tensor, fires_NG: Tensor, truth, parent_latent_G: np.ndarray) -> np.ndarray:
     """Per true feature: 1 - P(parent's latent fires | child fires) / P(parent's latent fires | parent fires and none
-    of its children does) for children whose ``parent_latent_G[parent]`` >= 0; NaN otherwise."""
+    of its children does) for children whose ``parent_latent_G[parent]`` >= 0 and fires on at least
+    :data:`MIN_DETECTION` of the parent-alone rows; NaN otherwise."""
     parent_G = truth.parent_G if truth.parent_G is not None else torch.full((fires_NG.shape[1],), -1)
     out = np.full(fires_NG.shape[1], np.nan)
     child_C = torch.nonzero((parent_G >= 0) & torch.as_tensor(parent_latent_G[parent_G.clamp_min(0)] >= 0)).flatten()
@@ -160,7 +164,8 @@ def absorption(f_NF: Tensor, fires_NG: Tensor, truth, parent_latent_G: np.ndarra
     with_C = (latent_NC & fires_NG[:, child_C]).sum(0) / fires_NG[:, child_C].sum(0).clamp_min(1)
     alone_NC = fires_NG[:, p_C] & ~any_child_NG[:, p_C]
     without_C = (latent_NC & alone_NC).sum(0) / alone_NC.sum(0).clamp_min(1)
-    out[child_C.numpy()] = (1 - with_C / without_C.clamp_min(1e-12)).numpy()
+    detects_C = without_C >= MIN_DETECTION  # a latent that misses the parent alone measures no absorption
+    out[child_C.numpy()] = torch.where(detects_C, 1 - with_C / without_C.clamp_min(1e-12), torch.nan).numpy()
     return out
 
 
@@ -356,7 +361,7 @@ def answer_text(results: Path, recovered: float) -> str:
         failed = [a for a in (CC, SAE) if a in mmcs.index and np.isfinite(mmcs.loc[a, "hi"])
                   and mmcs.loc[a, "hi"] < recovered]
         fails = (f"; below MMCS {recovered} (fails): {' and '.join(failed)}" if failed else
-                 f"; neither fails (MMCS {recovered})")
+                 f"; neither fails (no MMCS interval below {recovered})")
         null = summ[(summ.regime == regime) & (summ.metric == "mmcs_null") & (summ.approach == CC)]["mean"]
         chance = f", chance (random decoder) {fmt(float(null.iloc[0]), 3)}" if len(null) else ""
         sentences.append(f"\\emph{{{regime}}} ({REGIMES[regime].description}): " + "; ".join(parts) + fails

@@ -83,7 +83,8 @@ def test_false_merges_on_a_planted_table():
 
 def test_absorption_on_planted_firing():
     """Parent 0 with children 1 and 2. The parent's latent 0 stops firing whenever child 1 fires (absorption 1)
-    and keeps firing with child 2 (absorption 0); feature 3 is no child (NaN), and an unrecovered parent gives NaN."""
+    and keeps firing with child 2 (absorption 0); feature 3 is no child (NaN), and an unrecovered or
+    undetected parent gives NaN."""
     gen = torch.Generator().manual_seed(0)
     parent = torch.rand(4000, generator=gen) < 0.5
     c1 = parent & (torch.rand(4000, generator=gen) < 0.3)
@@ -95,6 +96,8 @@ def test_absorption_on_planted_firing():
     out = sr.absorption(f, fires, truth, np.array([0, 1, 2, 3]))
     assert out[1] == pytest.approx(1.0) and out[2] == pytest.approx(0.0) and np.isnan(out[[0, 3]]).all()
     assert np.isnan(sr.absorption(f, fires, truth, np.array([-1, 1, 2, 3]))).all()
+    f[:, 0] = 0.0  # a parent latent that never fires on the parent alone measures nothing
+    assert np.isnan(sr.absorption(f, fires, truth, np.array([0, 1, 2, 3]))).all()
 
 
 def test_feature_table_of_the_truth_itself():
