@@ -64,7 +64,6 @@ from crosslayer.matching import (build_chains, chance_cosine, decoders, match_ad
 from studies.base import Study
 from studies.common import (bootstrap_mean, column_corr, encode_rows, fmt, latex_table, read_csv, sample_rows,
                             save_figure, theme)
-from studies.synthetic_regimes import REGIMES, synthetic_recovery, write_results
 from studies import synthetic_regimes
 
 NAME = "cross_layer_superposition"
@@ -89,29 +88,36 @@ class Config:
     """Random directions per layer in the residual-persistence null."""
     null_pcs: int = 16
     """Top principal directions per layer in the residual-persistence null."""
-    # The synthetic benchmark (studies.synthetic_regimes): regimes, seeds, layers and width of each layer; both
-    # approaches keep syn_k latents per layer (matched L0 per (feature, layer)) and have syn_width latents per
-    # true feature (the crosscoder in all, each layer's SAE as many: matched parameters); their training runs'
-    # batch size, learning rate and steps; held-out rows scored.
     syn_regimes: tuple[str, ...] = ("easy", "heavy", "independent", "weak", "hierarchical")
+    """Synthetic regimes (:data:`studies.synthetic_regimes.REGIMES`), each trained and scored per seed."""
     syn_seeds: int = 3
+    """Seeds per regime (data, batch order and initialisation); intervals are over them."""
     syn_layers: int = 4
+    """Layers of the synthetic data."""
     syn_d: int = 16
+    """Width d of each synthetic layer."""
     syn_k: int = 4
+    """TopK of the crosscoder and of each layer's SAE: k L active (feature, layer) pairs per token for both."""
     syn_width: int = 2
+    """Latents per true feature: the crosscoder's width, and each layer's SAE's (matched parameters)."""
     syn_batch: int = 256
+    """Rows per training step of the synthetic runs."""
     syn_lr: float = 3e-3
+    """Learning rate of the synthetic runs."""
     syn_steps: int = 150
+    """Training steps of each synthetic run."""
     syn_heldout: int = 4096
+    """Held-out synthetic rows (FVU, absorption) per regime and seed."""
     syn_recovered: float = 0.9
     """A method fails a regime when its MMCS interval lies below this."""
     often: float = 0.02
     """Synthetic features firing at least this often count as learnable at these token budgets."""
 
     def __post_init__(self):
-        unknown = [r for r in self.syn_regimes if r not in REGIMES]
+        unknown = [r for r in self.syn_regimes if r not in synthetic_regimes.REGIMES]
         if unknown:
-            raise CrosslayerError(f"unknown synthetic regimes {unknown}; use names from {', '.join(REGIMES)}")
+            raise CrosslayerError(f"unknown synthetic regimes {unknown}; use names from "
+                                  f"{', '.join(synthetic_regimes.REGIMES)}")
 
 
 CHAIN_COLUMNS = ["chain", "start_layer", "end_layer", "length", "mean_cos", "min_cos", "mean_act_corr", "latents"]
@@ -322,7 +328,8 @@ def run(ctx, cfg: Config) -> dict:
             add("sae_per_cc", "mean_span", per_cc.span.mean(), tau)
 
     # -- synthetic ground truth (studies.synthetic_regimes)
-    syn_summary = write_results(*synthetic_recovery(cfg, ctx.dicts, progress=ctx.progress), results)
+    features, runs = synthetic_regimes.synthetic_recovery(cfg, ctx.dicts, progress=ctx.progress)
+    syn_summary = synthetic_regimes.write_results(features, runs, results)
     summ = pd.DataFrame(summary)
     write_csv(summ, results / "summary.csv")
     get = _getter(summ)
@@ -330,9 +337,7 @@ def run(ctx, cfg: Config) -> dict:
             "cc_mean_drift": round(get("profiles", "mean_drift"), 3),
             "sae_frac_chained": round(get("chains", "frac_latents_chained", cfg.tau), 4),
             "sae_latents_per_cc": round(get("sae_per_cc", "mean_sae_latents", cfg.tau), 3),
-            "syn_mmcs_better": dict(syn_summary[(syn_summary.metric == "mmcs") & (syn_summary.approach ==
-                                                                                  synthetic_regimes.DIFF)]
-                                    [["regime", "verdict"]].fillna("").to_numpy().tolist())}
+            "syn_mmcs_better": synthetic_regimes.verdicts(syn_summary, "mmcs")}
 
 
 def _getter(summ: pd.DataFrame) -> Callable[..., float]:
@@ -534,5 +539,5 @@ STUDY = Study(name=NAME, title="Cross-layer superposition", config=Config, run=r
               answer=answer, dictionaries=("saes", "crosscoder"), order=50,
               presets={"micro": Config(synthetic_tokens=2_048, syn_regimes=("easy", "independent"), syn_seeds=2, syn_steps=40,
                                       syn_heldout=1_024),
-                       "standard": Config(synthetic_tokens=30_000, syn_steps=600),
+                       "standard": Config(synthetic_tokens=30_000, syn_steps=500),
                        "paper": Config(synthetic_tokens=200_000, syn_steps=2_000, syn_seeds=5)})

@@ -284,6 +284,12 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def verdicts(summary: pd.DataFrame, metric: str) -> dict[str, str]:
+    """``{regime: verdict}`` of ``metric``'s paired difference in a :func:`summarise` table."""
+    rows = summary[(summary.approach == DIFF) & (summary.metric == metric)]
+    return dict(zip(rows.regime, rows.verdict.fillna("")))
+
+
 def write_results(features: pd.DataFrame, runs: pd.DataFrame, results: Path) -> pd.DataFrame:
     """``synthetic.csv`` (per feature), ``synthetic_runs.csv`` (per run and metric) and ``synthetic_summary.csv``
     (intervals over seeds); returns the summary."""

@@ -71,6 +71,9 @@ def test_hierarchical_regime_has_parents_with_children():
     assert not (fires[:, children] & ~fires[:, truth.parent_G[children]]).any()
     with pytest.raises(CrosslayerError, match="regime"):
         sr.regime_data("hard", L, D, 10, seed=0)
+    from studies.cross_layer_superposition import Config
+    with pytest.raises(CrosslayerError, match="hard"):
+        Config(syn_regimes=("easy", "hard"))
 
 
 def test_false_merges_on_a_planted_table():
@@ -146,6 +149,7 @@ def test_summary_figure_table_answer_from_csvs(tmp_path):
     assert diff.loc[("easy", "mmcs"), "verdict"] == sr.CC and diff.loc[("weak", "mmcs"), "verdict"] == sr.SAE
     assert diff.loc[("easy", "fvu"), "verdict"] == "tie" and diff.loc[("easy", "mmcs"), "mean"] == pytest.approx(0.05)
     assert (summary.n_seeds[summary.metric != "mmcs_weak"] == 3).all()
+    assert sr.verdicts(summary, "mmcs") == {"easy": sr.CC, "weak": sr.SAE}
     path, caption = sr.figure(tmp_path, tmp_path / "fig.png")
     assert path.stat().st_size > 0 and "3 seeds" in caption
     tex = sr.table(tmp_path, tmp_path / "t.tex", "tab:x").read_text()
