@@ -10,8 +10,9 @@ Method
    vary independently, its layers merely co-occur), ``weak`` (a quarter of the features span every layer at 0.2 of
    a peak, under noise that hides them at any one layer) and ``hierarchical`` (G/8 parents with 3 children each,
    a child firing only with its parent, half the time).
-2. Per regime and seed s: ``synthetic_tokens`` training rows and ``syn_heldout`` held-out rows of one truth, data,
-   batch order and initialisation all seeded by s.
+2. Per regime and seed s: ``synthetic_tokens`` training rows and ``syn_heldout`` held-out rows of one truth seeded
+   by s; batch order and initialisation seeded by s + :data:`TRAIN_SEED` (an offset, so that no initial decoder
+   reuses the random numbers of a true direction).
 3. Matched L0 per (feature, layer), the like-for-like count of research-notes section 4: an acausal TopK crosscoder
    with k = ``syn_k`` writes every layer, so it has k x L active (feature, layer) pairs per token; the per-layer
    TopK SAEs (:class:`crosslayer.sae_stack.SAEStackConfig`) keep k per layer, sum_l k = k x L as well. Widths:
@@ -53,6 +54,9 @@ FEATURE_COLUMNS = ["regime", "approach", "seed", "feature", "start", "span", "fr
 HIGHER_BETTER = {"mmcs": True, "mmcs_multi": True, "mmcs_weak": True, "false_merge": False, "absorption": False,
                  "fvu": False}
 """Metrics with a winner, and whether higher is better (the others are descriptive)."""
+TRAIN_SEED = 1_000_003
+"""Offset of the training seed (initialisation, batch order) from the data seed: seeded alike, the initial decoders
+would be drawn from the same random numbers as the true directions."""
 MIN_DETECTION = 0.1
 """Absorption is measured only through a parent latent that fires on at least this share of the parent-alone rows."""
 METRIC_NAMES = {"mmcs": "MMCS", "mmcs_multi": "MMCS (multi-layer)", "mmcs_weak": "MMCS (weak)",
@@ -234,7 +238,8 @@ def synthetic_recovery(cfg, out_dir: Path, *, progress: bool = False) -> tuple[p
         acts, truth, fires = regime_data(name, L, d, n_train + cfg.syn_heldout, seed=seed)
         folder = (out_dir / f"synthetic_{name}_L{L}_d{d}_n{n_train}_k{cfg.syn_k}_w{cfg.syn_width}_t{cfg.syn_steps}"
                             f"_s{seed}")
-        trained = train_pair(cfg, acts[:n_train], truth.profiles_GL.shape[0], folder, seed=seed, progress=progress)
+        trained = train_pair(cfg, acts[:n_train], truth.profiles_GL.shape[0], folder, seed=TRAIN_SEED + seed,
+                             progress=progress)
         for approach, dictionary in trained.items():
             rows, metrics = evaluate(dictionary, acts[n_train:], fires[n_train:], truth, cfg, seed)
             features.append(rows.assign(regime=name, approach=approach, seed=seed)[FEATURE_COLUMNS])
