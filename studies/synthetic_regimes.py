@@ -319,7 +319,10 @@ def figure(results: Path, path: Path) -> tuple[Path, str]:
                        col_wrap=4, sharey=False, sharex=False, linestyle="none", height=2.6, aspect=1.15,
                        errorbar=lambda v: seed_interval(v)[1:], col_order=[m for m in METRIC_NAMES.values()
                                                                             if m in set(runs.metric)])
-    grid.set_titles("{col_name}").set_xticklabels(rotation=30).set_axis_labels("", "")
+    grid.set_titles("{col_name}").set_xticklabels(rotation=30, ha="right").set_axis_labels("", "")
+    labels = [t.get_text() for t in grid.legend.texts]
+    grid.axes.flat[-1].legend(grid.legend.legend_handles, labels, fontsize=7)  # inside an axis: tight_layout keeps it
+    grid.legend.remove()
     n_seeds = int(runs.groupby(["regime", "approach", "metric"]).seed.nunique().max())
     return (save_figure(grid.figure, path),
             f"Synthetic ground truth by regime: per-layer SAEs and a crosscoder at matched L0 per (feature, layer) and "
