@@ -277,6 +277,8 @@ def _add_training_common(p, train_cfg: type, arch_cfg: type, *, out_help: str, w
                    help="L1 (relu/standard) or L0/tanh (jumprelu) sparsity coefficient (default by activation)")
     p.add_argument("--heldout", default=None,
                    help="held-out store (same model and layers): its FVU goes into the curve and the convergence verdict")
+    p.add_argument("--aux-frac", type=positive_float, default=1.0,
+                   help="share of each batch's rows that carry the AuxK loss of dead latents (topk; in (0, 1])")
     p.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun: each rank its local GPU)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast only with AVX512-BF16 or a GPU)")
     p.add_argument("--nproc", type=positive_int, default=1,
@@ -307,6 +309,8 @@ def cmd_train_saes(args):
     if args.trainer == "sae-lens" and (args.in_memory or args.nproc > 1 or "WORLD_SIZE" in os.environ):
         raise CrosslayerError("--trainer sae-lens runs in one process from the store on disk; drop --nproc and "
                               "--in-memory, or use --trainer crosslayer")
+    if args.trainer == "sae-lens" and args.aux_frac != 1.0:
+        raise CrosslayerError("--aux-frac is an option of the crosslayer trainer; drop it or use --trainer crosslayer")
     if _relaunched(args):
         return
     store = ActivationStore(args.store)
@@ -332,7 +336,8 @@ def _train_sae_stack(args, store, layers: list[int]) -> None:
 
     if args.arch != "topk":
         raise CrosslayerError(f"the crosslayer trainer trains topk SAEs; use --trainer sae-lens for --arch {args.arch}")
-    arch = SAEStackConfig(layers=tuple(layers), d_model=store.width, width=args.width, k=args.k)
+    arch = SAEStackConfig(layers=tuple(layers), d_model=store.width, width=args.width, k=args.k,
+                          aux_frac=args.aux_frac)
     cfg = TrainConfig(tokens=args.tokens or store.n_rows, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       bf16=args.bf16)
     saes = _train(store, arch, cfg, args, latent=1)
@@ -373,7 +378,7 @@ def cmd_train_crosscoder(args):
     store = ActivationStore(args.store)
     arch = CrosscoderConfig(layers=tuple(store.select(args.layers).layers), d_model=store.width,
                             n_features=args.width, variant=args.variant, window=args.window,
-                            activation=args.activation, k=args.k, sparsity=args.sparsity)
+                            activation=args.activation, k=args.k, sparsity=args.sparsity, aux_frac=args.aux_frac)
     cfg = TrainConfig(tokens=args.tokens or store.n_rows, batch_size=args.batch_size, lr=args.lr,
                       sparsity_coef=args.sparsity_coef, checkpoint_every=args.checkpoint_every, bf16=args.bf16,
                       seed=args.seed)

@@ -486,15 +486,18 @@ def find_features_for_token(dictionary: Dictionary, model, token: str, *, top: i
 # ----------------------------------------------------------------------------- decoder profile
 
 @torch.no_grad()
-def profile_stats(norms_FL: Tensor, *, tau: float = 0.1) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(peak_norm_F, peak_F, r_FL, span_F, entropy_F)`` of per-layer norms ``[F, L]``: r = norm / its row's
-    largest, span = #{l : r_l > tau}, entropy = of r normalised to sum 1, divided by log L (1 = flat)."""
-    L = norms_FL.shape[1]
-    peak_norm_F, peak_F = norms_FL.max(dim=1)
-    r_FL = norms_FL / peak_norm_F.clamp_min(1e-12)[:, None]
-    p_FL = r_FL / r_FL.sum(1, keepdim=True).clamp_min(1e-12)
-    ent_F = -(p_FL * p_FL.clamp_min(1e-30).log()).sum(1) / (math.log(L) if L > 1 else 1.0)
-    return peak_norm_F, peak_F, r_FL, (r_FL > tau).sum(1), ent_F
+def profile_stats(norms_FL, *, tau: float = 0.1) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(peak_norm_F, peak_F, r_FL, span_F, entropy_F)`` of per-layer decoder norms ``[..., F, L]`` (a tensor or
+    array, any leading dimensions, e.g. training snapshots ``[S, F, L]``; computed in float32): r = norm / its row's
+    largest, peak = the layer index of that largest, span = #{l : r_l > tau}, entropy = of r normalised to sum 1,
+    divided by log L (1 = flat, 0 = one layer). The one implementation behind :func:`decoder_profile`."""
+    norms_FL = torch.as_tensor(norms_FL).float()
+    L = norms_FL.shape[-1]
+    peak_norm_F, peak_F = norms_FL.max(dim=-1)
+    r_FL = norms_FL / peak_norm_F.clamp_min(1e-12)[..., None]
+    p_FL = r_FL / r_FL.sum(-1, keepdim=True).clamp_min(1e-12)
+    ent_F = -(p_FL * p_FL.clamp_min(1e-30).log()).sum(-1) / (math.log(L) if L > 1 else 1.0)
+    return peak_norm_F, peak_F, r_FL, (r_FL > tau).sum(-1), ent_F
 
 
 def decoder_profile(dictionary: Dictionary, *, tau: float = 0.1, features: list[int] | None = None) -> "pd.DataFrame":  # noqa: F821

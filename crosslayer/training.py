@@ -36,6 +36,15 @@ for dead latents; research-notes §3):
 8. Transcoders (:class:`~crosslayer.clt.CLTConfig`) map input rows to other target rows: their batches are
    ``(input_BLD, target_BLD)`` pairs, token-aligned (:func:`crosslayer.transcoder_data.pair_batches`), the
    held-out set a pair too, and the loss and FVU are against the target. Everything else is as above.
+9. Decoder-norm profiles over training (dictionaries whose latents write several layers; not per-layer SAE
+   stacks): at each of :attr:`TrainConfig.profile_steps` (step 0 after calibration, then :data:`PROFILE_POINTS`
+   steps evenly spaced over the run, the last one the final step) the per-feature per-layer decoder norms
+   (:meth:`Dictionary.decoder_norms`, gathered across a latent group) are kept as float16. They travel in the
+   checkpoint like the curve, so a resumed run keeps those taken before its checkpoint and retakes, bit-identical,
+   those taken after it; the finished run writes them to ``out_dir/profile_snapshots.npz``
+   (:func:`read_profile_snapshots`). A tidy CSV would need one row per (snapshot, feature, layer), millions at the
+   paper preset; the array takes 2 bytes per (feature, layer): 74 kB per snapshot at the standard preset, 4 MB at
+   the paper preset's 30 layers, far below the checkpoint's weights; one norm over the decoder costs less than a step.
 """
 
 from __future__ import annotations
@@ -46,8 +55,9 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -76,6 +86,11 @@ CURVE_POINTS = 10
 CONVERGED_REL_GAIN = 0.02
 """A dictionary has converged when its held-out FVU fell by less than this share over the last quarter of
 its tokens (:func:`convergence`)."""
+
+PROFILE_POINTS = 10
+"""Decoder-norm snapshots of a run after step 0 (:attr:`TrainConfig.profile_steps`; module docstring, step 9)."""
+PROFILE_SNAPSHOTS = "profile_snapshots.npz"
+"""File of a finished run's decoder-norm snapshots (:func:`read_profile_snapshots`)."""
 
 CALIBRATION_ROWS = 4096
 """BatchTopK: rows (whole batches, at least one) drawn from the stream after training to calibrate the
@@ -168,6 +183,12 @@ class TrainConfig:
         """``dead_after_tokens`` resolved: the value given, else :func:`default_dead_after` of the budget."""
         given = self.dead_after_tokens
         return given if given is not None else default_dead_after(self.tokens, self.batch_size)
+
+    @property
+    def profile_steps(self) -> list[int]:
+        """Steps after which the decoder norms are kept (module docstring, step 9): 0 (after calibration) and
+        :data:`PROFILE_POINTS` evenly spaced steps ending at the last (fewer when the run is shorter)."""
+        return sorted({0} | {i * self.steps // PROFILE_POINTS for i in range(1, PROFILE_POINTS + 1)})
 
     def lr_at(self, step: int) -> float:
         decay = self.lr_decay_steps if self.lr_decay_steps is not None else self.steps // 5
@@ -267,6 +288,11 @@ class _Run:
     """Tokens trained on in this session."""
     mesh: distributed.Mesh | None = None
     """This process's place among several (None: one process)."""
+    snapshots: list = field(default_factory=list)
+    """Decoder-norm snapshots taken so far: ``{"step", "tokens", "norms_FL"}`` (float16, CPU; module docstring,
+    step 9)."""
+    profiles: bool = False
+    """Whether this run takes them (latents that write several layers)."""
 
     @classmethod
     def start(cls, model: Dictionary, cfg: TrainConfig, ckpt_path: Path, plan: dict, device: str,
@@ -284,6 +310,7 @@ class _Run:
                                                             ckpt["since_fired"].to(device))
             torch.set_rng_state(ckpt["rng"])
             run.step, run.log = ckpt["step"], ckpt["log"]
+            run.snapshots = ckpt.get("snapshots", [])  # checkpoints written before step 9 existed hold none
             run.last_good = run.step
         return run
 
@@ -293,7 +320,8 @@ class _Run:
         if self.mesh is None or self.mesh.writer:
             with atomic_path(path) as tmp:
                 torch.save({"model": model, "optim": optim, "plan": plan, "rng": torch.get_rng_state(),
-                            "step": self.step, "log": self.log, "since_fired": since_fired}, tmp)
+                            "step": self.step, "log": self.log, "since_fired": since_fired,
+                            "snapshots": self.snapshots}, tmp)
         self.last_good = self.step
 
 
@@ -329,6 +357,7 @@ def train_crosscoder(cfg: TrainConfig, model_cfg, batches: Iterable[Tensor] | Ca
     model = distributed.prepare(model, mesh).to(device)
     ckpt_path = out / CHECKPOINT
     run = _Run.start(model, cfg, ckpt_path, plan, device, mesh)
+    run.profiles = kind != "sae_stack" and len(model_cfg.layers) > 1
     run.heldout = None if heldout is None else _to(heldout, device)
     stream = iter(batches(run.step) if callable(batches) else itertools.islice(batches, run.step, None))
     if not sharded_batches and mesh is not None:
@@ -444,6 +473,7 @@ def _train_step(run: _Run, cfg: TrainConfig, batch, ckpt_path: Path, bar) -> Non
     if run.step == 0:
         targets = () if y_BLD is None else (distributed.gather_rows(y_BLD, run.mesh),)
         model.calibrate_(distributed.gather_rows(x_BLD, run.mesh), *targets)  # on the whole global batch
+        _snapshot_profile(run, cfg, tokens=0)
     for group in run.optim.param_groups:
         group["lr"] = cfg.lr_at(run.step)
     dead_F = run.since_fired_F >= cfg.dead_after
@@ -467,6 +497,7 @@ def _train_step(run: _Run, cfg: TrainConfig, batch, ckpt_path: Path, bar) -> Non
         model.update_threshold_(res.feats_BF)
     run.step += 1
     run.n_tokens += rows
+    _snapshot_profile(run, cfg, tokens=run.step * rows)
     if run.step % cfg.log_interval == 0 or run.step == cfg.steps:
         row = _log_row(run, cfg, res, x_BLD if y_BLD is None else y_BLD, dead_F)
         run.log.append(row)
@@ -474,6 +505,49 @@ def _train_step(run: _Run, cfg: TrainConfig, batch, ckpt_path: Path, bar) -> Non
                         dead=f"{row['dead_frac']:.2f}")
         if run.heldout is not None:
             _check_divergence(run.log, cfg)
+
+
+@torch.no_grad()
+def _snapshot_profile(run: _Run, cfg: TrainConfig, *, tokens: int) -> None:
+    """Keep the decoder norms ``[F, L]`` of the dictionary as it stands after ``run.step`` steps when the run takes
+    profiles and that step is one of ``cfg.profile_steps`` (module docstring, step 9)."""
+    if not run.profiles or run.step not in cfg.profile_steps:
+        return
+    model = run.model
+    if isinstance(model, distributed.ShardedCrosscoder):  # this rank's features: gather the latent group's
+        norms_FL = distributed.all_gather(model.W_dec_masked().detach().norm(dim=-1), run.mesh.latent_group)
+    else:
+        norms_FL = model.decoder_norms()
+    run.snapshots.append({"step": run.step, "tokens": tokens, "norms_FL": norms_FL.to("cpu", torch.float16)})
+
+
+def _write_profile_snapshots(snapshots: list[dict], layers: list[int], path: Path) -> None:
+    """Write the snapshots to ``path`` (npz, atomically): ``step`` and ``tokens`` [S], ``layers`` [L], ``norms``
+    [S, F, L] float16."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: np.savez would add ".npz" to a name
+        np.savez(fh, step=np.array([s["step"] for s in snapshots], dtype=np.int64),
+                 tokens=np.array([s["tokens"] for s in snapshots], dtype=np.int64), layers=np.asarray(layers),
+                 norms=torch.stack([s["norms_FL"] for s in snapshots]).numpy())
+
+
+class ProfileSnapshots(NamedTuple):
+    """A finished run's decoder-norm snapshots (:func:`read_profile_snapshots`)."""
+
+    step_S: np.ndarray
+    tokens_S: np.ndarray
+    layers: list[int]
+    norms_SFL: np.ndarray
+    """Per-feature per-layer decoder norms (normalised units, float16) after each step."""
+
+
+def read_profile_snapshots(folder: str | Path) -> ProfileSnapshots:
+    """The decoder-norm snapshots a training run wrote into ``folder`` (module docstring, step 9)."""
+    path = Path(folder) / PROFILE_SNAPSHOTS
+    if not path.is_file():
+        raise CrosslayerError(f"no {PROFILE_SNAPSHOTS} in {folder}: not a finished multi-layer dictionary, or trained "
+                              "before training kept decoder-norm snapshots; retrain it (delete the folder) to get them")
+    with np.load(path) as z:
+        return ProfileSnapshots(z["step"], z["tokens"], z["layers"].tolist(), z["norms"])
 
 
 def _log_row(run: _Run, cfg: TrainConfig, res, target_BLD: Tensor, dead_F: Tensor) -> dict:
@@ -522,6 +596,8 @@ def _save(run: _Run, cfg: TrainConfig, plan: dict, out: Path, *, seconds: float,
         import pandas as pd
 
         write_csv(pd.DataFrame(run.log), out / "train_log.csv")
+    if run.snapshots:
+        _write_profile_snapshots(run.snapshots, list(run.model.layers), out / PROFILE_SNAPSHOTS)
     run.model.save(out)
     (out / CHECKPOINT).unlink(missing_ok=True)
 

@@ -3,7 +3,8 @@
 Question
     Over how many layers does a crosscoder feature write, where does it peak and how much does its
     direction drift? Do per-layer SAEs learn the same feature again at adjacent layers (chains of
-    matching latents), and how many SAE latents correspond to one crosscoder feature? On synthetic
+    matching latents), and how many SAE latents correspond to one crosscoder feature, against two SAE seeds matched
+    the same way? Does removing a crosscoder feature change the next token as removing its SAE chain does? On synthetic
     data with known multi-layer features, which approach recovers a feature as one latent?
 
 Method
@@ -19,6 +20,14 @@ Method
       least-squares decoder of every layer given only the projection on one direction at one layer (random, or
       a top principal direction of that layer), :func:`persistence_profiles`. Means of span and entropy with 95 %
       bootstrap intervals over features / directions; the figure groups profiles by peak layer (Anthropic's).
+    - Profiles over training (``profiles_over_training.csv``): training keeps every multi-layer dictionary's
+      per-feature per-layer decoder norms at step 0 (after calibration), ten steps evenly spaced by tokens and the
+      final step (:func:`crosslayer.training.read_profile_snapshots`). For the main crosscoder, and the ReLU /
+      L1-of-norms crosscoder (``crosscoder_relu``) when the run has trained it, each snapshot's span and entropy
+      (:func:`crosslayer.features.profile_stats`, the code behind ``decoder_profile``) are averaged over the features
+      live at the end, with 95 % bootstrap intervals over those features (:func:`profiles_over_training`), and set
+      against the step-0 profile (flat) and the two persistence nulls: the answer says whether the final interval
+      lies below the initial one and below, within or above each null's.
     - SAE chains (SAE Match, Balagansky et al. 2024; feature flow, Laptev et al. 2025): the live
       latents of the SAEs at adjacent layers l, l+1 are matched one-to-one by decoder cosine
       (Hungarian assignment, :func:`scipy.optimize.linear_sum_assignment`); a match with cosine >
@@ -31,6 +40,21 @@ Method
       the live SAE latents of that layer with cosine > tau to the crosscoder's layer-l decoder
       direction, summed over layers (one SAE copy per spanned layer gives the span), with the
       number of distinct SAE chains among the best matches and their activation correlation.
+    - Seed-to-seed baseline (research-notes section 10; ``seed_baseline.csv``): the same matching between two seeds of
+      the SAE set (``saes`` and ``saes_seed1``, same budget, :func:`seed_matches`): for each live seed-0 latent at
+      layer l, the live seed-1 latents of layer l with cosine > tau and the best cosine. Per tau, side by side with
+      95 % bootstrap intervals over features / latents (:func:`seed_baseline_rows`): SAE latents per spanned layer
+      of a crosscoder feature vs seed-1 latents per seed-0 latent, fraction matched, mean best cosine. The chain
+      statistics of the seed-1 set (summary part ``chains_seed1``) give the chain counts a seed spread.
+    - Causal check (:mod:`studies.superposition_causal`, ``causal.csv``): for ``Config.causal_features`` live
+      crosscoder features drawn by a seeded draw among those matched at >= 2 layers at tau with density in
+      ``Config.causal_density`` (fixed before any outcome), on up to ``Config.causal_windows`` held-out windows each
+      (first ``Config.causal_ctx`` tokens), remove (a) the feature's f_i(x) d_i^l at every layer it writes, (b) its
+      SAE chain (the best-matching latent's contribution at each matched layer), (c) a random chain (one live SAE
+      latent per layer, nearest in density); raw residual units, clean-run activations, removal pinned per layer
+      (``each``) or subtracted from the running residual (``add``). KL(p_a || p_b), KL(p_a || p_c) and each against
+      clean at the positions where the feature fires; 95 % bootstrap intervals over features and a paired one-sided
+      Wilcoxon test of "chain KL < random-chain KL".
     - Synthetic ground truth (:mod:`studies.synthetic_regimes`, its Method): named regimes of
       :func:`crosslayer.synthetic.make_synthetic` (``Config.syn_regimes``: easy, heavy superposition, independent
       per-layer magnitudes, weak all-layer features, parent/child hierarchy), ``Config.syn_seeds`` seeds each; an
@@ -50,7 +74,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -62,8 +86,8 @@ from crosslayer.io import write_csv
 from crosslayer.matching import (build_chains, chance_cosine, decoders, match_adjacent, sae_blocks,  # noqa: F401
                                  sae_per_crosscoder, unit)
 from studies.base import Study
-from studies.common import (bootstrap_mean, column_corr, encode_rows, fmt, latex_table, read_csv, sample_rows,
-                            save_figure, theme)
+from studies.common import (bootstrap_mean, column_corr, encode_rows, fmt, latex_escape, latex_table, read_csv,
+                            sample_rows, save_figure, theme)
 from studies import synthetic_regimes
 
 NAME = "cross_layer_superposition"
@@ -112,6 +136,18 @@ class Config:
     """A method fails a regime when its MMCS interval lies below this."""
     often: float = 0.02
     """Synthetic features firing at least this often count as learnable at these token budgets."""
+    # The causal check (studies.superposition_causal): features drawn (seeded, fixed in advance) among live crosscoder
+    # features matched at >= 2 layers at tau with held-out density within causal_density; per feature up to
+    # causal_windows of causal_search_windows held-out windows, cut to causal_ctx tokens; random chains drawn among
+    # the causal_pool SAE latents nearest in density; removal semantics causal_at; causal_batch windows per forward.
+    causal_features: int = 8
+    causal_windows: int = 4
+    causal_ctx: int = 32
+    causal_search_windows: int = 256
+    causal_density: tuple[float, float] = (1e-3, 0.1)
+    causal_pool: int = 16
+    causal_at: tuple[str, ...] = ("each", "add")
+    causal_batch: int = 16
 
     def __post_init__(self):
         unknown = [r for r in self.syn_regimes if r not in synthetic_regimes.REGIMES]
@@ -121,6 +157,10 @@ class Config:
 
 
 CHAIN_COLUMNS = ["chain", "start_layer", "end_layer", "length", "mean_cos", "min_cos", "mean_act_corr", "latents"]
+SEED_COLUMNS = ["tau", "matching", "statistic", "mean", "lo", "hi", "n"]
+SEED_MATCHINGS = {"crosscoder": "crosscoder feature -> seed-0 SAE latents (per spanned layer)",
+                  "sae_seed": "seed-0 SAE latent -> seed-1 SAE latents (its layer)"}
+SEED_STATISTICS = ["latents_per_layer", "frac_matched", "best_cos"]
 PER_CC_COLUMNS = ["feature", "peak_layer", "span", "n_sae_latents", "n_matched_layers", "frac_layers_matched",
                   "mean_best_cos", "mean_best_act_corr", "n_chains"]
 
@@ -150,6 +190,90 @@ def distinct_per_row(ids_FL: np.ndarray) -> np.ndarray:
     s = np.sort(ids_FL, axis=1)
     new = (s[:, 1:] != s[:, :-1]) & (s[:, 1:] >= 0)
     return (s[:, :1] >= 0).sum(1) + new.sum(1)
+
+
+class SAEChains(NamedTuple):
+    """One SAE set's latents per layer and its chains (:func:`sae_chain_stats`)."""
+
+    blocks: list[Tensor]
+    index: list[Tensor]
+    widths: list[int]
+    live_blocks: list[Tensor]
+    f_blocks: list[Tensor]
+    chain_ids: dict[float, np.ndarray]
+
+
+def sae_chain_stats(saes, f_sae: Tensor, cfg: Config, add, part: str, table_path: Path | None) -> SAEChains:
+    """Match the live latents of adjacent layers, build the chains at every tau, and ``add`` the chain statistics
+    as ``part`` rows (``f_sae``: the held-out activations; the table at ``cfg.tau`` goes to ``table_path``)."""
+    L, layers = saes.n_layers, saes.layers
+    live_sae = (f_sae > 0).any(0)
+    blocks, index = sae_blocks(saes)
+    widths = [len(i) for i in index]
+    live_blocks = [live_sae[i] for i in index]
+    f_blocks = [f_sae[:, i] for i in index]
+    matches, cosines, corrs = [], [], []
+    for l in range(L - 1):
+        m, c = match_adjacent(blocks[l], blocks[l + 1], live_a=live_blocks[l], live_b=live_blocks[l + 1])
+        corr = column_corr(f_blocks[l], f_blocks[l + 1][:, np.maximum(m, 0)]).numpy()
+        matches.append(m)
+        cosines.append(c)
+        corrs.append(np.where(m >= 0, corr, np.nan))
+    add(part, "chance_cos_p99", chance_cosine(blocks[L // 2]) if L > 1 else float("nan"))
+    layer_N = np.repeat(np.arange(L), widths)
+    latent_N = np.concatenate([np.arange(w) for w in widths])
+    keep_N = torch.cat(live_blocks).numpy()
+    chain_ids = {}
+    for tau in cfg.taus:
+        chain_ids[tau] = build_chains(matches, cosines, widths, tau)
+        link_cos = np.concatenate([np.where(c > tau, c, np.nan) for c in cosines] + [np.full(widths[-1], np.nan)])
+        link_corr = np.concatenate([np.where(c > tau, k, np.nan) for c, k in zip(cosines, corrs)]
+                                   + [np.full(widths[-1], np.nan)])
+        table = chain_table(chain_ids[tau], layer_N, latent_N, link_cos, link_corr, keep_N, layers)
+        per_latent = np.repeat(table.length.to_numpy(), table.length.to_numpy())  # chain length seen by each latent
+        add(part, "n_live_latents", int(keep_N.sum()), tau)
+        add(part, "n_chains", len(table), tau)
+        add(part, "mean_chain_length", table.length.mean(), tau)
+        add(part, "frac_latents_chained", (per_latent >= 2).mean(), tau)
+        add(part, "frac_latents_full_length", (per_latent == L).mean(), tau)
+        add(part, "mean_link_cos", np.nanmean(link_cos) if np.isfinite(link_cos).any() else np.nan, tau)
+        add(part, "median_link_act_corr", np.nanmedian(link_corr) if np.isfinite(link_corr).any() else np.nan, tau)
+        if tau == cfg.tau and table_path is not None:
+            write_csv(table, table_path)
+    all_cos = np.concatenate(cosines) if cosines else np.array([np.nan])
+    add(part, "median_matched_cos", np.nanmedian(all_cos) if np.isfinite(all_cos).any() else np.nan)
+    return SAEChains(blocks, index, widths, live_blocks, f_blocks, chain_ids)
+
+
+def seed_matches(blocks0: list[Tensor], live0: list[Tensor], blocks1: list[Tensor], live1: list[Tensor],
+                 tau: float) -> tuple[Tensor, Tensor]:
+    """For each live latent of SAE set 0 (concatenated over layers), the live latents of set 1 at its layer with
+    decoder cosine > ``tau``: ``(count_N, best_cos_N)`` (:func:`sae_per_crosscoder` with one-layer spans)."""
+    L, d = len(blocks0), blocks0[0].shape[1]
+    layer_N = torch.cat([torch.full((len(b),), l) for l, b in enumerate(blocks0)])[torch.cat(live0)]
+    W_NLD = torch.zeros(len(layer_N), L, d)
+    W_NLD[torch.arange(len(layer_N)), layer_N] = torch.cat(blocks0)[torch.cat(live0)]
+    span_NL = torch.nn.functional.one_hot(layer_N, L).bool()
+    m = sae_per_crosscoder(W_NLD, span_NL, blocks1, live1, tau)
+    return m["count_FL"].sum(1), m["best_FL"].nan_to_num(-2.0).max(1).values
+
+
+def seed_values(ch: SAEChains, ch1: SAEChains, tau: float) -> np.ndarray:
+    """``[N, 3]`` per live latent of ``ch``'s SAEs against the seed-1 set ``ch1``: matches, matched (0/1), best cos."""
+    count_N, best_N = seed_matches(ch.blocks, ch.live_blocks, ch1.blocks, ch1.live_blocks, tau)
+    return np.stack([count_N.numpy(), (count_N > 0).numpy(), best_N.numpy()], 1).astype(np.float64)
+
+
+def seed_baseline_rows(tau: float, cc_FM: np.ndarray, sae_NM: np.ndarray) -> pd.DataFrame:
+    """Rows of ``seed_baseline.csv`` at ``tau``: the mean of each statistic (columns: latents per layer, fraction
+    matched, best cosine) over crosscoder features ``cc_FM`` and over seed-0 SAE latents ``sae_NM``, with 95 %
+    bootstrap intervals over features / latents."""
+    frames = []
+    for key, values in (("crosscoder", cc_FM), ("sae_seed", sae_NM)):
+        mean, lo, hi = bootstrap_mean(values, n_boot=1000, seed=0)
+        frames.append(pd.DataFrame({"tau": tau, "matching": key, "statistic": SEED_STATISTICS, "mean": mean,
+                                    "lo": lo, "hi": hi, "n": len(values)}))
+    return pd.concat(frames, ignore_index=True)[SEED_COLUMNS]
 
 
 # ----------------------------------------------------------------------------- nulls for the decoder-norm profiles
@@ -213,10 +337,60 @@ def _null_rows(null: pd.DataFrame, live_prof: pd.DataFrame, n_layers: int, add) 
         add("null", f"{kind}|n", len(part))
 
 
+TRAINING_COLUMNS = ["dictionary", "step", "tokens", "n_live"] + [f"{m}{s}" for m in ("mean_span", "mean_entropy",
+                                                                                    "frac_span_1", "frac_span_all")
+                                                                   for s in ("", "_lo", "_hi")]
+RELU_NAME = "crosscoder_relu"
+"""The ReLU / L1-of-norms crosscoder the reconstruction study trains (presets with ``relu_crosscoder``)."""
+
+
+def profiles_over_training(snaps, live_F: np.ndarray, *, dictionary: str, span_tau: float,
+                           n_boot: int = 1000) -> pd.DataFrame:
+    """One row per decoder-norm snapshot (:func:`crosslayer.training.read_profile_snapshots`) of the features live at
+    the end (``live_F``): mean span and normalised entropy, the fractions spanning one and every layer, each with a
+    95 % bootstrap interval over those features (the same draws for every snapshot).
+    Columns: :data:`TRAINING_COLUMNS`."""
+    from crosslayer.features import profile_stats
+
+    _, _, _, span_SF, ent_SF = profile_stats(snaps.norms_SFL[:, live_F], tau=span_tau)
+    span_FS, L, S = span_SF.T.double().numpy(), len(snaps.layers), len(snaps.step_S)
+    values_FM = np.concatenate([span_FS, ent_SF.T.double().numpy(), span_FS == 1, span_FS == L], axis=1)
+    mean_M, lo_M, hi_M = bootstrap_mean(values_FM, n_boot=n_boot, seed=0)
+    table = pd.DataFrame({"dictionary": dictionary, "step": snaps.step_S, "tokens": snaps.tokens_S,
+                          "n_live": int(live_F.sum())})
+    for i, metric in enumerate(("mean_span", "mean_entropy", "frac_span_1", "frac_span_all")):
+        for suffix, values in (("", mean_M), ("_lo", lo_M), ("_hi", hi_M)):
+            table[metric + suffix] = values[i * S:(i + 1) * S]
+    return table[TRAINING_COLUMNS]
+
+
+def _training_rows(ctx, rows: np.ndarray, live_cc: Tensor, span_tau: float) -> pd.DataFrame:
+    """:func:`profiles_over_training` of the main crosscoder and, when the run has trained it, the ReLU / L1-of-norms
+    crosscoder (liveness: firing on the sampled held-out ``rows``); a dictionary trained before training kept
+    snapshots is skipped with a note."""
+    from crosslayer.dictionary import load_dictionary
+    from crosslayer.training import PROFILE_SNAPSHOTS, read_profile_snapshots
+
+    names = ["crosscoder"] + ([RELU_NAME] if ctx.sizes.relu_crosscoder and (ctx.dicts / RELU_NAME).is_dir() else [])
+    frames = []
+    for name in names:
+        folder = ctx.dicts / name
+        if not (folder / PROFILE_SNAPSHOTS).is_file():
+            print(f"[{NAME}] {folder} has no {PROFILE_SNAPSHOTS} (unfinished, or trained before training kept "
+                  "decoder-norm snapshots): left out of the profiles over training", flush=True)
+            continue
+        live = live_cc if name == "crosscoder" else (encode_rows(load_dictionary(folder), ctx.store("heldout"),
+                                                                 rows) > 0).any(0)
+        frames.append(profiles_over_training(read_profile_snapshots(folder), live.numpy(), dictionary=name,
+                                             span_tau=span_tau))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TRAINING_COLUMNS)
+
+
 # ----------------------------------------------------------------------------- the study
 
 def run(ctx, cfg: Config) -> dict:
     from crosslayer.features import decoder_profile
+    from studies.pipeline import seed_name
 
     if cfg.tau not in cfg.taus:
         raise CrosslayerError(f"tau {cfg.tau} must be one of taus {cfg.taus}")
@@ -256,50 +430,20 @@ def run(ctx, cfg: Config) -> dict:
                                            span_tau=cfg.span_tau), init_profiles(cc, cfg.span_tau)], ignore_index=True)
     write_csv(null[NULL_COLUMNS + [f"r_{l}" for l in layers]], results / "profile_nulls.csv")
     _null_rows(null, live_prof, L, add)
+    write_csv(_training_rows(ctx, rows, live_cc, cfg.span_tau), results / "profiles_over_training.csv")
 
-    # -- per-layer SAE chains
-    blocks, index = sae_blocks(saes)
-    widths = [len(i) for i in index]
-    live_blocks = [live_sae[i] for i in index]
-    f_blocks = [f_sae[:, i] for i in index]
-    matches, cosines, corrs = [], [], []
-    for l in range(L - 1):
-        m, c = match_adjacent(blocks[l], blocks[l + 1], live_a=live_blocks[l], live_b=live_blocks[l + 1])
-        corr = column_corr(f_blocks[l], f_blocks[l + 1][:, np.maximum(m, 0)]).numpy()
-        matches.append(m)
-        cosines.append(c)
-        corrs.append(np.where(m >= 0, corr, np.nan))
-    chance = chance_cosine(blocks[L // 2]) if L > 1 else float("nan")
-    add("chains", "chance_cos_p99", chance)
-    layer_N = np.repeat(np.arange(L), widths)
-    latent_N = np.concatenate([np.arange(w) for w in widths])
-    keep_N = live_sae.numpy()
-    chain_ids = {}
-    for tau in cfg.taus:
-        chain_N = build_chains(matches, cosines, widths, tau)
-        chain_ids[tau] = chain_N
-        link_cos = np.concatenate([np.where(c > tau, c, np.nan) for c in cosines] + [np.full(widths[-1], np.nan)])
-        link_corr = np.concatenate([np.where(c > tau, k, np.nan) for c, k in zip(cosines, corrs)]
-                                   + [np.full(widths[-1], np.nan)])
-        table = chain_table(chain_N, layer_N, latent_N, link_cos, link_corr, keep_N, layers)
-        per_latent = np.repeat(table.length.to_numpy(), table.length.to_numpy())  # chain length seen by each latent
-        add("chains", "n_live_latents", int(keep_N.sum()), tau)
-        add("chains", "n_chains", len(table), tau)
-        add("chains", "mean_chain_length", table.length.mean(), tau)
-        add("chains", "frac_latents_chained", (per_latent >= 2).mean(), tau)
-        add("chains", "frac_latents_full_length", (per_latent == L).mean(), tau)
-        add("chains", "mean_link_cos", np.nanmean(link_cos) if np.isfinite(link_cos).any() else np.nan, tau)
-        add("chains", "median_link_act_corr", np.nanmedian(link_corr) if np.isfinite(link_corr).any() else np.nan, tau)
-        if tau == cfg.tau:
-            write_csv(table, results / "sae_chains.csv")
-    all_cos = np.concatenate(cosines) if cosines else np.array([np.nan])
-    add("chains", "median_matched_cos", np.nanmedian(all_cos) if np.isfinite(all_cos).any() else np.nan)
+    # -- per-layer SAE chains, of the main SAEs and of a second seed of them
+    ch = sae_chain_stats(saes, f_sae, cfg, add, "chains", results / "sae_chains.csv")
+    blocks, index, widths, live_blocks, f_blocks, chain_ids = ch
+    saes1 = ctx.saes(seed_name("saes", 1), seed=1)
+    ch1 = sae_chain_stats(saes1, encode_rows(saes1, heldout, rows), cfg, add, "chains_seed1", None)
 
     # -- SAE latents per crosscoder feature
     idx = live_cc.nonzero().squeeze(1)
     W_FLD = decoders(cc)[idx]
     span_FL = torch.as_tensor(r[idx.numpy()] > cfg.span_tau)
     f_live = f_cc[:, idx]
+    seed_frames = []
     for tau in cfg.taus:
         m = sae_per_crosscoder(W_FLD, span_FL, blocks, live_blocks, tau)
         n_FL = m["count_FL"]
@@ -313,7 +457,12 @@ def run(ctx, cfg: Config) -> dict:
         add("sae_per_cc", "frac_features_matched", matched_FL.any(1).float().mean(), tau)
         add("sae_per_cc", "mean_distinct_chains", distinct_per_row(chain_FL)[matched_FL.any(1).numpy()].mean()
             if bool(matched_FL.any()) else np.nan, tau)
+        cc_FM = np.stack([(n_FL.sum(1) / spans).numpy(), (matched_FL.sum(1) / spans).numpy(),
+                          m["best_FL"].nanmean(1).numpy()], 1)
+        seed_frames.append(seed_baseline_rows(tau, cc_FM, seed_values(ch, ch1, tau)))
         if tau == cfg.tau:
+            chain_CL = torch.stack([torch.where(matched_FL[:, l], index[l][m["arg_FL"][:, l].clamp_min(0)], -1)
+                                    for l in range(L)], 1)
             corr_FL = torch.stack([column_corr(f_live, f_blocks[l][:, m["arg_FL"][:, l].clamp_min(0)])
                                    for l in range(L)], 1).masked_fill(~matched_FL, float("nan"))
             per_cc = pd.DataFrame({"feature": idx.numpy(), "peak_layer": prof.peak_layer.to_numpy()[idx.numpy()],
@@ -326,6 +475,19 @@ def run(ctx, cfg: Config) -> dict:
             write_csv(per_cc[PER_CC_COLUMNS], results / "sae_per_cc.csv")
             add("sae_per_cc", "mean_best_cos", per_cc.mean_best_cos.mean(), tau)
             add("sae_per_cc", "mean_span", per_cc.span.mean(), tau)
+    write_csv(pd.concat(seed_frames, ignore_index=True), results / "seed_baseline.csv")
+
+    # -- causal check: removing a crosscoder feature vs its SAE chain vs a random chain
+    from studies.superposition_causal import causal_check, summarise
+
+    causal = causal_check(ctx.model, cc, saes, heldout, candidates=idx.numpy(),
+                          n_matched=per_cc.n_matched_layers.to_numpy(), density=prof.density.to_numpy()[idx.numpy()],
+                          chain_CL=chain_CL, sae_density=(f_sae > 0).float().mean(0), sae_live=live_sae,
+                          index=index, cfg=cfg)
+    write_csv(causal, results / "causal.csv")
+    add("causal", "n_features_drawn", causal.feature.nunique())
+    for metric, value in summarise(causal):
+        add("causal", metric, value)
 
     # -- synthetic ground truth (studies.synthetic_regimes)
     features, runs = synthetic_regimes.synthetic_recovery(cfg, ctx.dicts, progress=ctx.progress)
@@ -337,7 +499,8 @@ def run(ctx, cfg: Config) -> dict:
             "cc_mean_drift": round(get("profiles", "mean_drift"), 3),
             "sae_frac_chained": round(get("chains", "frac_latents_chained", cfg.tau), 4),
             "sae_latents_per_cc": round(get("sae_per_cc", "mean_sae_latents", cfg.tau), 3),
-            "syn_mmcs_better": synthetic_regimes.verdicts(syn_summary, "mmcs")}
+            "syn_mmcs_better": synthetic_regimes.verdicts(syn_summary, "mmcs"),
+            "causal_random_minus_chain_kl": round(get("causal", f"{cfg.causal_at[0]}|difference"), 4)}
 
 
 def _getter(summ: pd.DataFrame) -> Callable[..., float]:
@@ -379,6 +542,10 @@ def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, s
     nulls = Path(results) / "profile_nulls.csv"
     if len(live) and nulls.is_file():
         paths.append(_profiles_by_peak(live, pd.read_csv(nulls), layers, figures_dir / f"{NAME}_profiles_vs_null.png"))
+    training = Path(results) / "profiles_over_training.csv"
+    if training.is_file() and len(frame := pd.read_csv(training)):
+        paths.append(_training_figure(frame, pd.read_csv(nulls) if nulls.is_file() else None, cfg.span_tau,
+                                      figures_dir / f"{NAME}_profiles_over_training.png"))
     chains = read_csv(results, "sae_chains")
     L = len(layers)
     frames = []
@@ -412,9 +579,49 @@ def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, s
                       f"Number of live per-layer SAE latents whose decoder has cosine above {cfg.tau} with a live "
                       "crosscoder feature's decoder at a layer the feature spans, by the feature's span "
                       "(mean, 95\\% CI)."))
+    for name, draw in (("seed_baseline", _seed_figure), ("causal", _causal_figure)):
+        frame = read_csv(results, name) if (Path(results) / f"{name}.csv").is_file() else pd.DataFrame()
+        if len(frame):
+            paths.append(draw(frame, figures_dir, cfg))
     if (Path(results) / "synthetic_runs.csv").is_file():
         paths.append(synthetic_regimes.figure(results, figures_dir / f"{NAME}_synthetic.png"))
     return paths
+
+
+def _seed_figure(seed: pd.DataFrame, figures_dir: Path, cfg: Config) -> tuple[Path, str]:
+    """SAE latents per crosscoder feature against the seed baseline, over the tau sweep (``seed_baseline.csv``)."""
+    import matplotlib.pyplot as plt
+
+    labels = {"latents_per_layer": "matching latents per layer", "frac_matched": "fraction matched",
+              "best_cos": "best cosine"}
+    fig, axes = plt.subplots(1, len(labels), figsize=(11.5, 3.4))
+    for ax, (stat, label) in zip(axes, labels.items()):
+        for i, (key, part) in enumerate(seed[seed.statistic == stat].groupby("matching", sort=False)):
+            ax.errorbar(part.tau, part["mean"], yerr=[part["mean"] - part.lo, part.hi - part["mean"]], marker="o",
+                        capsize=2, color=f"C{i}", label=SEED_MATCHINGS.get(key, key))
+        ax.set(xlabel="cosine threshold $\\tau$", ylabel=label)
+    axes[0].legend(fontsize=7)
+    return (save_figure(fig, figures_dir / f"{NAME}_seed_baseline.png"),
+            "SAE latents matching a crosscoder feature (per layer it spans) against the seed baseline: seed-1 SAE "
+            "latents matching a seed-0 SAE latent at its layer, by cosine threshold (means, 95\\% bootstrap "
+            "intervals over features / latents).")
+
+
+def _causal_figure(causal: pd.DataFrame, figures_dir: Path, cfg: Config) -> tuple[Path, str]:
+    """Mean KL per comparison and removal semantics (``causal.csv``), 95 % bootstrap intervals over features."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(7.2, 3.6))
+    sns.barplot(data=causal, x="comparison", y="kl", hue="at", errorbar=("ci", 95), n_boot=1000, seed=0, ax=ax)
+    ax.set(xlabel="", ylabel="KL (nats)", yscale="log")
+    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    ax.legend(title="removal", fontsize=8)
+    return (save_figure(fig, figures_dir / f"{NAME}_causal.png"),
+            f"Removing a crosscoder feature vs its matched SAE chain vs a density-matched random chain, at the "
+            f"positions where the feature fires: KL between the two ablated next-token distributions and of each to "
+            f"the clean run, per removal semantics ({len(causal.feature.unique())} features, mean and 95\\% "
+            "bootstrap interval over features).")
 
 
 def _profiles_by_peak(live: pd.DataFrame, null: pd.DataFrame, layers: list[int], path: Path) -> tuple[Path, str]:
@@ -441,6 +648,67 @@ def _profiles_by_peak(live: pd.DataFrame, null: pd.DataFrame, layers: list[int],
             "principal direction at the source layer), 95\\% intervals.")
 
 
+def _training_figure(frame: pd.DataFrame, nulls: pd.DataFrame | None, span_tau: float, path: Path) -> tuple[Path, str]:
+    """Mean entropy and span of the live features at each training snapshot (95 % intervals over features), with the
+    mean levels of the initialisation and residual-persistence nulls as reference lines."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    names = list(dict.fromkeys(frame.dictionary))
+    colors = dict(zip(names, sns.color_palette(n_colors=len(names))))
+    levels = nulls.groupby("kind", sort=False)[["entropy", "span"]].mean() if nulls is not None else pd.DataFrame()
+    fig, axes = plt.subplots(1, 2, figsize=(10.4, 3.6))
+    labels = {"entropy": "normalised entropy of $r$", "span": f"span ($r>{span_tau}$)"}
+    for ax, (col, label) in zip(axes, labels.items()):
+        for name in names:
+            part = frame[frame.dictionary == name]
+            sns.lineplot(data=part, x="tokens", y=f"mean_{col}", marker="o", color=colors[name], label=name, ax=ax)
+            ax.fill_between(part.tokens, part[f"mean_{col}_lo"], part[f"mean_{col}_hi"], color=colors[name], alpha=0.25)
+        for (kind, level), style in zip(levels.get(col, pd.Series(dtype=float)).items(), (":", "--", "-.")):
+            ax.axhline(level, color="0.3", ls=style, lw=1.2, label=f"null: {kind}")
+        ax.set(xlabel="training tokens", ylabel=f"{label}, live features")
+    axes[0].get_legend().remove()
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7)  # off the data: the lines and the nulls
+    return (save_figure(fig, path),
+            "Decoder-norm profiles over training: mean normalised entropy and span of the features live at the end, at "
+            "each snapshot of the decoder norms (95\\% bootstrap intervals over features), against the mean levels of "
+            "the nulls (the crosscoder at initialisation; least-squares profiles of random and top principal "
+            "directions carried across layers by residual persistence).")
+
+
+def _training_text(results: Path, get) -> str:
+    """One sentence per dictionary from ``profiles_over_training.csv``: entropy and span at the first snapshot (step 0,
+    unless the run resumed from a checkpoint older than the snapshots) vs the last, whether the entropy moved away
+    from the initial profile (intervals apart) and where it ends against the persistence nulls' intervals."""
+    path = Path(results) / "profiles_over_training.csv"
+    frame = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=TRAINING_COLUMNS)
+
+    def ci(row, col: str) -> str:
+        return f"{fmt(row[col], 3)} [{fmt(row[col + '_lo'], 3)}, {fmt(row[col + '_hi'], 3)}]"
+
+    def side(row, kind: str) -> str:
+        lo, hi = get("null", f"{kind}|mean_entropy_lo"), get("null", f"{kind}|mean_entropy_hi")
+        where = ("below" if row.mean_entropy_hi < lo else "above" if row.mean_entropy_lo > hi else "within")
+        return f"{where} the interval of {kind}s carried across layers by least squares ({fmt(lo, 3)} to {fmt(hi, 3)})"
+
+    parts = []
+    for name, part in frame.groupby("dictionary", sort=False):
+        part = part.sort_values("step")
+        first, last = part.iloc[0], part.iloc[-1]
+        moved = last.mean_entropy_hi < first.mean_entropy_lo
+        start = "the flat initial profile" if first.step == 0 else f"the profile at step {int(first.step)}"
+        text = (f"Over training ({len(part)} snapshots of the decoder norms), the {int(last.n_live)} live features of "
+                f"the {latex_escape(name)} go from mean profile entropy {ci(first, 'mean_entropy')} and span "
+                f"{ci(first, 'mean_span')} at step {int(first.step)} to {ci(last, 'mean_entropy')} and "
+                f"{ci(last, 'mean_span')} after {fmt(int(last.tokens))} tokens "
+                f"({fmt(100 * last.frac_span_1, 2)}\\% single-layer): "
+                f"{'away from' if moved else 'not measurably away from'} {start}")
+        if np.isfinite(get("null", "random direction|mean_entropy_lo")):
+            text += f"; its final entropy is {side(last, 'random direction')} and {side(last, 'principal direction')}"
+        parts.append(text + ".")
+    return " ".join(parts)
+
+
 def _null_text(get, cfg: Config, n_layers: int) -> str:
     """The crosscoder's spans and entropies against the nulls (from the summary's ``null`` rows)."""
     def mean(kind: str, col: str) -> str:
@@ -464,6 +732,66 @@ def _null_text(get, cfg: Config, n_layers: int) -> str:
             f"the residual stream's persistence.")
 
 
+def _interval(mean: float, lo: float, hi: float, digits: int = 3) -> str:
+    return f"{fmt(mean, digits)} [{fmt(lo, digits)}, {fmt(hi, digits)}]"
+
+
+def _seed_text(seed: pd.DataFrame, get, cfg: Config) -> str:
+    """Crosscoder-to-SAE matching against the same matching between two SAE seeds, at ``cfg.tau``."""
+    at = seed[np.isclose(seed.tau, cfg.tau)].set_index(["matching", "statistic"])
+
+    def val(key: str, stat: str) -> str:
+        row = at.loc[(key, stat)]
+        return _interval(row["mean"], row.lo, row.hi)
+
+    cc, sd = at.loc[("crosscoder", "latents_per_layer")], at.loc[("sae_seed", "latents_per_layer")]
+    verdict = ("fewer matches than" if cc.hi < sd.lo else "more matches than" if cc.lo > sd.hi else
+               "as many matches (overlapping intervals) as")
+    return (f"Seed baseline (cosine $>{cfg.tau}$, means with 95\\% bootstrap intervals over features or latents): a "
+            f"crosscoder feature is matched by {val('crosscoder', 'latents_per_layer')} SAE latents per layer it spans "
+            f"(fraction of spanned layers matched {val('crosscoder', 'frac_matched')}, best cosine "
+            f"{val('crosscoder', 'best_cos')}), while a seed-0 SAE latent is matched by "
+            f"{val('sae_seed', 'latents_per_layer')} latents of a second seed of the same SAEs (fraction matched "
+            f"{val('sae_seed', 'frac_matched')}, best cosine {val('sae_seed', 'best_cos')}): a crosscoder feature gets "
+            f"{verdict} an SAE latent gets from its own re-run (the seed baseline). The second seed's SAE latents "
+            f"chain at a rate of "
+            f"{fmt(100 * get('chains_seed1', 'frac_latents_chained', cfg.tau), 3)}\\% (mean chain length "
+            f"{fmt(get('chains_seed1', 'mean_chain_length', cfg.tau), 3)}) against "
+            f"{fmt(100 * get('chains', 'frac_latents_chained', cfg.tau), 3)}\\% "
+            f"({fmt(get('chains', 'mean_chain_length', cfg.tau), 3)}) for the first.")
+
+
+def _causal_text(get, cfg: Config) -> str:
+    """The causal check's outcome per removal semantics (summary rows of part ``causal``)."""
+    def kl(at: str, comp: str) -> str:
+        return _interval(get("causal", f"{at}|{comp}"), get("causal", f"{at}|{comp}_lo"),
+                         get("causal", f"{at}|{comp}_hi"))
+
+    n = int(get("causal", "n_features_drawn"))
+    rule = (f"matched at two or more layers, density in [{fmt(cfg.causal_density[0], 2)}, "
+            f"{fmt(cfg.causal_density[1], 2)}], firing in the first {cfg.causal_ctx} tokens of one of "
+            f"{cfg.causal_search_windows} held-out windows")
+    if n == 0:
+        return f"Causal check: no live crosscoder feature met the pre-declared criterion ({rule}), so none was run."
+    names = {"each": "pinning each edited layer to clean minus the contribution",
+             "add": "subtracting the contribution from the running residual at each edited layer (compounding)"}
+    parts = []
+    for at in cfg.causal_at:
+        closer = get("causal", f"{at}|difference_lo") > 0
+        parts.append(f"Removal by {names.get(at, at)}: KL(feature $\\|$ chain) {kl(at, 'feature_vs_chain')} against "
+                     f"KL(feature $\\|$ random chain) {kl(at, 'feature_vs_random')} (paired difference "
+                     f"{kl(at, 'difference')}, chain closer for "
+                     f"{fmt(100 * get('causal', f'{at}|frac_chain_closer'), 3)}\\% "
+                     f"of features, one-sided Wilcoxon $p={fmt(get('causal', f'{at}|wilcoxon_p'), 2)}$), so the matched "
+                     f"chain {'does' if closer else 'does not demonstrably'} act more like the feature than a random "
+                     f"chain; removing the feature itself moves the clean distribution by "
+                     f"{kl(at, 'clean_vs_feature')}, "
+                     f"its chain by {kl(at, 'clean_vs_chain')}, a random chain by {kl(at, 'clean_vs_random')}")
+    return (f"Causal check on {n} crosscoder features drawn in advance ({rule}; up to {cfg.causal_windows} held-out "
+            f"windows each, KL in nats at the positions where the feature fires, 95\\% bootstrap intervals over "
+            f"features). " + ". ".join(parts) + ".")
+
+
 def _metric_rows(summ: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     get = _getter(summ)
     rows = [
@@ -480,6 +808,9 @@ def _metric_rows(summ: pd.DataFrame, cfg: Config) -> pd.DataFrame:
         ("SAEs", f"latents in a chain of 2+ (cos $>{cfg.tau}$)", get("chains", "frac_latents_chained", cfg.tau)),
         ("SAEs", "latents in a full-length chain", get("chains", "frac_latents_full_length", cfg.tau)),
         ("SAEs", "mean chain length", get("chains", "mean_chain_length", cfg.tau)),
+        ("SAEs, second seed", f"latents in a chain of 2+ (cos $>{cfg.tau}$)",
+         get("chains_seed1", "frac_latents_chained", cfg.tau)),
+        ("SAEs, second seed", "mean chain length", get("chains_seed1", "mean_chain_length", cfg.tau)),
         ("SAEs", "median act. corr. of linked latents", get("chains", "median_link_act_corr", cfg.tau)),
         ("SAEs per crosscoder feature", f"SAE latents with cos $>{cfg.tau}$", get("sae_per_cc", "mean_sae_latents", cfg.tau)),
         ("SAEs per crosscoder feature", "its mean span", get("sae_per_cc", "mean_span", cfg.tau)),
@@ -515,6 +846,8 @@ def answer(results: Path, cfg: Config) -> str:
              f"{fmt(get('profiles', 'mean_drift'), 3)} with its peak-layer direction (drift)."]
     if (summ.part == "null").any():
         parts.append(_null_text(get, cfg, n_layers))
+    if training := _training_text(results, get):
+        parts.append(training)
     parts.append(f"Per-layer SAE latents matched one-to-one between adjacent layers have median decoder cosine "
                  f"{fmt(get('chains', 'median_matched_cos'), 3)} (chance: {fmt(get('chains', 'chance_cos_p99'), 2)}); "
                  f"at cosine $>{cfg.tau}$, {fmt(100 * get('chains', 'frac_latents_chained', cfg.tau), 2)}\\% of the live SAE "
@@ -530,6 +863,10 @@ def answer(results: Path, cfg: Config) -> str:
                  f"{fmt(100 * get('sae_per_cc', 'frac_layers_matched', cfg.tau), 2)}\\% of its spanned layers have such a "
                  f"latent, and those with any match spread over "
                  f"{fmt(get('sae_per_cc', 'mean_distinct_chains', cfg.tau), 3)} distinct SAE chains.")
+    if (Path(results) / "seed_baseline.csv").is_file():
+        parts.append(_seed_text(read_csv(results, "seed_baseline"), get, cfg))
+    if (summ.part == "causal").any():
+        parts.append(_causal_text(get, cfg))
     if (Path(results) / "synthetic_summary.csv").is_file():
         parts.append(synthetic_regimes.answer_text(results, cfg.syn_recovered))
     return " ".join(parts)
@@ -537,7 +874,7 @@ def answer(results: Path, cfg: Config) -> str:
 
 STUDY = Study(name=NAME, title="Cross-layer superposition", config=Config, run=run, figures=figures, tables=tables,
               answer=answer, dictionaries=("saes", "crosscoder"), order=50,
-              presets={"micro": Config(synthetic_tokens=2_048, syn_regimes=("easy", "independent"), syn_seeds=2, syn_steps=40,
-                                      syn_heldout=1_024),
-                       "standard": Config(synthetic_tokens=30_000, syn_steps=500),
-                       "paper": Config(synthetic_tokens=200_000, syn_steps=2_000, syn_seeds=5)})
+              presets={"micro": Config(synthetic_tokens=2_048, syn_regimes=("easy", "independent"), syn_seeds=2,
+                                      syn_steps=40, syn_heldout=1_024),
+                       "standard": Config(causal_features=24, synthetic_tokens=30_000, syn_steps=500),
+                       "paper": Config(synthetic_tokens=200_000, syn_steps=2_000, syn_seeds=5, causal_features=24)})

@@ -164,7 +164,8 @@ class RunContext:
                                  lr=self.lr("saes"), seed=seed)
             self.used[name] = None
             return train_per_layer_saes(store, cfg, out_dir=self.dicts / name, layers=layers, progress=self.progress)
-        arch = SAEStackConfig(layers=tuple(store.select(layers).layers), d_model=store.width, width=width, k=k)
+        arch = SAEStackConfig(layers=tuple(store.select(layers).layers), d_model=store.width, width=width, k=k,
+                              aux_frac=s.aux_frac)
         return self._train(arch, name, approach="saes", seed=seed)
 
     def crosscoder(self, name: str = "crosscoder", *, width: int | None = None, k: int | None = None,
@@ -175,7 +176,7 @@ class RunContext:
 
         s, store = self.sizes, self.store("train")
         arch = CrosscoderConfig(layers=tuple(store.layers), d_model=store.width, n_features=width or self.cc_width,
-                                variant=variant, activation=activation, k=k or s.cc_k)
+                                variant=variant, activation=activation, k=k or s.cc_k, aux_frac=s.aux_frac)
         coef = s.relu_coef if activation == "relu" else None
         return self._train(arch, name, approach="crosscoders", seed=seed, sparsity_coef=coef)
 
@@ -246,9 +247,10 @@ def lr_sweep(ctx: RunContext):
     if path.is_file():
         return pd.read_csv(path)
     s, store = ctx.sizes, ctx.store("train")
-    archs = {"saes": SAEStackConfig(layers=tuple(store.layers), d_model=store.width, width=s.sae_width, k=s.sae_k),
+    archs = {"saes": SAEStackConfig(layers=tuple(store.layers), d_model=store.width, width=s.sae_width, k=s.sae_k,
+                                    aux_frac=s.aux_frac),
              "crosscoders": CrosscoderConfig(layers=tuple(store.layers), d_model=store.width,
-                                             n_features=ctx.cc_width, k=s.cc_k)}
+                                             n_features=ctx.cc_width, k=s.cc_k, aux_frac=s.aux_frac)}
     rows = []
     for approach, arch in archs.items():
         for lr in s.lr_grid:

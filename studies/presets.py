@@ -40,6 +40,9 @@ class Sizes:
     """Training tokens of every dictionary of the run, per-layer SAEs and crosscoders alike."""
     dict_batch: int = 512
     """Rows per optimiser step of every dictionary."""
+    aux_frac: float = 1.0
+    """Share of each batch's rows that carry the AuxK loss of dead latents (every TopK dictionary of the run;
+    :func:`crosslayer.crosscoder.aux_row_count`): below 1 the AuxK decode and backward shrink in proportion."""
     lr_grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
     """Candidate peak learning rates; each approach (per-layer SAEs, crosscoders) gets the one with the best
     held-out FVU after ``sweep_tokens`` (``results/lr_sweep.csv``). One value: no sweep."""

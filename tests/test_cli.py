@@ -30,8 +30,10 @@ def test_cli_pipeline_on_a_tiny_model(tmp_path, capsys):
     assert "use --trainer sae-lens" in capsys.readouterr().err
     # --heldout gives the curve its held-out FVU and the saved verdict
     assert main(["train-crosscoder", "--store", str(tmp_path / "train"), "--out", str(tmp_path / "cc_h"), "--width",
-                 "32", "--k", "4", "--tokens", "2k", "--batch-size", "128", "--heldout", str(tmp_path / "heldout")]) == 0
+                 "32", "--k", "4", "--tokens", "2k", "--batch-size", "128", "--heldout", str(tmp_path / "heldout"),
+                 "--aux-frac", "0.5"]) == 0
     assert load_dictionary(tmp_path / "cc_h").meta["convergence"]["final_fvu"] > 0
+    assert load_dictionary(tmp_path / "cc_h").cfg.aux_frac == 0.5
     for name in ("saes", "cc"):
         out = tmp_path / f"eval_{name}.csv"
         assert main(["eval", "--dictionary", str(tmp_path / name), "--store", str(tmp_path / "heldout"),

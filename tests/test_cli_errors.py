@@ -23,6 +23,9 @@ CASES = {
     "cc_lr_negative": (lambda s, c, o: _train("train-crosscoder", s, "--out", o, "--lr", "-1"), "new"),
     "cc_tokens_inf": (lambda s, c, o: _train("train-crosscoder", s, "--out", o, "--tokens", "inf"), "new"),
     "cc_layers_repeated": (lambda s, c, o: _train("train-crosscoder", s, "--out", o, "--layers", "1,1"), "new"),
+    "cc_aux_frac_over_1": (lambda s, c, o: _train("train-crosscoder", s, "--out", o, "--aux-frac", "2"), "new"),
+    "saes_aux_frac_sae_lens": (lambda s, c, o: _train("train-saes", s, "--out", o, "--trainer", "sae-lens",
+                                                      "--aux-frac", "0.5"), "new"),
     "saes_sparsity_nan": (lambda s, c, o: _train("train-saes", s, "--out", o, "--sparsity-coef", "nan"), "new"),
     "eval_windows_negative": (lambda s, c, o: ["eval", "--dictionary", o, "--store", s, "--windows", "-1"], "new"),
     "harvest_out_file": (lambda s, c, o: HARVEST + ["--corpus", c, "--out", o], "file"),
@@ -45,7 +48,7 @@ CASES = {
 }
 MUST_NAME = {"cc_layers_repeated": "layer 1 is repeated", "harvest_layers_repeated": "layer 1 is repeated",
              "harvest_seq_len_over_context": "1024", "harvest_binary_corpus": "/bin/ls is not text",
-             "cc_lr_nan": "--lr", "eval_windows_negative": "--windows", "reproduce_corpus_missing": "nope"}
+             "cc_lr_nan": "--lr", "cc_aux_frac_over_1": "aux_frac", "saes_aux_frac_sae_lens": "--aux-frac", "eval_windows_negative": "--windows", "reproduce_corpus_missing": "nope"}
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from crosslayer.crosscoder import Crosscoder, CrosscoderConfig
 from crosslayer.dictionary import load_dictionary
 from crosslayer.distributed import Mesh, ShardedCrosscoder, clip_grad_norm_, init_mesh
 from crosslayer.sae_stack import SAEStackConfig
-from crosslayer.training import CHECKPOINT, TrainConfig, train_crosscoder
+from crosslayer.training import CHECKPOINT, TrainConfig, read_profile_snapshots, train_crosscoder
 
 L, D, F, B = 3, 8, 32, 64
 TOL = dict(atol=2e-5, rtol=1e-4)
@@ -106,6 +106,13 @@ def test_data_parallel_over_two_ranks_equals_one_process(tmp_path):
         assert_same_log(tmp_path / f"single-{name}", tmp_path / f"dp-{name}")
 
 
+def assert_same_snapshots(a, b):
+    """The decoder-norm snapshots agree (latent parallel: each rank's features gathered), up to float16 rounding."""
+    one, two = read_profile_snapshots(a), read_profile_snapshots(b)
+    assert one.step_S.tolist() == two.step_S.tolist() and one.tokens_S.tolist() == two.tokens_S.tolist()
+    np.testing.assert_allclose(one.norms_SFL.astype(np.float32), two.norms_SFL.astype(np.float32), rtol=2e-3, atol=1e-6)
+
+
 def assert_same_log(a, b):
     """The training curves agree in every column that is a mean over rows or a global statistic (not the batch
     FVU, whose denominator is each rank's own batch variance)."""
@@ -162,6 +169,7 @@ def test_latent_parallel_training_equals_one_process(tmp_path):
     for name in names:
         assert_same_weights(single(tmp_path, name, ARCHS[name]), load_dictionary(tmp_path / f"lp-{name}"))
         assert_same_log(tmp_path / f"single-{name}", tmp_path / f"lp-{name}")
+        assert_same_snapshots(tmp_path / f"single-{name}", tmp_path / f"lp-{name}")
 
 
 @pytest.mark.slow
@@ -189,6 +197,8 @@ def test_killed_two_rank_runs_resume_on_one_or_two_ranks(tmp_path):
         assert resumed_on_1.meta["resumed_from_step"] == resumed_on_2.meta["resumed_from_step"] == 5
         assert_same_weights(reference, resumed_on_1)
         assert_same_weights(reference, resumed_on_2)
+        assert_same_snapshots(tmp_path / "single-topk", tmp_path / f"{name}-on-1")  # none lost or taken twice
+        assert_same_snapshots(tmp_path / "single-topk", tmp_path / name)
 
 
 def test_store_parts_are_disjoint_and_make_the_whole_batch(tiny_store):

@@ -5,7 +5,7 @@ from conftest import random_saes
 from crosslayer.crosscoder import Crosscoder, CrosscoderConfig
 from crosslayer.errors import CrosslayerError
 from crosslayer.features import (FOCUS_MARK, HIST_BINS, HIST_LOG10_RANGE, dashboard, decoder_profile,
-                                 find_features_for_token, logit_effects, top_activations)
+                                 find_features_for_token, logit_effects, profile_stats, top_activations)
 
 
 def random_crosscoder(store, width=64, k=8):
@@ -88,6 +88,26 @@ def test_logit_effects_equal_direct_computation(dictionary, tiny_model):
         assert up.effect.tolist() == pytest.approx(effect.topk(4).values.tolist(), rel=1e-4)
         assert down.token_id.tolist() == (-effect).topk(4).indices.tolist()
         assert down.effect.tolist() == pytest.approx(effect[(-effect).topk(4).indices].tolist(), rel=1e-4)
+
+
+def test_profile_stats_planted_snapshots():
+    """Snapshots [S, F, L] as a float16 array (what training writes): norms on one layer give span 1, entropy 0 and
+    that peak; flat norms span L with entropy 1; each snapshot's statistics are those of its own [F, L] slice."""
+    import numpy as np
+
+    L = 5
+    one = np.zeros((3, L), np.float16)
+    one[np.arange(3), [0, 2, 4]] = [0.08, 1.5, 3.0]
+    flat = np.full((3, L), 0.08, np.float16)
+    snaps = np.stack([np.concatenate([one, flat]), np.concatenate([flat, one])])
+    peak_norm, peak, r, span, ent = profile_stats(snaps)
+    assert span.tolist() == [[1] * 3 + [L] * 3, [L] * 3 + [1] * 3]
+    assert peak[0, :3].tolist() == [0, 2, 4] and peak[1, 3:].tolist() == [0, 2, 4]
+    torch.testing.assert_close(ent[0], torch.tensor([0.0] * 3 + [1.0] * 3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(peak_norm[0, :3], torch.tensor([0.08, 1.5, 3.0]), rtol=1e-3, atol=0)
+    for s in range(2):
+        torch.testing.assert_close(profile_stats(torch.as_tensor(snaps[s]).float())[4], ent[s])
+    assert profile_stats(np.zeros((2, L)))[3].tolist() == [0, 0]  # an all-zero decoder spans nothing
 
 
 def test_decoder_profile_known_norms():

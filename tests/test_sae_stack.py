@@ -87,7 +87,7 @@ def test_stack_trains_on_synthetic_truth(tmp_path):
     import pandas as pd
 
     from crosslayer.synthetic import make_synthetic
-    from crosslayer.training import TrainConfig, train_crosscoder
+    from crosslayer.training import PROFILE_SNAPSHOTS, TrainConfig, train_crosscoder
 
     acts = make_synthetic(L, D, 24, 4096, seed=0)[0]
     gen = torch.Generator().manual_seed(0)
@@ -99,6 +99,7 @@ def test_stack_trains_on_synthetic_truth(tmp_path):
     assert curve.heldout_fvu.iloc[-1] < 0.5 * curve.heldout_fvu.iloc[0]
     assert saes.kind == "per_layer_saes" and saes.n_features == L * W
     assert saes.meta["convergence"]["final_fvu"] == pytest.approx(curve.heldout_fvu.iloc[-1])
+    assert not (tmp_path / "stack" / PROFILE_SNAPSHOTS).exists()  # its latents write one layer: no profiles
 
 
 def test_saved_stack_is_a_raw_unit_sae_lens_set(tmp_path):

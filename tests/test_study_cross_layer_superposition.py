@@ -165,8 +165,21 @@ def test_cross_layer_superposition_study_micro(micro_ctx):
     syn_summary = pd.read_csv(results / "synthetic_summary.csv")
     diff = syn_summary[(syn_summary.approach == sr.DIFF) & (syn_summary.metric == "mmcs")]
     assert set(diff.regime) == set(cfg.syn_regimes) and diff.verdict.isin([xl.CC, xl.SAE, "tie"]).all()
-    chained = summ[summ.metric == "frac_latents_chained"].sort_values("tau").value
-    assert chained.is_monotonic_decreasing  # a stricter link threshold never chains more
+    for part in ("chains", "chains_seed1"):
+        chained = summ[(summ.part == part) & (summ.metric == "frac_latents_chained")].sort_values("tau").value
+        assert len(chained) == len(cfg.taus) and chained.is_monotonic_decreasing  # stricter links never chain more
+    seed = pd.read_csv(results / "seed_baseline.csv")
+    assert list(seed.columns) == xl.SEED_COLUMNS and set(seed.matching) == set(xl.SEED_MATCHINGS)
+    assert ((seed.lo <= seed["mean"] + 1e-9) & (seed["mean"] <= seed.hi + 1e-9)).all()
+    for _, part in seed[seed.statistic != "best_cos"].groupby(["matching", "statistic"]):
+        assert part.sort_values("tau")["mean"].is_monotonic_decreasing  # a stricter threshold never matches more
+    causal = pd.read_csv(results / "causal.csv", keep_default_na=False)
+    from studies import superposition_causal as sc
+    assert list(causal.columns) == sc.COLUMNS and 1 <= causal.feature.nunique() <= cfg.causal_features
+    assert (causal.groupby("feature").size() == len(sc.COMPARISONS) * len(cfg.causal_at)).all()
+    assert (causal.kl > -1e-6).all() and (causal.chain_layers >= 2).all()
+    assert (causal.n_windows <= cfg.causal_windows).all()
+    assert per_cc.set_index("feature").loc[causal.feature.unique()].n_matched_layers.ge(2).all()
     tables = micro_ctx.paper / "tables"
     for name in (f"{xl.NAME}.tex", f"{xl.NAME}_synthetic.tex", f"{xl.NAME}_answer.tex", f"{xl.NAME}_figures.tex"):
         assert (tables / name).stat().st_size > 0
@@ -177,7 +190,16 @@ def test_cross_layer_superposition_study_micro(micro_ctx):
     init = nulls[nulls.kind == "initialisation"]
     assert (init.span == L).all() and np.allclose(init.entropy, 1.0)  # every feature starts flat over the layers
     assert "persistence alone" in (tables / f"{xl.NAME}_answer.tex").read_text()
+    assert "Causal check" in (tables / f"{xl.NAME}_answer.tex").read_text()
+    assert (micro_ctx.paper / "figures" / f"{xl.NAME}_causal.png").is_file()
     assert (micro_ctx.paper / "figures" / f"{xl.NAME}_profiles_vs_null.png").is_file()
+    over = pd.read_csv(results / "profiles_over_training.csv")  # the main crosscoder's snapshots (micro: no ReLU one)
+    assert list(over.columns) == xl.TRAINING_COLUMNS and set(over.dictionary) == {"crosscoder"}
+    assert over.step.iloc[0] == 0 and over.step.is_monotonic_increasing and over.step.is_unique
+    assert (over.n_live == prof.live.sum()).all() and over.mean_entropy.iloc[0] == pytest.approx(1.0, abs=1e-3)
+    assert over.mean_span.iloc[-1] == pytest.approx(prof[prof.live].span.mean())  # the last snapshot is the dictionary
+    assert (micro_ctx.paper / "figures" / f"{xl.NAME}_profiles_over_training.png").is_file()
+    assert "Over training" in (tables / f"{xl.NAME}_answer.tex").read_text()
 
 
 def test_persistence_null_ground_truth():
@@ -196,3 +218,62 @@ def test_persistence_null_ground_truth():
     from_first = half[half.source_layer == 2]
     np.testing.assert_allclose(from_first.r_5, 0.5, atol=1e-4)
     assert (from_first.r_9 < 0.1).all()
+
+
+def _planted_snapshots(L=4, F=40, S=3):
+    """Live features (the first 30) go from flat to one layer over S snapshots; dead ones stay flat."""
+    from crosslayer.training import ProfileSnapshots
+
+    norms = np.full((S, F, L), 0.08, np.float32)
+    for s in range(1, S):
+        norms[s, :30] = 0.08 * (1 - s / (S - 1))  # shrinking to 0 everywhere but the peak layer...
+        norms[s, np.arange(30), np.arange(30) % L] = 1.0  # ...which grows
+    steps = np.arange(S) * 50
+    return ProfileSnapshots(steps, steps * 64, list(range(2, 2 + L)), norms.astype(np.float16))
+
+
+def test_profiles_over_training_planted():
+    L, F = 4, 40
+    snaps, live = _planted_snapshots(L, F), np.arange(F) < 30
+    table = xl.profiles_over_training(snaps, live, dictionary="crosscoder", span_tau=0.1, n_boot=200)
+    assert list(table.columns) == xl.TRAINING_COLUMNS and table.step.tolist() == [0, 50, 100]
+    assert (table.n_live == 30).all() and table.tokens.tolist() == [0, 3200, 6400]
+    first, last = table.iloc[0], table.iloc[-1]
+    assert first.mean_span == L and first.mean_entropy == pytest.approx(1.0, abs=1e-4) and first.frac_span_all == 1
+    # the dead features, flat to the end, are left out
+    assert last.mean_span == 1 and last.frac_span_1 == 1 and last.mean_entropy == pytest.approx(0, abs=1e-6)
+    for metric in ("mean_span", "mean_entropy", "frac_span_1", "frac_span_all"):
+        lo, mean, hi = table[f"{metric}_lo"], table[metric], table[f"{metric}_hi"]
+        assert (lo <= mean + 1e-12).all() and (mean <= hi + 1e-12).all()
+    everyone = xl.profiles_over_training(snaps, np.ones(F, bool), dictionary="crosscoder", span_tau=0.1, n_boot=200)
+    assert everyone.mean_span.iloc[-1] == pytest.approx((30 + 10 * L) / F)
+
+
+def test_profiles_over_training_figure_and_answer_from_csvs(tmp_path):
+    """With the snapshot table and the nulls: its figure, and an answer sentence that reads the verdicts off the CSVs
+    (a profile that ends on one layer is away from the flat start and below both persistence nulls)."""
+    results = tmp_path / "results"
+    results.mkdir()
+    _fixture_results(results)
+    L = 4
+    table = xl.profiles_over_training(_planted_snapshots(L), np.arange(40) < 30, dictionary="crosscoder",
+                                      span_tau=0.1, n_boot=200)
+    table.to_csv(results / "profiles_over_training.csv", index=False)
+    nulls = pd.DataFrame([{"kind": kind, "source_layer": 2, "direction": i, "peak_layer": 2, "span": span,
+                           "span_50": span, "entropy": ent + 0.01 * i, **{f"r_{l}": 1.0 for l in range(2, 2 + L)}}
+                          for kind, span, ent in (("random direction", 3, 0.8), ("principal direction", 4, 0.9),
+                                                  ("initialisation", L, 1.0)) for i in range(5)])
+    nulls.to_csv(results / "profile_nulls.csv", index=False)
+    summ = pd.read_csv(results / "summary.csv")
+    extra = [("null", f"{kind}|mean_{col}{s}", np.nan, v + d) for kind, v in (("random direction", 0.8),
+                                                                         ("principal direction", 0.9),
+                                                                         ("initialisation", 1.0), ("crosscoder", 0.5))
+             for col in ("span", "span_50", "entropy") for s, d in (("", 0), ("_lo", -0.02), ("_hi", 0.02))]
+    pd.concat([summ, pd.DataFrame(extra, columns=summ.columns)]).to_csv(results / "summary.csv", index=False)
+    out = render(xl.NAME, results, tmp_path / "paper")
+    assert f"{xl.NAME}_profiles_over_training.png" in [p.split("/")[-1] for p in out["figures"]]
+    assert (tmp_path / "paper" / "figures" / f"{xl.NAME}_profiles_over_training.png").stat().st_size > 0
+    text = (tmp_path / "paper" / "tables" / f"{xl.NAME}_answer.tex").read_text()
+    assert "nan" not in text.lower() and "3 snapshots" in text and "30 live features of the crosscoder" in text
+    assert "away from the flat initial profile" in text and "not measurably" not in text
+    assert "below the interval of random directions" in text and "below the interval of principal directions" in text

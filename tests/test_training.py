@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from crosslayer.crosscoder import Crosscoder, CrosscoderConfig
 from crosslayer.dictionary import load_dictionary
 from crosslayer.errors import CrosslayerError
-from crosslayer.training import CHECKPOINT, TrainConfig, train_crosscoder
+from crosslayer.training import CHECKPOINT, PROFILE_SNAPSHOTS, TrainConfig, read_profile_snapshots, train_crosscoder
 
 L, D, F = 3, 8, 32
 
@@ -141,12 +141,32 @@ def test_training_reduces_loss_and_writes_artifacts(tmp_path, activation):
     assert torch.equal(back.W_dec, cc.W_dec)
     if activation == "batchtopk":
         assert float(back.threshold) > 0
+    _check_profile_snapshots(tmp_path / "cc", back, cfg)
     # a rerun of a finished run loads it; a different run in the same folder is refused
     again = train_crosscoder(cfg, model_cfg(activation), make_batches(acts), out_dir=tmp_path / "cc", progress=False)
     assert torch.equal(again.W_enc, cc.W_enc)
     with pytest.raises(CrosslayerError, match="holds a different dictionary training \\(training\\.tokens: "):
         train_crosscoder(TrainConfig(tokens=7 * 64, batch_size=64), model_cfg(activation), make_batches(acts),
                          out_dir=tmp_path / "cc", progress=False)
+
+
+def _check_profile_snapshots(folder, back, cfg):
+    """The decoder-norm snapshots: at the planned steps (0, then ten evenly spaced ending at the last), flat at step 0
+    (every layer starts at the same norm), the last one the saved dictionary's norms, and its statistics those of
+    decoder_profile (one implementation: crosslayer.features.profile_stats)."""
+    from crosslayer.features import decoder_profile, profile_stats
+
+    snaps = read_profile_snapshots(folder)
+    assert cfg.profile_steps == [0] + [i * cfg.steps // 10 for i in range(1, 11)]
+    assert snaps.step_S.tolist() == cfg.profile_steps and snaps.tokens_S.tolist() == [s * 64 for s in cfg.profile_steps]
+    assert snaps.layers == back.layers and snaps.norms_SFL.shape == (11, F, L)
+    _, _, _, span0, ent0 = profile_stats(snaps.norms_SFL[0])
+    assert (span0 == L).all() and torch.allclose(ent0, torch.ones(F), atol=1e-4)
+    torch.testing.assert_close(torch.as_tensor(snaps.norms_SFL[-1]).float(), back.decoder_norms(), rtol=1e-3, atol=1e-6)
+    _, peak, _, span, ent = profile_stats(snaps.norms_SFL[-1])
+    prof = decoder_profile(back)
+    assert peak.tolist() == prof.peak_layer.tolist() and span.tolist() == prof.span.tolist()
+    assert ent.numpy() == pytest.approx(prof.entropy.to_numpy(), abs=2e-3)
 
 
 @pytest.mark.parametrize("activation,factory", [("topk", True), ("topk", False), ("batchtopk", True),
@@ -163,11 +183,17 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, activation, factory
 
     with pytest.raises(KeyboardInterrupt):
         train_crosscoder(cfg, model_cfg(activation), source(kill_at=27), out_dir=tmp_path / "run", progress=False)
-    assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)["step"] == 20
+    ckpt = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)
+    assert ckpt["step"] == 20 and [s["step"] for s in ckpt["snapshots"]] == [0, 4, 8, 12, 16, 20]
     resumed = train_crosscoder(cfg, model_cfg(activation), source(), out_dir=tmp_path / "run", progress=False)
     for key, value in full.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
     assert resumed.meta["resumed_from_step"] == 20
+    # decoder-norm snapshots: those before the checkpoint kept, those after it (24, taken before the kill) retaken
+    # once, all bit-identical to the uninterrupted run's
+    snaps, whole = read_profile_snapshots(tmp_path / "run"), read_profile_snapshots(tmp_path / "full")
+    assert snaps.step_S.tolist() == cfg.profile_steps == list(range(0, 41, 4))
+    assert (snaps.norms_SFL == whole.norms_SFL).all() and (snaps.tokens_S == whole.tokens_S).all()
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -244,6 +270,9 @@ def test_train_from_store(tmp_path, tiny_store):
                                       TrainConfig(tokens=64 * 3, batch_size=64), out_dir=tmp_path / "one",
                                       progress=False)
     assert one.hooks == [store.hooks[1]] and torch.equal(one.norm_factors, store.norm_factors[1:].float())
+    assert (tmp_path / "cc" / PROFILE_SNAPSHOTS).is_file() and not (tmp_path / "one" / PROFILE_SNAPSHOTS).exists()
+    with pytest.raises(CrosslayerError, match="no profile_snapshots.npz in .*one: not a finished multi-layer"):
+        read_profile_snapshots(tmp_path / "one")
     with pytest.raises(CrosslayerError, match="not in store"):
         train_crosscoder_from_store(store, CrosscoderConfig(layers=(0, 5), d_model=store.width, n_features=16, k=2),
                                     TrainConfig(tokens=64, batch_size=64), out_dir=tmp_path / "bad", progress=False)
