@@ -168,7 +168,8 @@ def recovery(decoder_FLD: Float[Tensor, "feat layer d_model"], truth: SyntheticT
     """Per ground-truth feature: max cosine per layer with any dictionary feature, its mean, and n_latents.
 
     Returns a DataFrame with one row per truth feature: ``feature, start, span, frequency,
-    mean_max_cos, min_max_cos, n_latents`` and ``max_cos_l<i>`` per layer (NaN where absent).
+    mean_max_cos, min_max_cos, n_latents``, ``max_cos_l<i>`` per layer (NaN where absent) and ``latent_l<i>``, the
+    best-matching dictionary feature per layer (-1 where absent).
     """
     import pandas as pd
 
@@ -191,6 +192,8 @@ def recovery(decoder_FLD: Float[Tensor, "feat layer d_model"], truth: SyntheticT
                           "n_latents": n_latents_G.tolist()})
     for l in range(L):
         table[f"max_cos_l{l}"] = best_GL[:, l].tolist()
+    for l in range(L):
+        table[f"latent_l{l}"] = arg_GL[:, l].tolist()
     return table
 
 

@@ -55,15 +55,14 @@ Method
       (``each``) or subtracted from the running residual (``add``). KL(p_a || p_b), KL(p_a || p_c) and each against
       clean at the positions where the feature fires; 95 % bootstrap intervals over features and a paired one-sided
       Wilcoxon test of "chain KL < random-chain KL".
-    - Synthetic ground truth (:mod:`crosslayer.synthetic`): ``Config.syn_features`` features in
-      ``Config.syn_d`` dimensions over ``Config.syn_layers`` layers, half spanning 2+ layers,
-      ``Config.synthetic_tokens`` rows; an
-      acausal TopK crosscoder (F = 2G, k = 4) and one single-layer TopK crosscoder per layer (a TopK
-      SAE trained by the same code; F = G, k = 2), both with :func:`crosslayer.training.train_crosscoder`
-      (3 epochs of 256-row batches, at least 300 steps, lr 3e-3).
-      :func:`crosslayer.synthetic.recovery`: per true feature the mean over its layers of the best
-      decoder cosine (MMCS = its mean), the number of distinct best-matching latents, and the span
-      (r > span_tau) of the latent that best matches it at its peak layer.
+    - Synthetic ground truth (:mod:`studies.synthetic_regimes`, its Method): named regimes of
+      :func:`crosslayer.synthetic.make_synthetic` (``Config.syn_regimes``: easy, heavy superposition, independent
+      per-layer magnitudes, weak all-layer features, parent/child hierarchy), ``Config.syn_seeds`` seeds each; an
+      acausal TopK crosscoder and per-layer TopK SAEs trained by the same trainer at matched L0 per (feature, layer)
+      (k per layer for the SAEs, k for the crosscoder, which writes every layer: k L pairs each) and matched
+      parameters (each layer's SAE as wide as the crosscoder). Per regime: MMCS (all, multi-layer, weak features),
+      latents per multi-layer feature, false merges, absorption and held-out FVU, with 95 % t-intervals over seeds;
+      the paired crosscoder-minus-SAEs interval says which wins or that they tie, a random decoder is the null.
     - tau = ``Config.tau`` (0.5) for the main numbers (well above chance), swept over ``Config.taus``.
 
 Answer
@@ -73,10 +72,9 @@ Answer
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -90,6 +88,7 @@ from crosslayer.matching import (build_chains, chance_cosine, decoders, match_ad
 from studies.base import Study
 from studies.common import (bootstrap_mean, column_corr, encode_rows, fmt, latex_escape, latex_table, read_csv,
                             sample_rows, save_figure, theme)
+from studies import synthetic_regimes
 
 NAME = "cross_layer_superposition"
 SAE, CC = "per-layer SAEs", "crosscoder"
@@ -107,22 +106,34 @@ class Config:
     """A feature spans layer l when r_i^l > span_tau (the default of decoder_profile)."""
     n_rows: int = 4096
     """Held-out rows sampled to find live features and activation correlations."""
-    synthetic_tokens: int = 30_000
-    """Rows of the synthetic ground-truth data."""
+    synthetic_tokens: int = 20_000
+    """Training rows of the synthetic ground-truth data (per regime and seed)."""
     null_random: int = 256
     """Random directions per layer in the residual-persistence null."""
     null_pcs: int = 16
     """Top principal directions per layer in the residual-persistence null."""
-    # The synthetic benchmark: layers, width of each layer, true features G (the crosscoder gets 2G
-    # latents, each single-layer dictionary G), and its training runs' batch size, learning rate and
-    # epochs over the rows (at least syn_min_steps steps).
-    syn_layers: int = 6
-    syn_d: int = 32
-    syn_features: int = 64
+    syn_regimes: tuple[str, ...] = ("easy", "heavy", "independent", "weak", "hierarchical")
+    """Synthetic regimes (:data:`studies.synthetic_regimes.REGIMES`), each trained and scored per seed."""
+    syn_seeds: int = 3
+    """Seeds per regime (data, batch order and initialisation); intervals are over them."""
+    syn_layers: int = 4
+    """Layers of the synthetic data."""
+    syn_d: int = 16
+    """Width d of each synthetic layer."""
+    syn_k: int = 4
+    """TopK of the crosscoder and of each layer's SAE: k L active (feature, layer) pairs per token for both."""
+    syn_width: int = 2
+    """Latents per true feature: the crosscoder's width, and each layer's SAE's (matched parameters)."""
     syn_batch: int = 256
+    """Rows per training step of the synthetic runs."""
     syn_lr: float = 3e-3
-    syn_epochs: int = 3
-    syn_min_steps: int = 300
+    """Learning rate of the synthetic runs."""
+    syn_steps: int = 150
+    """Training steps of each synthetic run."""
+    syn_heldout: int = 4096
+    """Held-out synthetic rows (FVU, absorption) per regime and seed."""
+    syn_recovered: float = 0.9
+    """A method fails a regime when its MMCS interval lies below this."""
     often: float = 0.02
     """Synthetic features firing at least this often count as learnable at these token budgets."""
     # The causal check (studies.superposition_causal): features drawn (seeded, fixed in advance) among live crosscoder
@@ -137,6 +148,12 @@ class Config:
     causal_pool: int = 16
     causal_at: tuple[str, ...] = ("each", "add")
     causal_batch: int = 16
+
+    def __post_init__(self):
+        unknown = [r for r in self.syn_regimes if r not in synthetic_regimes.REGIMES]
+        if unknown:
+            raise CrosslayerError(f"unknown synthetic regimes {unknown}; use names from "
+                                  f"{', '.join(synthetic_regimes.REGIMES)}")
 
 
 CHAIN_COLUMNS = ["chain", "start_layer", "end_layer", "length", "mean_cos", "min_cos", "mean_act_corr", "latents"]
@@ -257,76 +274,6 @@ def seed_baseline_rows(tau: float, cc_FM: np.ndarray, sae_NM: np.ndarray) -> pd.
         frames.append(pd.DataFrame({"tau": tau, "matching": key, "statistic": SEED_STATISTICS, "mean": mean,
                                     "lo": lo, "hi": hi, "n": len(values)}))
     return pd.concat(frames, ignore_index=True)[SEED_COLUMNS]
-
-
-# ----------------------------------------------------------------------------- synthetic ground truth
-
-def _stream(acts: Tensor, batch: int, seed: int) -> Callable[[int], Iterator[Tensor]]:
-    """``make_batches(start_step)``: endless seeded epochs of shuffled ``batch``-row slices of ``acts``."""
-    def make(start: int) -> Iterator[Tensor]:
-        gen = torch.Generator().manual_seed(seed)
-
-        def epochs():
-            while True:
-                perm = torch.randperm(acts.shape[0], generator=gen)
-                for b in range(0, acts.shape[0] - batch + 1, batch):
-                    yield acts[perm[b:b + batch]]
-
-        return itertools.islice(epochs(), start, None)
-
-    return make
-
-
-def synthetic_recovery(cfg: Config, out_dir: Path, *, seed: int = 0, progress: bool = False) -> pd.DataFrame:
-    """Train a crosscoder and per-layer single-layer crosscoders on synthetic data; their recovery tables.
-
-    Columns: approach, feature, start, span, frequency, mean_max_cos, min_max_cos, n_latents,
-    recovered_span, multi, often.
-    """
-    from crosslayer.crosscoder import CrosscoderConfig
-    from crosslayer.synthetic import make_synthetic, recovery
-    from crosslayer.training import TrainConfig, train_crosscoder
-
-    n_tokens = cfg.synthetic_tokens
-    if n_tokens < cfg.syn_batch:
-        raise CrosslayerError(f"synthetic_tokens must be >= syn_batch ({cfg.syn_batch}), got {n_tokens}")
-    L, d, G, batch = cfg.syn_layers, cfg.syn_d, cfg.syn_features, cfg.syn_batch
-    acts, truth = make_synthetic(L, d, G, n_tokens, seed=seed)
-    steps = max(cfg.syn_min_steps, cfg.syn_epochs * n_tokens // batch)
-    train = TrainConfig(tokens=steps * batch, batch_size=batch, lr=cfg.syn_lr, dead_after_tokens=20_000,
-                        log_every=steps, checkpoint_every=steps, seed=seed)
-    folder = out_dir / f"synthetic_L{L}_d{d}_G{G}_n{n_tokens}_s{seed}"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # these models are tiny: one thread is several times faster than two
-    try:
-        cc = train_crosscoder(train, CrosscoderConfig(layers=tuple(range(L)), d_model=d, n_features=2 * G, k=4),
-                              _stream(acts, batch, seed), out_dir=folder / "crosscoder", progress=progress)
-        blocks = []
-        for l in range(L):
-            one = train_crosscoder(train, CrosscoderConfig(layers=(l,), d_model=d, n_features=G, k=2),
-                                   _stream(acts[:, l:l + 1], batch, seed + 1 + l), out_dir=folder / f"sae_{l}",
-                                   progress=progress)
-            W_FLD = torch.zeros(G, L, d)
-            W_FLD[:, l] = one.decoder_vectors(l)
-            blocks.append(W_FLD)
-    finally:
-        torch.set_num_threads(threads)
-    peak_G = truth.profiles_GL.argmax(1)
-    tables = []
-    for approach, W_FLD in ((CC, decoders(cc)), (SAE, torch.cat(blocks))):
-        table = recovery(W_FLD, truth)
-        norms_FL = W_FLD.norm(dim=-1)
-        r_FL = norms_FL / norms_FL.max(1, keepdim=True).values.clamp_min(1e-12)
-        at_peak_GFD = unit(W_FLD.permute(1, 0, 2)[peak_G])  # every latent's decoder at each feature's peak layer
-        best_G = torch.einsum("gd,gfd->gf", truth.directions_GLD[torch.arange(G), peak_G], at_peak_GFD).argmax(1)
-        table["recovered_span"] = (r_FL[best_G] > cfg.span_tau).sum(1).numpy()
-        table.insert(0, "approach", approach)
-        tables.append(table)
-    out = pd.concat(tables, ignore_index=True)
-    out["multi"] = out.span > 1
-    out["often"] = out.frequency >= cfg.often
-    return out[["approach", "feature", "start", "span", "frequency", "mean_max_cos", "min_max_cos", "n_latents",
-                "recovered_span", "multi", "often"]]
 
 
 # ----------------------------------------------------------------------------- nulls for the decoder-norm profiles
@@ -542,17 +489,9 @@ def run(ctx, cfg: Config) -> dict:
     for metric, value in summarise(causal):
         add("causal", metric, value)
 
-    # -- synthetic ground truth
-    syn = synthetic_recovery(cfg, ctx.dicts, progress=ctx.progress)
-    write_csv(syn, results / "synthetic.csv")
-    for approach, part in syn.groupby("approach"):
-        key = "crosscoder" if approach == CC else "saes"
-        target = part[part.multi & part.often]
-        add("synthetic", f"{key}_mmcs", part.mean_max_cos.mean())
-        add("synthetic", f"{key}_mmcs_often", part[part.often].mean_max_cos.mean())
-        add("synthetic", f"{key}_latents_per_multi", target.n_latents.mean())
-        add("synthetic", f"{key}_mean_true_span_multi", target.span.mean())
-        add("synthetic", f"{key}_recovered_span_multi", target.recovered_span.mean())
+    # -- synthetic ground truth (studies.synthetic_regimes)
+    features, runs = synthetic_regimes.synthetic_recovery(cfg, ctx.dicts, progress=ctx.progress)
+    syn_summary = synthetic_regimes.write_results(features, runs, results)
     summ = pd.DataFrame(summary)
     write_csv(summ, results / "summary.csv")
     get = _getter(summ)
@@ -560,8 +499,7 @@ def run(ctx, cfg: Config) -> dict:
             "cc_mean_drift": round(get("profiles", "mean_drift"), 3),
             "sae_frac_chained": round(get("chains", "frac_latents_chained", cfg.tau), 4),
             "sae_latents_per_cc": round(get("sae_per_cc", "mean_sae_latents", cfg.tau), 3),
-            "syn_cc_latents_per_multi": round(get("synthetic", "crosscoder_latents_per_multi"), 3),
-            "syn_sae_latents_per_multi": round(get("synthetic", "saes_latents_per_multi"), 3),
+            "syn_mmcs_better": synthetic_regimes.verdicts(syn_summary, "mmcs"),
             "causal_random_minus_chain_kl": round(get("causal", f"{cfg.causal_at[0]}|difference"), 4)}
 
 
@@ -645,21 +583,8 @@ def figures(results: Path, figures_dir: Path, cfg: Config) -> list[tuple[Path, s
         frame = read_csv(results, name) if (Path(results) / f"{name}.csv").is_file() else pd.DataFrame()
         if len(frame):
             paths.append(draw(frame, figures_dir, cfg))
-    syn = read_csv(results, "synthetic")
-    if len(syn):
-        syn = syn[syn.often.astype(str).str.lower() == "true"]
-        fig, axes = plt.subplots(1, 2, figsize=(10.4, 3.8))
-        sns.barplot(data=syn, x="span", y="n_latents", hue="approach", ax=axes[0], errorbar=None)
-        axes[0].set(xlabel="true span of the feature (layers)", ylabel="distinct best-matching latents")
-        sns.barplot(data=syn, x="span", y="recovered_span", hue="approach", ax=axes[1], errorbar=None)
-        for ax in axes:
-            _identity_marks(ax, sorted(syn.span.unique()), label="true span")
-        axes[1].set(xlabel="true span of the feature (layers)", ylabel="span of the best-matching latent")
-        axes[1].get_legend().remove()
-        paths.append((save_figure(fig, figures_dir / f"{NAME}_synthetic.png"),
-                      f"Synthetic ground truth (features firing on at least {100 * cfg.often:g}\\% of tokens): number "
-                      "of distinct latents that best match a true feature across its layers, and the span of the "
-                      "latent that matches it best at its peak layer; dotted: the true span."))
+    if (Path(results) / "synthetic_runs.csv").is_file():
+        paths.append(synthetic_regimes.figure(results, figures_dir / f"{NAME}_synthetic.png"))
     return paths
 
 
@@ -904,23 +829,7 @@ def tables(results: Path, tables_dir: Path, cfg: Config) -> list[Path]:
                                f"features), chains of per-layer SAE latents matched at adjacent layers (Hungarian, "
                                f"cosine $>{cfg.tau}$), and the SAE latents matching one crosscoder feature. Fractions are "
                                "of live features or latents.", label=f"tab:{NAME}")
-    syn = read_csv(results, "synthetic")
-    rows = []
-    for approach, part in syn.groupby("approach", sort=False):
-        often = part[part.often.astype(str).str.lower() == "true"]
-        multi = often[often.multi.astype(str).str.lower() == "true"]
-        rows.append({"approach": approach, "mmcs": part.mean_max_cos.mean(), "mmcs_often": often.mean_max_cos.mean(),
-                     "n_multi": len(multi), "latents": multi.n_latents.mean(), "span": multi.span.mean(),
-                     "recovered": multi.recovered_span.mean()})
-    second = latex_table(pd.DataFrame(rows), tables_dir / f"{NAME}_synthetic.tex",
-                         columns={"approach": "approach", "mmcs": "MMCS", "mmcs_often": "MMCS (frequent)",
-                                  "n_multi": "multi-layer features", "latents": "latents per feature",
-                                  "span": "true span", "recovered": "span of best latent"},
-                         caption=f"Synthetic ground truth: mean max cosine over all true features and over those "
-                                 f"firing on at least {100 * cfg.often:g}\\% of tokens; for the frequent multi-layer "
-                                 "features, the number of distinct latents that best match them over their layers, "
-                                 "their true span and the span of the latent matching them best at their peak layer.",
-                         label=f"tab:{NAME}-synthetic")
+    second = synthetic_regimes.table(results, tables_dir / f"{NAME}_synthetic.tex", f"tab:{NAME}-synthetic")
     return [main, second]
 
 
@@ -958,20 +867,14 @@ def answer(results: Path, cfg: Config) -> str:
         parts.append(_seed_text(read_csv(results, "seed_baseline"), get, cfg))
     if (summ.part == "causal").any():
         parts.append(_causal_text(get, cfg))
-    if np.isfinite(get("synthetic", "crosscoder_mmcs")):
-        parts.append(f"On synthetic data with known spans, the crosscoder recovers the true features with MMCS "
-                     f"{fmt(get('synthetic', 'crosscoder_mmcs'), 3)} "
-                     f"({fmt(get('synthetic', 'crosscoder_mmcs_often'), 3)} for frequent ones) and a frequent "
-                     f"multi-layer feature (mean true span "
-                     f"{fmt(get('synthetic', 'crosscoder_mean_true_span_multi'), 3)}) with "
-                     f"{fmt(get('synthetic', 'crosscoder_latents_per_multi'), 3)} latent(s), whose own span is "
-                     f"{fmt(get('synthetic', 'crosscoder_recovered_span_multi'), 3)} layers; per-layer SAEs reach MMCS "
-                     f"{fmt(get('synthetic', 'saes_mmcs'), 3)} but need "
-                     f"{fmt(get('synthetic', 'saes_latents_per_multi'), 3)} latents for the same features.")
+    if (Path(results) / "synthetic_summary.csv").is_file():
+        parts.append(synthetic_regimes.answer_text(results, cfg.syn_recovered))
     return " ".join(parts)
 
 
 STUDY = Study(name=NAME, title="Cross-layer superposition", config=Config, run=run, figures=figures, tables=tables,
               answer=answer, dictionaries=("saes", "crosscoder"), order=50,
-              presets={"micro": Config(synthetic_tokens=4_000), "standard": Config(causal_features=24),
-                       "paper": Config(synthetic_tokens=200_000, causal_features=24)})
+              presets={"micro": Config(synthetic_tokens=2_048, syn_regimes=("easy", "independent"), syn_seeds=2,
+                                      syn_steps=40, syn_heldout=1_024),
+                       "standard": Config(causal_features=24, synthetic_tokens=30_000, syn_steps=500),
+                       "paper": Config(synthetic_tokens=200_000, syn_steps=2_000, syn_seeds=5, causal_features=24)})
