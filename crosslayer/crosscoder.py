@@ -187,7 +187,7 @@ class _JumpReLU(torch.autograd.Function):
         pre_BF, theta_F = ctx.saved_tensors
         eps = ctx.bandwidth
         ste_BF = theta_F / eps * ((pre_BF - theta_F).abs() < eps / 2) * grad_BF
-        return (pre_BF > theta_F) * grad_BF + ste_BF, -ste_BF.sum(0), None
+        return (pre_BF > theta_F) * grad_BF + ste_BF, (-ste_BF).sum_to_size(theta_F.shape), None  # over broadcast dims
 
 
 def _sorted_csr(row_N: Tensor, col_N: Tensor, val_N: Tensor, n_rows: int, n_cols: int) -> Tensor:

@@ -124,9 +124,10 @@ class RunContext:
         s = self.sizes
         while True:
             rate = lr if lr is not None else self._claimed_lr(name) or self.lr(approach)
-            cfg = TrainConfig(tokens=tokens or s.dict_tokens, batch_size=s.dict_batch, lr=rate, seed=seed,
-                              lr_decay_frac=s.lr_decay_frac,
-                              sparsity_coef=sparsity_coef, checkpoint_every=50, bf16=self.device.startswith("cuda"),
+            n_tokens = tokens or s.dict_tokens
+            cfg = TrainConfig(tokens=n_tokens, batch_size=s.dict_batch, lr=rate, seed=seed, lr_decay_frac=s.lr_decay_frac,
+                              sparsity_coef=sparsity_coef, checkpoint_every=max(50, n_tokens // s.dict_batch // 10),
+                              bf16=self.device.startswith("cuda"),
                               diverge_factor=None if sparsity_coef else TrainConfig.diverge_factor)
             try:
                 trained = train_crosscoder_from_store(self.store("train"), arch, cfg, out_dir=self.dicts / name,

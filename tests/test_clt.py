@@ -193,3 +193,22 @@ def test_group_encode_and_decode_match_the_whole_dictionary(activation):
         writes[:, i:i + w.shape[1]] += w
     bias = clt.decode(torch.zeros(1, 48), normalized=False)
     assert torch.allclose(writes + bias, clt.decode(feats, normalized=False), atol=1e-5)
+
+
+def test_jumprelu_loss_backward_reaches_every_threshold():
+    """A JumpReLU CLT trains: its thresholds ([L, W], broadcast as [L, 1, W] over the batch) get a gradient of their own
+    shape, equal to applying the crosscoder's 2-D JumpReLU layer by layer (the straight-through sum over rows)."""
+    from crosslayer.crosscoder import _JumpReLU
+
+    clt = _clt(activation="jumprelu")
+    x, y = torch.randn(32, 3, 8), torch.randn(32, 3, 8)
+    clt.loss(x, target_BLD=y, sparsity_coef=1.0).loss.backward()
+    assert clt.log_threshold.grad.shape == clt.log_threshold.shape
+    pre = clt.pre_acts(x).detach()
+    pre = pre + clt.log_threshold.exp().detach()[:, None] - pre.mean(1, keepdim=True)  # many rows near the threshold
+    weights = torch.randn_like(pre)
+    theta = clt.log_threshold.detach().clone().requires_grad_(True)
+    (_JumpReLU.apply(pre, theta.exp()[:, None], 1.0) * weights).sum().backward()
+    per_layer = theta.detach().clone().requires_grad_(True)
+    sum((_JumpReLU.apply(pre[l], per_layer.exp()[l], 1.0) * weights[l]).sum() for l in range(pre.shape[0])).backward()
+    assert per_layer.grad.abs().sum() > 0 and torch.allclose(theta.grad, per_layer.grad)
