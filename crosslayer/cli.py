@@ -263,6 +263,8 @@ def cmd_bench(args):
 
 
 def _add_training_common(p, train_cfg: type, arch_cfg: type, *, out_help: str, width_help: str):
+    from crosslayer.training import TrainConfig
+
     p.add_argument("--store", required=True, help="activation store folder (crosslayer harvest)")
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--width", type=positive_int, required=True, help=width_help)
@@ -277,6 +279,8 @@ def _add_training_common(p, train_cfg: type, arch_cfg: type, *, out_help: str, w
                    help="L1 (relu/standard) or L0/tanh (jumprelu) sparsity coefficient (default by activation)")
     p.add_argument("--heldout", default=None,
                    help="held-out store (same model and layers): its FVU goes into the curve and the convergence verdict")
+    p.add_argument("--lr-decay-frac", type=positive_float, default=default(TrainConfig, "lr_decay_frac"),
+                   help="share of the steps over which the learning rate decays linearly to 0 (1 = the whole run)")
     p.add_argument("--aux-frac", type=positive_float, default=1.0,
                    help="share of each batch's rows that carry the AuxK loss of dead latents (topk; in (0, 1])")
     p.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun: each rank its local GPU)")
@@ -305,12 +309,16 @@ def _add_train_saes(p):
       _add_train_saes)
 def cmd_train_saes(args):
     from crosslayer.store import ActivationStore
+    from crosslayer.training import TrainConfig
 
     if args.trainer == "sae-lens" and (args.in_memory or args.nproc > 1 or "WORLD_SIZE" in os.environ):
         raise CrosslayerError("--trainer sae-lens runs in one process from the store on disk; drop --nproc and "
                               "--in-memory, or use --trainer crosslayer")
     if args.trainer == "sae-lens" and args.aux_frac != 1.0:
         raise CrosslayerError("--aux-frac is an option of the crosslayer trainer; drop it or use --trainer crosslayer")
+    if args.trainer == "sae-lens" and args.lr_decay_frac != default(TrainConfig, "lr_decay_frac"):
+        raise CrosslayerError("--lr-decay-frac is an option of the crosslayer trainer; drop it or use --trainer "
+                              "crosslayer")
     if _relaunched(args):
         return
     store = ActivationStore(args.store)
@@ -339,7 +347,7 @@ def _train_sae_stack(args, store, layers: list[int]) -> None:
     arch = SAEStackConfig(layers=tuple(layers), d_model=store.width, width=args.width, k=args.k,
                           aux_frac=args.aux_frac)
     cfg = TrainConfig(tokens=args.tokens or store.n_rows, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      bf16=args.bf16)
+                      bf16=args.bf16, lr_decay_frac=args.lr_decay_frac)
     saes = _train(store, arch, cfg, args, latent=1)
     if saes is None:
         return
@@ -381,7 +389,7 @@ def cmd_train_crosscoder(args):
                             activation=args.activation, k=args.k, sparsity=args.sparsity, aux_frac=args.aux_frac)
     cfg = TrainConfig(tokens=args.tokens or store.n_rows, batch_size=args.batch_size, lr=args.lr,
                       sparsity_coef=args.sparsity_coef, checkpoint_every=args.checkpoint_every, bf16=args.bf16,
-                      seed=args.seed)
+                      seed=args.seed, lr_decay_frac=args.lr_decay_frac)
     cc = _train(store, arch, cfg, args, latent=args.latent_parallel)
     if cc is not None:
         print(f"saved {cc} to {args.out}")

@@ -262,24 +262,33 @@ def _plan(cfg: TrainConfig, model_cfg) -> dict:
 
 def convergence(log, *, rel_gain: float = CONVERGED_REL_GAIN) -> dict:
     """Whether a run converged, from its curve (``train_log.csv`` rows with ``tokens`` and ``heldout_fvu``):
-    the held-out FVU at the end vs at three quarters of the run's tokens (the curve's row nearest to it);
-    converged when it moved by less than ``rel_gain`` of the earlier value (a rise counts as movement); None
-    when no earlier row than the last is near three quarters. Without held-out rows every
-    field but ``converged`` (None) is NaN."""
+    the held-out FVU at the end vs at three quarters of the run's tokens (interpolated linearly between the
+    curve's rows around it, so the comparison spans exactly the last quarter); converged when it moved by less
+    than ``rel_gain`` of the earlier value (a rise counts as movement); None when the curve has no row at or
+    before three quarters. Without held-out rows every field but ``converged`` (None) is NaN."""
+    import numpy as np
     import pandas as pd
 
     curve = pd.DataFrame(log)
     nan = float("nan")
     if "heldout_fvu" not in curve or curve.heldout_fvu.isna().all():
         return {"final_fvu": nan, "fvu_three_quarters": nan, "rel_gain_last_quarter": nan, "converged": None}
-    curve = curve.dropna(subset=["heldout_fvu"])
-    final = float(curve.heldout_fvu.iloc[-1])
-    i = int((curve.tokens - 0.75 * curve.tokens.iloc[-1]).abs().argmin())
-    at = float(curve.heldout_fvu.iloc[i])
+    curve = curve.dropna(subset=["heldout_fvu"]).sort_values("tokens")
+    final, quarter = float(curve.heldout_fvu.iloc[-1]), 0.75 * float(curve.tokens.iloc[-1])
+    at = float(np.interp(quarter, curve.tokens.to_numpy(float), curve.heldout_fvu.to_numpy(float)))
     gain = (at - final) / at if at > 0 else 0.0
-    judged = i < len(curve) - 1  # a curve of one row (or too coarse to hold three quarters) gives no verdict
+    judged = len(curve) > 1 and float(curve.tokens.iloc[0]) <= quarter  # a curve that starts later gives no verdict
     return {"final_fvu": final, "fvu_three_quarters": at, "rel_gain_last_quarter": gain,
             "converged": bool(abs(gain) < rel_gain) if judged else None}
+
+
+def curve_verdict(folder: str | Path) -> dict | None:
+    """:func:`convergence` of the training curve saved in ``folder`` (``train_log.csv``), by the current rule (a
+    verdict recorded in ``cfg.json`` may predate it); None when the folder has no curve."""
+    import pandas as pd
+
+    path = Path(folder) / "train_log.csv"
+    return convergence(pd.read_csv(path)) if path.is_file() else None
 
 
 @dataclass

@@ -105,8 +105,7 @@ def transcoder_comparison(ctx, cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]
             exact = table[table.splice == "replacement_error"].iloc[0]
             compare.append({"approach": approach, "k": k, "width": cfg.width, "n_layers": len(layers),
                             "train_tokens": train.tokens, **{c: repl[c] for c in COMPARE_VALUES}, "exact_kl": exact["kl"],
-                            "heldout_fvu_curve": clt.meta["convergence"]["final_fvu"],
-                            "converged": clt.meta["convergence"]["converged"]})
+                            **_verdict(ctx.dicts / "transcoders" / f"{approach.lower()}_k{k}")})
             per_layer.append(table[table.scope == "layer"][["layer", "fvu", "l0_read", "l0"]].assign(approach=approach, k=k))
     compare, per_layer = pd.DataFrame(compare), pd.concat(per_layer, ignore_index=True)
     write_csv(per_layer, results / "layers.csv")
@@ -131,6 +130,14 @@ def _train_config(cfg: Config, pairs: dict):
     rows = pairs["train"].inputs.n_rows
     return TrainConfig(tokens=max(cfg.batch_size, cfg.epochs * rows // cfg.batch_size * cfg.batch_size),
                        batch_size=cfg.batch_size, lr=cfg.lr)
+
+
+def _verdict(folder: Path) -> dict:
+    """The transcoder's final held-out FVU and convergence verdict by the current rule (from its saved curve)."""
+    from crosslayer.training import curve_verdict
+
+    verdict = curve_verdict(folder) or {}
+    return {"heldout_fvu_curve": verdict.get("final_fvu"), "converged": verdict.get("converged")}
 
 
 def _transcoder(ctx, cfg: Config, approach: str, k: int, arch, pairs, train):

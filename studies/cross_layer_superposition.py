@@ -91,7 +91,7 @@ from studies.common import (bootstrap_mean, column_corr, encode_rows, fmt, latex
 from studies import synthetic_regimes
 
 NAME = "cross_layer_superposition"
-SAE, CC = "per-layer SAEs", "crosscoder"
+SAE, CC = synthetic_regimes.SAE, synthetic_regimes.CC  # one set of labels for both modules
 
 
 @dataclass(frozen=True)
@@ -389,28 +389,50 @@ def _training_rows(ctx, rows: np.ndarray, live_cc: Tensor, span_tau: float) -> p
 # ----------------------------------------------------------------------------- the study
 
 def run(ctx, cfg: Config) -> dict:
-    from crosslayer.features import decoder_profile
     from studies.pipeline import seed_name
 
     if cfg.tau not in cfg.taus:
         raise CrosslayerError(f"tau {cfg.tau} must be one of taus {cfg.taus}")
-
     results = ctx.results(NAME)
     heldout = ctx.store("heldout")
     saes, cc = ctx.saes(), ctx.crosscoder()
     if saes.layers != cc.layers:
         raise CrosslayerError(f"the main SAEs read layers {saes.layers}, the crosscoder {cc.layers}; retrain one")
-    layers, L = cc.layers, cc.n_layers
     rows = sample_rows(heldout, cfg.n_rows)
     f_cc, f_sae = encode_rows(cc, heldout, rows), encode_rows(saes, heldout, rows)
-    live_cc = (f_cc > 0).any(0)
-    live_sae = (f_sae > 0).any(0)
     summary: list[dict] = []
 
     def add(part: str, metric: str, value, tau: float = float("nan")) -> None:
         summary.append({"part": part, "metric": metric, "tau": tau, "value": float(value)})
 
-    # -- crosscoder decoder-norm profiles
+    prof = _profiles_part(ctx, cc, f_cc, rows, cfg, add, results)
+    # -- per-layer SAE chains, of the main SAEs and of a second seed of them
+    ch = sae_chain_stats(saes, f_sae, cfg, add, "chains", results / "sae_chains.csv")
+    saes1 = ctx.saes(seed_name("saes", 1), seed=1)
+    ch1 = sae_chain_stats(saes1, encode_rows(saes1, heldout, rows), cfg, add, "chains_seed1", None)
+    per_cc, chain_CL = _sae_per_cc_part(cc, f_cc, prof, ch, ch1, cfg, add, results)
+    _causal_part(ctx, cc, saes, f_sae, prof, per_cc, chain_CL, ch.index, cfg, add, results)
+    # -- synthetic ground truth (studies.synthetic_regimes)
+    features, runs = synthetic_regimes.synthetic_recovery(cfg, ctx.dicts, progress=ctx.progress)
+    syn_summary = synthetic_regimes.write_results(features, runs, results)
+    summ = pd.DataFrame(summary)
+    write_csv(summ, results / "summary.csv")
+    get = _getter(summ)
+    return {"cc_live": int(get("profiles", "n_live")), "cc_mean_span": round(get("profiles", "mean_span"), 3),
+            "cc_mean_drift": round(get("profiles", "mean_drift"), 3),
+            "sae_frac_chained": round(get("chains", "frac_latents_chained", cfg.tau), 4),
+            "sae_latents_per_cc": round(get("sae_per_cc", "mean_sae_latents", cfg.tau), 3),
+            "syn_mmcs_better": synthetic_regimes.verdicts(syn_summary, "mmcs"),
+            "causal_random_minus_chain_kl": round(get("causal", f"{cfg.causal_at[0]}|difference"), 4)}
+
+
+def _profiles_part(ctx, cc, f_cc: Tensor, rows, cfg: Config, add, results: Path) -> pd.DataFrame:
+    """The crosscoder's decoder-norm profiles (``cc_profiles.csv``, with density and liveness), their nulls
+    (``profile_nulls.csv``) and their course over training (``profiles_over_training.csv``); returns the profiles."""
+    from crosslayer.features import decoder_profile
+
+    layers, L = cc.layers, cc.n_layers
+    live_cc = (f_cc > 0).any(0)
     prof = decoder_profile(cc, tau=cfg.span_tau)
     r = prof[[f"r_{l}" for l in layers]].to_numpy()
     prof.insert(4, "span_50", (r > 0.5).sum(1))
@@ -425,21 +447,24 @@ def run(ctx, cfg: Config) -> dict:
         add("profiles", name, live_prof[col].mean())
     add("profiles", "frac_span_1", (live_prof.span == 1).mean())
     add("profiles", "frac_span_all", (live_prof.span == L).mean())
+    heldout = ctx.store("heldout")
     x_NLD = cc.normalize(heldout.get(rows, layers=layers).float())
     null = pd.concat([persistence_profiles(x_NLD, layers, n_random=cfg.null_random, n_pcs=cfg.null_pcs,
                                            span_tau=cfg.span_tau), init_profiles(cc, cfg.span_tau)], ignore_index=True)
     write_csv(null[NULL_COLUMNS + [f"r_{l}" for l in layers]], results / "profile_nulls.csv")
     _null_rows(null, live_prof, L, add)
     write_csv(_training_rows(ctx, rows, live_cc, cfg.span_tau), results / "profiles_over_training.csv")
+    return prof
 
-    # -- per-layer SAE chains, of the main SAEs and of a second seed of them
-    ch = sae_chain_stats(saes, f_sae, cfg, add, "chains", results / "sae_chains.csv")
+
+def _sae_per_cc_part(cc, f_cc: Tensor, prof: pd.DataFrame, ch, ch1, cfg: Config, add,
+                     results: Path) -> tuple[pd.DataFrame, Tensor]:
+    """SAE latents per live crosscoder feature over the tau sweep, with the seed baseline (``seed_baseline.csv``);
+    at ``cfg.tau`` the per-feature table (``sae_per_cc.csv``). Returns it and the matched chains ``[E, L]``."""
     blocks, index, widths, live_blocks, f_blocks, chain_ids = ch
-    saes1 = ctx.saes(seed_name("saes", 1), seed=1)
-    ch1 = sae_chain_stats(saes1, encode_rows(saes1, heldout, rows), cfg, add, "chains_seed1", None)
-
-    # -- SAE latents per crosscoder feature
-    idx = live_cc.nonzero().squeeze(1)
+    L = cc.n_layers
+    idx = (f_cc > 0).any(0).nonzero().squeeze(1)
+    r = prof[[f"r_{l}" for l in cc.layers]].to_numpy()
     W_FLD = decoders(cc)[idx]
     span_FL = torch.as_tensor(r[idx.numpy()] > cfg.span_tau)
     f_live = f_cc[:, idx]
@@ -476,31 +501,23 @@ def run(ctx, cfg: Config) -> dict:
             add("sae_per_cc", "mean_best_cos", per_cc.mean_best_cos.mean(), tau)
             add("sae_per_cc", "mean_span", per_cc.span.mean(), tau)
     write_csv(pd.concat(seed_frames, ignore_index=True), results / "seed_baseline.csv")
+    return per_cc, chain_CL
 
-    # -- causal check: removing a crosscoder feature vs its SAE chain vs a random chain
+
+def _causal_part(ctx, cc, saes, f_sae: Tensor, prof: pd.DataFrame, per_cc: pd.DataFrame, chain_CL: Tensor,
+                 index: list, cfg: Config, add, results: Path) -> None:
+    """The causal check: removing a crosscoder feature vs its SAE chain vs a random chain (``causal.csv``)."""
     from studies.superposition_causal import causal_check, summarise
 
-    causal = causal_check(ctx.model, cc, saes, heldout, candidates=idx.numpy(),
-                          n_matched=per_cc.n_matched_layers.to_numpy(), density=prof.density.to_numpy()[idx.numpy()],
-                          chain_CL=chain_CL, sae_density=(f_sae > 0).float().mean(0), sae_live=live_sae,
+    features = per_cc.feature.to_numpy()
+    causal = causal_check(ctx.model, cc, saes, ctx.store("heldout"), candidates=features,
+                          n_matched=per_cc.n_matched_layers.to_numpy(), density=prof.density.to_numpy()[features],
+                          chain_CL=chain_CL, sae_density=(f_sae > 0).float().mean(0), sae_live=(f_sae > 0).any(0),
                           index=index, cfg=cfg)
     write_csv(causal, results / "causal.csv")
     add("causal", "n_features_drawn", causal.feature.nunique())
     for metric, value in summarise(causal):
         add("causal", metric, value)
-
-    # -- synthetic ground truth (studies.synthetic_regimes)
-    features, runs = synthetic_regimes.synthetic_recovery(cfg, ctx.dicts, progress=ctx.progress)
-    syn_summary = synthetic_regimes.write_results(features, runs, results)
-    summ = pd.DataFrame(summary)
-    write_csv(summ, results / "summary.csv")
-    get = _getter(summ)
-    return {"cc_live": int(get("profiles", "n_live")), "cc_mean_span": round(get("profiles", "mean_span"), 3),
-            "cc_mean_drift": round(get("profiles", "mean_drift"), 3),
-            "sae_frac_chained": round(get("chains", "frac_latents_chained", cfg.tau), 4),
-            "sae_latents_per_cc": round(get("sae_per_cc", "mean_sae_latents", cfg.tau), 3),
-            "syn_mmcs_better": synthetic_regimes.verdicts(syn_summary, "mmcs"),
-            "causal_random_minus_chain_kl": round(get("causal", f"{cfg.causal_at[0]}|difference"), 4)}
 
 
 def _getter(summ: pd.DataFrame) -> Callable[..., float]:

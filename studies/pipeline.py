@@ -119,7 +119,7 @@ class RunContext:
         in ``results/lr_diverged.csv``, its folder removed, and the approach's next learning rate is used."""
         import shutil
 
-        from crosslayer.training import TrainConfig, TrainingDiverged, train_crosscoder_from_store
+        from crosslayer.training import TrainConfig, TrainingDiverged, curve_verdict, train_crosscoder_from_store
 
         s = self.sizes
         while True:
@@ -141,7 +141,7 @@ class RunContext:
                                                              "error": str(err)})
                 shutil.rmtree(self.dicts / name)
                 continue
-            self.used[name] = trained.meta.get("convergence", {}).get("converged")
+            self.used[name] = (curve_verdict(self.dicts / name) or {}).get("converged")
             return trained
 
     def _claimed_lr(self, name: str) -> float | None:
@@ -319,7 +319,7 @@ def _train_step(base: str):
         train = ctx.saes if base == "saes" else ctx.crosscoder
         trained = [train(seed_name(base, seed), seed=seed) for seed in range(ctx.sizes.seeds)]
         return {"n_features": trained[0].n_features, "seeds": len(trained),
-                "converged": [t.meta.get("convergence", {}).get("converged") for t in trained]}
+                "converged": [ctx.used.get(seed_name(base, seed)) for seed in range(ctx.sizes.seeds)]}
 
     return step
 
@@ -510,16 +510,19 @@ def _layer_list(layers: list[int]) -> str:
 def dictionary_table(ctx: RunContext):
     """``results/dictionaries.csv``: every trained dictionary of the run (not the sweep's runs) with its
     training (lr, tokens, seed), the last curve row's L0 and dead fraction, and the convergence verdict
-    (:func:`crosslayer.training.convergence`; empty for sae-lens-trained SAEs, which have no curve); and
+    (:func:`crosslayer.training.curve_verdict`; empty for sae-lens-trained SAEs, which have no curve); and
     ``results/curves.csv``: every such dictionary's training curve (its ``train_log.csv`` rows)."""
     import pandas as pd
+
+    from crosslayer.training import curve_verdict
 
     rows, curves = [], []
     for cfg_path in sorted(ctx.dicts.glob("*/cfg.json")):
         cfg = json.loads(cfg_path.read_text())
         if cfg.get("status") != "complete":
             continue
-        name, train, conv = cfg_path.parent.name, cfg.get("training", {}), cfg.get("convergence") or {}
+        name, train = cfg_path.parent.name, cfg.get("training", {})
+        conv = curve_verdict(cfg_path.parent) or {}  # the current rule, from the saved curve
         log_path = cfg_path.parent / "train_log.csv"
         log = pd.read_csv(log_path).assign(dictionary=name) if log_path.is_file() else None
         last = log.iloc[-1] if log is not None else {}

@@ -26,6 +26,8 @@ CASES = {
     "cc_aux_frac_over_1": (lambda s, c, o: _train("train-crosscoder", s, "--out", o, "--aux-frac", "2"), "new"),
     "saes_aux_frac_sae_lens": (lambda s, c, o: _train("train-saes", s, "--out", o, "--trainer", "sae-lens",
                                                       "--aux-frac", "0.5"), "new"),
+    "saes_lr_decay_sae_lens": (lambda s, c, o: _train("train-saes", s, "--out", o, "--trainer", "sae-lens",
+                                                      "--lr-decay-frac", "1"), "new"),
     "saes_sparsity_nan": (lambda s, c, o: _train("train-saes", s, "--out", o, "--sparsity-coef", "nan"), "new"),
     "eval_windows_negative": (lambda s, c, o: ["eval", "--dictionary", o, "--store", s, "--windows", "-1"], "new"),
     "harvest_out_file": (lambda s, c, o: HARVEST + ["--corpus", c, "--out", o], "file"),
@@ -48,7 +50,8 @@ CASES = {
 }
 MUST_NAME = {"cc_layers_repeated": "layer 1 is repeated", "harvest_layers_repeated": "layer 1 is repeated",
              "harvest_seq_len_over_context": "1024", "harvest_binary_corpus": "/bin/ls is not text",
-             "cc_lr_nan": "--lr", "cc_aux_frac_over_1": "aux_frac", "saes_aux_frac_sae_lens": "--aux-frac", "eval_windows_negative": "--windows", "reproduce_corpus_missing": "nope"}
+             "cc_lr_nan": "--lr", "cc_aux_frac_over_1": "aux_frac", "saes_aux_frac_sae_lens": "--aux-frac",
+             "saes_lr_decay_sae_lens": "--lr-decay-frac", "eval_windows_negative": "--windows", "reproduce_corpus_missing": "nope"}
 
 
 @pytest.fixture(scope="module")

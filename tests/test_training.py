@@ -312,8 +312,8 @@ def test_train_from_store(tmp_path, tiny_store):
 
 
 def test_convergence_verdict_from_the_curve():
-    """Converged when held-out FVU fell by < 2 % (relative) over the last quarter of the tokens; the row
-    nearest to three quarters is the reference; no held-out rows: no verdict."""
+    """Converged when held-out FVU fell by < 2 % (relative) over the last quarter of the tokens; the reference is
+    the curve at three quarters, interpolated between rows; no held-out rows: no verdict."""
     from crosslayer.training import convergence
 
     tokens = [100 * i for i in range(1, 21)]  # 2000 tokens; three quarters = 1500
@@ -327,6 +327,14 @@ def test_convergence_verdict_from_the_curve():
     rising = [1.0 / i for i in range(1, 16)] + [0.07, 0.08, 0.09, 0.1, 0.2]
     assert convergence([{"tokens": t, "heldout_fvu": v} for t, v in zip(tokens, rising)])["converged"] is False
     assert convergence([{"tokens": 100, "heldout_fvu": 0.5}])["converged"] is None  # one row: no verdict
+    # ten rows (the default curve): none at three quarters, so the reference is interpolated between 0.7 and 0.8
+    # of the run, not the nearer row (which would measure the last fifth and pass this curve)
+    coarse = [{"tokens": 100 * i, "heldout_fvu": v} for i, v in zip(range(1, 11), [1, .5, .4, .35, .3, .25, .22,
+                                                                                    .208, .206, .204])]
+    got = convergence(coarse)
+    assert got["fvu_three_quarters"] == pytest.approx(0.214) and got["converged"] is False
+    assert got["rel_gain_last_quarter"] == pytest.approx((0.214 - 0.204) / 0.214)
+    assert convergence(coarse[8:])["converged"] is None  # its first row (900 tokens) is after three quarters (750)
 
 
 def test_divergence_stops_a_run_whose_heldout_fvu_blows_up():
