@@ -413,15 +413,25 @@ def reproduce(preset: str = "demo", *, out: str | Path | None = None, corpus: st
 
 
 def _run_step(ctx: RunContext, name: str, step, *, redo: bool) -> None:
-    marker = ctx.out / "done" / f"{name}.json"
+    """Run ``step`` unless its marker ``done/<name>.json`` exists. The marker's ``seconds`` is the step's whole wall
+    time: an attempt stopped by an error or Ctrl-C adds its time to ``done/<name>.partial.json`` (a killed process
+    cannot), and the attempt that finishes adds it to its own (``earlier_attempts_seconds``)."""
+    marker, partial = ctx.out / "done" / f"{name}.json", ctx.out / "done" / f"{name}.partial.json"
     if marker.is_file() and not redo:
         print(f"[{name}] done already ({marker})")
         return
     print(f"[{name}] running", flush=True)
+    earlier = json.loads(partial.read_text())["seconds"] if partial.is_file() else 0.0
     start = time.time()
-    info = step(ctx)
-    write_json({"step": name, "seconds": round(time.time() - start, 1), **(info or {})}, marker)
-    print(f"[{name}] finished in {time.time() - start:.0f}s", flush=True)
+    try:
+        info = step(ctx)
+    except BaseException:
+        write_json({"step": name, "seconds": round(earlier + time.time() - start, 1)}, partial)
+        raise
+    write_json({"step": name, "seconds": round(earlier + time.time() - start, 1), "earlier_attempts_seconds": earlier,
+                **(info or {})}, marker)
+    partial.unlink(missing_ok=True)
+    print(f"[{name}] finished in {time.time() - start:.0f}s (earlier attempts {earlier:.0f}s)", flush=True)
 
 
 def study(name: str, preset: str = "demo", *, out: str | Path | None = None, corpus: str = "builtin",

@@ -251,3 +251,32 @@ def test_reproduce_twice_gives_identical_csvs(tmp_path):
     assert csvs[0] == csvs[1] and len(csvs[0]) > 20
     differ = [str(p) for p in csvs[0] if (runs[0] / p).read_bytes() != (runs[1] / p).read_bytes()]
     assert not differ, differ
+
+
+def test_a_step_time_counts_every_attempt(tmp_path):
+    """_run_step: an attempt stopped by Ctrl-C (or an error) leaves its wall time in done/<step>.partial.json; the
+    attempt that finishes records the sum, says how much came from earlier attempts, and removes the partial file."""
+    import time as time_mod
+    from types import SimpleNamespace
+
+    from studies.pipeline import _run_step
+
+    ctx, calls = SimpleNamespace(out=tmp_path), []
+
+    def step(_ctx):
+        calls.append(1)
+        time_mod.sleep(0.2)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return {"value": 1}
+
+    with pytest.raises(KeyboardInterrupt):
+        _run_step(ctx, "slow", step, redo=False)
+    first = json.loads((tmp_path / "done" / "slow.partial.json").read_text())["seconds"]
+    assert first >= 0.2 and not (tmp_path / "done" / "slow.json").exists()
+    _run_step(ctx, "slow", step, redo=False)
+    done = json.loads((tmp_path / "done" / "slow.json").read_text())
+    assert done["earlier_attempts_seconds"] == first and done["seconds"] >= first + 0.2 and done["value"] == 1
+    assert not (tmp_path / "done" / "slow.partial.json").exists()
+    _run_step(ctx, "slow", step, redo=False)  # finished: skipped
+    assert len(calls) == 2
