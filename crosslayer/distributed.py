@@ -33,10 +33,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F_
 from torch import Tensor, nn
 
-from crosslayer.crosscoder import Crosscoder, _output, _SumSquaredError, aux_row_count, sparse_topk
+from crosslayer.crosscoder import Crosscoder, _output, _SumSquaredError, aux_row_count, sparse_decode, sparse_topk
 from crosslayer.errors import CrosslayerError
 
 SHARD_DIM = {"W_enc_FLD": 0, "W_dec": 0, "b_enc": 0}
@@ -350,8 +349,7 @@ class ShardedCrosscoder(nn.Module):
 
     def _decode(self, vals_BK: Tensor, idx_BK: Tensor, W_dec_FLD: Tensor) -> Tensor:
         """The group's summed decode (no bias) of every rank's active latents."""
-        part = F_.embedding_bag(idx_BK, W_dec_FLD.reshape(self.n_features, -1), mode="sum",
-                                per_sample_weights=vals_BK.to(W_dec_FLD.dtype))
+        part = sparse_decode(vals_BK, idx_BK, W_dec_FLD.reshape(self.n_features, -1))
         return _SumAcross.apply(part, self.group).reshape(-1, self.n_layers, self.d_model)
 
     def loss(self, acts_BLD: Tensor, *, sparsity_coef: float = 0.0, dead_F: Tensor | None = None):

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F_
 from torch import Tensor, nn
 
-from crosslayer.crosscoder import CrosscoderOutput, _output, aux_row_count, sparse_firing, sparse_topk
+from crosslayer.crosscoder import CrosscoderOutput, _output, aux_row_count, sparse_decode, sparse_firing, sparse_topk
 from crosslayer.dictionary import Dictionary
 from crosslayer.errors import CrosslayerError
 
@@ -131,8 +131,7 @@ class SAEStack(Dictionary):
         """sum of the active rows of each layer's decoder (one ``embedding_bag`` bag per layer and token)."""
         L, B, K = idx_LBK.shape
         gid = (idx_LBK + torch.arange(L, device=idx_LBK.device)[:, None, None] * self.cfg.width).reshape(L * B, K)
-        out = F_.embedding_bag(gid, self.W_dec.reshape(-1, self.d_model), mode="sum",
-                               per_sample_weights=vals_LBK.reshape(L * B, K))
+        out = sparse_decode(vals_LBK.reshape(L * B, K), gid, self.W_dec.reshape(-1, self.d_model))
         out_BLD = out.reshape(L, B, self.d_model).transpose(0, 1)
         return out_BLD + self.b_dec if bias else out_BLD
 

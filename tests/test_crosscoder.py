@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from crosslayer.crosscoder import ACTIVATIONS, VARIANTS, Crosscoder, CrosscoderConfig, _JumpReLU, layer_masks
+from crosslayer.crosscoder import (ACTIVATIONS, VARIANTS, Crosscoder, CrosscoderConfig, _JumpReLU, _workspace, layer_masks,
+                                   scatter_rows, sparse_decode, sparse_topk)
 from crosslayer.dictionary import load_dictionary
 from crosslayer.errors import CrosslayerError
 
@@ -223,6 +224,52 @@ def test_sparse_topk_backward_equals_dense_autograd(variant, aux_frac):
     ref = (pre.gather(1, idx).relu() * g1).sum() + (pre[:A].gather(1, aux_idx) * g2).sum()
     for got, want in zip(grads, torch.autograd.grad(ref, (cc.W_enc_FLD, cc.b_enc, x))):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_decode_backward_equals_embedding_bag_autograd():
+    """sparse_decode's CPU backward (scatter_rows for the table, sampled_addmm for the values) gives the gradients
+    autograd computes through embedding_bag (reference), for both inputs, with unique indices per row."""
+    torch.manual_seed(0)
+    N, R, Dd, Kk = 37, 50, 24, 7
+    idx = torch.rand(N, R).topk(Kk, dim=1).indices
+    vals, table = torch.randn(N, Kk, requires_grad=True), torch.randn(R, Dd, requires_grad=True)
+    g = torch.randn(N, Dd)
+    got = torch.autograd.grad((sparse_decode(vals, idx, table) * g).sum(), (vals, table))
+    ref = torch.nn.functional.embedding_bag(idx, table, mode="sum", per_sample_weights=vals)
+    want = torch.autograd.grad((ref * g).sum(), (vals, table))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse_decode(vals, idx, table), ref)
+
+
+def test_scatter_rows_is_the_transposed_sparse_product():
+    """scatter_rows(bag, member, weight, table, n) = S^T table with S[member, bag] += weight (brute force, dense S;
+    repeated (member, bag) pairs add up; empty bags give 0)."""
+    torch.manual_seed(1)
+    bag, member, weight = torch.randint(0, 9, (60,)), torch.randint(0, 13, (60,)), torch.randn(60)
+    table = torch.randn(13, 5)
+    S = torch.zeros(13, 11).index_put_((member, bag), weight, accumulate=True)
+    torch.testing.assert_close(scatter_rows(bag, member, weight, table, 11), S.T @ table, atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_workspace_is_reused_and_leaves_outputs_alone():
+    """The encoder's score buffer is reused across calls (no fresh [G, B, F] tensor a step), a later call never
+    changes an earlier call's outputs, and a latent with a zero decoder norm gets value 0, not NaN."""
+    torch.manual_seed(2)
+    W, b = torch.randn(1, F, 3 * D), torch.randn(1, F)
+    scale = torch.rand(1, F) + 0.5
+    scale[0, 0] = 0.0
+    x1, x2 = torch.randn(1, 40, 3 * D), torch.randn(1, 20, 3 * D)
+    vals1, idx1 = sparse_topk(x1, W, b, scale, K)[:2]
+    kept = vals1.clone(), idx1.clone()
+    buf = _workspace((1, 40, F), x1)
+    sparse_topk(x2, W, b, scale, K)
+    assert _workspace((1, 20, F), x1).data_ptr() == buf.data_ptr()
+    assert torch.equal(vals1, kept[0]) and torch.equal(idx1, kept[1])
+    pre = x1 @ W.transpose(1, 2) + b[:, None]
+    torch.testing.assert_close(vals1, pre.gather(-1, idx1).relu().where(idx1 != 0, 0.0), atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(vals1).all()
 
 
 @pytest.mark.parametrize("variant", ["acausal", "weakly_causal"])
