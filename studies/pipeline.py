@@ -354,6 +354,24 @@ def _study_step(name: str):
     return lambda ctx: run_study(name, ctx)
 
 
+def _sweep_table(ctx: RunContext):
+    """``results/lr_sweep.csv`` with what the full runs made of it: ``full_run`` "diverged" for a rate a full run of
+    the approach diverged at (``lr_diverged.csv``), ``used`` for the rate the approach's dictionaries were trained
+    with (:meth:`RunContext.lr`: the best rate that did not diverge); None without a sweep."""
+    import pandas as pd
+
+    path = ctx.results() / "lr_sweep.csv"
+    if not path.is_file():
+        return None
+    sweep = pd.read_csv(path)
+    div = ctx.results() / LR_DIVERGED
+    bad = set(zip(*(pd.read_csv(div)[c] for c in ("approach", "lr")))) if div.is_file() else set()
+    sweep["full_run"] = ["diverged" if (a, r) in bad else "" for a, r in zip(sweep.approach, sweep.lr)]
+    used = {a: ctx.lr(a) for a in sweep.approach.unique()}
+    sweep["used"] = [bool(r == used[a]) for a, r in zip(sweep.approach, sweep.lr)]
+    return sweep
+
+
 def step_paper(ctx: RunContext) -> dict:
     """The setup macros of the paper (preset sizes, model, wall times of every step)."""
     return {"files": [str(p) for p in write_setup_tables(ctx)]}
@@ -620,10 +638,11 @@ def write_setup_tables(ctx: RunContext) -> list[Path]:
                 "heldout_fvu": "held-out FVU", "l0": "L0", "dead_frac": "dead", "rel_gain_last_quarter": "last-quarter gain",
                 "converged": "converged"}
         lines.append("\\newcommand{\\cldictionaries}{" + _tabular(dicts, cols) + "}")
-    sweep = ctx.results() / "lr_sweep.csv"
-    if sweep.is_file():
-        cols = {"approach": "approach", "lr": "lr", "tokens": "tokens", "heldout_fvu": "held-out FVU", "chosen": "chosen"}
-        lines.append("\\newcommand{\\cllrsweep}{" + _tabular(pd.read_csv(sweep), cols) + "}")
+    sweep = _sweep_table(ctx)
+    if sweep is not None:
+        cols = {"approach": "approach", "lr": "lr", "tokens": "tokens", "heldout_fvu": "held-out FVU", "chosen": "best",
+                "full_run": "full run", "used": "used"}
+        lines.append("\\newcommand{\\cllrsweep}{" + _tabular(sweep, cols) + "}")
     if curves_figure(ctx.results(), ctx.paper / "figures") is not None:
         lines.append("\\newcommand{\\clcurves}{\\includegraphics[width=\\linewidth]{figures/training_curves.png}}")
     (ctx.paper / "tables").mkdir(parents=True, exist_ok=True)

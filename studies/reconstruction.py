@@ -79,6 +79,8 @@ MAIN = {SAE: "saes", CC: "crosscoder", WC: "crosscoder_wc"}
 SWEEP_COLUMNS = ["approach", "dictionary", "k", "n_features", "l0_frac", "l0_tuple", "l0_feat", "fvu", "fvu_pooled",
                  "mse", "cos", "dead_frac", "n_tokens"]
 CI = ("ce_recovered", "ce_recovered_zero", "kl")
+SEEDS = "seeds"
+"""``seeds.csv``: the main SAEs' and acausal crosscoder's evaluation at every seed (:func:`seed_rows`)."""
 DOWNSTREAM_COLUMNS = ["approach", "dictionary", "splice", "layer", "n_predictions", "n_docs", "ce_clean", "ce_mean",
                       "ce_zero", "ce_spliced"] + [f"{c}{s}" for c in CI for s in ("", "_lo", "_hi")]
 
@@ -138,7 +140,51 @@ def downstream_rows(approach: str, table: pd.DataFrame) -> pd.DataFrame:
     return out.reindex(columns=DOWNSTREAM_COLUMNS)
 
 
+def seed_rows(tables: dict[tuple[str, int], pd.DataFrame]) -> pd.DataFrame:
+    """``seeds.csv``: for each (approach, seed) evaluation table of a main dictionary, its held-out FVU (``layer``
+    empty: over all layers) and, per layer, FVU and single-layer CE recovered with the document interval."""
+    rows = []
+    for (approach, seed), table in tables.items():
+        overall = table[table.scope == "all"].iloc[0]
+        rows.append({"approach": approach, "seed": seed, "layer": np.nan, "fvu": overall.fvu})
+        rows += [{"approach": approach, "seed": seed, "layer": int(r.layer), "fvu": r.fvu,
+                  "ce_recovered": r.ce_recovered, "ce_recovered_lo": r.ce_recovered_lo,
+                  "ce_recovered_hi": r.ce_recovered_hi}
+                 for r in table[(table.scope == "layer") & (table.splice == "layer")].itertuples()]
+    return pd.DataFrame(rows, columns=["approach", "seed", "layer", "fvu", "ce_recovered", "ce_recovered_lo",
+                                       "ce_recovered_hi"])
+
+
+def _seed_gap(means: pd.DataFrame, value: str) -> tuple[float, float, float]:
+    """(smallest, largest) |SAEs - crosscoder| of ``value`` over every pairing of one seed of each, and the
+    largest difference between two seeds of one approach."""
+    a, b = (means.loc[means.approach == name, value].to_numpy() for name in (SAE, CC))
+    gaps = np.abs(a[:, None] - b[None, :])
+    spread = max(np.ptp(a), np.ptp(b))
+    return float(gaps.min()), float(gaps.max()), float(spread)
+
+
+def seed_text(seeds: pd.DataFrame | None) -> str:
+    """The approaches' difference against their seed-to-seed spread (main dictionaries, every seed trained)."""
+    if seeds is None or seeds[seeds.approach.isin((SAE, CC))].groupby("approach").seed.nunique().min() < 2:
+        return ""
+    fvu = seeds[seeds.layer.isna()][["approach", "seed", "fvu"]]
+    ce = seeds[seeds.layer.notna()].groupby(["approach", "seed"], as_index=False).ce_recovered.mean()
+    parts = []
+    for frame, value, what in ((fvu, "fvu", "held-out FVU"), (ce, "ce_recovered", "mean single-layer CE recovered")):
+        lo, hi, spread = _seed_gap(frame, value)
+        per = "; ".join(f"{name}: " + ", ".join(fmt(v, 3) for v in frame.loc[frame.approach == name, value])
+                        for name in (SAE, CC))
+        verdict = "larger than" if lo > spread else "not larger than"
+        parts.append(f"{what} by seed ({per}): the gap between the approaches ({fmt(lo, 2)}--{fmt(hi, 2)} over "
+                     f"pairings of seeds) is {verdict} the largest seed-to-seed difference ({fmt(spread, 2)})")
+    n = int(seeds.groupby("approach").seed.nunique().min())
+    return f"Seeds ({n} of each main dictionary, same data and budget): " + "; ".join(parts) + "."
+
+
 def run(ctx, cfg: Config) -> dict:
+    from studies.pipeline import seed_name
+
     results = ctx.results(NAME)
     rows, layer_rows = _sweep_rows(ctx, cfg, results)
     sweep = pd.DataFrame(rows)[SWEEP_COLUMNS]
@@ -149,6 +195,8 @@ def run(ctx, cfg: Config) -> dict:
     down = pd.concat([downstream_rows(a, ctx.evaluation(MAIN[a])) for a in (SAE, CC, WC)
                       if MAIN[a] in set(sweep.dictionary)], ignore_index=True)
     write_csv(down, results / "downstream.csv")
+    write_csv(seed_rows({(a, seed): ctx.evaluation(name) for a in (SAE, CC) for seed in range(ctx.sizes.seeds)
+                         if (ctx.dicts / (name := seed_name(MAIN[a], seed))).exists()}), results / f"{SEEDS}.csv")
     transcoders, _ = transcoder_comparison(ctx, ctx.preset.config("attribution"))
     write_csv(transcoders, results / f"{CLT_PLT}.csv")
     mid = headline.iloc[len(headline) // 2] if len(headline) else None
@@ -378,7 +426,7 @@ def _sweep_text(sweep: pd.DataFrame, head: pd.DataFrame) -> list[str]:
 def answer(results: Path, cfg: Config) -> str:
     sweep, head, down = read_csv(results, "sweep"), read_csv(results, "headline"), read_csv(results, "downstream")
     transcoders = _optional(results, CLT_PLT)
-    parts = _sweep_text(sweep, head) + [_layer_text(down), _prefix_text(down),
+    parts = _sweep_text(sweep, head) + [_layer_text(down), seed_text(_optional(results, SEEDS)), _prefix_text(down),
                                         "" if transcoders is None else clt_plt_text(transcoders)]
     return " ".join(p for p in parts if p)
 

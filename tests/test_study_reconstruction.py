@@ -7,7 +7,7 @@ import pytest
 
 from studies import reconstruction
 from studies.pipeline import render, run_study
-from studies.reconstruction import CC, CCP, SAE, WC, downstream_rows, equal_fvu_ratios
+from studies.reconstruction import CC, CCP, SAE, WC, downstream_rows, equal_fvu_ratios, seed_rows, seed_text
 
 
 def _sweep(sae_pts, cc_pts):
@@ -101,6 +101,9 @@ def test_reconstruction_study_micro(micro_ctx):
                  "reconstruction_figures.tex", "reconstruction_clt_vs_plt.tex"):
         assert (micro_ctx.paper / "tables" / name).stat().st_size > 0
     assert info["points"] == len(sweep)
+    seeds = pd.read_csv(results / "seeds.csv")  # every seed of the main SAEs and acausal crosscoder (micro: one)
+    assert set(zip(seeds.approach, seeds.seed)) == {(a, s) for a in (SAE, CC) for s in range(p.seeds)}
+    assert len(seeds) == 2 * p.seeds * (len(layers) + 1)
     # CLT vs PLT: the attribution study's comparison, trained once and shared (its own CSV is the same table)
     transcoders = pd.read_csv(results / "clt_vs_plt.csv")
     acfg = micro_ctx.preset.config("attribution")
@@ -134,3 +137,26 @@ def test_reconstruction_figures_tables_answer_from_fixture_csvs(tmp_path):
     # SAEs 0.5 [0.4, 0.6] vs crosscoder 0.8 [0.7, 0.9] at both layers: intervals separate, crosscoder higher
     assert "separate in 2 of 2 layers (2 with the crosscoder higher, 0 with the SAEs higher)" in text
     assert "falls by 0.5 to 0.5" in text  # prefix 0.3 vs plain 0.8
+
+
+def _seed_eval(fvu: float, ce: list[float]) -> pd.DataFrame:
+    rows = [{"scope": "all", "layer": np.nan, "splice": "none", "fvu": fvu, "ce_recovered": np.nan,
+             "ce_recovered_lo": np.nan, "ce_recovered_hi": np.nan}]
+    rows += [{"scope": "layer", "layer": i, "splice": "layer", "fvu": fvu, "ce_recovered": c,
+              "ce_recovered_lo": c - 0.01, "ce_recovered_hi": c + 0.01} for i, c in enumerate(ce)]
+    return pd.DataFrame(rows)
+
+
+def test_seed_text_weighs_the_approach_gap_against_the_seed_spread():
+    """The seed control: the gap between approaches counts only when every pairing of seeds exceeds the largest
+    seed-to-seed difference (known tables: a clear gap, then seeds as far apart as the approaches)."""
+    clear = seed_rows({(SAE, 0): _seed_eval(0.19, [0.95, 0.93]), (SAE, 1): _seed_eval(0.191, [0.95, 0.94]),
+                       (CC, 0): _seed_eval(0.21, [0.90, 0.92]), (CC, 1): _seed_eval(0.209, [0.91, 0.91])})
+    text = seed_text(clear)
+    assert text.count("is larger than") == 2 and "not larger" not in text
+    assert "per-layer SAEs: 0.19, 0.191" in text  # the FVU of each seed, from the tables
+    noisy = seed_rows({(SAE, 0): _seed_eval(0.19, [0.95]), (SAE, 1): _seed_eval(0.23, [0.90]),
+                       (CC, 0): _seed_eval(0.21, [0.92]), (CC, 1): _seed_eval(0.21, [0.92])})
+    assert seed_text(noisy).count("not larger than") == 2
+    one_seed = seed_rows({(SAE, 0): _seed_eval(0.19, [0.95]), (CC, 0): _seed_eval(0.21, [0.92])})
+    assert seed_text(one_seed) == "" and seed_text(None) == ""
