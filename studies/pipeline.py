@@ -20,7 +20,10 @@ Method:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -421,19 +424,42 @@ def reproduce(preset: str = "demo", *, out: str | Path | None = None, corpus: st
     ctx = RunContext(chosen, out, corpus=corpus, paper=paper, progress=progress, device=device)
     ctx._corpus = documents
     total = time.time()
-    for name, step in steps():
-        if only and name not in only:
-            continue
-        _run_step(ctx, name, step, redo=name in (redo or []))
+    with stops_as_interrupts():
+        for name, step in steps():
+            if only and name not in only:
+                continue
+            _run_step(ctx, name, step, redo=name in (redo or []))
     release_folder(out)
     print(f"reproduce --preset {preset}: {time.time() - total:.0f}s in this run; results in {out}", flush=True)
     return out
 
 
+@contextlib.contextmanager
+def stops_as_interrupts():
+    """While inside: SIGTERM (``kill``, a scheduler's stop) and SIGINT (also where a background job inherited it
+    ignored) raise KeyboardInterrupt in the main thread, so that :func:`_run_step` records the stopped attempt's time
+    and the command exits 130 like Ctrl-C. The previous handlers come back on exit; off the main thread, nothing
+    changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    before = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def _run_step(ctx: RunContext, name: str, step, *, redo: bool) -> None:
     """Run ``step`` unless its marker ``done/<name>.json`` exists. The marker's ``seconds`` is the step's whole wall
-    time: an attempt stopped by an error or Ctrl-C adds its time to ``done/<name>.partial.json`` (a killed process
-    cannot), and the attempt that finishes adds it to its own (``earlier_attempts_seconds``)."""
+    time: an attempt stopped by an error, Ctrl-C or SIGTERM (:func:`stops_as_interrupts`) adds its time to
+    ``done/<name>.partial.json`` (SIGKILL leaves no time to), and the attempt that finishes adds it to its own
+    (``earlier_attempts_seconds``)."""
     marker, partial = ctx.out / "done" / f"{name}.json", ctx.out / "done" / f"{name}.partial.json"
     if marker.is_file() and not redo:
         print(f"[{name}] done already ({marker})")

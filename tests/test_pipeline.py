@@ -280,3 +280,40 @@ def test_a_step_time_counts_every_attempt(tmp_path):
     assert not (tmp_path / "done" / "slow.partial.json").exists()
     _run_step(ctx, "slow", step, redo=False)  # finished: skipped
     assert len(calls) == 2
+
+
+_SLOW_STEP = """
+import sys, time
+from types import SimpleNamespace
+from pathlib import Path
+from studies.pipeline import _run_step, stops_as_interrupts
+def step(_ctx):
+    print("started", flush=True)
+    time.sleep(60)
+with stops_as_interrupts():
+    _run_step(SimpleNamespace(out=Path(sys.argv[1])), "slow", step, redo=False)
+"""
+
+
+@pytest.mark.parametrize("sig,ignored_at_start", [("SIGTERM", False), ("SIGINT", True)])
+def test_a_killed_reproduction_records_the_stopped_attempt(tmp_path, sig, ignored_at_start):
+    """SIGTERM, and SIGINT even where a background job inherited it ignored, stop a step like Ctrl-C: the process
+    exits through KeyboardInterrupt and done/<step>.partial.json holds the attempt's time (a real child process)."""
+    import signal
+    import subprocess
+    import sys
+    import time as time_mod
+
+    def ignore_sigint():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    child = subprocess.Popen([sys.executable, "-c", _SLOW_STEP, str(tmp_path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
+                             preexec_fn=ignore_sigint if ignored_at_start else None)
+    assert [child.stdout.readline().strip() for _ in range(2)] == ["[slow] running", "started"]
+    time_mod.sleep(0.3)
+    child.send_signal(getattr(signal, sig))
+    _, err = child.communicate(timeout=30)
+    assert child.returncode != 0 and "KeyboardInterrupt" in err and f"stopped by {sig}" in err
+    partial = json.loads((tmp_path / "done" / "slow.partial.json").read_text())
+    assert 0.3 <= partial["seconds"] < 30 and not (tmp_path / "done" / "slow.json").exists()
