@@ -202,8 +202,9 @@ def _bags_by(bag_N: Tensor, member_N: Tensor, weight_N: Tensor, n_bags: int) -> 
 def scatter_rows(bag_N: Tensor, member_N: Tensor, weight_N: Tensor, table_MD: Tensor, n_bags: int) -> Tensor:
     """``out[b] = sum_n weight[n] * table[member[n]]`` over the entries with ``bag[n] = b``: ``[n_bags, D]``, the
     transposed sparse product S^T table of a sparse S with entries (member, bag, weight). One ``embedding_bag``
-    over the entries sorted by bag (the weight gradients of the sparse encoder and decoder; 3x faster here than the
-    CSR ``addmm`` it replaces: 37 vs 105 ms for the standard crosscoder's encoder gradient at batch 4096)."""
+    over the entries sorted by bag (the weight gradients of the sparse encoder and decoder; 2.4-2.8x faster here than
+    the CSR ``addmm`` it replaces for the standard crosscoder's encoder gradient at batch 4096:
+    ``experiments/results/step_parts_s9.txt``)."""
     members, offsets, weights = _bags_by(bag_N, member_N, weight_N.to(table_MD.dtype), n_bags)
     return F_.embedding_bag(members, table_MD, offsets, mode="sum", per_sample_weights=weights)
 
@@ -213,8 +214,8 @@ _WORKSPACE: dict[torch.dtype, Tensor] = {}
 
 def _workspace(shape: tuple[int, ...], like: Tensor) -> Tensor:
     """A reusable buffer of ``like``'s dtype (CPU): a fresh tensor the size of the encoder's [G, B, F] scores costs
-    the kernel's page faults at every step (~40 ms for the standard crosscoder's 151 MB at batch 4096, as much as
-    the pass that fills it). The largest buffer asked for is kept and views of it are handed out; safe because the
+    the kernel's page faults at every step (the standard crosscoder's 151 MB score pass at batch 4096 took 8x longer
+    into a fresh tensor than in place: ``experiments/results/step_parts_s9.txt``). The largest buffer asked for is kept and views of it are handed out; safe because the
     encoder returns only gathered copies of it."""
     n = math.prod(shape)
     buf = _WORKSPACE.get(like.dtype)
@@ -239,7 +240,8 @@ def _pre_at(score_GBF: Tensor, scale_GF: Tensor, idx_GBK: Tensor) -> Tensor:
     """Pre-activations at ``idx`` from the scores pre * scale (0 where a latent's decoder norm is 0: such a latent
     writes nothing, so its value carries no loss and no gradient)."""
     scale_at = scale_GF[:, None].expand(-1, idx_GBK.shape[1], -1).gather(-1, idx_GBK)
-    return torch.where(scale_at > 0, score_GBF.gather(-1, idx_GBK) / scale_at.clamp(min=torch.finfo(scale_at.dtype).tiny), 0)
+    safe_at = scale_at.clamp(min=torch.finfo(scale_at.dtype).tiny)
+    return torch.where(scale_at > 0, score_GBF.gather(-1, idx_GBK) / safe_at, 0)
 
 
 class _SparseTopKEncode(torch.autograd.Function):
@@ -310,7 +312,8 @@ class _SparseDecode(torch.autograd.Function):
     """``out[n] = sum_j vals[n, j] * table[idx[n, j]]`` (``embedding_bag``) with a backward written for the CPU:
     dL/dtable by :func:`scatter_rows` and dL/dvals as a sampled dense product (``torch.sparse.sampled_addmm`` at
     the N K selected entries), in place of ``embedding_bag``'s own backward (its per-sample-weight gradient is a
-    serial loop: about 80 of the 130 ms of the standard crosscoder's decode backward at batch 4096). ``idx`` must
+    slow loop: 79 of the 131 ms of the standard crosscoder's decode backward at batch 4096 in session 8's profile,
+    against ~10 ms for the sampled product, ``experiments/results/step_parts_s9.txt``). ``idx`` must
     not repeat within a row (TopK selections do not)."""
 
     @staticmethod

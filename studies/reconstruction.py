@@ -166,8 +166,9 @@ def _seed_gap(means: pd.DataFrame, value: str) -> tuple[float, float, float]:
 
 def seed_text(seeds: pd.DataFrame | None) -> str:
     """The approaches' difference against their seed-to-seed spread (main dictionaries, every seed trained)."""
-    if seeds is None or seeds[seeds.approach.isin((SAE, CC))].groupby("approach").seed.nunique().min() < 2:
-        return ""
+    counts = None if seeds is None else seeds.groupby("approach").seed.nunique()
+    if counts is None or not {SAE, CC} <= set(counts.index) or counts[[SAE, CC]].min() < 2:
+        return ""  # a seed spread needs two seeds of each approach
     fvu = seeds[seeds.layer.isna()][["approach", "seed", "fvu"]]
     ce = seeds[seeds.layer.notna()].groupby(["approach", "seed"], as_index=False).ce_recovered.mean()
     parts = []
@@ -178,7 +179,7 @@ def seed_text(seeds: pd.DataFrame | None) -> str:
         verdict = "larger than" if lo > spread else "not larger than"
         parts.append(f"{what} by seed ({per}): the gap between the approaches ({fmt(lo, 2)}--{fmt(hi, 2)} over "
                      f"pairings of seeds) is {verdict} the largest seed-to-seed difference ({fmt(spread, 2)})")
-    n = int(seeds.groupby("approach").seed.nunique().min())
+    n = int(counts[[SAE, CC]].min())
     return f"Seeds ({n} of each main dictionary, same data and budget): " + "; ".join(parts) + "."
 
 

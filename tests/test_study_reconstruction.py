@@ -160,3 +160,5 @@ def test_seed_text_weighs_the_approach_gap_against_the_seed_spread():
     assert seed_text(noisy).count("not larger than") == 2
     one_seed = seed_rows({(SAE, 0): _seed_eval(0.19, [0.95]), (CC, 0): _seed_eval(0.21, [0.92])})
     assert seed_text(one_seed) == "" and seed_text(None) == ""
+    sae_only = seed_rows({(SAE, 0): _seed_eval(0.19, [0.95]), (SAE, 1): _seed_eval(0.2, [0.94])})
+    assert seed_text(sae_only) == ""  # no crosscoder seeds: nothing to weigh
